@@ -1,0 +1,1 @@
+"""C++/CUDA sources of the optional torch ops (package data, built on demand)."""

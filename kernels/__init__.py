@@ -1,0 +1,1 @@
+"""Triton kernels of salf-engine (installed as ``salf_engine.kernels``)."""

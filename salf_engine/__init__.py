@@ -1,0 +1,49 @@
+"""salf-engine: Semantic-Aware Layer-Freezing for causal LMs.
+
+Public API (lazily imported so ``import salf_engine`` stays cheap and never
+needs a GPU or triton).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import ConfigError, DataError, ModelError, SalfError, UnsupportedArchitectureError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "semantic_bases": "salf_engine.semantics",
+    "lens_spec": "salf_engine.semantics",
+    "LensSpec": "salf_engine.semantics",
+    "deviations": "salf_engine.deviations",
+    "deviations_reference": "salf_engine.deviations",
+    "gains": "salf_engine.deviations",
+    "eof_layers": "salf_engine.deviations",
+    "TruncatedRunner": "salf_engine.runner",
+    "RunnerOutput": "salf_engine.runner",
+    "DepthBucketSampler": "salf_engine.sampling",
+    "budget_quotas": "salf_engine.budgets",
+    "cost_saving_ratio": "salf_engine.budgets",
+    "load_model": "salf_engine.models.loading",
+    "load_task": "salf_engine.data",
+}
+
+__all__ = [
+    "__version__",
+    "SalfError",
+    "DataError",
+    "ModelError",
+    "UnsupportedArchitectureError",
+    "ConfigError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'salf_engine' has no attribute {name!r}")

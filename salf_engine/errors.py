@@ -1,0 +1,29 @@
+"""User-facing errors: each names the problem in one sentence.
+
+The CLI prints these as ``error: <message>`` and exits with status 2; anything
+else that escapes is a bug in the engine.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SalfError", "DataError", "ModelError", "UnsupportedArchitectureError", "ConfigError"]
+
+
+class SalfError(Exception):
+    """Bad input or an impossible setting, with a message meant for the user."""
+
+
+class DataError(SalfError):
+    """A dataset, file, split, label or prompt problem."""
+
+
+class ModelError(SalfError):
+    """A model that cannot be found, loaded or converted."""
+
+
+class UnsupportedArchitectureError(ModelError):
+    """A model family the truncated runner does not know how to cut."""
+
+
+class ConfigError(SalfError):
+    """An unknown strategy/plan name or an impossible combination of settings."""

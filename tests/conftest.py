@@ -1,0 +1,51 @@
+import os
+import sys
+from pathlib import Path
+
+# The Triton interpreter must be chosen before any @triton.jit function runs.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data beside the checkout; tests that need it skip cleanly without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Factory: a saved tiny model directory per family (cached for the session)."""
+    from tiny_models import save_tiny_model
+
+    cache: dict = {}
+
+    def make(family: str = "llama", num_layers: int = 4) -> Path:
+        key = (family, num_layers)
+        if key not in cache:
+            cache[key] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family, num_layers=num_layers)
+        return cache[key]
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
