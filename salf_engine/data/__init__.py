@@ -1,0 +1,32 @@
+"""Datasets as prompts: presets and generic files -> `TaskData` -> token ids ending in the medium token."""
+
+from __future__ import annotations
+
+from .files import load_files
+from .presets import PRESETS, Preset, load_preset, load_task
+from .prompts import (
+    EncodedSplit,
+    Example,
+    PromptTemplate,
+    TaskData,
+    Verbalizer,
+    collate,
+    encode_split,
+    stratified_subset,
+)
+
+__all__ = [
+    "Example",
+    "TaskData",
+    "PromptTemplate",
+    "load_task",
+    "load_preset",
+    "load_files",
+    "PRESETS",
+    "Preset",
+    "Verbalizer",
+    "EncodedSplit",
+    "encode_split",
+    "stratified_subset",
+    "collate",
+]

@@ -1,0 +1,173 @@
+"""Generic local datasets: CSV / TSV / JSONL / Parquet files read through the `datasets` library.
+
+A dataset is either one file (the "train" split) or a directory holding ``train.<ext>`` and
+``test.<ext>`` and optionally ``validation.<ext>`` or ``dev.<ext>`` (read as "validation").
+Classes are the label words' keys in their given order when ``label_words`` is passed,
+otherwise the distinct training labels, sorted (numerically when all are integers). Each
+class's default label word is its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from .prompts import Example, PromptTemplate, TaskData
+
+__all__ = ["FORMATS", "GENERIC_TEMPLATE", "GENERIC_PAIR_TEMPLATE", "read_table", "load_files"]
+
+FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".csv": ("csv", {"keep_default_na": False, "na_values": []}),
+    ".tsv": ("csv", {"sep": "\t", "keep_default_na": False, "na_values": []}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+"""File suffix -> (`datasets` builder, builder options). CSV/TSV keep "NA"/"" as text."""
+
+GENERIC_TEMPLATE = PromptTemplate("Text: {text}\nLabel:")
+GENERIC_PAIR_TEMPLATE = PromptTemplate("Text 1: {text}\nText 2: {text_pair}\nLabel:")
+
+_SPLIT_STEMS = {"train": ("train",), "test": ("test",), "validation": ("validation", "dev")}
+
+
+def read_table(path: Path) -> Any:
+    """Read one CSV/TSV/JSONL/Parquet file as a `datasets.Dataset`; `DataError` if unreadable or empty."""
+    import datasets
+
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty (no rows)")
+    builder, options = FORMATS[suffix]
+    try:
+        table = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **options)
+    except ValueError as exc:
+        if "corresponds to no data" in str(exc):
+            raise DataError(f"{path} is empty (no rows)") from None
+        raise DataError(f"could not read {path} as {builder}: {exc}") from exc
+    except Exception as exc:  # parser errors come in many types (pyarrow, pandas, datasets)
+        raise DataError(f"could not read {path} as {builder}: {exc}") from exc
+    if len(table) == 0:
+        raise DataError(f"{path} is empty (no rows)")
+    return table
+
+
+def _label_str(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text or None
+
+
+def _column(table: Any, name: str, path: Path) -> list[Any]:
+    if name not in table.column_names:
+        raise DataError(f"{path} has no column {name!r}; available columns: {', '.join(table.column_names)}")
+    values = list(table[name])
+    feature = table.features[name]
+    if hasattr(feature, "int2str") and hasattr(feature, "names"):  # ClassLabel: use the class names
+        values = [None if v is None or v < 0 else feature.int2str(v) for v in values]
+    return values
+
+
+def _examples(path: Path, text_column: str, text_pair_column: str | None, label_column: str) -> list[Example]:
+    table = read_table(path)
+    texts = _column(table, text_column, path)
+    pairs = _column(table, text_pair_column, path) if text_pair_column else [None] * len(texts)
+    labels = _column(table, label_column, path)
+    examples = []
+    for row, (text, pair, label) in enumerate(zip(texts, pairs, labels, strict=True), start=1):
+        name = _label_str(label)
+        if name is None:
+            raise DataError(f"{path}, row {row}: missing label in column {label_column!r}")
+        if text is None:
+            raise DataError(f"{path}, row {row}: missing text in column {text_column!r}")
+        if text_pair_column and pair is None:
+            raise DataError(f"{path}, row {row}: missing text in column {text_pair_column!r}")
+        examples.append(Example(text=str(text), label=name, text_pair=None if pair is None else str(pair)))
+    return examples
+
+
+def _split_files(directory: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for split, stems in _SPLIT_STEMS.items():
+        matches = [directory / f"{stem}{ext}" for stem in stems for ext in FORMATS]
+        matches = [m for m in matches if m.is_file()]
+        if len(matches) > 1:
+            names = ", ".join(m.name for m in matches)
+            raise DataError(f"{directory}: several files for the {split} split: {names}")
+        if matches:
+            found[split] = matches[0]
+    exts = "|".join(e.lstrip(".") for e in FORMATS)
+    missing = [s for s in ("train", "test") if s not in found]
+    if missing:
+        raise DataError(
+            f"{directory}: no {' or '.join(missing)} file; a dataset directory must hold "
+            f"train.<{exts}> and test.<{exts}> (optionally validation.<ext> or dev.<ext>)"
+        )
+    return found
+
+
+def _sort_classes(labels: set[str]) -> list[str]:
+    try:
+        return sorted(labels, key=int)
+    except ValueError:
+        return sorted(labels)
+
+
+def load_files(
+    path: str | Path,
+    *,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+    label_words: Mapping[str, str] | None = None,
+) -> TaskData:
+    """Load a generic dataset from one file or a directory of split files.
+
+    Columns default to ``text`` and ``label``; ``text_pair_column`` (no default) adds a
+    second text. Every label of every split must be a known class, else `DataError`.
+    """
+    path = Path(path)
+    text_column = text_column or "text"
+    label_column = label_column or "label"
+    if path.is_dir():
+        files = _split_files(path)
+    elif path.is_file():
+        files = {"train": path}
+    else:
+        raise DataError(f"{path} does not exist (expected a data file or a directory of split files)")
+    splits = {
+        split: _examples(file, text_column, text_pair_column, label_column) for split, file in files.items()
+    }
+
+    if label_words:
+        words = {str(k): str(v) for k, v in label_words.items()}
+        classes = list(words)
+        origin = "the given label words"
+    else:
+        classes = _sort_classes({ex.label for ex in splits["train"]})
+        words = {c: c for c in classes}
+        origin = f"the training split {files['train']}"
+    known = set(classes)
+    for split, examples in splits.items():
+        for row, ex in enumerate(examples, start=1):
+            if ex.label not in known:
+                raise DataError(
+                    f"{files[split]}, row {row}: label {ex.label!r} is not a known class "
+                    f"(classes from {origin}: {', '.join(classes)})"
+                )
+    return TaskData(
+        name=path.stem if path.is_file() else path.name,
+        classes=classes,
+        splits=splits,
+        template=GENERIC_PAIR_TEMPLATE if text_pair_column else GENERIC_TEMPLATE,
+        label_words=words,
+    )
