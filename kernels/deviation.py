@@ -1,0 +1,312 @@
+"""Fused SALF deviation kernel (Triton): every latent space of every sample in ONE launch.
+
+For sample ``b`` with medium-token position ``t = last_index[b]`` and ground-truth
+label ``y = labels[b]``, space ``s`` (``s = 0..m``) holds the state
+``h = states[s][b, t, :]`` (length ``D``). With ``lens`` applied to spaces
+``0..m-1`` (space ``m`` is already normed and read raw)::
+
+    none       x = h
+    rms        x = g * h * r            r = 1 / sqrt(mean(h^2) + eps)   (r > 0 cancels in a cosine)
+    layernorm  x = g * (h - mu) * r + beta,   mu = mean(h), r = 1 / sqrt(mean((h - mu)^2) + eps)
+
+    cos_j   = <x, b_j> / (max(|x|, 1e-8) * max(|b_j|, 1e-8))      j = 0..K-1 (all label bases)
+    cosine  d = 1 - cos_y
+    ce      d = logsumexp_j(cos_j) - cos_y                           (= -log softmax(cos)[y])
+    rank    d = 1 + #{j : cos_j > cos_y}                             (1-based rank of y)
+
+The layernorm case is evaluated exactly without materializing ``x``: with
+``c = g * (h - mu)`` (two passes over ``h``: the mean, then everything else),
+``<x, b_j> = r <c, b_j> + <beta, b_j>`` and ``|x|^2 = r^2 |c|^2 + 2 r <c, beta> + |beta|^2``.
+Without a bias ``r`` cancels, as it does for RMSNorm.
+
+Optionally (``with_eof``) the same launch writes the eof-layer of every sample:
+``gain[k] = d_k - d_{k+1}`` (k = 0..m-1) and ``eof = argmax_k gain[k]``, first index
+on ties (the "trainable" boundary of Algorithm 3: freeze ``layers[0..eof-1]``).
+
+Launch design (one launch, no stacking copy):
+
+* The ``m+1`` state tensors are read where they lie through a device table
+  (int64 ``[4, m+1]``: ``data_ptr()``, batch stride, time stride, time length, in
+  elements); feature stride 1 is required (a space without it is gathered to
+  ``[B, D]`` rows first, the only copy the launcher ever makes).
+* Grid ``B * G``: program ``(b, g)`` handles sample ``b`` and the ``g``-th group of
+  consecutive spaces; inside a program a loop runs over its spaces and, per
+  space, over ``D`` in ``BLOCK_D`` chunks, accumulating the K dot products,
+  ``|x|^2``, ``|b_j|^2`` (and the bias terms) in fp32. The group size is
+  chosen by the launcher so that small batches still fill the GPU (about
+  four programs per SM), while the K x D bases stay hot in L1/L2 across the
+  spaces of a group. The ce / rank metrics only need the K cosines of one
+  (sample, space), so they finish inside the program.
+* eof needs all ``m+1`` values of a sample: every program of sample ``b``
+  increments an arrival counter after its stores (CTA barrier + acq_rel
+  atomic at gpu scope, the classic "last block" pattern); the program that
+  arrives last reads the row back (``.cg``, bypassing L1), writes the argmax
+  of the gains and resets the counter to zero for the next launch. The
+  counters live in a per-(device, stream) workspace that is zeroed once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from salf_engine.ops import METRIC_CODES, KernelInputError, check_deviation_inputs
+
+__all__ = ["deviations_triton", "deviation_kernel"]
+
+_TILE_ELEMENTS = 8192  # register budget of the [BLOCK_K, BLOCK_D] bases tile (fp32 elements)
+
+
+@triton.jit
+def deviation_kernel(
+    table_ptr,  # int64 [4, S]: row 0 data_ptr of each space, row 1 batch stride, row 2 time stride, row 3 T
+    ref_ptr,  # one of the state tensors: only its element type is used (all spaces share it)
+    last_index_ptr,  # int64 [B]: medium-token position of each sample
+    labels_ptr,  # int64 [B]: ground-truth label index (0..K-1) of each sample
+    bases_ptr,  # float32 [K, D] contiguous: semantic basis of every label
+    weight_ptr,  # float32 [D]: lens weight g (read only when LENS_KIND > 0)
+    bias_ptr,  # float32 [D]: layernorm bias beta (read only when HAS_BIAS)
+    out_ptr,  # float32 [B, S] contiguous: the metric of every (sample, space)
+    eof_ptr,  # int64 [B]: eof-layer of every sample (written only when WITH_EOF)
+    counter_ptr,  # int32 [B]: arrival counters, zero on entry and left zero (used only when WITH_EOF)
+    n_spaces,  # S = m + 1
+    group_size,  # spaces per program
+    n_groups,  # programs per sample = cdiv(S, group_size)
+    D,  # hidden size
+    K,  # number of labels
+    eps,  # lens epsilon (layernorm with bias only; it cancels otherwise)
+    LENS_KIND: tl.constexpr,  # 0 none, 1 rms, 2 layernorm
+    HAS_BIAS: tl.constexpr,  # layernorm bias present
+    METRIC: tl.constexpr,  # 0 cosine, 1 ce, 2 rank
+    WITH_EOF: tl.constexpr,  # also write eof
+    BLOCK_D: tl.constexpr,  # chunk of the hidden dimension
+    BLOCK_K: tl.constexpr,  # next_pow2(K)
+    BLOCK_S: tl.constexpr,  # next_pow2(S) (eof read-back)
+):
+    """d[b, s] for the spaces of one group of one sample (math in the module docstring)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_groups
+    grp = pid % n_groups
+    s_begin = grp * group_size
+    s_end = tl.minimum(s_begin + group_size, n_spaces)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    y = tl.load(labels_ptr + b)
+    pos = tl.load(last_index_ptr + b)
+    elem_ty = ref_ptr.dtype.element_ty
+
+    for s in range(s_begin, s_end):
+        row_ptr = tl.load(table_ptr + s).to(tl.pointer_type(elem_ty))
+        stride_b = tl.load(table_ptr + n_spaces + s)
+        stride_t = tl.load(table_ptr + 2 * n_spaces + s)
+        n_time = tl.load(table_ptr + 3 * n_spaces + s)
+        valid = (y >= 0) & (y < K) & (pos >= 0) & (pos < n_time)
+        safe_pos = tl.where(valid, pos, 0)
+        row_ptr = row_ptr + b * stride_b + safe_pos * stride_t
+        lensed = s < n_spaces - 1  # the lens applies to spaces 0..m-1, space m is read raw
+
+        mu = 0.0
+        if LENS_KIND == 2:
+            acc_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs = d0 + tl.arange(0, BLOCK_D)
+                m_d = (offs < D) & valid
+                acc_sum += tl.load(row_ptr + offs, mask=m_d, other=0.0).to(tl.float32)
+            mu = tl.where(lensed, tl.sum(acc_sum, axis=0) / D, 0.0)
+
+        acc_dot = tl.zeros([BLOCK_K], dtype=tl.float32)  # <c, b_j>
+        acc_bb = tl.zeros([BLOCK_K], dtype=tl.float32)  # |b_j|^2
+        acc_xx = tl.zeros([BLOCK_D], dtype=tl.float32)  # |c|^2, reduced at the end
+        acc_cc = tl.zeros([BLOCK_D], dtype=tl.float32)  # |h - mu|^2 (layernorm variance)
+        acc_bbeta = tl.zeros([BLOCK_K], dtype=tl.float32)  # <beta, b_j>
+        acc_xbeta = tl.zeros([BLOCK_D], dtype=tl.float32)  # <c, beta>
+        acc_beta2 = tl.zeros([BLOCK_D], dtype=tl.float32)  # |beta|^2
+        for d0 in range(0, D, BLOCK_D):
+            offs = d0 + tl.arange(0, BLOCK_D)
+            m_d = offs < D
+            h = tl.load(row_ptr + offs, mask=m_d & valid, other=0.0).to(tl.float32)
+            if LENS_KIND == 2:
+                h = tl.where(m_d, h - mu, 0.0)
+                acc_cc += h * h
+            if LENS_KIND > 0:
+                g = tl.load(weight_ptr + offs, mask=m_d, other=0.0)
+                x = h * tl.where(lensed, g, 1.0)
+            else:
+                x = h
+            bt = tl.load(
+                bases_ptr + offs_k[:, None] * D + offs[None, :],
+                mask=mask_k[:, None] & m_d[None, :],
+                other=0.0,
+            )
+            acc_dot += tl.sum(bt * x[None, :], axis=1)
+            acc_bb += tl.sum(bt * bt, axis=1)
+            acc_xx += x * x
+            if HAS_BIAS:
+                beta = tl.load(bias_ptr + offs, mask=m_d, other=0.0)
+                acc_bbeta += tl.sum(bt * beta[None, :], axis=1)
+                acc_xbeta += x * beta
+                acc_beta2 += beta * beta
+
+        dot = acc_dot
+        xx = tl.sum(acc_xx, axis=0)
+        if HAS_BIAS:
+            rstd = 1.0 / tl.sqrt(tl.sum(acc_cc, axis=0) / D + eps)
+            bias_on = tl.where(lensed, 1.0, 0.0)
+            scale = tl.where(lensed, rstd, 1.0)
+            dot = scale * acc_dot + bias_on * acc_bbeta
+            xx = scale * scale * xx + bias_on * (
+                2.0 * scale * tl.sum(acc_xbeta, axis=0) + tl.sum(acc_beta2, axis=0)
+            )
+        norm_x = tl.maximum(tl.sqrt(xx), 1e-8)
+        norm_b = tl.maximum(tl.sqrt(acc_bb), 1e-8)
+        cos = dot / (norm_x * norm_b)
+        cos_y = tl.sum(tl.where(offs_k == y, cos, 0.0), axis=0)
+        if METRIC == 0:
+            d = 1.0 - cos_y
+        elif METRIC == 1:
+            c_max = tl.max(tl.where(mask_k, cos, float("-inf")), axis=0)
+            lse = c_max + tl.log(tl.sum(tl.where(mask_k, tl.exp(cos - c_max), 0.0), axis=0))
+            d = lse - cos_y
+        else:
+            d = 1.0 + tl.sum(tl.where(mask_k & (cos > cos_y), 1.0, 0.0), axis=0)
+        d = tl.where(valid, d, float("nan"))
+        tl.store(out_ptr + b * n_spaces + s, d)
+
+    if WITH_EOF:
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + b, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_groups - 1:
+            offs_s = tl.arange(0, BLOCK_S)
+            m_s = offs_s < n_spaces - 1
+            row = out_ptr + b * n_spaces + offs_s
+            d_k = tl.load(row, mask=m_s, other=0.0, cache_modifier=".cg")
+            d_next = tl.load(row + 1, mask=m_s, other=0.0, cache_modifier=".cg")
+            gain = tl.where(m_s, d_k - d_next, float("-inf"))
+            eof = tl.argmax(gain, axis=0, tie_break_left=True)
+            tl.store(eof_ptr + b, eof.to(tl.int64))
+            tl.store(counter_ptr + b, 0)
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _counter_workspace(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, reused across launches (the kernel leaves them zero)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _group_size(device: torch.device, batch: int, n_spaces: int) -> int:
+    if device.type != "cuda":  # interpreter: one program per sample keeps the interpreted grid small
+        return n_spaces
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    target_programs = 4 * sms
+    return max(1, min(n_spaces, math.ceil(batch * n_spaces / target_programs)))
+
+
+def _num_warps(tile: int) -> int:
+    if tile <= 1024:
+        return 2
+    if tile <= 4096:
+        return 4
+    return 8
+
+
+def deviations_triton(
+    states: Sequence[torch.Tensor],
+    last_index: torch.Tensor,
+    labels: torch.Tensor,
+    bases: torch.Tensor,
+    lens=None,
+    metric: str = "cosine",
+    with_eof: bool = False,
+    *,
+    validate: bool = True,
+    group_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Deviations of all ``m+1`` spaces in one Triton launch.
+
+    Args:
+        states: ``m+1`` tensors ``[B, T, D]`` (fp32/bf16/fp16, any batch/time
+            strides, feature stride 1 preferred), space ``m`` already normed.
+        last_index: int ``[B]`` medium-token positions.
+        labels: int ``[B]`` ground-truth label indices in ``0..K-1``.
+        bases: ``[K, D]`` semantic bases of the labels.
+        lens: a ``LensSpec`` (``kind`` "none" | "rms" | "layernorm", ``weight``,
+            ``bias``, ``eps``) applied to spaces ``0..m-1``, or None.
+        metric: "cosine" | "ce" | "rank".
+        with_eof: also return the eof-layer (int64 ``[B]``, argmax of the gains).
+        validate: check label/position ranges on the host (one device sync);
+            without it an out-of-range entry yields NaN (eof then undefined).
+        group_size: spaces per program (default: chosen from the SM count).
+
+    Returns:
+        float32 ``[B, m+1]``, and int64 ``[B]`` eof when ``with_eof``.
+
+    Raises:
+        KernelInputError: (a ``SalfError``) on inconsistent shapes, dtypes,
+            devices, ranges or names.
+    """
+    inp = check_deviation_inputs(states, last_index, labels, bases, lens, metric, validate=validate)
+    device, B, S, D, K = inp.device, inp.batch, inp.n_spaces, inp.hidden, inp.n_labels
+    out = torch.empty(B, S, dtype=torch.float32, device=device)
+    eof = torch.empty(B, dtype=torch.int64, device=device)
+    if B == 0:
+        return (out, eof) if with_eof else out
+
+    table = torch.tensor(
+        [[v.data_ptr() for v in inp.views], inp.batch_strides, inp.time_strides, inp.time_lengths],
+        dtype=torch.int64,
+    ).to(device, non_blocking=False)
+    if group_size is None:
+        group_size = _group_size(device, B, S)
+    if group_size < 1:
+        raise KernelInputError(f"group_size must be >= 1, got {group_size}")
+    group_size = min(group_size, S)
+    n_groups = math.ceil(S / group_size)
+
+    elem = inp.views[0].element_size()
+    block_k = max(2, triton.next_power_of_2(K))
+    block_d = min(65536 // elem, triton.next_power_of_2(D), max(16, _TILE_ELEMENTS // block_k))
+    block_s = max(2, triton.next_power_of_2(S))
+    weight = inp.weight if inp.weight is not None else out
+    bias = inp.bias if inp.bias is not None else out
+    counters = _counter_workspace(device, B) if with_eof else out
+
+    deviation_kernel[(B * n_groups,)](
+        table,
+        inp.views[0],
+        inp.last_index,
+        inp.labels,
+        inp.bases,
+        weight,
+        bias,
+        out,
+        eof,
+        counters,
+        S,
+        group_size,
+        n_groups,
+        D,
+        K,
+        float(inp.eps),
+        LENS_KIND=inp.lens_kind,
+        HAS_BIAS=inp.bias is not None,
+        METRIC=METRIC_CODES[metric],
+        WITH_EOF=with_eof,
+        BLOCK_D=block_d,
+        BLOCK_K=block_k,
+        BLOCK_S=block_s,
+        num_warps=_num_warps(block_k * block_d),
+    )
+    return (out, eof) if with_eof else out

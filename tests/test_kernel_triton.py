@@ -1,0 +1,160 @@
+"""The fused Triton deviation kernel against the independent loop reference.
+
+Runs under the Triton interpreter on CPU (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton), so every grid is tiny.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import (
+    LAYOUTS,
+    Lens,
+    assert_three_way,
+    make_case,
+    make_lens,
+    reference_deviations,
+    reference_eof,
+)
+
+from salf_engine.errors import SalfError
+
+triton = pytest.importorskip("triton")
+
+from salf_engine.kernels import deviation as kdev  # noqa: E402
+
+METRICS = ("cosine", "ce", "rank")
+LENSES = ("none", "rms", "rms_gemma", "layernorm", "layernorm_nobias")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ATOL = {"cosine": 2e-5, "ce": 2e-5, "rank": 0.0}
+
+
+def _lens(name: str, D: int) -> Lens:
+    if name == "rms_gemma":
+        return make_lens("rms", D, gemma=True)
+    if name == "layernorm_nobias":
+        return make_lens("layernorm", D, bias=False)
+    return make_lens(name, D)
+
+
+def _check(states, last_index, labels, bases, lens, metric, out, what):
+    ref = reference_deviations(states, last_index, labels, bases, lens, metric)
+    low = states[0].dtype
+    out_pt = reference_deviations(states, last_index, labels, bases, lens, metric, compute_dtype=low)
+    if low == torch.float32:
+        out_pt = ref  # fp32 kernel output must match the fp64 reference within atol
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert_three_way(out, ref, out_pt, atol=ATOL[metric] + (1e-5 if low != torch.float32 else 0.0), what=what)
+    return ref
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("lens_name", LENSES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_matches_reference(dtype, lens_name, metric):
+    B, m, T, D, K = 3, 3, 5, 72, 4
+    states, li, y, bases = make_case(B, m, T, D, K, dtype=dtype, layouts=LAYOUTS, padding="right", seed=1)
+    lens = _lens(lens_name, D)
+    out = kdev.deviations_triton(states, li, y, bases, lens, metric)
+    _check(states, li, y, bases, lens, metric, out, f"{dtype} {lens_name} {metric}")
+
+
+@pytest.mark.parametrize(
+    "B,m,T,D,K,padding,layouts",
+    [
+        (1, 1, 3, 40, 2, "left", ("contiguous",)),
+        (2, 4, 6, 40, 3, "right", ("time_major", "strided")),
+        (3, 2, 4, 17, 4, "left", ("strided", "feature_strided", "contiguous")),
+        (2, 1, 2, 300, 64, "right", ("time_major",)),  # K = 64 -> BLOCK_D = 128: three D blocks
+    ],
+)
+@pytest.mark.parametrize("lens_name", ("rms", "layernorm"))
+def test_odd_shapes_and_layouts(B, m, T, D, K, padding, layouts, lens_name):
+    states, li, y, bases = make_case(B, m, T, D, K, layouts=layouts, padding=padding, seed=2)
+    lens = _lens(lens_name, D)
+    for metric in ("cosine", "ce"):
+        out = kdev.deviations_triton(states, li, y, bases, lens, metric)
+        _check(states, li, y, bases, lens, metric, out, f"{B},{m},{D},{K} {lens_name} {metric}")
+
+
+@pytest.mark.parametrize("group_size", [1, 2, None])
+@pytest.mark.parametrize("metric", ("cosine", "rank"))
+def test_eof_fused(group_size, metric):
+    B, m, T, D, K = 3, 4, 4, 40, 3
+    states, li, y, bases = make_case(B, m, T, D, K, layouts=("contiguous", "time_major"), seed=3)
+    lens = make_lens("rms", D)
+    out, eof = kdev.deviations_triton(
+        states, li, y, bases, lens, metric, with_eof=True, group_size=group_size
+    )
+    ref = _check(states, li, y, bases, lens, metric, out, f"eof {metric} g={group_size}")
+    assert eof.dtype == torch.int64 and eof.shape == (B,)
+    assert torch.equal(eof, reference_eof(out))
+    assert torch.equal(eof, reference_eof(ref))
+    plain = kdev.deviations_triton(states, li, y, bases, lens, metric, group_size=group_size)
+    assert torch.equal(plain, out)
+
+
+def test_eof_first_index_on_ties():
+    # Orthonormal bases e0, e1, e2; label 0; rank metric gives d = [2, 3, 2, 1] -> gains [-1, 1, 1]
+    # (a tie at k = 1 and k = 2: the first wins) and d = [3, 2, 1, 1] -> gains [1, 1, 0] -> 0.
+    D, K = 40, 3
+    e = torch.eye(D)[:K]
+    rows0 = [e[1], 2 * e[2] + e[1] - e[0], e[1], e[0]]
+    rows1 = [2 * e[2] + e[1] - e[0], e[1], e[0], e[0]]
+    states = [torch.stack([rows0[s], rows1[s]])[:, None, :].clone() for s in range(4)]
+    li = torch.zeros(2, dtype=torch.int64)
+    y = torch.zeros(2, dtype=torch.int64)
+    for g in (1, 4):
+        out, eof = kdev.deviations_triton(states, li, y, e.clone(), None, "rank", with_eof=True, group_size=g)
+        assert out.tolist() == [[2.0, 3.0, 2.0, 1.0], [3.0, 2.0, 1.0, 1.0]]
+        assert eof.tolist() == [1, 0]
+
+
+def test_counters_left_zero_between_launches():
+    states, li, y, bases = make_case(2, 3, 3, 40, 2, seed=4)
+    for g in (1, 2, 4, 1):
+        out, eof = kdev.deviations_triton(states, li, y, bases, None, "cosine", with_eof=True, group_size=g)
+        assert torch.equal(eof, reference_eof(out))
+    for buf in kdev._COUNTERS.values():
+        assert int(buf.abs().sum()) == 0
+
+
+def test_empty_batch():
+    states, li, y, bases = make_case(1, 2, 3, 40, 2)
+    states = [s[:0] for s in states]
+    out, eof = kdev.deviations_triton(states, li[:0], y[:0], bases, None, "cosine", with_eof=True)
+    assert out.shape == (0, 3) and eof.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.update(labels=a["labels"][:-1]), "labels must have shape"),
+        (
+            lambda a: a.update(last_index=torch.cat([a["last_index"], a["last_index"]])),
+            "last_index must have",
+        ),
+        (lambda a: a.update(labels=a["labels"] + 5), "outside 0..K-1"),
+        (lambda a: a.update(labels=a["labels"].float()), "integer tensor"),
+        (lambda a: a.update(last_index=a["last_index"] + 100), "last_index .* outside"),
+        (lambda a: a.update(bases=torch.randn(2, 41)), "D = 41"),
+        (lambda a: a.update(states=[a["states"][0].to(torch.bfloat16), *a["states"][1:]]), "share a dtype"),
+        (lambda a: a.update(states=[s.to(torch.int32) for s in a["states"]]), "float32, bfloat16 or float16"),
+        (lambda a: a.update(states=[a["states"][0], torch.randn(2, 3, 41)]), r"expected \[B=2, T, D=40\]"),
+        (lambda a: a.update(states=a["states"][:1]), "m\\+1 >= 2"),
+        (lambda a: a.update(labels=torch.zeros(2, dtype=torch.int64, device="meta")), "is on meta"),
+        (lambda a: a.update(metric="l2"), "metric must be one of"),
+        (
+            lambda a: a.update(lens=Lens(kind="rms", weight=torch.ones(39), bias=None, eps=1e-6)),
+            r"\[D\] = \[40\]",
+        ),
+        (lambda a: a.update(lens="final_norm"), "LensSpec"),
+    ],
+)
+def test_bad_input_raises_salf_error(mutate, match):
+    states, li, y, bases = make_case(2, 2, 3, 40, 2)
+    args = dict(states=states, last_index=li, labels=y, bases=bases, lens=None, metric="cosine")
+    mutate(args)
+    with pytest.raises(SalfError, match=match):
+        kdev.deviations_triton(**args)
