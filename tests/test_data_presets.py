@@ -98,7 +98,7 @@ def test_lookup_in_subdir_first_then_dir_itself(shared_data, tmp_path):
 
 def test_mrpc_fixture():
     task = load_task("mrpc", FIXTURES)
-    assert counts(task) == {"train": 4, "test": 2}
+    assert counts(task) == {"train": 5, "test": 2}
     assert task.classes == ["0", "1"]
     assert task.label_words == {"0": "no", "1": "yes"}
     first = task.splits["train"][0]
@@ -118,7 +118,11 @@ def test_mrpc_fixture():
         "1",
         'A spokesman declined to comment on what he called " rumours "',
     )
-    assert [ex.label for ex in task.splits["train"]] == ["1", "0", "1", "0"]
+    # a string starting with a quote is not a quoted csv field
+    assert task.splits["train"][4] == Example(
+        '" We will not stop , " the minister said .', "1", 'The minister said they would " not stop " .'
+    )
+    assert [ex.label for ex in task.splits["train"]] == ["1", "0", "1", "0", "1"]
     assert [ex.label for ex in task.splits["test"]] == ["1", "0"]
     assert not any("\r" in ex.text_pair or "\ufeff" in ex.text for ex in task.splits["train"])
     assert task.template.has_pair
