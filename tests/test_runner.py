@@ -463,3 +463,19 @@ def test_deviations_do_not_change_gradients(deviations_module):
         labels=torch.tensor([0, 1, 2]),
     )
     _assert_same_grads(with_dev, plain)
+
+
+@pytest.mark.parametrize("metric", ["ce", "rank"])
+def test_deviation_metric_and_default_impl_pass_through(metric):
+    dev = pytest.importorskip("salf_engine.deviations")
+    model = _model("gemma3_text")
+    ids, mask = _batch("right")
+    bases = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    labels = torch.tensor([3, 1, 0])
+    with torch.no_grad():
+        hs = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    expected = dev.deviations_reference(
+        list(hs), last_token_index(mask, ids), labels, bases, lens=model.model.norm, metric=metric
+    )
+    out = TruncatedRunner(model, bases=bases, metric=metric)(ids, mask, depth=2, labels=labels)  # impl="auto"
+    torch.testing.assert_close(out.deviations, expected, atol=1e-4, rtol=0)
