@@ -19,6 +19,7 @@ METRICS = ("cosine", "ce", "rank")
 SCHEDULES = ("linear", "constant")
 LENSES = ("final_norm", "raw")
 EOF_BOUNDARIES = ("trainable", "frozen")
+DEVIATION_IMPLS = ("auto", "torch", "triton", "cpp", "cuda")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -42,6 +43,7 @@ class TrainConfig:
     metric: str = "cosine"             # deviation metric for the eof-layer
     lens: str = "final_norm"           # lens for intermediate spaces: final_norm | raw
     eof_boundary: str = "trainable"    # the eof-layer itself trains (algorithm) or is frozen (figure 2)
+    deviation_impl: str = "auto"       # deviation kernel: auto | torch | triton | cpp | cuda
     loss: str = "next-token"
     semantic_temperature: float = 0.05  # temperature of the cosine logits for loss="semantic-ce"
     # parameter-efficient / quantized
@@ -101,6 +103,7 @@ class TrainConfig:
         choice("schedule", self.schedule, SCHEDULES)
         choice("lens", self.lens, LENSES)
         choice("eof boundary", self.eof_boundary, EOF_BOUNDARIES)
+        choice("deviation impl", self.deviation_impl, DEVIATION_IMPLS)
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "lora_r"):
             positive(name, getattr(self, name))
         for name in ("max_steps", "limit", "eval_limit"):

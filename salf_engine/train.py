@@ -315,7 +315,8 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         else:
             for prm in model.parameters():
                 prm.requires_grad_(True)
-        runner = TruncatedRunner(runner_model, bases=bases, lens=config.lens, metric=config.metric)
+        runner = TruncatedRunner(runner_model, bases=bases, lens=config.lens, metric=config.metric,
+                                 deviation_impl=config.deviation_impl)
         parts = runner.parts
         m = runner.num_layers
         embed_params, layer_params, rest_params = _param_groups(parts)

@@ -10,6 +10,14 @@ import torch
 from salf_engine.evaluate import confusion_matrix, evaluate, score_predictions
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_confusion_matrix_other_column():
     cm = confusion_matrix([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, -1, 2], 3)
     assert cm.tolist() == [[2, 1, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0]]

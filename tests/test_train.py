@@ -1,0 +1,192 @@
+"""The training loop on tiny models: loss falls, reproducible, accumulation, bf16, LoRA, run dir."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from salf_engine.config import TrainConfig
+from salf_engine.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest (and steadiest on a shared CPU) with one intra-op thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _pattern_task(n_train: int = 48, n_test: int = 24):
+    """A learnable task: the class is the first word (who -> human, where -> location, how -> number)."""
+    from salf_engine.data import Example, PromptTemplate, TaskData
+
+    g = torch.Generator().manual_seed(0)
+    cue = {"human": "who", "location": "where", "number": "how"}
+    filler = ["the", "a", "city", "river", "name", "year", "big", "small", "of", "is"]
+    classes = list(cue)
+
+    def make(n):
+        out = []
+        for i in range(n):
+            cls = classes[i % 3]
+            words = [filler[int(j)] for j in torch.randint(0, len(filler), (4,), generator=g)]
+            out.append(Example(text=" ".join([cue[cls], *words]), label=cls))
+        return out
+
+    return TaskData(name="pattern", classes=classes, splits={"train": make(n_train), "test": make(n_test)},
+                    template=PromptTemplate("question : {text} answer :"),
+                    label_words={c: c for c in classes})
+
+
+def _prepared(family: str, config: TrainConfig, *, seed: int = 0):
+    """Everything `train` needs, built from a tiny in-memory model + the pattern task (no files)."""
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from salf_engine.data import Verbalizer, encode_split
+    from salf_engine.strategies import make_strategy
+
+    tok = tiny_tokenizer()
+    model = tiny_model(family, seed=seed)
+    task = _pattern_task()
+    verb = Verbalizer(task.classes, task.label_words, tok)
+    return dict(
+        config=config, strategy=make_strategy(config.strategy, seed=config.seed, lora=config.lora),
+        device=torch.device("cpu"), task=task, model=model, tokenizer=tok, verbalizer=verb,
+        train_split=encode_split(task, tok, "train", verb), eval_split=encode_split(task, tok, "test", verb),
+        load_seconds=0.0, out_dir=None,
+    )
+
+
+def _run(family="llama", **overrides):
+    from salf_engine.train import train
+
+    cfg = TrainConfig(model="tiny", dataset="pattern", **{
+        "strategy": "full", "lr": 1e-3, "batch_size": 4, "max_steps": 12, "warmup_ratio": 0.0,
+        "weight_decay": 0.0, "zero_shot_eval": False, "deviation_impl": "torch", **overrides}).validate()
+    return train(cfg, progress=False, log=None, prepared=_prepared(family, cfg))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_loss_falls(family):
+    s = _run(family, max_steps=24)
+    losses = s["loss_history"]
+    assert len(losses) == 24 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    # the cue word decides the class: well above chance (1/3) after training
+    assert s["fine_tuned"]["restricted_accuracy"] >= 0.6
+
+
+def test_same_seed_same_losses():
+    a = _run(max_steps=6)["loss_history"]
+    b = _run(max_steps=6)["loss_history"]
+    c = _run(max_steps=6, seed=1)["loss_history"]
+    assert a == b
+    assert a != c
+
+
+def test_grad_accum_matches_bigger_batch():
+    # 2 micro-batches of 2 == one batch of 4 on the first step (same 4 samples: full strategy, seed 0)
+    big = _run(max_steps=2, batch_size=4, grad_accum=1, max_grad_norm=None)
+    acc = _run(max_steps=1, batch_size=2, grad_accum=2, max_grad_norm=None)
+    assert acc["examples_trained"] == 4
+    assert acc["loss_history"][0] == pytest.approx(big["loss_history"][0], rel=1e-5)
+
+
+def test_grad_accum_updates_like_bigger_batch():
+    """The weights after one accumulated step equal the weights after one step on the whole batch."""
+    from salf_engine.train import train
+
+    weights = []
+    for bs, acc in ((4, 1), (2, 2)):
+        cfg = TrainConfig(model="tiny", dataset="pattern", strategy="full", lr=1e-2, batch_size=bs,
+                          grad_accum=acc, max_steps=1, warmup_ratio=0.0, zero_shot_eval=False,
+                          max_grad_norm=None).validate()
+        p = _prepared("llama", cfg)
+        train(cfg, progress=False, log=None, prepared=p)
+        weights.append(p["model"].model.layers[0].mlp.down_proj.weight.detach().clone())
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_bf16_autocast_runs():
+    s = _run(max_steps=4, dtype="bf16")
+    assert all(torch.isfinite(torch.tensor(s["loss_history"])))
+    assert s["fine_tuned"]["restricted_accuracy"] >= 0.0
+
+
+def test_salf_strategy_reports_eofs_and_saving():
+    s = _run(max_steps=6, strategy="salf")
+    assert s["eof_histogram"] is not None and sum(s["eof_histogram"]["profile"]) == 48
+    assert 0.0 <= s["cost_saving_ratio"] < 1.0
+    assert sum(s["depth_histogram"]) == s["examples_trained"]
+
+
+def test_frozen_prefix_is_not_updated():
+    """bot50 on a 4-layer model: layers 0-1 and the embedding keep their weights, layer 3 moves."""
+    from salf_engine.train import train
+
+    cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", lr=1e-2, batch_size=4, max_steps=3,
+                      zero_shot_eval=False).validate()
+    p = _prepared("qwen2", cfg)
+    before = {k: v.detach().clone() for k, v in p["model"].state_dict().items()}
+    s = train(cfg, progress=False, log=None, prepared=p)
+    after = p["model"].state_dict()
+    assert s["cost_saving_ratio"] == pytest.approx(0.5)
+    for frozen in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight",
+                   "model.embed_tokens.weight"):
+        assert torch.equal(before[frozen], after[frozen]), frozen
+    trained = "model.layers.3.mlp.up_proj.weight"
+    assert not torch.equal(before[trained], after[trained])
+
+
+def test_lora_trains_only_adapters(tmp_path):
+    from salf_engine.train import train
+
+    cfg = TrainConfig(model="tiny", dataset="pattern", strategy="full", lora=True, lr=5e-3, batch_size=4,
+                      max_steps=4, zero_shot_eval=False, output=str(tmp_path / "run")).validate()
+    p = _prepared("llama", cfg)
+    p["out_dir"] = tmp_path / "run"
+    base = {k: v.detach().clone() for k, v in p["model"].state_dict().items()}
+    s = train(cfg, progress=False, log=None, prepared=p)
+    assert s["lora"] and s["trainable_parameters"] < 0.2 * sum(v.numel() for v in base.values())
+    saved = tmp_path / "run" / "model"
+    assert (saved / "adapter_config.json").is_file()
+    assert not (saved / "model.safetensors").exists()
+    assert json.loads((saved / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_lora_half_restricts_layers():
+    from tiny_models import tiny_model
+
+    from salf_engine.train import apply_lora
+
+    cfg = TrainConfig()
+    model = apply_lora(tiny_model("llama"), cfg, range(2, 4))
+    names = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert names and all(".layers.2." in n or ".layers.3." in n for n in names)
+
+
+def test_config_validation_and_json(tmp_path):
+    cfg = TrainConfig(lr=3e-4, limit=10, lora_target_modules=["q_proj"])
+    path = tmp_path / "c.json"
+    cfg.to_json(path)
+    assert TrainConfig.from_json(path) == cfg
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0).validate()
+    with pytest.raises(ConfigError, match="dtype"):
+        TrainConfig(dtype="fp8").validate()
+    with pytest.raises(ConfigError, match="lr"):
+        TrainConfig(lr=-1).validate()
+    with pytest.raises(ConfigError, match="unknown config field"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ConfigError, match="load_in_4bit needs lora"):
+        TrainConfig(load_in_4bit=True).validate()
+
+
+def test_semantic_losses_run():
+    for loss in ("semantic-ce", "cosine"):
+        s = _run(max_steps=3, loss=loss)
+        assert all(torch.isfinite(torch.tensor(s["loss_history"])))
