@@ -1,0 +1,189 @@
+"""`salf` end to end on tiny model directories: train -> run dir -> eval / profile, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from salf_engine import cli
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FAST = ["--dataset", "trec", "--limit", "24", "--eval-limit", "18", "--max-steps", "3", "--batch-size", "8",
+        "--lr", "1e-3", "--quiet", "--deviation-impl", "torch"]
+
+
+def _train(model_dir: Path, out: Path, *extra: str) -> int:
+    return cli.main(["train", "--model", str(model_dir), *FAST, "--output", str(out), *extra])
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing on stderr"
+    assert err[-1].startswith("error: "), err
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def test_train_then_eval_run_dir(tiny_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tiny_dir("llama"), run, "--strategy", "full") == 0
+    out = capsys.readouterr().out
+    assert "zero-shot" in out and "fine-tuned" in out and "cost-saving" in out
+    for name in ("config.json", "metrics.jsonl", "eval.json", "eval.txt", "summary.json"):
+        assert (run / name).is_file(), name
+    assert (run / "model" / "config.json").is_file()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "step" in x and x.get("event") != "eval"]
+    assert [x["step"] for x in steps] == [1, 2, 3]
+    assert all({"loss", "lr", "depth", "batch_size", "seconds", "epoch"} <= set(x) for x in steps)
+    assert [x["phase"] for x in lines if x.get("event") == "eval"] == ["zero-shot", "fine-tuned"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 3
+    assert json.loads((run / "config.json").read_text())["strategy"] == "full"
+
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", "--model", str(run), "--limit", "18", "--quiet", "--output", str(report)]) == 0
+    got = json.loads(report.read_text())
+    assert got["num_examples"] == 18
+    assert got["free"]["accuracy"] == pytest.approx(summary["fine_tuned"]["free_accuracy"])
+    assert got["restricted"]["accuracy"] == pytest.approx(summary["fine_tuned"]["restricted_accuracy"])
+    assert got["restricted"]["macro_f1"] == pytest.approx(summary["fine_tuned"]["restricted_macro_f1"])
+
+
+def test_lora_adapter_reloads_with_same_accuracy(tiny_dir, tmp_path, capsys):
+    run = tmp_path / "lora"
+    assert _train(tiny_dir("llama"), run, "--strategy", "full", "--lora", "--lr", "1e-2") == 0
+    saved = run / "model"
+    assert (saved / "adapter_config.json").is_file()
+    assert not (saved / "model.safetensors").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["lora"] is True
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", "--model", str(run), "--limit", "18", "--quiet", "--output", str(report)]) == 0
+    got = json.loads(report.read_text())
+    assert got["restricted"]["accuracy"] == pytest.approx(summary["fine_tuned"]["restricted_accuracy"])
+    assert got["free"]["macro_f1"] == pytest.approx(summary["fine_tuned"]["free_macro_f1"])
+    # the adapter really trained: its B matrices (zero at init) moved
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(saved / "adapter_model.safetensors"))
+    lora_b = [v for k, v in tensors.items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().sum()) > 0 for v in lora_b)
+
+
+def test_salf_run_and_profile(tiny_dir, tmp_path, capsys):
+    run = tmp_path / "salf"
+    assert _train(tiny_dir("gemma2"), run, "--strategy", "salf") == 0
+    assert (run / "eof_hist.png").stat().st_size > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert sum(summary["eof_histogram"]["profile"]) == 24
+    assert "eof-layer histogram" in capsys.readouterr().out
+
+    prof = tmp_path / "prof"
+    assert cli.main(["profile", "--run", str(run), "--limit", "12", "--output", str(prof), "--quiet",
+                     "--deviation-impl", "torch"]) == 0
+    data = json.loads((prof / "profile.json").read_text())
+    assert set(data["stats"]) == {"before", "after"}
+    assert len(data["stats"]["before"]["mean"]) == data["num_layers"] + 1
+    assert (prof / "profile_violins.png").stat().st_size > 0
+    assert "space" in capsys.readouterr().out
+
+
+def test_demo_code_path_on_tiny_model(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--model", str(tiny_dir("llama")), "--limit", "24", "--max-steps", "2",
+                     "--eval-limit", "12", "--output", str(out), "--quiet", "--deviation-impl", "torch"]) == 0
+    text = capsys.readouterr().out
+    assert "strategy salf" in text and "improvement over zero-shot" in text and "examples/s" in text
+    assert json.loads((out / "summary.json").read_text())["strategy"] == "salf"
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--dataset", "sst5", "--data-dir", "/nonexistent/salf-data"], "does not exist"),
+        (["--dataset", "no-such-dataset"], "no-such-dataset"),
+        (["--dataset", "trec", "--strategy", "no-such-strategy"], "no-such-strategy"),
+        (["--dataset", "trec", "--batch-size", "0"], "batch_size"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tiny_dir, tmp_path, capsys, argv, needle):
+    out = tmp_path / "never"
+    code = cli.main(["train", "--model", str(tiny_dir("llama")), *argv, "--output", str(out), "--quiet"])
+    assert code == 2
+    assert needle in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_unknown_model_name(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert cli.main(["train", "--model", "no-such-model", "--dataset", "trec", "--output", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert "no-such-model" in line
+    assert not out.exists()
+
+
+def test_finished_run_is_not_overwritten(tiny_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tiny_dir("llama"), run, "--strategy", "full") == 0
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    summary = (run / "summary.json").read_text()
+    capsys.readouterr()
+    assert _train(tiny_dir("llama"), run, "--strategy", "full", "--seed", "1") == 2
+    assert "--overwrite" in _one_error_line(capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    assert (run / "summary.json").read_text() == summary
+    # with --overwrite the run is replaced
+    assert _train(tiny_dir("llama"), run, "--strategy", "full", "--seed", "1", "--overwrite") == 0
+    assert json.loads((run / "config.json").read_text())["seed"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3 + 2
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--dataset", "trec", "--output", "x"])
+    assert exc.value.code == 2
+    assert "--model" in _one_error_line(capsys)
+
+
+def test_registered_subcommand_is_dispatched(capsys):
+    def add(sub):
+        p = sub.add_parser("hello")
+        p.add_argument("--name", default="world")
+        p.set_defaults(func=lambda args: print(f"hello {args.name}") or 0)
+        return p
+
+    cli.register_subcommand("hello", add)
+    try:
+        assert cli.main(["hello", "--name", "salf"]) == 0
+        assert "hello salf" in capsys.readouterr().out
+        with pytest.raises(ValueError):
+            cli.register_subcommand("hello", add)
+    finally:
+        cli.SUBCOMMANDS[:] = [(n, f) for n, f in cli.SUBCOMMANDS if n != "hello"]
+
+
+def test_console_exit_code_subprocess(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "salf_engine", "train", "--model", "x", "--dataset", "no-such-dataset",
+         "--output", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in proc.stderr
