@@ -38,7 +38,8 @@ def tiny_dir(tmp_path_factory):
     def make(family: str = "llama", num_layers: int = 4) -> Path:
         key = (family, num_layers)
         if key not in cache:
-            cache[key] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family, num_layers=num_layers)
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            cache[key] = save_tiny_model(path, family, num_layers=num_layers)
         return cache[key]
 
     return make

@@ -82,7 +82,9 @@ def tiny_config(family: str, vocab_size: int, num_layers: int = 4, **overrides):
     return cfg
 
 
-def tiny_model(family: str = "llama", *, seed: int = 0, num_layers: int = 4, attn: str = "eager", **overrides):
+def tiny_model(
+    family: str = "llama", *, seed: int = 0, num_layers: int = 4, attn: str = "eager", **overrides
+):
     """A random-init tiny causal LM of `family` in float32, in eval mode."""
     tok = tiny_tokenizer()
     cfg = tiny_config(family, len(tok), num_layers=num_layers, **overrides)
