@@ -21,7 +21,8 @@ step holds at the end of its backward; allocator slack and transient workspaces 
 tracemalloc cannot see torch allocations and RSS deltas are dominated by the allocator's caching, so this
 is the number the runner actually controls.
 
-Run: ``python bench/bench_step.py`` (about 6-8 minutes on a shared 2-core CPU).
+Run: ``python bench/bench_step.py`` (about 8 minutes on a busy shared 2-core CPU; 2 threads there ran 3-4x
+slower than 1, hence ``--threads 1``). ``--markdown-only`` rewrites step.md from the last run in step.csv.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import argparse
 import csv
 import datetime as dt
 import importlib.util
+import json
 import platform
 import random
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +123,7 @@ def run_step(
             return t
 
         hooks = (
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure_memory else _nullcontext()
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure_memory else nullcontext()
         )
         t0 = time.perf_counter()
         with hooks:
@@ -159,17 +162,9 @@ def run_step(
         cfg.times["opt"].append(t3 - t2)
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def time_deviations(runner: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, impl: str,
-                    reps: int) -> float:
-    """Median seconds of one ``deviations`` call on the m+1 gathered medium-token states of this batch."""
+                    reps: int) -> list[float]:
+    """Seconds of ``reps`` ``deviations`` calls on the m+1 gathered medium-token states of this batch."""
     from salf_engine.deviations import deviations
 
     m = runner.num_layers
@@ -185,7 +180,7 @@ def time_deviations(runner: Any, ids: torch.Tensor, mask: torch.Tensor, labels: 
         t0 = time.perf_counter()
         deviations(states, zero, labels, runner.bases, lens=runner.parts.norm, impl=impl)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])
+    return times[2:]
 
 
 def git_commit() -> str:
@@ -215,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5, help="measured steps per configuration")
+    ap.add_argument("--rounds", type=int, default=4, help="measured steps per configuration")
     ap.add_argument("--warmup", type=int, default=1, help="warm-up rounds (not measured)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 on a shared machine (2 threads on 2 busy cores ran 3-4x slower)")
@@ -223,7 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dev-call-impls", default="torch,auto", help="deviation impls timed as single calls")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--note", default="shared 2-core CPU (6 other engineers running tests at the same time)")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite step.md from step.csv's last run")
     args = ap.parse_args(argv)
+    if args.markdown_only:
+        regenerate(args.out)
+        return
 
     from salf_engine.runner import TruncatedRunner
     from salf_engine.semantics import semantic_bases
@@ -308,29 +307,39 @@ def main(argv: list[str] | None = None) -> None:
         summary = " ".join(f"{c.name}={c.times['step'][-1]:.2f}s" for c in configs)
         print(f"round {r + 1}/{args.rounds}: {summary}", flush=True)
 
-    dev_call = {}
-    for impl in [s for s in args.dev_call_impls.split(",") if s]:
-        probe = TruncatedRunner(model, bases=bases, deviation_impl=impl)
-        dev_call[impl] = time_deviations(probe, ids, mask, labels, impl, reps=20)
-
     commit = git_commit()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     device = f"{cpu_name()} ({platform.machine()}), CPU fp32, {torch.get_num_threads()} thread(s)"
     shape = f"SmolLM2-135M B={args.batch} T={args.seq}"
+    common = {"device": device, "commit": commit, "date": date, "shape": shape,
+              "threads": torch.get_num_threads()}
     full_median = statistics.median(configs[0].times["step"])
     rows = []
     for cfg in configs:
         t = cfg.times
         med = statistics.median(t["step"])
+        name = cfg.name
+        if name.startswith(f"runner_k{half}_dev_"):
+            name += f"={resolved[name.rsplit('_', 1)[1]]}"
         rows.append({
-            "device": device, "commit": commit, "date": date, "shape": shape, "config": cfg.name,
+            **common, "config": name,
             "median_s": f"{med:.4f}", "p20_s": f"{percentile(t['step'], 20):.4f}",
             "p80_s": f"{percentile(t['step'], 80):.4f}", "ratio_to_full": f"{med / full_median:.3f}",
             "fwd_s": f"{statistics.median(t['fwd']):.4f}", "bwd_s": f"{statistics.median(t['bwd']):.4f}",
             "opt_s": f"{statistics.median(t['opt']):.4f}",
             "tokens_per_s": f"{args.batch * args.seq / med:.1f}",
             **{key: f"{value:.1f}" for key, value in cfg.memory.items()},
-            "steps": len(t["step"]), "threads": torch.get_num_threads(),
+            "steps": len(t["step"]),
+        })
+    for impl in [s for s in args.dev_call_impls.split(",") if s]:
+        probe = TruncatedRunner(model, bases=bases, deviation_impl=impl)
+        times = time_deviations(probe, ids, mask, labels, impl, reps=30)
+        ran = impl if impl != "auto" else ("cpp" if resolved.get("auto") == "cpp" else "torch")
+        rows.append({
+            **common, "config": f"deviations_call_{impl}={ran}",
+            "median_s": f"{statistics.median(times):.6f}",
+            "p20_s": f"{percentile(times, 20):.6f}", "p80_s": f"{percentile(times, 80):.6f}",
+            "ratio_to_full": f"{statistics.median(times) / full_median:.6f}", "steps": len(times),
         })
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "step.csv"
@@ -340,115 +349,136 @@ def main(argv: list[str] | None = None) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
-    write_markdown(args.out / "step.md", rows, configs, m=m, half=half, dev_call=dev_call, resolved=resolved,
-                   device=device, commit=commit, date=date, shape=shape, source=source, note=args.note,
-                   total_s=time.perf_counter() - t_start)
+    meta = {"source": source, "note": args.note, "total_s": time.perf_counter() - t_start, "m": m}
+    (args.out / "step.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_markdown(args.out / "step.md", rows, **meta)
     print(f"wrote {csv_path} and {args.out / 'step.md'} in {time.perf_counter() - t_start:.0f}s")
 
 
-def write_markdown(path: Path, rows: list[dict], configs: list[Config], *, m: int, half: int,
-                   dev_call: dict[str, float], resolved: dict[str, str], **meta: Any) -> None:
-    """The run's table (ratios against full) and the ideal-ratio model."""
+def last_run_rows(csv_path: Path) -> list[dict]:
+    """The rows of the most recent run (latest date) in step.csv."""
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    last = max(row["date"] for row in rows)
+    return [row for row in rows if row["date"] == last]
+
+
+def write_markdown(path: Path, rows: list[dict], *, m: int, source: str, note: str, total_s: float) -> None:
+    """The run's table (ratios against full), the ideal-ratio model and where the rest of the time goes."""
+    half = m // 2
+    ideal_half = 1 - 2 * half / (3 * m)
     by = {row["config"]: row for row in rows}
-    full = configs[0].times
-    fwd_full = statistics.median(full["fwd"])
-    bwd_full = statistics.median(full["bwd"])
-    opt_full = statistics.median(full["opt"])
+    steps = [row for row in rows if not row["config"].startswith("deviations_call_")]
+    calls = [row for row in rows if row["config"].startswith("deviations_call_")]
+    full = by["full"]
+    head = rows[0]
+
+    def f(row: dict, key: str) -> float:
+        return float(row[key])
+
     lines = [
         "# Step benchmark: truncated runner vs full fine-tuning",
         "",
-        f"- device: {meta['device']}; {meta['note']}",
-        f"- commit {meta['commit']}, {meta['date']}, {meta['shape']}, model from {meta['source']}",
-        f"- {len(full['step'])} measured AdamW steps per configuration, round-robin after warm-up; "
-        f"whole run {meta['total_s']:.0f}s",
-        "- ratios are medians against `full` (head at the last position only) from the same run;",
-        "  p20/p80 show the spread a shared machine adds. `est_peak_mib` = weights + saved activations +",
-        "  grads + AdamW state at the end of backward (tensor sizes; allocator slack and transient",
-        "  workspaces not included).",
+        f"- device: {head['device']}; {note}",
+        f"- commit {head['commit']}, {head['date']}, {head['shape']}, model from {source}",
+        f"- {full['steps']} measured AdamW steps per configuration after a warm-up round, configurations "
+        f"interleaved in a fresh random order each round; whole run {total_s:.0f}s",
+        "- `ratio` = median step time / median of `full` (plain forward, head at the last position only) in "
+        "the same run; p20/p80 show the spread the shared machine adds.",
+        "- `est. peak MiB` = weights + activations the autograd graph saves (non-parameter tensors, "
+        "counted with `torch.autograd.graph.saved_tensors_hooks`) + grads + AdamW state, i.e. what a step "
+        "holds at the end of its backward, from tensor sizes; allocator slack and transient workspaces are "
+        "not included. AdamW state is that of the parameters this configuration trains: a SALF run whose "
+        "depth varies per batch keeps state for every layer some batch trains.",
         "",
         "| config | median s | p20 s | p80 s | ratio | ideal | fwd s | bwd s | opt s | saved act MiB "
         "| grads MiB | AdamW MiB | est. peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row in steps:
         name = row["config"]
         ideal = ""
         if name.startswith("runner_k") and "_dev_" not in name:
-            k = int(name.removeprefix("runner_k"))
-            ideal = f"{1 - 2 * k / (3 * m):.3f}"
+            ideal = f"{1 - 2 * int(name.removeprefix('runner_k')) / (3 * m):.3f}"
         elif name == f"static_k{half}":
-            ideal = f"{1 - 2 * half / (3 * m):.3f}"
+            ideal = f"{ideal_half:.3f}"
         lines.append(
             f"| {name} | {row['median_s']} | {row['p20_s']} | {row['p80_s']} | {row['ratio_to_full']} "
-            f"| {ideal} | {row['fwd_s']} | {row['bwd_s']} | {row['opt_s']} | {row.get('saved_act_mib', '')} "
-            f"| {row.get('grads_mib', '')} | {row.get('adamw_mib', '')} | {row.get('est_peak_mib', '')} |"
+            f"| {ideal} | {row['fwd_s']} | {row['bwd_s']} | {row['opt_s']} | {row['saved_act_mib']} "
+            f"| {row['grads_mib']} | {row['adamw_mib']} | {row['est_peak_mib']} |"
         )
+    total = f(full, "median_s")
     lines += [
         "",
         "## Reading it",
         "",
-        f"Ideal ratio with backward = 2x forward: `(F + 2F(1 - k/m)) / 3F = 1 - 2k/(3m)`, i.e. "
-        f"{1 - 2 * half / (3 * m):.3f} at k = m/2 = {half}. Measured split of `full` here: forward "
-        f"{fwd_full:.3f}s, backward {bwd_full:.3f}s ({bwd_full / fwd_full:.2f}x forward), "
-        f"AdamW {opt_full:.3f}s ({opt_full / statistics.median(full['step']):.1%} of the step).",
+        f"Ideal ratio when backward = 2x forward and nothing else costs: `(F + 2F(1 - k/m)) / 3F = "
+        f"1 - 2k/(3m)`, {ideal_half:.3f} at k = m/2 = {half}. `full` here: forward {f(full, 'fwd_s'):.2f}s, "
+        f"backward {f(full, 'bwd_s'):.2f}s ({f(full, 'bwd_s') / f(full, 'fwd_s'):.2f}x forward), AdamW "
+        f"{f(full, 'opt_s'):.2f}s ({f(full, 'opt_s') / total:.0%} of the step; phase medians, so they need "
+        "not add up to the step median).",
         "",
     ]
-    half_row = by.get(f"runner_k{half}")
-    if half_row is not None:
-        cfg = next(c for c in configs if c.name == f"runner_k{half}")
-        fwd = statistics.median(cfg.times["fwd"])
-        bwd = statistics.median(cfg.times["bwd"])
-        opt = statistics.median(cfg.times["opt"])
+    row = by.get(f"runner_k{half}")
+    if row is not None:
         lines += [
-            f"At k = {half}: ratio {half_row['ratio_to_full']} vs ideal {1 - 2 * half / (3 * m):.3f}. "
-            f"Forward {fwd:.3f}s ({fwd / fwd_full:.2f}x full's forward: the prefix runs without autograd "
-            f"bookkeeping), backward {bwd:.3f}s ({bwd / bwd_full:.2f}x full's; ideal 0.50 plus the fixed "
-            f"cost of the head/loss backward), AdamW {opt:.3f}s ({opt / opt_full:.2f}x full's: frozen params "
-            "have no grad and are skipped, but the tied embedding/head matrix (V x D = 28M of 135M params) "
-            "is updated at every depth).",
+            f"At k = {half} the runner took {row['ratio_to_full']} of full (ideal {ideal_half:.3f}; static "
+            f"`requires_grad=False` freezing at the same depth {by[f'static_k{half}']['ratio_to_full']}). "
+            f"Per phase against full: forward {f(row, 'fwd_s') / f(full, 'fwd_s'):.2f}x (the same work: the "
+            "no-grad prefix saves only autograd bookkeeping, so this is 1.0 up to noise), backward "
+            f"{f(row, 'bwd_s') / f(full, 'bwd_s'):.2f}x (ideal 0.50: half the layers, plus the head/loss "
+            f"backward paid at every depth), AdamW {f(row, 'opt_s') / f(full, 'opt_s'):.2f}x (frozen "
+            "parameters get no grad and AdamW skips them; the tied 49k x 576 embedding/head matrix, 28M of "
+            "the 135M parameters, is updated at every depth).",
+            "",
+            "Where the rest goes: the ideal model charges nothing for the optimizer, the head (a [B, D] x "
+            "[D, V] matmul forward, its input and V x D weight grads backward) and Python/dispatch overhead. "
+            "The optimizer share shrinks with the cut (helping the runner), the head share does not "
+            f"(hurting it at large k); measured minus ideal at k = {half}: "
+            f"{f(row, 'ratio_to_full') - ideal_half:+.3f}, at k = {(3 * m) // 4}: "
+            f"{f(by[f'runner_k{(3 * m) // 4}'], 'ratio_to_full') - (1 - 2 * ((3 * m) // 4) / (3 * m)):+.3f}.",
             "",
         ]
-    lines += [
-        "Where the rest goes: the backward is not exactly 2x the forward on this CPU (attention/softmax "
-        "and RMSNorm backward are memory-bound), the head + loss + tied-embedding gradient "
-        "(a [B, D] x [D, V] matmul and its V x D weight grad) and the AdamW update of the 49k x 576 tied "
-        "matrix are paid at every depth, and per-step Python overhead is constant.",
-        "",
-        f"`static_k{half}` freezes the embedding (tied, so also the head) + layers[0..{half - 1}] with "
-        "`requires_grad=False` and runs the plain forward; the runner trains the head at the same depth. "
-        + (
-            f"`static_k{half}_head` keeps the tied embedding/head trainable: autograd must then backprop "
-            "through the whole frozen prefix to reach the embedding lookup "
-            f"({by[f'static_k{half}_head']['ratio_to_full']} of full) - the runner's detached cut never does."
-            if f"static_k{half}_head" in by else ""
-        ),
-        "",
-        "## Deviations overhead",
-        "",
-    ]
-    base = by.get(f"runner_k{half}")
-    if base is not None:
-        spread = float(base["p80_s"]) - float(base["p20_s"])
-        for impl in resolved:
-            row = by[f"runner_k{half}_dev_{impl}"]
-            delta = float(row["median_s"]) - float(base["median_s"])
+    if f"static_k{half}_head" in by:
+        lines += [
+            f"`static_k{half}` freezes the embedding (tied, so also the head) + layers[0..{half - 1}] with "
+            "`requires_grad=False` and runs the plain forward (the runner trains the head at the same "
+            f"depth). `static_k{half}_head` keeps the tied embedding/head trainable, as the runner "
+            "does: autograd then has to backprop through the whole frozen prefix to reach the embedding "
+            f"lookup, and the step costs {by[f'static_k{half}_head']['ratio_to_full']} of full instead of "
+            f"{row['ratio_to_full'] if row else '?'} - the runner's detached cut never does that.",
+            "",
+        ]
+    lines += ["## Deviations overhead", ""]
+    if row is not None:
+        spread = f(row, "p80_s") - f(row, "p20_s")
+        for dev_row in steps:
+            if not dev_row["config"].startswith(f"runner_k{half}_dev_"):
+                continue
+            delta = f(dev_row, "median_s") - f(row, "median_s")
             verdict = "inside" if abs(delta) <= spread else "outside"
             lines.append(
-                f"- runner at k = {half} with deviations, impl `{impl}` (ran as `{resolved[impl]}`): step "
-                f"median {row['median_s']}s vs {base['median_s']}s without ({delta * 1000:+.0f} ms, "
-                f"{verdict} the p20-p80 spread of {spread * 1000:.0f} ms)."
+                f"- `{dev_row['config']}` (runner at k = {half} returning the deviations of all {m + 1} "
+                f"spaces): median {dev_row['median_s']}s vs {row['median_s']}s without ({delta * 1000:+.0f} "
+                f"ms, {verdict} the p20-p80 spread of {spread * 1000:.0f} ms)."
             )
-        for impl, seconds in dev_call.items():
+        for call in calls:
             lines.append(
-                f"- one `deviations(impl={impl!r})` call on the {m + 1} gathered [B, D] medium-token states: "
-                f"{seconds * 1000:.3f} ms ({seconds / float(base['median_s']):.3%} of the runner step)."
+                f"- one `{call['config'].removeprefix('deviations_call_')}` deviations call on the {m + 1} "
+                f"gathered [B, D] medium-token states: {f(call, 'median_s') * 1000:.3f} ms median "
+                f"({f(call, 'median_s') / f(row, 'median_s'):.3%} of the runner step)."
             )
-        lines.append(
-            "- the states come from the training forward itself (one [B, D] row gather per layer into one "
-            "buffer), so profiling needs no extra forward pass; what a step pays is the m+1 gathers plus one "
-            "deviations call."
-        )
+    lines.append(
+        "- the states come from the training forward itself (one [B, D] row gather per layer into one "
+        "buffer), so profiling needs no extra forward pass; a step pays the m+1 gathers plus one call."
+    )
     path.write_text("\n".join(lines) + "\n")
+
+
+def regenerate(out: Path) -> None:
+    """Rewrite step.md from the last run in step.csv (and step.meta.json)."""
+    meta = json.loads((out / "step.meta.json").read_text())
+    write_markdown(out / "step.md", last_run_rows(out / "step.csv"), **meta)
 
 
 if __name__ == "__main__":
