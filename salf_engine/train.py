@@ -171,6 +171,8 @@ def prepare(config: TrainConfig) -> dict[str, Any]:
             raise ConfigError(f"output {out_dir} exists and is not a directory")
         if (out_dir / "summary.json").exists() and not config.overwrite:
             raise ConfigError(f"{out_dir} already holds a finished run; pass --overwrite to replace it")
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+            raise ConfigError(f"output {out_dir} is a non-empty directory that holds no run; choose another")
     options: dict[str, Any] = {"budget": config.budget, "seed": config.seed, "boundary": config.eof_boundary,
                                "lora": config.lora, "freeze_fraction": config.freeze_fraction}
     if config.infill is not None:
@@ -200,21 +202,21 @@ def prepare(config: TrainConfig) -> dict[str, Any]:
 class _RunDir:
     """Writes the artefacts of a run; summary.json last and atomically."""
 
-    def __init__(self, path: Path | None, overwrite: bool) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         if path is None:
             return
         path.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            # drop the finished marker first, so an interrupted overwrite never looks finished
-            (path / "summary.json").unlink(missing_ok=True)
-            for name in RUN_FILES:
-                target = path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        self._metrics = open(path / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        # a finished run is only replaced with overwrite (checked in `prepare`), an unfinished one always;
+        # drop the finished marker first, so an interrupted overwrite never looks finished
+        (path / "summary.json").unlink(missing_ok=True)
+        for name in RUN_FILES:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        self._metrics = open(path / "metrics.jsonl", "w")  # noqa: SIM115 - closed in close()
 
     def log(self, record: dict[str, Any]) -> None:
         if self.path is not None:
@@ -284,7 +286,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     torch.manual_seed(config.seed)
     bases = semantic_bases(model, verbalizer.label_token_ids).to(device)
 
-    run = _RunDir(p["out_dir"], config.overwrite)
+    run = _RunDir(p["out_dir"])
     try:
         run.write_json("config.json", config.to_dict())
         summary: dict[str, Any] = {

@@ -153,6 +153,15 @@ def test_finished_run_is_not_overwritten(tiny_dir, tmp_path, capsys):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3 + 2
 
 
+def test_foreign_directory_is_refused(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "precious.txt").write_text("keep")
+    assert _train(tiny_dir("llama"), out, "--strategy", "full", "--overwrite") == 2
+    assert "holds no run" in _one_error_line(capsys)
+    assert (out / "model" / "precious.txt").read_text() == "keep"
+
+
 def test_argument_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["train", "--dataset", "trec", "--output", "x"])
