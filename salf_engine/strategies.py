@@ -37,7 +37,9 @@ import torch
 from torch import nn
 
 from .budgets import assign_depths, budget_quotas
+from .deviations import eof_layers
 from .errors import ConfigError
+from .sampling import DepthBucketSampler
 
 __all__ = [
     "StepPlan",
@@ -315,19 +317,23 @@ class SampleDepthStrategy(Strategy):
         self.depths = [min(d, top) for d in self._depth_fn(self, eofs)]
 
     def _plans(self, epoch: int, batch_size: int) -> Iterator[StepPlan]:
-        rng = self._epoch_rng(epoch)
         m = self.num_layers
+        depths = list(self.depths)  # a snapshot: observe() refreshes take effect next epoch
+        if self.schedule == "shuffle":
+            sampler = DepthBucketSampler(depths, batch_size, seed=self.seed)
+            sampler.set_epoch(epoch)
+            for batch in sampler:
+                yield StepPlan(batch, depths[batch[0]], self._mask(depths[batch[0]], m))
+            return
+        rng = self._epoch_rng(epoch)
         by_depth: list[list[int]] = [[] for _ in range(m)]
-        for i, d in enumerate(self.depths):  # a snapshot: observe() refreshes take effect next epoch
+        for i, d in enumerate(depths):
             by_depth[d].append(i)
         per_depth = []
         for members in by_depth:
             rng.shuffle(members)
             per_depth.append(_batches(members, batch_size))
-        if self.schedule == "shuffle":
-            order = [(d, b) for d, batches in enumerate(per_depth) for b in batches]
-            rng.shuffle(order)
-        elif self.schedule == "bf":
+        if self.schedule == "bf":
             order = [(d, b) for d, batches in enumerate(per_depth) for b in batches]
         else:
             rounds = max(len(batches) for batches in per_depth)
@@ -345,10 +351,7 @@ class SampleDepthStrategy(Strategy):
             m = self.num_layers
             if vals.shape[1] != m + 1:
                 raise ValueError(f"deviations must have m+1 = {m + 1} columns, got {tuple(vals.shape)}")
-            dev = vals.detach().float()
-            eof = torch.argmax(dev[:, :-1] - dev[:, 1:], dim=1)  # first index on ties
-            if self.boundary == "frozen":
-                eof = eof + 1
+            eof = eof_layers(vals.detach().float(), boundary=self.boundary)
         elif vals.dim() == 1:
             eof = vals.detach().long()
         else:
