@@ -28,10 +28,14 @@ AddParser = Callable[[Any], argparse.ArgumentParser]
 # Modules that may define ``add_parser(subparsers)``; missing ones are skipped.
 PLUGIN_MODULES: list[str] = ["salf_engine.compare"]
 
-# The demo: SmolLM2-135M on the embedded TREC, SALF with its own eof per sample (Algorithm 3).
+# The demo: SmolLM2-135M on the embedded TREC, SALF with the uniform budget filled depth-first
+# (Algorithm 4). Depth buckets group samples of equal eof, and the eof follows the class closely, so
+# Algorithm 3's shuffled buckets feed nearly one class per step; the depth-first rounds interleave
+# depths (and classes) step by step and learned much better in the same time (0.57 vs 0.32 accuracy
+# after 60 steps here). Sized to finish in well under 15 minutes on a 2-core CPU.
 DEMO_DEFAULTS: dict[str, Any] = dict(
-    model="smollm2-135m", dataset="trec", strategy="salf", limit=480, max_steps=60, batch_size=8,
-    lr=1e-4, warmup_ratio=0.1, eval_batch_size=50, seed=0,
+    model="smollm2-135m", dataset="trec", strategy="salf", budget="uniform", infill="df", limit=480,
+    max_steps=60, batch_size=8, lr=1e-4, warmup_ratio=0.1, eval_batch_size=50, seed=0,
 )
 
 
@@ -345,8 +349,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if value is not None:
             settings[key] = value
     config = TrainConfig(**settings, output=args.output, overwrite=True).validate()
+    budget = f" (budget {config.budget}, {config.infill} infilling)" if config.budget else ""
     print(f"salf demo: {config.model} on the embedded TREC ({config.limit} training questions, "
-          f"{config.max_steps} steps of {config.batch_size}), strategy {config.strategy}, "
+          f"{config.max_steps} steps of {config.batch_size}), strategy {config.strategy}{budget}, "
           f"evaluated on the {'500' if config.eval_limit is None else config.eval_limit} test questions")
     start = time.perf_counter()
     summary = train(config, progress=not args.quiet)
