@@ -1,7 +1,7 @@
 """Benchmark of the fused deviation computation (m+1 spaces x B samples x K labels).
 
 Providers:
-  torch          salf_engine.deviations.deviations_reference (plain torch, eager; the baseline)
+  torch          salf_engine.deviation.deviations_reference (plain torch, eager; the baseline)
   torch_lean     the same math as a minimal eager function (gather, lens, cosine; no input checks)
   torch_compile  torch.compile(torch_lean)
   triton         salf_engine.kernels.deviation.deviations_triton (GPU only: the interpreter is no timing)
@@ -185,7 +185,7 @@ def provider_fn(name: str, case: Case) -> tuple[Callable[[], object] | None, str
     c = case
     on_gpu = c.device.type == "cuda"
     if name == "torch":
-        from salf_engine.deviations import deviations_reference
+        from salf_engine.deviation import deviations_reference
 
         return (
             lambda: deviations_reference(

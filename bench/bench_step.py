@@ -165,7 +165,7 @@ def run_step(
 def time_deviations(runner: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, impl: str,
                     reps: int) -> list[float]:
     """Seconds of ``reps`` ``deviations`` calls on the m+1 gathered medium-token states of this batch."""
-    from salf_engine.deviations import deviations
+    from salf_engine.deviation import deviations
 
     m = runner.num_layers
     with torch.no_grad():

@@ -273,7 +273,7 @@ def _profile_model(model, tok, task, args) -> tuple[Any, int]:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .data import load_task
-    from .deviations import eof_layers
+    from .deviation import eof_layers
     from .plots import deviation_stats, deviation_violins_png, eof_histogram_png, format_deviation_stats
 
     run_cfg = _run_config(args.run) if args.run else None

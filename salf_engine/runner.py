@@ -75,7 +75,7 @@ class TruncatedRunner:
             ``labels`` at call time the runner returns per-sample deviations of all m+1 spaces.
         lens: "final_norm" (apply the model's final norm to spaces 0..m-1, logit-lens view) or "raw".
         metric: deviation metric, "cosine" | "ce" | "rank".
-        deviation_impl: ``impl`` passed to ``salf_engine.deviations.deviations``.
+        deviation_impl: ``impl`` passed to ``salf_engine.deviation.deviations``.
     """
 
     def __init__(
@@ -221,7 +221,7 @@ class TruncatedRunner:
         return RunnerOutput(logits=out_logits, deviations=dev, last_hidden=last_hidden)
 
     def _deviations(self, states: Tensor, labels: Tensor) -> Tensor:
-        from .deviations import deviations
+        from .deviation import deviations
 
         bases = self.bases
         assert bases is not None

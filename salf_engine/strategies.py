@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .budgets import assign_depths, budget_quotas
-from .deviations import eof_layers
+from .deviation import eof_layers
 from .errors import ConfigError
 from .sampling import DepthBucketSampler
 

@@ -268,7 +268,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
           prepared: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune as `config` says; write the run directory (when `config.output`); return the summary."""
     from .data import collate
-    from .deviations import eof_layers
+    from .deviation import eof_layers
     from .evaluate import evaluate
     from .runner import TruncatedRunner
     from .semantics import semantic_bases

@@ -2,7 +2,7 @@
 
 The reference is deliberately naive: per-sample, per-space Python loops that
 apply the norm math explicitly (no shared code with the kernels or with
-``salf_engine.deviations``).
+``salf_engine.deviation``).
 """
 
 from __future__ import annotations

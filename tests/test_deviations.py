@@ -17,13 +17,12 @@ from torch import nn
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from salf_engine.deviations import deviations, deviations_reference, eof_layers, gains
+from salf_engine.deviation import deviations, deviations_reference, eof_layers, gains
 from salf_engine.errors import SalfError
 from salf_engine.semantics import LensSpec, lens_spec, semantic_bases
 
 METRICS = ("cosine", "ce", "rank")
-# the module itself (`salf_engine.deviations` may also name the lazily exported function)
-dev_mod = importlib.import_module("salf_engine.deviations")
+dev_mod = importlib.import_module("salf_engine.deviation")
 
 # --------------------------------------------------------------------------- independent loop reference
 

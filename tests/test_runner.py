@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-import types
+import importlib
 
 import pytest
 import torch
@@ -402,33 +401,10 @@ def test_saved_activations_drop_with_the_cut(case):
 # ------------------------------------------------------------------------------------------ deviations
 
 
-def _reference_deviations(hidden_states, last_index, labels, bases, *, lens=None, metric="cosine", impl=None):
-    """Test-local cosine deviations (used while salf_engine.deviations has not landed)."""
-    assert metric == "cosine"
-    rows = torch.arange(labels.shape[0])
-    out = []
-    for k, h in enumerate(hidden_states):
-        v = h[rows, last_index]
-        if lens is not None and k < len(hidden_states) - 1:
-            v = lens(v)
-        out.append(1 - F.cosine_similarity(v.float(), bases[labels].float(), dim=-1))
-    return torch.stack(out, dim=1)
-
-
-@pytest.fixture
-def deviations_module(monkeypatch):
-    try:
-        import salf_engine.deviations  # noqa: F401
-    except ImportError:
-        fake = types.ModuleType("salf_engine.deviations")
-        fake.deviations = _reference_deviations
-        monkeypatch.setitem(sys.modules, "salf_engine.deviations", fake)
-
-
 @pytest.mark.parametrize("lens", ["final_norm", "raw"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("case", ["llama", "gemma2", "gemma3_text", "qwen2"])
-def test_deviations_equal_independent_hidden_states_computation(case, padding_side, lens, deviations_module):
+def test_deviations_equal_independent_hidden_states_computation(case, padding_side, lens):
     model = _model(case)
     ids, mask = _batch(padding_side)
     gen = torch.Generator().manual_seed(3)
@@ -454,7 +430,7 @@ def test_deviations_equal_independent_hidden_states_computation(case, padding_si
     assert TruncatedRunner(model)(ids, mask, depth=1, labels=labels).deviations is None  # no bases
 
 
-def test_deviations_do_not_change_gradients(deviations_module):
+def test_deviations_do_not_change_gradients():
     model = _model("llama")
     ids, mask = _batch("left")
     plain = _runner_grads(model, TruncatedRunner(model), ids, mask, 2)
@@ -467,7 +443,7 @@ def test_deviations_do_not_change_gradients(deviations_module):
 
 @pytest.mark.parametrize("metric", ["ce", "rank"])
 def test_deviation_metric_and_default_impl_pass_through(metric):
-    dev = pytest.importorskip("salf_engine.deviations")
+    dev = importlib.import_module("salf_engine.deviation")
     model = _model("gemma3_text")
     ids, mask = _batch("right")
     bases = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
