@@ -190,3 +190,25 @@ def test_semantic_losses_run():
     for loss in ("semantic-ce", "cosine"):
         s = _run(max_steps=3, loss=loss)
         assert all(torch.isfinite(torch.tensor(s["loss_history"])))
+
+
+def test_qlora_4bit_with_a_freezing_strategy(tiny_dir):
+    """4-bit (bitsandbytes NF4) base + LoRA + bot50 through the runner: only the top half's adapters move."""
+    pytest.importorskip("bitsandbytes")
+    from salf_engine.models import load_model
+    from salf_engine.train import train
+
+    cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", lora=True, load_in_4bit=True,
+                      lr=1e-2, batch_size=4, max_steps=3, zero_shot_eval=False).validate()
+    p = _prepared("llama", cfg)
+    p["model"], p["tokenizer"] = load_model(tiny_dir("llama"), load_in_4bit=True)
+    model = p["model"]
+    s = train(cfg, progress=False, log=None, prepared=p)
+    assert s["cost_saving_ratio"] == pytest.approx(0.5)
+    assert all(torch.isfinite(torch.tensor(s["loss_history"])))
+    lora_b = {n: prm for n, prm in model.named_parameters() if "lora_B" in n}
+    assert lora_b, "LoRA adapters were not attached to the 4-bit model"
+    # LoRA B starts at zero: it moves only where backward reached (layers 2-3 of 4)
+    for name, prm in lora_b.items():
+        moved = bool(prm.detach().abs().sum() > 0)
+        assert moved == (".layers.2." in name or ".layers.3." in name), name
