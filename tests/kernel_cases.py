@@ -151,3 +151,31 @@ def assert_three_way(out, ref, out_pt, *, atol: float, what: str = ""):
         f"worst at {bad.nonzero()[0].tolist()}: out={out[bad][0].item():.6g} ref={ref[bad][0].item():.6g} "
         f"bound={bound[bad][0].item():.3g}"
     )
+
+
+METRICS = ("cosine", "ce", "rank")
+LENSES = ("none", "rms", "rms_gemma", "layernorm", "layernorm_nobias")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ATOL = {"cosine": 2e-5, "ce": 2e-5, "rank": 0.0}
+
+
+def named_lens(name: str, D: int) -> Lens:
+    """A lens by test name: none, rms, rms_gemma (1 + w), layernorm, layernorm_nobias."""
+    if name == "rms_gemma":
+        return make_lens("rms", D, gemma=True)
+    if name == "layernorm_nobias":
+        return make_lens("layernorm", D, bias=False)
+    return make_lens(name, D)
+
+
+def check_kernel_output(states, last_index, labels, bases, lens, metric, out, what):
+    """A kernel's [B, m+1] output against the fp64 loop reference (three-way rule for bf16/fp16)."""
+    cpu = [s.cpu() for s in states]
+    args = (cpu, last_index.cpu(), labels.cpu(), bases.cpu(), lens, metric)
+    ref = reference_deviations(*args)
+    low = states[0].dtype
+    out_pt = ref if low == torch.float32 else reference_deviations(*args, compute_dtype=low)
+    assert out.dtype == torch.float32 and tuple(out.shape) == tuple(ref.shape)
+    atol = ATOL[metric] + (1e-5 if low != torch.float32 else 0.0)
+    assert_three_way(out.cpu(), ref, out_pt, atol=atol, what=what)
+    return ref

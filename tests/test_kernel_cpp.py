@@ -12,22 +12,22 @@ import os
 import pytest
 import torch
 from kernel_cases import (
+    DTYPES,
     LAYOUTS,
+    LENSES,
+    METRICS,
     Lens,
     assert_three_way,
+    check_kernel_output,
     make_case,
     make_lens,
+    named_lens,
     reference_deviations,
     reference_eof,
 )
 
 from salf_engine import ops
 from salf_engine.errors import SalfError
-
-METRICS = ("cosine", "ce", "rank")
-LENSES = ("none", "rms", "rms_gemma", "layernorm", "layernorm_nobias")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ATOL = {"cosine": 2e-5, "ce": 2e-5, "rank": 0.0}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,27 +39,8 @@ def built():
         pytest.fail(f"the C++ deviation op failed to build: {reason}")
 
 
-def _lens(name: str, D: int) -> Lens:
-    if name == "rms_gemma":
-        return make_lens("rms", D, gemma=True)
-    if name == "layernorm_nobias":
-        return make_lens("layernorm", D, bias=False)
-    return make_lens(name, D)
 
 
-def _check(states, last_index, labels, bases, lens, metric, out, what):
-    cpu = [s.cpu() for s in states]
-    ref = reference_deviations(cpu, last_index.cpu(), labels.cpu(), bases.cpu(), lens, metric)
-    low = states[0].dtype
-    if low == torch.float32:
-        out_pt = ref
-    else:
-        out_pt = reference_deviations(
-            cpu, last_index.cpu(), labels.cpu(), bases.cpu(), lens, metric, compute_dtype=low
-        )
-    assert out.dtype == torch.float32 and tuple(out.shape) == tuple(ref.shape)
-    assert_three_way(out, ref, out_pt, atol=ATOL[metric] + (1e-5 if low != torch.float32 else 0.0), what=what)
-    return ref
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -68,9 +49,9 @@ def _check(states, last_index, labels, bases, lens, metric, out, what):
 def test_matches_reference(dtype, lens_name, metric):
     B, m, T, D, K = 5, 6, 7, 72, 4
     states, li, y, bases = make_case(B, m, T, D, K, dtype=dtype, layouts=LAYOUTS, padding="right", seed=1)
-    lens = _lens(lens_name, D)
+    lens = named_lens(lens_name, D)
     out = ops.deviations_cpp(states, li, y, bases, lens, metric)
-    _check(states, li, y, bases, lens, metric, out, f"{dtype} {lens_name} {metric}")
+    check_kernel_output(states, li, y, bases, lens, metric, out, f"{dtype} {lens_name} {metric}")
 
 
 @pytest.mark.parametrize(
@@ -88,10 +69,10 @@ def test_matches_reference(dtype, lens_name, metric):
 @pytest.mark.parametrize("lens_name", ("rms", "layernorm"))
 def test_odd_shapes_and_layouts(B, m, T, D, K, padding, layouts, lens_name):
     states, li, y, bases = make_case(B, m, T, D, K, layouts=layouts, padding=padding, seed=2)
-    lens = _lens(lens_name, D)
+    lens = named_lens(lens_name, D)
     for metric in ("cosine", "ce"):
         out = ops.deviations_cpp(states, li, y, bases, lens, metric)
-        _check(states, li, y, bases, lens, metric, out, f"{B},{m},{D},{K} {lens_name} {metric}")
+        check_kernel_output(states, li, y, bases, lens, metric, out, f"{B},{m},{D},{K} {lens_name} {metric}")
 
 
 def test_layernorm_with_large_mean():
@@ -100,7 +81,7 @@ def test_layernorm_with_large_mean():
     states = [s + 50.0 for s in states]
     lens = make_lens("layernorm", 72)
     out = ops.deviations_cpp(states, li, y, bases, lens, "cosine")
-    _check(states, li, y, bases, lens, "cosine", out, "layernorm large mean")
+    check_kernel_output(states, li, y, bases, lens, "cosine", out, "layernorm large mean")
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -109,7 +90,7 @@ def test_eof_fused(metric):
     states, li, y, bases = make_case(B, m, T, D, K, layouts=("contiguous", "time_major"), seed=3)
     lens = make_lens("rms", D)
     out, eof = ops.deviations_cpp(states, li, y, bases, lens, metric, with_eof=True)
-    ref = _check(states, li, y, bases, lens, metric, out, f"eof {metric}")
+    ref = check_kernel_output(states, li, y, bases, lens, metric, out, f"eof {metric}")
     assert eof.dtype == torch.int64 and eof.shape == (B,)
     assert torch.equal(eof, reference_eof(out))
     if metric != "rank":  # rank values tie by design; the exact tie test is below
@@ -134,7 +115,7 @@ def test_registered_torch_ops():
     out = torch.ops.salf.deviations(states, li, y, bases, lens.weight, lens.bias, 2, lens.eps, 1)
     out2, eof = torch.ops.salf.deviations_eof(states, li, y, bases, lens.weight, lens.bias, 2, lens.eps, 1)
     assert torch.equal(out, out2) and torch.equal(eof, reference_eof(out))
-    _check(states, li, y, bases, lens, "ce", out, "torch.ops.salf")
+    check_kernel_output(states, li, y, bases, lens, "ce", out, "torch.ops.salf")
     with pytest.raises(RuntimeError, match=r"salf::deviations: label index 7 of sample 0 is outside 0..K-1"):
         torch.ops.salf.deviations(states, li, torch.tensor([7, 0]), bases, None, None, 0, 0.0, 0)
     with pytest.raises(RuntimeError, match=r"metric must be 0 \(cosine\), 1 \(ce\) or 2 \(rank\)"):
@@ -207,7 +188,7 @@ def test_cuda_op_matches_reference(dtype, lens_name):
     assert ops.cuda_op_available(), "the CUDA C++ op was not built although a GPU is present"
     B, m, T, D, K = 5, 6, 7, 1000, 6
     states, li, y, bases = make_case(B, m, T, D, K, dtype=dtype, layouts=LAYOUTS, seed=9)
-    lens = _lens(lens_name, D)
+    lens = named_lens(lens_name, D)
     dev = [s.cuda() for s in states]
     lens_cuda = Lens(
         kind=lens.kind,
@@ -219,5 +200,6 @@ def test_cuda_op_matches_reference(dtype, lens_name):
         out, eof = ops.deviations_cpp(
             dev, li.cuda(), y.cuda(), bases.cuda(), lens_cuda, metric, with_eof=True
         )
-        _check(states, li, y, bases, lens, metric, out.cpu(), f"cuda {dtype} {lens_name} {metric}")
+        what = f"cuda {dtype} {lens_name} {metric}"
+        check_kernel_output(states, li, y, bases, lens, metric, out.cpu(), what)
         assert torch.equal(eof.cpu(), reference_eof(out.cpu()))

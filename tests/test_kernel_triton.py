@@ -9,11 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_cases import (
+    DTYPES,
     LAYOUTS,
+    LENSES,
+    METRICS,
     Lens,
     assert_three_way,
+    check_kernel_output,
     make_case,
     make_lens,
+    named_lens,
     reference_deviations,
     reference_eof,
 )
@@ -24,30 +29,6 @@ triton = pytest.importorskip("triton")
 
 from salf_engine.kernels import deviation as kdev  # noqa: E402
 
-METRICS = ("cosine", "ce", "rank")
-LENSES = ("none", "rms", "rms_gemma", "layernorm", "layernorm_nobias")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ATOL = {"cosine": 2e-5, "ce": 2e-5, "rank": 0.0}
-
-
-def _lens(name: str, D: int) -> Lens:
-    if name == "rms_gemma":
-        return make_lens("rms", D, gemma=True)
-    if name == "layernorm_nobias":
-        return make_lens("layernorm", D, bias=False)
-    return make_lens(name, D)
-
-
-def _check(states, last_index, labels, bases, lens, metric, out, what):
-    ref = reference_deviations(states, last_index, labels, bases, lens, metric)
-    low = states[0].dtype
-    out_pt = reference_deviations(states, last_index, labels, bases, lens, metric, compute_dtype=low)
-    if low == torch.float32:
-        out_pt = ref  # fp32 kernel output must match the fp64 reference within atol
-    assert out.dtype == torch.float32 and out.shape == ref.shape
-    assert_three_way(out, ref, out_pt, atol=ATOL[metric] + (1e-5 if low != torch.float32 else 0.0), what=what)
-    return ref
-
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("lens_name", LENSES)
@@ -55,9 +36,9 @@ def _check(states, last_index, labels, bases, lens, metric, out, what):
 def test_matches_reference(dtype, lens_name, metric):
     B, m, T, D, K = 3, 3, 5, 72, 4
     states, li, y, bases = make_case(B, m, T, D, K, dtype=dtype, layouts=LAYOUTS, padding="right", seed=1)
-    lens = _lens(lens_name, D)
+    lens = named_lens(lens_name, D)
     out = kdev.deviations_triton(states, li, y, bases, lens, metric)
-    _check(states, li, y, bases, lens, metric, out, f"{dtype} {lens_name} {metric}")
+    check_kernel_output(states, li, y, bases, lens, metric, out, f"{dtype} {lens_name} {metric}")
 
 
 @pytest.mark.parametrize(
@@ -72,10 +53,10 @@ def test_matches_reference(dtype, lens_name, metric):
 @pytest.mark.parametrize("lens_name", ("rms", "layernorm"))
 def test_odd_shapes_and_layouts(B, m, T, D, K, padding, layouts, lens_name):
     states, li, y, bases = make_case(B, m, T, D, K, layouts=layouts, padding=padding, seed=2)
-    lens = _lens(lens_name, D)
+    lens = named_lens(lens_name, D)
     for metric in ("cosine", "ce"):
         out = kdev.deviations_triton(states, li, y, bases, lens, metric)
-        _check(states, li, y, bases, lens, metric, out, f"{B},{m},{D},{K} {lens_name} {metric}")
+        check_kernel_output(states, li, y, bases, lens, metric, out, f"{B},{m},{D},{K} {lens_name} {metric}")
 
 
 @pytest.mark.parametrize("group_size", [1, 2, None])
@@ -87,7 +68,7 @@ def test_eof_fused(group_size, metric):
     out, eof = kdev.deviations_triton(
         states, li, y, bases, lens, metric, with_eof=True, group_size=group_size
     )
-    ref = _check(states, li, y, bases, lens, metric, out, f"eof {metric} g={group_size}")
+    ref = check_kernel_output(states, li, y, bases, lens, metric, out, f"eof {metric} g={group_size}")
     assert eof.dtype == torch.int64 and eof.shape == (B,)
     assert torch.equal(eof, reference_eof(out))
     assert torch.equal(eof, reference_eof(ref))
