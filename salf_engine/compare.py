@@ -408,10 +408,10 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
                  progress: bool, say: Callable[[str], None]) -> None:
     import torch
 
-    from .data import Verbalizer, encode_split
     from .evaluate import evaluate
     from .models.loading import load_model
     from .strategies import make_strategy
+    from .train import encode_task
 
     train_module = importlib.import_module("salf_engine.train")
     any_cfg = next(iter(configs.values()))
@@ -440,13 +440,7 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
             continue
         task = tasks[d.label]
         first = configs[(d.label, result.strategies[0].label)]
-        verbalizer = Verbalizer(task.classes, task.label_words, tokenizer)
-        train_split = encode_split(task, tokenizer, "train", verbalizer, max_length=first.max_length,
-                                   limit=first.limit, seed=first.seed)
-        eval_split = encode_split(task, tokenizer, first.eval_split, verbalizer, max_length=first.max_length,
-                                  limit=first.eval_limit, seed=first.seed)
-        if len(train_split) == 0:
-            raise ConfigError(f"the training split of {d.label} is empty")
+        verbalizer, train_split, eval_split = encode_task(task, tokenizer, first)
         if d in zs_pending:
             say(f"[{d.label}] zero-shot evaluation on {len(eval_split)} examples")
             report = evaluate(pristine, tokenizer, eval_split, verbalizer, batch_size=first.eval_batch_size,

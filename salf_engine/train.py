@@ -37,6 +37,7 @@ from .errors import ConfigError
 __all__ = [
     "train",
     "prepare",
+    "encode_task",
     "profile_deviations",
     "compute_loss",
     "build_optimizer",
@@ -158,9 +159,23 @@ def profile_deviations(runner, encoded, pad_id: int, *, batch_size: int = 32, dt
     return out
 
 
+def encode_task(task, tokenizer, config: TrainConfig):
+    """(verbalizer, train split, eval split) of `task`, encoded as `config` says (length, limits, seed)."""
+    from .data import Verbalizer, encode_split
+
+    verbalizer = Verbalizer(task.classes, task.label_words, tokenizer)
+    train_split = encode_split(task, tokenizer, "train", verbalizer, max_length=config.max_length,
+                               limit=config.limit, seed=config.seed)
+    eval_split = encode_split(task, tokenizer, config.eval_split, verbalizer, max_length=config.max_length,
+                              limit=config.eval_limit, seed=config.seed)
+    if len(train_split) == 0:
+        raise ConfigError(f"the training split of {config.dataset} is empty")
+    return verbalizer, train_split, eval_split
+
+
 def prepare(config: TrainConfig) -> dict[str, Any]:
     """Validate the inputs, load data and model; nothing is written. Raises SalfError subclasses."""
-    from .data import Verbalizer, encode_split, load_task
+    from .data import load_task
     from .models.loading import load_model
     from .strategies import make_strategy
 
@@ -185,13 +200,7 @@ def prepare(config: TrainConfig) -> dict[str, Any]:
     model, tokenizer = load_model(config.model, dtype=torch.float32, load_in_4bit=config.load_in_4bit,
                                   device=str(device))
     load_seconds = time.perf_counter() - t0
-    verbalizer = Verbalizer(task.classes, task.label_words, tokenizer)
-    train_split = encode_split(task, tokenizer, "train", verbalizer, max_length=config.max_length,
-                               limit=config.limit, seed=config.seed)
-    eval_split = encode_split(task, tokenizer, config.eval_split, verbalizer, max_length=config.max_length,
-                              limit=config.eval_limit, seed=config.seed)
-    if len(train_split) == 0:
-        raise ConfigError("the training split is empty")
+    verbalizer, train_split, eval_split = encode_task(task, tokenizer, config)
     return dict(config=config, strategy=strategy, device=device, task=task, model=model,
                 tokenizer=tokenizer, verbalizer=verbalizer, train_split=train_split, eval_split=eval_split,
                 load_seconds=load_seconds, out_dir=out_dir)
