@@ -21,6 +21,15 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models run fastest (and steadiest on a shared CPU) that way."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """../shared/data beside the checkout; tests that need it skip cleanly without it."""
     if not SHARED_DATA.is_dir():

@@ -9,17 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from salf_engine import cli
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = ["--dataset", "trec", "--limit", "24", "--eval-limit", "18", "--max-steps", "3", "--batch-size", "8",

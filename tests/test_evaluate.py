@@ -9,13 +9,7 @@ import torch
 
 from salf_engine.evaluate import confusion_matrix, evaluate, score_predictions
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_confusion_matrix_other_column():

@@ -39,10 +39,6 @@ def built():
         pytest.fail(f"the C++ deviation op failed to build: {reason}")
 
 
-
-
-
-
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("lens_name", LENSES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])

@@ -10,14 +10,7 @@ import torch
 from salf_engine.config import TrainConfig
 from salf_engine.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a shared CPU) with one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pattern_task(n_train: int = 48, n_test: int = 24):
