@@ -37,6 +37,14 @@ Launch design (one launch, no stacking copy):
   four programs per SM), while the K x D bases stay hot in L1/L2 across the
   spaces of a group. The ce / rank metrics only need the K cosines of one
   (sample, space), so they finish inside the program.
+* ``deviations_triton_stacked`` reads the spaces from ONE ``[S, B, T, D]`` tensor (any strides,
+  feature stride 1) by its strides instead of the pointer table. It is the launcher registered as the
+  torch op ``torch.ops.salf_triton.deviations`` with ``torch.library.triton_op`` + ``wrap_triton``, so
+  ``torch.compile`` traces through it without a graph break (the pointer table needs ``data_ptr()``,
+  which no tracer can see). Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors)
+  ``wrap_triton`` cannot trace an interpreted kernel, so the same body is registered as an opaque
+  ``torch.library.custom_op`` with a shape-only fake instead: still no graph break, the kernel runs
+  at run time (``OP_KIND`` says which registration is live).
 * eof needs all ``m+1`` values of a sample: every program of sample ``b``
   increments an arrival counter after its stores (CTA barrier + acq_rel
   atomic at gpu scope, the classic "last block" pattern); the program that
@@ -54,9 +62,17 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from torch.library import wrap_triton
+except ImportError:  # torch < 2.6: no triton_op either, the op is registered as an opaque custom_op
+
+    def wrap_triton(kernel):
+        return kernel
+
+
 from salf_engine.ops import METRIC_CODES, KernelInputError, check_deviation_inputs
 
-__all__ = ["deviations_triton", "deviation_kernel"]
+__all__ = ["deviations_triton", "deviations_triton_stacked", "deviation_kernel", "TRITON_OP", "OP_KIND"]
 
 _TILE_ELEMENTS = 8192  # register budget of the [BLOCK_K, BLOCK_D] bases tile (fp32 elements)
 
@@ -64,7 +80,7 @@ _TILE_ELEMENTS = 8192  # register budget of the [BLOCK_K, BLOCK_D] bases tile (f
 @triton.jit
 def deviation_kernel(
     table_ptr,  # int64 [4, S]: row 0 data_ptr of each space, row 1 batch stride, row 2 time stride, row 3 T
-    ref_ptr,  # one of the state tensors: only its element type is used (all spaces share it)
+    ref_ptr,  # a state tensor: its element type (all spaces share it); STACKED: the [S, B, T, D] states
     last_index_ptr,  # int64 [B]: medium-token position of each sample
     labels_ptr,  # int64 [B]: ground-truth label index (0..K-1) of each sample
     bases_ptr,  # float32 [K, D] contiguous: semantic basis of every label
@@ -79,6 +95,11 @@ def deviation_kernel(
     D,  # hidden size
     K,  # number of labels
     eps,  # lens epsilon (layernorm with bias only; it cancels otherwise)
+    stride_s,  # STACKED only: element strides of the [S, B, T, D] states tensor (space, batch, time) and T
+    stride_b,
+    stride_t,
+    n_time_stacked,
+    STACKED: tl.constexpr,  # states are one [S, B, T, D] tensor at ref_ptr (no pointer table)
     LENS_KIND: tl.constexpr,  # 0 none, 1 rms, 2 layernorm
     HAS_BIAS: tl.constexpr,  # layernorm bias present
     METRIC: tl.constexpr,  # 0 cosine, 1 ce, 2 rank
@@ -101,13 +122,18 @@ def deviation_kernel(
     elem_ty = ref_ptr.dtype.element_ty
 
     for s in range(s_begin, s_end):
-        row_ptr = tl.load(table_ptr + s).to(tl.pointer_type(elem_ty))
-        stride_b = tl.load(table_ptr + n_spaces + s)
-        stride_t = tl.load(table_ptr + 2 * n_spaces + s)
-        n_time = tl.load(table_ptr + 3 * n_spaces + s)
-        valid = (y >= 0) & (y < K) & (pos >= 0) & (pos < n_time)
-        safe_pos = tl.where(valid, pos, 0)
-        row_ptr = row_ptr + b * stride_b + safe_pos * stride_t
+        if STACKED:
+            valid = (y >= 0) & (y < K) & (pos >= 0) & (pos < n_time_stacked)
+            safe_pos = tl.where(valid, pos, 0)
+            row_ptr = ref_ptr + s * stride_s + b * stride_b + safe_pos * stride_t
+        else:
+            row_ptr = tl.load(table_ptr + s).to(tl.pointer_type(elem_ty))
+            sb = tl.load(table_ptr + n_spaces + s)
+            st = tl.load(table_ptr + 2 * n_spaces + s)
+            n_time = tl.load(table_ptr + 3 * n_spaces + s)
+            valid = (y >= 0) & (y < K) & (pos >= 0) & (pos < n_time)
+            safe_pos = tl.where(valid, pos, 0)
+            row_ptr = row_ptr + b * sb + safe_pos * st
         lensed = s < n_spaces - 1  # the lens applies to spaces 0..m-1, space m is read raw
 
         mu = 0.0
@@ -300,6 +326,11 @@ def deviations_triton(
         D,
         K,
         float(inp.eps),
+        0,
+        0,
+        0,
+        0,
+        STACKED=False,
         LENS_KIND=inp.lens_kind,
         HAS_BIAS=inp.bias is not None,
         METRIC=METRIC_CODES[metric],
@@ -310,3 +341,166 @@ def deviations_triton(
         num_warps=_num_warps(block_k * block_d),
     )
     return (out, eof) if with_eof else out
+
+
+# --------------------------------------------------------------------------- the registered torch op
+
+OP_NAME = "salf_triton::deviations"
+
+
+def _is_interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - every triton 3.x has it
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _deviations_stacked_impl(
+    states: torch.Tensor,
+    last_index: torch.Tensor,
+    labels: torch.Tensor,
+    bases: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lens_kind: int,
+    eps: float,
+    metric: int,
+    with_eof: bool,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch over a stacked ``[S, B, T, D]`` states tensor (checked by the caller)."""
+    S, B, T, D = states.shape
+    K = bases.shape[0]
+    out = torch.empty((B, S), dtype=torch.float32, device=states.device)
+    eof = torch.empty((B,), dtype=torch.int64, device=states.device)
+    if B == 0:
+        return out, eof
+    counters = torch.zeros((B,), dtype=torch.int32, device=states.device)  # fresh: nothing global to mutate
+    group_size = max(1, min(group_size, S))
+    n_groups = triton.cdiv(S, group_size)
+    block_k = max(2, triton.next_power_of_2(K))
+    block_d = min(
+        65536 // states.element_size(), triton.next_power_of_2(D), max(16, _TILE_ELEMENTS // block_k)
+    )
+    wrap_triton(deviation_kernel)[(B * n_groups,)](
+        last_index,  # table_ptr: not read when STACKED
+        states,
+        last_index,
+        labels,
+        bases,
+        bases if weight is None else weight,  # never read without a lens weight
+        bases if bias is None else bias,  # never read without a bias
+        out,
+        eof,
+        counters,
+        S,
+        group_size,
+        n_groups,
+        D,
+        K,
+        eps,
+        states.stride(0),
+        states.stride(1),
+        states.stride(2),
+        T,
+        STACKED=True,
+        LENS_KIND=lens_kind,
+        HAS_BIAS=bias is not None,
+        METRIC=metric,
+        WITH_EOF=with_eof,
+        BLOCK_D=block_d,
+        BLOCK_K=block_k,
+        BLOCK_S=max(2, triton.next_power_of_2(S)),
+        num_warps=_num_warps(block_k * block_d),
+    )
+    return out, eof
+
+
+def _register_op():
+    """``salf_triton::deviations`` as a triton_op (real Triton) or an opaque custom_op (interpreter)."""
+    namespace, name = OP_NAME.split("::")
+    ops_ns = getattr(torch.ops, namespace)
+    kind = "triton_op" if not _is_interpreted(deviation_kernel) and hasattr(torch.library, "triton_op") else (
+        "custom_op"
+    )
+    if hasattr(ops_ns, name):  # a second import of this module (importlib.reload): keep the first
+        return getattr(ops_ns, name), kind
+    if kind == "triton_op":
+        torch.library.triton_op(OP_NAME, mutates_args=())(_deviations_stacked_impl)
+        return getattr(ops_ns, name), kind
+    op = torch.library.custom_op(OP_NAME, mutates_args=())(_deviations_stacked_impl)
+
+    @op.register_fake
+    def _(states, last_index, labels, bases, weight, bias, lens_kind, eps, metric, with_eof, group_size):
+        b = states.shape[1]
+        return states.new_empty((b, states.shape[0]), dtype=torch.float32), states.new_empty(
+            (b,), dtype=torch.int64
+        )
+
+    return getattr(ops_ns, name), kind
+
+
+def _stacked_view(states: torch.Tensor) -> torch.Tensor:
+    if not isinstance(states, torch.Tensor) or states.dim() not in (3, 4):
+        got = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+        raise KernelInputError(f"stacked states must be one tensor [S, B, T, D] or [S, B, D], got {got}")
+    if states.dim() == 3:
+        states = states.unsqueeze(2)
+    if states.shape[-1] > 1 and states.stride(-1) != 1:
+        states = states.contiguous()
+    return states
+
+
+def deviations_triton_stacked(
+    states: torch.Tensor,
+    last_index: torch.Tensor | None,
+    labels: torch.Tensor,
+    bases: torch.Tensor,
+    lens=None,
+    metric: str = "cosine",
+    with_eof: bool = False,
+    *,
+    validate: bool = True,
+    group_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``deviations_triton`` for spaces stacked in one tensor, through the registered torch op.
+
+    Args:
+        states: ``[S, B, T, D]`` (any strides; a feature stride other than 1 is made contiguous) or
+            ``[S, B, D]`` (the medium-token rows already gathered: T = 1, ``last_index`` may be None).
+        Everything else as in ``deviations_triton``. Under ``torch.compile`` the host-side range check
+        is skipped (it would need a device sync); an out-of-range entry then yields NaN.
+
+    Returns:
+        float32 ``[B, S]``, and int64 ``[B]`` eof when ``with_eof``.
+    """
+    states = _stacked_view(states)
+    S, B = states.shape[0], states.shape[1]
+    if last_index is None:
+        last_index = torch.zeros(B, dtype=torch.int64, device=states.device)
+    validate = validate and not torch.compiler.is_compiling()
+    inp = check_deviation_inputs(
+        list(states.unbind(0)), last_index, labels, bases, lens, metric, validate=validate, gather=False
+    )
+    if group_size is None:
+        group_size = _group_size(inp.device, B, S)
+    if group_size < 1:
+        raise KernelInputError(f"group_size must be >= 1, got {group_size}")
+    out, eof = TRITON_OP(
+        states,
+        inp.last_index,
+        inp.labels,
+        inp.bases,
+        inp.weight,
+        inp.bias,
+        inp.lens_kind,
+        float(inp.eps),
+        inp.metric,
+        bool(with_eof),
+        int(group_size),
+    )
+    return (out, eof) if with_eof else out
+
+
+TRITON_OP, OP_KIND = _register_op()

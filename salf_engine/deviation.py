@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import ops as _ops
 from .errors import SalfError
 from .semantics import LensSpec, lens_spec
 
@@ -82,8 +83,13 @@ def validate_deviation_inputs(
     labels: Tensor | Sequence[int],
     bases: Tensor,
     metric: str = "cosine",
+    *,
+    check_ranges: bool = True,
 ) -> _Inputs:
-    """Check shapes, dtypes, devices and index ranges; raise a `SalfError` naming the problem."""
+    """Check shapes, dtypes, devices and index ranges; raise a `SalfError` naming the problem.
+
+    ``check_ranges=False`` skips the index-range checks (they read the indices back to the host).
+    """
     if metric not in METRICS:
         raise SalfError(f"unknown deviation metric {metric!r}: expected one of {', '.join(METRICS)}")
     if isinstance(hidden_states, Tensor):
@@ -124,6 +130,8 @@ def validate_deviation_inputs(
         raise SalfError("bases are empty (K = 0)")
     last = _index_tensor(last_index, "last_index", batch, device)
     lab = _index_tensor(labels, "labels", batch, device)
+    if not check_ranges:
+        return _Inputs(states, last, lab, bases.detach().to(torch.float32))
     if bool((last < 0).any()) or bool((last >= min_t).any()):
         bad = int(last[(last < 0) | (last >= min_t)][0])
         raise SalfError(f"last_index {bad} is out of range for sequence length {min_t}")
@@ -273,10 +281,13 @@ def deviations(
     impl: "torch" (reference), "triton" (`salf_engine.kernels.deviation`), "cpp"/"cuda"
     (`salf_engine.ops`), or "auto": Triton on CUDA inputs or with TRITON_INTERPRET=1, else the C++ op
     if built, else torch (a missing kernel falls back with a one-time warning). Explicitly requested
-    kernels that are unavailable raise a `SalfError`.
+    kernels that are unavailable raise a `SalfError`. Under ``torch.compile`` the call traces without a
+    graph break and without the host-side index-range check (see `_deviations_compiling`).
     """
     if impl not in IMPLS:
         raise SalfError(f"unknown deviation impl {impl!r}: expected one of {', '.join(IMPLS)}")
+    if torch.compiler.is_compiling():
+        return _deviations_compiling(hidden_states, last_index, labels, bases, lens, metric, impl)
     inputs = validate_deviation_inputs(hidden_states, last_index, labels, bases, metric)
     dim = inputs.bases.shape[1]
     _check_lens(lens, dim)
@@ -313,6 +324,73 @@ def deviations(
         raise SalfError(f"impl={impl!r} was requested but {exc}") from exc
     spec = lens_spec(lens)
     return _run_kernel(fn, inputs, spec, metric, dim)
+
+
+def _deviations_compiling(
+    hidden_states: Sequence[Tensor],
+    last_index: Tensor | Sequence[int],
+    labels: Tensor | Sequence[int],
+    bases: Tensor,
+    lens: Lens,
+    metric: str,
+    impl: str,
+) -> Tensor:
+    """`deviations` while torch.compile traces: only ops the tracer sees through, no host sync.
+
+    CUDA + "auto"/"triton": the medium-token rows are gathered into one [S, B, D] tensor and handed to
+    the registered Triton op (``torch.ops.salf_triton.deviations``, a ``triton_op``). "cpp"/"cuda"
+    (and "auto" on CPU when the op is already built) call ``torch.ops.salf`` (it has a fake kernel).
+    Everything else, and a lens no kernel folds, is the torch math, which Inductor fuses. Index
+    ranges are not checked here (that needs a device sync); an out-of-range entry yields NaN from the
+    kernels or an indexing error from torch.
+    """
+    inputs = validate_deviation_inputs(hidden_states, last_index, labels, bases, metric, check_ranges=False)
+    dim = inputs.bases.shape[1]
+    _check_lens(lens, dim)
+    device = inputs.bases.device
+    if impl == "triton" and device.type != "cuda":
+        raise SalfError("impl='triton' under torch.compile needs CUDA tensors (the interpreter cannot trace)")
+    if impl == "cuda" and device.type != "cuda":
+        raise SalfError(f"impl='cuda' needs CUDA tensors, but the inputs are on {device}")
+    try:
+        spec = None if impl == "torch" else lens_spec(lens)
+    except SalfError:
+        if impl != "auto":
+            raise
+        spec = None
+    if spec is not None and spec.dim is not None and spec.dim != dim:
+        raise SalfError(f"the lens has dimension {spec.dim} but the hidden states have D = {dim}")
+    with torch.no_grad():
+        if spec is not None and impl in ("auto", "triton") and device.type == "cuda":
+            from salf_engine.kernels.deviation import deviations_triton_stacked
+
+            rows = torch.arange(inputs.last_index.shape[0], device=device)
+            stacked = torch.stack([h.detach()[rows, inputs.last_index] for h in inputs.states])  # [S, B, D]
+            return deviations_triton_stacked(
+                stacked, None, inputs.labels, inputs.bases, spec.to(device), metric, validate=False
+            )
+        if spec is not None and impl in ("auto", "cpp", "cuda") and _cpp_built(device):
+            spec = spec.to(device)
+            return torch.ops.salf.deviations(
+                [h.detach() for h in inputs.states],
+                inputs.last_index,
+                inputs.labels,
+                inputs.bases,
+                spec.weight,
+                spec.bias,
+                _ops.LENS_CODES[spec.kind],
+                float(spec.eps),
+                _ops.METRIC_CODES[metric],
+            )
+        if impl in ("cpp", "cuda"):
+            raise SalfError(f"impl={impl!r} under torch.compile needs the C++ op built before tracing")
+        return _reference(inputs, lens, metric)
+
+
+def _cpp_built(device: torch.device) -> bool:
+    """Whether torch.ops.salf was already built (for `device`); never builds it (not while tracing)."""
+    state = _ops._BUILD
+    return bool(state["ok"]) and (device.type == "cpu" or bool(state["cuda"]))
 
 
 def _run_kernel(fn: Callable[..., Tensor], inputs: _Inputs, spec: LensSpec, metric: str, dim: int) -> Tensor:
