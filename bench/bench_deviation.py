@@ -13,8 +13,9 @@ default is T = 16 and B in {8, 32}: each kernel reads exactly one row per (sampl
 so T only sets how much memory the states occupy, and T = 128 at Llama3-8B size would need GBs of RAM.
 
 Effective bandwidth = bytes that must be read / median time, with
-bytes = B (m+1) D elem + K D 4 + lens (D 4, twice with a bias), next to the device's peak: a table by
-GPU name, or on CPU a measured large memcpy (read + write bytes / time) as the reference.
+bytes = B (m+1) D elem + K D 4 + lens (D 4, twice with a bias), next to the device's bandwidth measured
+in the same run by a 1 GiB copy (read + write bytes / time; device-to-device on a GPU, a memcpy on CPU).
+Timing, percentiles, device / commit info and CSV writing live in bench/bench_utils.py.
 
 Timing: GPU with triton.testing.do_bench (quantiles 0.5/0.2/0.8); CPU with a plain perf_counter loop
 here, or through pytest-benchmark (bench/test_bench_deviation.py, `pytest bench/ --benchmark-enable`).
@@ -28,24 +29,27 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
-import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_utils import (
+    append_csv,
+    device_name,
+    git_commit,
+    measure_bandwidth,
+    quantiles_us,
+    time_cpu,
+    time_gpu,
+    utc_now,
+)
 
 __all__ = [
     "MODELS",
     "PROVIDERS",
-    "GPU_PEAK_GBPS",
     "Case",
     "make_case",
     "provider_fn",
@@ -58,7 +62,7 @@ __all__ = [
     "append_row",
     "write_summary",
     "main",
-]
+]  # device_name, time_cpu, time_gpu, quantiles_us: re-exported from bench_utils
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_CSV = ROOT / "results" / "deviation.csv"
@@ -71,23 +75,6 @@ MODELS = {  # name: (decoder layers m, hidden size D, lens kind)
     "gemma2-9b": (42, 3584, "rms"),
 }
 PROVIDERS = ("torch", "torch_lean", "torch_compile", "triton", "cuda", "cpp")
-GPU_PEAK_GBPS = {  # HBM / GDDR peak by device-name substring (vendor data sheets)
-    "H200": 4800.0,
-    "H100 SXM": 3350.0,
-    "H100 80GB HBM3": 3350.0,
-    "H100 NVL": 3900.0,
-    "H100 PCIe": 2000.0,
-    "H100": 3350.0,
-    "A100-SXM4-80GB": 2039.0,
-    "A100 80GB": 1935.0,
-    "A100": 1555.0,
-    "L40S": 864.0,
-    "L4": 300.0,
-    "A10G": 600.0,
-    "RTX 4090": 1008.0,
-    "V100": 900.0,
-    "T4": 320.0,
-}
 CSV_FIELDS = [
     "device",
     "commit",
@@ -153,12 +140,24 @@ def make_case(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    shape: tuple[int, int, str] | None = None,
 ) -> Case:
-    """Random states with the model's shape (right padding: random medium-token positions)."""
-    m, D, kind = MODELS[model]
+    """Random states with the model's shape (right padding: random medium-token positions).
+
+    ``shape`` = (m, D, lens kind) for a model name outside ``MODELS`` (the GPU suite's dry-run shapes).
+    """
+    m, D, kind = MODELS[model] if model in MODELS else shape
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    states = [torch.randn(batch, tokens, D, generator=g).to(device=device, dtype=dtype) for _ in range(m + 1)]
+    if device.type == "cuda":  # GBs of states: drawn on the GPU (a CPU draw would take minutes)
+        gd = torch.Generator(device=device).manual_seed(seed)
+        states = [
+            torch.randn(batch, tokens, D, generator=gd, device=device, dtype=dtype) for _ in range(m + 1)
+        ]
+    else:
+        states = [
+            torch.randn(batch, tokens, D, generator=g).to(device=device, dtype=dtype) for _ in range(m + 1)
+        ]
     last_index = torch.randint(0, tokens, (batch,), generator=g).to(device)
     label_ids = torch.randint(0, labels, (batch,), generator=g).to(device)
     bases = torch.randn(labels, D, generator=g).to(device)
@@ -242,101 +241,26 @@ def bytes_read(case: Case) -> int:
     return case.batch * (case.layers + 1) * case.hidden * elem + case.labels * case.hidden * 4 + lens_bytes
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU {name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
 _PEAK: dict = {}
 
 
 def peak_bandwidth(device: torch.device) -> float:
-    """GB/s: the data-sheet peak for a known GPU, or a measured 256 MiB memcpy (read + write) on CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_GBPS.items():
-            if key in name:
-                return value
-        return float("nan")
-    if "cpu" not in _PEAK:
-        n = 64 * 1024 * 1024  # 256 MiB of float32
-        src = torch.ones(n)
-        dst = torch.empty(n)
-        dst.copy_(src)
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t0)
-        _PEAK["cpu"] = 2 * n * 4 / statistics.median(times) / 1e9
-    return _PEAK["cpu"]
-
-
-def quantiles_us(samples_s: list[float]) -> tuple[float, float, float]:
-    """(median, p20, p80) in microseconds."""
-    xs = sorted(samples_s)
-
-    def q(p: float) -> float:
-        pos = p * (len(xs) - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return (xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)) * 1e6
-
-    return q(0.5), q(0.2), q(0.8)
-
-
-def time_cpu(fn: Callable[[], object], *, min_time: float = 0.5, min_reps: int = 10, max_reps: int = 2000):
-    """(median, p20, p80) microseconds of a plain perf_counter loop after a short warm-up."""
-    for _ in range(3):
-        fn()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return quantiles_us(samples)
-
-
-def time_gpu(fn: Callable[[], object]):
-    """(median, p20, p80) microseconds from triton.testing.do_bench (L2 flushed between runs)."""
-    from triton.testing import do_bench
-
-    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-    return med * 1e3, p20 * 1e3, p80 * 1e3
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """GB/s of a 1 GiB copy on the device (read + write), measured once per process (bench_utils)."""
+    key = str(device)
+    if key not in _PEAK:
+        _PEAK[key] = measure_bandwidth(device)
+    return _PEAK[key]
 
 
 def append_row(
     case: Case, provider: str, med: float, p20: float, p80: float, *, timer: str, path=RESULTS_CSV
 ):
     """Append one result row (creating the file with a header)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
     gbps = bytes_read(case) / (med * 1e-6) / 1e9
     row = {
         "device": device_name(case.device),
-        "commit": _commit(),
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": git_commit(),
+        "date": utc_now(),
         "model": case.model,
         "batch": case.batch,
         "layers": case.layers,
@@ -354,11 +278,7 @@ def append_row(
         "load1": f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "",
         "timer": timer,
     }
-    with path.open("a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_csv(path, CSV_FIELDS, [row])
     return row
 
 
@@ -411,7 +331,7 @@ def write_summary(csv_path=RESULTS_CSV, md_path=RESULTS_MD) -> str:
             f"## {dev}",
             "",
             f"dtype {dtype}, T = {tokens}, commit {any_row['commit']}, peak {any_row['peak_gbps']} GB/s"
-            + (" (measured memcpy, read + write)" if dev.startswith("CPU") else " (data sheet)"),
+            + (" (measured memcpy, read + write)" if dev.startswith("CPU") else " (measured copy, r + w)"),
             "",
         ]
         if dev.startswith("CPU"):

@@ -28,14 +28,11 @@ slower than 1, hence ``--threads 1``). ``--markdown-only`` rewrites step.md from
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import importlib.util
 import json
 import platform
 import random
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -45,6 +42,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_utils import append_csv, cpu_name, percentile, read_csv, utc_now
+from bench_utils import git_commit as _git_commit
 
 __all__ = ["main"]
 
@@ -74,14 +73,6 @@ def load_smollm2() -> tuple[Any, str]:
     d = list(spec.submodule_search_locations)[0]
     f = d + "/SmolLM2-135M-Instruct.Q4_1.gguf"
     return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32), f"gguf {f}"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100)."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 @dataclass
@@ -184,26 +175,8 @@ def time_deviations(runner: Any, ids: torch.Tensor, mask: torch.Tensor, labels: 
 
 
 def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        git = ["git", "-C", str(root)]
-        sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True)
-        mine = ["salf_engine/runner.py", "salf_engine/models/families.py", "bench/bench_step.py"]
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", *mine], capture_output=True, text=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    """HEAD, "-dirty" when the runner, the families or this script have uncommitted changes."""
+    return _git_commit(["salf_engine/runner.py", "salf_engine/models/families.py", "bench/bench_step.py"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -308,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"round {r + 1}/{args.rounds}: {summary}", flush=True)
 
     commit = git_commit()
-    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    date = utc_now()
     device = f"{cpu_name()} ({platform.machine()}), CPU fp32, {torch.get_num_threads()} thread(s)"
     shape = f"SmolLM2-135M B={args.batch} T={args.seq}"
     common = {"device": device, "commit": commit, "date": date, "shape": shape,
@@ -342,13 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             "ratio_to_full": f"{statistics.median(times) / full_median:.6f}", "steps": len(times),
         })
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / "step.csv"
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    csv_path = append_csv(args.out / "step.csv", CSV_FIELDS, rows)
     meta = {"source": source, "note": args.note, "total_s": time.perf_counter() - t_start, "m": m}
     (args.out / "step.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     write_markdown(args.out / "step.md", rows, **meta)
@@ -357,8 +324,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def last_run_rows(csv_path: Path) -> list[dict]:
     """The rows of the most recent run (latest date) in step.csv."""
-    with csv_path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv(csv_path)
     last = max(row["date"] for row in rows)
     return [row for row in rows if row["date"] == last]
 

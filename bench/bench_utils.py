@@ -1,0 +1,212 @@
+"""Shared helpers of the benchmarks: timing, percentiles, device / commit info, CSV and Markdown writing."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ROOT",
+    "percentile",
+    "quantiles_us",
+    "time_cpu",
+    "time_gpu",
+    "sync",
+    "git_commit",
+    "utc_now",
+    "cpu_name",
+    "device_name",
+    "driver_version",
+    "env_info",
+    "measure_bandwidth",
+    "append_csv",
+    "write_csv",
+    "read_csv",
+    "markdown_table",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def quantiles_us(samples_s: Sequence[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) in microseconds of samples in seconds."""
+    return tuple(percentile(samples_s, q) * 1e6 for q in (50, 20, 80))  # type: ignore[return-value]
+
+
+def time_cpu(fn: Callable[[], object], *, min_time: float = 0.5, min_reps: int = 10, max_reps: int = 2000):
+    """(median, p20, p80) microseconds of a plain perf_counter loop after a short warm-up."""
+    for _ in range(3):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return quantiles_us(samples)
+
+
+def time_gpu(fn: Callable[[], object]):
+    """(median, p20, p80) microseconds from triton.testing.do_bench (L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return med * 1e3, p20 * 1e3, p80 * 1e3
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device (no-op on CPU), so that host timers measure finished work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def git_commit(dirty_paths: Iterable[str] = ()) -> str:
+    """Short HEAD commit, with "-dirty" when one of ``dirty_paths`` has uncommitted changes."""
+    git = ["git", "-C", str(ROOT)]
+    try:
+        sha = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    paths = list(dirty_paths)
+    dirty = ""
+    if paths:
+        status = subprocess.run([*git, "status", "--porcelain", "--", *paths], capture_output=True, text=True)
+        dirty = "-dirty" if status.stdout.strip() else ""
+    return sha.stdout.strip() + dirty
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device | str) -> str:
+    """GPU name, or "CPU <model> (<cores> cores, <n> torch threads)"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def driver_version() -> str:
+    """The NVIDIA driver version from nvidia-smi ("" without one)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
+
+
+def env_info(device: torch.device | str) -> dict[str, str]:
+    """What a result needs next to it: device, driver, torch / triton / CUDA versions, commit, date."""
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    return {
+        "device": device_name(device),
+        "driver": driver_version() if device.type == "cuda" else "",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "",
+        "python": platform.python_version(),
+        "commit": git_commit(["salf_engine", "kernels", "csrc", "bench"]),
+        "date": utc_now(),
+    }
+
+
+def measure_bandwidth(device: torch.device | str, *, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """GB/s of a large copy on ``device`` counting bytes read + written (median of ``reps``).
+
+    GPU: a device-to-device copy of ``nbytes`` (1 GiB) timed with CUDA events, the HBM reference the
+    kernels are compared against in the same run. CPU: a memcpy of the same size by perf_counter.
+    """
+    device = torch.device(device)
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * n * 4 / statistics.median(times) / 1e9
+
+
+def append_csv(path: str | Path, fields: Sequence[str], rows: Iterable[dict]) -> Path:
+    """Append rows to a CSV (header written when the file is new); keys outside ``fields`` are an error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_csv(path: str | Path, fields: Sequence[str], rows: Iterable[dict]) -> Path:
+    """Write a fresh CSV with a header."""
+    path = Path(path)
+    if path.exists():
+        path.unlink()
+    return append_csv(path, fields, rows)
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, align: str = "") -> list[str]:
+    """Lines of a Markdown table; ``align`` is one character per column ("l" or "r", default "l")."""
+    marks = [("---:" if a == "r" else "---") for a in align.ljust(len(headers), "l")]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(marks) + "|"]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
+    return lines
