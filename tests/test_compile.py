@@ -34,8 +34,9 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_op_is_registered_for_the_interpreter():
-    assert kdev.OP_KIND == "custom_op"  # TRITON_INTERPRET=1: the kernel is an InterpretedFunction
+def test_op_registration_follows_the_interpreter():
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # then the kernel is an InterpretedFunction
+    assert kdev.OP_KIND == ("custom_op" if interpreted else "triton_op")
     assert kdev.TRITON_OP is torch.ops.salf_triton.deviations
 
 

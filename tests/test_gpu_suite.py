@@ -1,0 +1,115 @@
+"""bench/gpu_suite.sh --dry-run end to end on CPU: the one-command GPU check must never rot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_utils import markdown_table, percentile, quantiles_us  # noqa: E402
+from gpu_suite import DEV_FIELDS, DEV_PROVIDERS, STEP_FIELDS  # noqa: E402
+
+
+def _csv(path: Path) -> tuple[list[str], list[dict]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("gpu-suite")
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    return out, done
+
+
+def test_dry_run_succeeds_and_writes_everything(dry_run):
+    out, done = dry_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("deviation.csv", "step.csv", "env.json", "gpu_suite.md", "pytest.log", "suite.log"):
+        assert (out / name).is_file(), name
+    assert "== pytest -m cuda" in done.stdout and "== benchmarks" in done.stdout
+    log = (out / "pytest.log").read_text()
+    assert "skipped" in log and "failed" not in log  # cuda tests are collected, then skip on CPU
+
+
+def test_env_records_device_versions_commit_date(dry_run):
+    out, _ = dry_run
+    env = json.loads((out / "env.json").read_text())
+    for key in ("device", "driver", "torch", "triton", "commit", "date", "hbm_gbps", "mode", "skipped"):
+        assert key in env, key
+    assert env["mode"] == "dry-run" and env["device"].startswith("CPU") and float(env["hbm_gbps"]) > 0
+    assert env["commit"] != "unknown" and env["date"].endswith("Z")
+
+
+def test_deviation_csv_rows(dry_run):
+    out, _ = dry_run
+    fields, rows = _csv(out / "deviation.csv")
+    assert fields == DEV_FIELDS
+    assert [r["provider"] for r in rows] == list(DEV_PROVIDERS) * 2  # one tiny shape, B = 2 and 4
+    assert {r["batch"] for r in rows} == {"2", "4"}
+    by = {(r["batch"], r["provider"]): r for r in rows}
+    for batch in ("2", "4"):
+        assert by[(batch, "cuda")]["median_us"] == "" and "GPU" in by[(batch, "cuda")]["note"]
+        assert by[(batch, "triton")]["timer"] == "interpreter"
+        assert by[(batch, "torch")]["x_torch"] == "1.00"
+        assert by[(batch, "torch_compile")]["x_compile"] == "1.00"
+        for provider in ("torch", "torch_lean", "torch_compile", "triton"):
+            r = by[(batch, provider)]
+            assert float(r["median_us"]) > 0 and float(r["gbps"]) > 0 and float(r["pct_hbm"]) >= 0
+
+
+def test_step_csv_rows(dry_run):
+    out, _ = dry_run
+    fields, rows = _csv(out / "step.csv")
+    assert fields == STEP_FIELDS
+    configs = {m: [r["config"] for r in rows if r["model"] == m] for m in ("tiny-qwen2", "tiny-llama-lora")}
+    assert configs["tiny-qwen2"] == ["full", "runner_k1", "runner_k2", "runner_k3", "static_k2"]
+    assert configs["tiny-llama-lora"] == ["lora", "runner_k1", "runner_k2", "runner_k3", "static_k2"]
+    for r in rows:
+        assert float(r["median_s"]) > 0 and int(r["steps"]) == 2 and r["peak_mib"] == ""  # no CUDA memory
+        if r["config"] in ("full", "lora"):
+            assert r["ratio"] == "1.000" and r["saved_act_ratio"] == "1.000" and r["ideal_ratio"] == "1.000"
+    for model in configs:
+        saved = {r["config"]: float(r["saved_act_ratio"]) for r in rows if r["model"] == model}
+        # the cut drops the frozen layers' activations: deeper cut, fewer saved bytes
+        assert saved["runner_k3"] < saved["runner_k2"] < saved["runner_k1"] < 1.0
+
+
+def test_markdown_report(dry_run):
+    out, _ = dry_run
+    text = (out / "gpu_suite.md").read_text()
+    assert text.startswith("# GPU suite (dry run")
+    for needle in ("- device: CPU", "- torch ", "commit ", "`pytest -m cuda`: ", "## Deviation op",
+                   "### tiny-rms", "| B | provider | us | GB/s | % copy bw | x torch | x compile |",
+                   "## Training step", "### tiny-qwen2", "### tiny-llama-lora", "| runner_k2 |",
+                   "skipped: needs a GPU"):
+        assert needle in text, needle
+    assert "8 skipped" in text or "skipped" in text.split("`pytest -m cuda`: ")[1].splitlines()[0]
+
+
+def test_bench_utils_helpers():
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0], 20) == pytest.approx(1.2)
+    med, p20, p80 = quantiles_us([1e-6, 2e-6, 3e-6])
+    assert (med, p20, p80) == pytest.approx((2.0, 1.4, 2.6))
+    assert markdown_table(["a", "b"], [[1, None]], align="lr") == ["| a | b |", "|---|---:|", "| 1 |  |"]
+
+
+def test_bad_argument_exits_2():
+    script = ROOT / "bench" / "gpu_suite.sh"
+    done = subprocess.run(["bash", str(script), "--nope"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown argument" in done.stderr
