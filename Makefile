@@ -8,7 +8,7 @@ TORCH_PIN ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.salf-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_step.py
+
+# wheels the GPU image lacks, into the ignored .whl/ (bench/gpu_suite.sh installs them there)
+gpu-wheels:
+	PYTHON=$(PYTHON) bench/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
