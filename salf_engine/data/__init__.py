@@ -13,6 +13,7 @@ from .prompts import (
     collate,
     encode_split,
     stratified_subset,
+    subset_split,
 )
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "EncodedSplit",
     "encode_split",
     "stratified_subset",
+    "subset_split",
     "collate",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "EncodedSplit",
     "encode_split",
     "stratified_subset",
+    "subset_split",
     "collate",
 ]
 
@@ -196,6 +197,13 @@ class EncodedSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def subset_split(encoded: EncodedSplit, rows: Sequence[int]) -> EncodedSplit:
+    """The rows ``rows`` of ``encoded`` (in that order), keeping where each came from."""
+    return EncodedSplit(input_ids=[encoded.input_ids[i] for i in rows],
+                        labels=[encoded.labels[i] for i in rows],
+                        example_indices=[encoded.example_indices[i] for i in rows])
 
 
 def stratified_subset(labels: Sequence[int], limit: int, seed: int = 0) -> list[int]:
