@@ -36,6 +36,7 @@ __all__ = [
     "share_schedule",
     "budget_quotas",
     "assign_depths",
+    "assign_depths_by_class",
     "cost_saving_ratio",
 ]
 
@@ -160,8 +161,19 @@ def _check_depth_values(values: list[int], num_layers: int, what: str) -> None:
         raise ConfigError(f"{what} must lie in 0..{num_layers} (num_layers), got {bad[0]}")
 
 
+def _eof_list(eofs: Sequence[int | None] | torch.Tensor, num_layers: int) -> list[int | None]:
+    """Checked eofs; ``None`` marks a sample that was not profiled (it is only ever placed at random)."""
+    if isinstance(eofs, torch.Tensor):
+        return _eof_list(_as_int_list(eofs, "eofs"), num_layers)
+    values = list(eofs)
+    known = _as_int_list([v for v in values if v is not None], "eofs")
+    _check_depth_values(known, num_layers, "eofs")
+    it = iter(known)
+    return [None if v is None else next(it) for v in values]
+
+
 def assign_depths(
-    eofs: Sequence[int] | torch.Tensor, plan: str, order: str, num_layers: int, *, seed: int = 0
+    eofs: Sequence[int | None] | torch.Tensor, plan: str, order: str, num_layers: int, *, seed: int = 0
 ) -> list[int]:
     """Freeze depth per sample under a budget plan (Algorithm 4), or each sample's own eof for ``"none"``.
 
@@ -169,20 +181,21 @@ def assign_depths(
 
     1. with unused samples whose own eof is ``<= k``, largest eof first (the sample whose semantics
        sit closest to k is frozen at k, so the over-freezing ``k - eof`` stays smallest);
-    2. then, once none is left, with random unused samples (all of which have eof > k).
+    2. then, once none is left, with random unused samples (all of which have eof > k, or no eof).
 
     Ties (equal eof) and the random fill both follow one permutation of the sample indices drawn
     from ``random.Random(seed)``: the result depends only on ``eofs``, the plan and ``seed``.
     The per-depth counts always equal :func:`budget_quotas`.
     """
     m = _check_positive(num_layers, "num_layers")
-    eof_list = _as_int_list(eofs, "eofs")
+    eof_list = _eof_list(eofs, m)
     n = _check_positive(len(eof_list), "the number of samples (len(eofs))")
-    _check_depth_values(eof_list, m, "eofs")
     name = _check_plan(plan)
     if name == "none":
         _check_order(order)
-        return list(eof_list)
+        if None in eof_list:
+            raise ConfigError("budget plan 'none' puts every sample at its own eof; some eofs are missing")
+        return [int(e) for e in eof_list if e is not None]
     schedule = share_schedule(name, order, m, n)
 
     perm = list(range(n))
@@ -190,7 +203,9 @@ def assign_depths(
     # buckets[e]: samples with eof e in permutation order; heads[e]: next candidate position.
     buckets: list[list[int]] = [[] for _ in range(m + 1)]
     for i in perm:
-        buckets[eof_list[i]].append(i)
+        e = eof_list[i]
+        if e is not None:
+            buckets[e].append(i)
     heads = [0] * (m + 1)
     used = [False] * n
     depths = [-1] * n
@@ -221,6 +236,58 @@ def assign_depths(
             used[i] = True
             depths[i] = k
             filled += 1
+    return depths
+
+
+def assign_depths_by_class(
+    eofs: Sequence[int | None] | torch.Tensor,
+    labels: Sequence[int] | torch.Tensor,
+    plan: str,
+    order: str,
+    num_layers: int,
+    *,
+    seed: int = 0,
+) -> list[int]:
+    """Freeze depth per sample under a budget plan, every class spread over the depths by eof rank.
+
+    The per-depth counts are :func:`budget_quotas` (the same cost as :func:`assign_depths`), but instead
+    of matching eofs across the whole set, each sample gets its eof *rank inside its class*: the members
+    of a class are sorted by eof (ties and unprofiled samples, ``None``, at random positions), the j-th of
+    a class of n_c gets the position ``(j + 1/2) / n_c``, and the quotas are filled in depth order by
+    ascending position. Every class thus covers every part of the budget in proportion to its size, and
+    inside a class the sample whose semantics settle lowest is frozen least. (With a fixed prompt
+    template the eof-layer largely follows the class, so global eof-matching would give each depth
+    nearly one class.) Deterministic in ``(eofs, labels, plan, order, seed)``.
+    """
+    m = _check_positive(num_layers, "num_layers")
+    eof_list = _eof_list(eofs, m)
+    label_list = _as_int_list(labels, "labels")
+    n = _check_positive(len(eof_list), "the number of samples (len(eofs))")
+    if len(label_list) != n:
+        raise ConfigError(f"got {len(label_list)} labels for {n} eofs")
+    quotas = budget_quotas(_check_plan(plan, allow_none=False), order, m, n)
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(label_list):
+        by_class.setdefault(y, []).append(i)
+    position = [0.0] * n
+    for members in by_class.values():
+        rng.shuffle(members)
+        known = sorted((i for i in members if eof_list[i] is not None), key=lambda i: eof_list[i])
+        ranked = list(known)
+        for i in (i for i in members if eof_list[i] is None):
+            ranked.insert(rng.randint(0, len(ranked)), i)
+        for j, i in enumerate(ranked):
+            position[i] = (j + 0.5) / len(ranked)
+    tie = list(range(n))
+    rng.shuffle(tie)
+    ordered = sorted(range(n), key=lambda i: (position[i], tie[i]))
+    depths = [0] * n
+    start = 0
+    for k, q in enumerate(quotas):
+        for i in ordered[start : start + q]:
+            depths[i] = k
+        start += q
     return depths
 
 

@@ -9,6 +9,7 @@ import torch
 
 from salf_engine.budgets import (
     assign_depths,
+    assign_depths_by_class,
     budget_quotas,
     cost_saving_ratio,
     share_counts,
@@ -197,6 +198,56 @@ def test_assign_no_sample_frozen_above_its_eof_while_a_matching_one_waits():
 
 def test_assign_plan_none_is_algorithm3():
     assert assign_depths([2, 0, 4, 1], "none", "bf", 4) == [2, 0, 4, 1]
+
+
+def test_assign_unprofiled_samples_only_fill_at_random():
+    # samples without an eof (None) are never matched: the depth-0 share takes the eof-0 sample
+    depths = assign_depths([None, 0, None, None], "uniform", "bf", 4, seed=0)
+    assert depths[1] == 0 and sorted(depths) == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="missing"):
+        assign_depths([None, 1], "none", "bf", 4)
+
+
+@pytest.mark.parametrize(("plan", "order"),
+                         [("uniform", "bf"), ("arith", "df"), ("geom", "bf"), ("geom", "df")])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_assign_by_class_spreads_every_class_over_the_budget(plan, order, seed):
+    m, n = 12, 300
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 5, (n,), generator=gen).tolist()
+    eofs = [min(m, 2 * y + int(torch.randint(0, 3, (1,), generator=gen))) for y in labels]  # eof ~ class
+    depths = assign_depths_by_class(eofs, labels, plan, order, m, seed=seed)
+    quotas = budget_quotas(plan, order, m, n)
+    assert Counter(depths) == Counter({k: q for k, q in enumerate(quotas) if q})
+    cumulative = [sum(quotas[: k + 1]) / n for k in range(m)]
+    for y in set(labels):
+        members = [i for i in range(n) if labels[i] == y]
+        # each class fills the budget in proportion to its size (rank positions cut at the same points)
+        for k in range(m):
+            mine = sum(1 for i in members if depths[i] <= k)
+            assert abs(mine - cumulative[k] * len(members)) <= 1.5, (y, k)
+        # inside a class the semantic order holds: a lower eof is never frozen deeper
+        for i in members:
+            for j in members:
+                if eofs[i] < eofs[j]:
+                    assert depths[i] <= depths[j]
+    # global eof-matching instead keeps each class at a few depths
+    matched = assign_depths(eofs, plan, order, m, seed=seed)
+    assert depths != matched
+    assert assign_depths_by_class(eofs, labels, plan, order, m, seed=seed) == depths  # deterministic
+
+
+def test_assign_by_class_places_unprofiled_samples_inside_their_class():
+    labels = [0] * 6 + [1] * 6
+    eofs = [0, 1, 2, None, None, 3] + [None] * 6
+    depths = assign_depths_by_class(eofs, labels, "uniform", "bf", 6, seed=4)
+    assert Counter(depths) == Counter({k: 2 for k in range(6)})
+    known = [depths[i] for i in (0, 1, 2, 5)]
+    assert known == sorted(known)
+    with pytest.raises(ConfigError, match="got 1 labels for 2 eofs"):
+        assign_depths_by_class([0, 1], [0], "uniform", "bf", 4)
+    with pytest.raises(ConfigError, match="unknown budget plan 'none'"):
+        assign_depths_by_class([0, 1], [0, 1], "none", "bf", 4)
 
 
 def test_cost_saving_ratio():
