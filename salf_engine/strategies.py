@@ -1,25 +1,27 @@
-"""Training strategies: which layers train, and at which runner cut, for every batch.
+"""Training strategies: which layers train, and at which runner cut, for every micro-batch of every step.
 
-A :class:`Strategy` turns ``(num_layers, num_samples, eofs)`` into a stream of :class:`StepPlan` s, one
-per optimizer step. Each plan is one bucket of samples that share one runner cut ``depth`` (the index
-of the lowest trainable layer: ``layers[0..depth-1]`` run without autograd and never see backward)
-and a per-layer ``trainable`` mask; layers at or above the cut whose mask is False (TOP, INT, LIFT,
-ADT) get ``requires_grad=False`` but still run in the forward and pass gradients through.
+A :class:`Strategy` turns ``(num_layers, num_samples, eofs, labels)`` into a stream of :class:`StepPlan` s,
+one per optimizer step. A step holds exactly ``step_size`` examples (the last step of an epoch aside),
+split into :class:`MicroBatch` es; every micro-batch shares one runner cut ``depth`` (the index of the
+lowest trainable layer: ``layers[0..depth-1]`` run without autograd and never see backward) and a per-layer
+``trainable`` mask. Layers at or above the cut whose mask is False (TOP, INT, LIFT, ADT) get
+``requires_grad=False`` but still run in the forward and pass gradients through. Gradients of a step's
+micro-batches accumulate, so one optimizer step mixes several cuts: the saving comes from each
+micro-batch's cut, the class mix from the step.
 
 The trainer drives a strategy like this (see :class:`Strategy` for each hook)::
 
-    strategy = make_strategy("salf", budget="geom", infill="df")
+    strategy = make_strategy("salf", budget="uniform", infill="df")
     eofs = profile(...) if strategy.needs_profile else None      # one no-grad pass before epoch 0
-    strategy.begin(num_layers, num_samples, eofs, seed)
+    strategy.begin(num_layers, num_samples, eofs, seed, labels=labels)
     strategy.on_train_start(parts.layers)                         # after LoRA / requires_grad setup
-    step = 0
     for epoch in range(epochs):
-        for plan in strategy.epoch_plans(epoch, batch_size):      # consume lazily, one plan per step
-            set requires_grad of layers[i] (or its LoRA adapters) to plan.trainable[i]
-            out = runner(batch(plan.indices), depth=plan.depth, ...)
-            loss.backward(); optimizer.step(); step += 1
-            if strategy.needs_observe:
-                strategy.observe(plan.indices, out.deviations)
+        for plan in strategy.epoch_plans(epoch, step_size, micro_batch_size):  # lazily, one per step
+            for mb in plan.micro_batches:
+                set requires_grad of layers[i] (or its LoRA adapters) to mb.trainable[i]
+                out = runner(batch(mb.indices), depth=mb.depth, ...); loss.backward()
+                strategy.observe(mb.indices, eofs of out.deviations)  # if strategy.needs_observe
+            optimizer.step(); step += 1
             strategy.after_step(step, parts.layers)
     strategy.realized_saving()                                    # mean depth / m over trained samples
 """
@@ -29,19 +31,19 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 from torch import nn
 
-from .budgets import assign_depths, budget_quotas
+from .budgets import assign_depths, assign_depths_by_class, budget_quotas
 from .deviation import eof_layers
 from .errors import ConfigError
-from .sampling import DepthBucketSampler
 
 __all__ = [
+    "MicroBatch",
     "StepPlan",
     "Strategy",
     "StaticStrategy",
@@ -50,7 +52,11 @@ __all__ = [
     "STRATEGIES",
     "BUDGETS",
     "INFILLS",
+    "SCHEDULES",
+    "ASSIGNMENTS",
+    "DEFAULT_CUTS_PER_STEP",
     "make_strategy",
+    "pack_steps",
     "frozen_count",
     "interleaved_frozen",
 ]
@@ -80,26 +86,73 @@ STRATEGIES = (
 )
 #: Budget plans a ``salf`` strategy accepts (``None`` / ``"none"`` = Algorithm 3, each sample at its eof).
 BUDGETS = ("uniform", "arith", "geom", "none")
-#: Infilling orders of budgeted ``salf``.
+#: Infilling orders of budgeted ``salf``: they decide the per-depth quotas, never the visit order.
 INFILLS = ("bf", "df")
+#: How a depth-varying strategy visits its depths: ``mixed`` (micro-batches of several depths, shuffled,
+#: in every optimizer step) or ``paper`` (Algorithm 4 as written: depth 0 first, ascending, each
+#: sample's eof recomputed when its depth is visited).
+SCHEDULES = ("mixed", "paper")
+#: How budgeted SALF fills the per-depth quotas: ``class-rank`` (each class spread over the depths by its
+#: samples' eof rank inside the class) or ``eof-match`` (Algorithm 4's global eof-matching).
+ASSIGNMENTS = ("class-rank", "eof-match")
+#: Distinct cuts (micro-batches) per optimizer step of a depth-varying strategy.
+DEFAULT_CUTS_PER_STEP = 4
 BOUNDARIES = ("trainable", "frozen")
 #: Optimizer steps of full training before ADT picks its frozen layers.
 ADT_STEPS = 5
 
 
 @dataclass
-class StepPlan:
-    """One optimizer step: a bucket of samples sharing one runner cut.
-
-    ``indices``: sample indices of the batch; ``depth``: the runner cut (index of the lowest trainable
-    layer, nothing below it runs backward); ``trainable``: per-layer mask of length m, always False
-    below ``depth`` and True at ``depth`` (``None`` would mean all of ``layers[depth..]``; strategies
-    here always fill it).
-    """
+class MicroBatch:
+    """Samples that share one runner cut: ``indices``, the cut ``depth`` (nothing below it runs backward)
+    and the per-layer ``trainable`` mask (length m, False below ``depth``, True at ``depth``)."""
 
     indices: list[int]
     depth: int
-    trainable: list[bool] | None = None
+    trainable: list[bool]
+
+
+@dataclass
+class StepPlan:
+    """One optimizer step: its micro-batches, whose gradients accumulate before the update."""
+
+    micro_batches: list[MicroBatch]
+
+    @property
+    def indices(self) -> list[int]:
+        """Every sample of the step, micro-batch by micro-batch."""
+        return [i for mb in self.micro_batches for i in mb.indices]
+
+    @property
+    def depths(self) -> list[int]:
+        """The cut of each micro-batch."""
+        return [mb.depth for mb in self.micro_batches]
+
+    def __len__(self) -> int:
+        return sum(len(mb.indices) for mb in self.micro_batches)
+
+
+def pack_steps(micro_batches: Iterable[MicroBatch], step_size: int, micro_batch_size: int
+               ) -> Iterator[StepPlan]:
+    """Group micro-batches into steps of exactly ``step_size`` examples (the last one may hold fewer).
+
+    A micro-batch larger than ``micro_batch_size`` or than the room left in the step is split (the parts
+    keep its cut and mask). Lazy: it pulls a micro-batch only when the current step needs one.
+    """
+    current: list[MicroBatch] = []
+    room = step_size
+    for mb in micro_batches:
+        rest = list(mb.indices)
+        while rest:
+            take = min(len(rest), room, micro_batch_size)
+            current.append(MicroBatch(rest[:take], mb.depth, mb.trainable))
+            rest = rest[take:]
+            room -= take
+            if room == 0:
+                yield StepPlan(current)
+                current, room = [], step_size
+    if current:
+        yield StepPlan(current)
 
 
 def frozen_count(fraction: float, num_layers: int, what: str) -> int:
@@ -132,8 +185,8 @@ def _mask_single(depth: int, m: int) -> list[bool]:
     return [i == depth for i in range(m)]
 
 
-def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
-    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+def _chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 def _as_layers(layers: object) -> Sequence[nn.Module]:
@@ -141,13 +194,21 @@ def _as_layers(layers: object) -> Sequence[nn.Module]:
     return getattr(layers, "layers", layers)  # type: ignore[return-value]
 
 
+def _positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
 class Strategy:
-    """Base class: per-step depth + trainable-layer mask, and the hooks the trainer calls.
+    """Base class: per-micro-batch depth + trainable-layer mask, and the hooks the trainer calls.
 
     Attributes: ``name`` (canonical strategy name), ``label`` (name plus options, for logs),
     ``needs_profile`` (wants one no-grad eof pass before epoch 0, passed as ``eofs`` to :meth:`begin`),
-    ``needs_observe`` (wants :meth:`observe` after every step), ``uses_lora`` (False, True = LoRA on
-    every layer, or ``"half"`` = LoRA on the top half only; the masks say which layers' adapters train).
+    ``needs_observe`` (wants :meth:`observe` with the eofs of every trained micro-batch), ``uses_lora``
+    (False, True = LoRA on every layer, or ``"half"`` = LoRA on the top half only; the masks say which
+    layers' adapters train), ``probe`` (set by the trainer for the ``paper`` schedule: a function from
+    sample indices to their eofs under the current weights).
     """
 
     name: str = ""
@@ -161,6 +222,8 @@ class Strategy:
         self.uses_lora = uses_lora
         self.num_layers = 0
         self.num_samples = 0
+        self.labels: list[int] = []
+        self.probe: Callable[[list[int]], list[int]] | None = None
         self._begun = False
         self._tally_samples = 0
         self._tally_depth = 0
@@ -172,74 +235,91 @@ class Strategy:
         self,
         num_layers: int,
         num_samples: int,
-        eofs: Sequence[int] | torch.Tensor | None = None,
+        eofs: Sequence[int | None] | torch.Tensor | None = None,
         seed: int | None = None,
+        *,
+        labels: Sequence[int] | torch.Tensor | None = None,
     ) -> None:
-        """Fix the model depth m, the training-set size N and (for SALF) the profiled eof per sample.
+        """Fix the model depth m, the training-set size N, the profiled eof per sample (SALF; ``None``
+        for a sample that was not profiled) and the class label per sample (for class-mixed steps).
 
         ``seed`` overrides the seed given to :func:`make_strategy`. Resets the realized-saving tally.
         """
-        for value, what in ((num_layers, "num_layers"), (num_samples, "num_samples")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
-        self.num_layers = num_layers
-        self.num_samples = num_samples
+        self.num_layers = _positive_int(num_layers, "num_layers")
+        self.num_samples = _positive_int(num_samples, "num_samples")
         if seed is not None:
             self.seed = seed
+        if labels is None:
+            self.labels = [0] * num_samples
+        else:
+            self.labels = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+            if len(self.labels) != num_samples:
+                raise ConfigError(f"got {len(self.labels)} labels for {num_samples} samples")
         self._tally_samples = self._tally_depth = self._tally_frozen = 0
         self._setup(self._check_eofs(eofs))
         self._begun = True
 
-    def _check_eofs(self, eofs: Sequence[int] | torch.Tensor | None) -> list[int] | None:
+    def _check_eofs(self, eofs: Sequence[int | None] | torch.Tensor | None) -> list[int | None] | None:
         if eofs is None:
             if self.needs_profile:
                 raise ConfigError(f"strategy {self.label!r} needs per-sample eofs from a profiling pass")
             return None
-        values = [int(v) for v in (eofs.tolist() if isinstance(eofs, torch.Tensor) else eofs)]
+        raw = eofs.tolist() if isinstance(eofs, torch.Tensor) else list(eofs)
+        values = [None if v is None else int(v) for v in raw]
         if len(values) != self.num_samples:
             raise ConfigError(f"got {len(values)} eofs for {self.num_samples} samples")
-        bad = [v for v in values if not 0 <= v <= self.num_layers]
+        bad = [v for v in values if v is not None and not 0 <= v <= self.num_layers]
         if bad:
             raise ConfigError(f"eofs must lie in 0..{self.num_layers} (num_layers), got {bad[0]}")
+        if self.needs_profile and all(v is None for v in values):
+            raise ConfigError(f"strategy {self.label!r} got no profiled eof at all")
         return values
 
-    def _setup(self, eofs: list[int] | None) -> None:
+    def _setup(self, eofs: list[int | None] | None) -> None:
         """Subclass hook run by :meth:`begin`."""
 
     def on_train_start(self, layers: Sequence[nn.Module] | object) -> None:
         """Called once before the first step, after LoRA / requires_grad setup (ADT snapshots weights)."""
 
-    def epoch_plans(self, epoch: int, batch_size: int) -> Iterator[StepPlan]:
-        """The plans of one epoch: every sample exactly once, each plan one depth.
+    def epoch_plans(self, epoch: int, step_size: int, micro_batch_size: int | None = None
+                    ) -> Iterator[StepPlan]:
+        """The steps of one epoch: every sample exactly once, ``step_size`` examples per step (the last
+        aside), micro-batches of at most ``micro_batch_size`` (default ``step_size``) at one cut each.
 
-        Consume lazily (one plan per optimizer step): ADT's masks change after its warm-up steps.
+        Consume lazily (one plan per optimizer step): ADT's masks change after its warm-up steps and the
+        ``paper`` schedule picks a depth's samples when training reaches that depth.
         """
         if not self._begun:
             raise RuntimeError(f"strategy {self.label!r}: call begin() before epoch_plans()")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        return self._tallied(self._plans(epoch, batch_size))
+        size = _positive_int(step_size, "step_size (batch_size)")
+        micro = size if micro_batch_size is None else _positive_int(micro_batch_size, "micro_batch_size")
+        return self._tallied(pack_steps(self._micro_batches(epoch, size), size, min(micro, size)))
 
-    def _plans(self, epoch: int, batch_size: int) -> Iterator[StepPlan]:
+    def _micro_batches(self, epoch: int, step_size: int) -> Iterator[MicroBatch]:
         raise NotImplementedError
 
     def _tallied(self, plans: Iterator[StepPlan]) -> Iterator[StepPlan]:
         m = self.num_layers
         for plan in plans:
-            n = len(plan.indices)
-            trainable = plan.trainable if plan.trainable is not None else _mask_above(plan.depth, m)
-            self._tally_samples += n
-            self._tally_depth += n * plan.depth
-            self._tally_frozen += n * (m - sum(trainable))
+            for mb in plan.micro_batches:
+                n = len(mb.indices)
+                self._tally_samples += n
+                self._tally_depth += n * mb.depth
+                self._tally_frozen += n * (m - sum(mb.trainable))
             yield plan
 
     def _epoch_rng(self, epoch: int) -> random.Random:
         return random.Random(self.seed * 1_000_003 + epoch)
 
-    def observe(self, indices: Sequence[int] | torch.Tensor, values: torch.Tensor | Sequence[int]) -> None:
-        """Per-sample refresh from the training forward (only Algorithm-3 ``salf`` uses it).
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(self.num_samples))
+        self._epoch_rng(epoch).shuffle(order)
+        return order
 
-        ``values``: deviations ``[B, m+1]`` of the batch, or eof-layers ``[B]``.
+    def observe(self, indices: Sequence[int] | torch.Tensor, values: torch.Tensor | Sequence[int]) -> None:
+        """Per-sample eof refresh from the training forward (SALF uses it for its next epoch).
+
+        ``values``: deviations ``[B, m+1]`` of the micro-batch, or eof-layers ``[B]``.
         """
 
     def after_step(self, step: int, layers: Sequence[nn.Module] | object) -> None:
@@ -264,7 +344,7 @@ class Strategy:
 
 
 class StaticStrategy(Strategy):
-    """One fixed mask for every step (full, LoRA, BOT, TOP, INT); batches shuffled each epoch."""
+    """One fixed mask for every step (full, LoRA, BOT, TOP, INT); samples shuffled each epoch."""
 
     def __init__(self, name: str, mask_fn: Callable[[int], list[bool]], **kwargs) -> None:
         super().__init__(name, **kwargs)
@@ -272,33 +352,39 @@ class StaticStrategy(Strategy):
         self.trainable: list[bool] = []
         self.depth = 0
 
-    def _setup(self, eofs: list[int] | None) -> None:
+    def _setup(self, eofs: list[int | None] | None) -> None:
         self.trainable = self._mask_fn(self.num_layers)
         self.depth = self.trainable.index(True)
 
-    def _plans(self, epoch: int, batch_size: int) -> Iterator[StepPlan]:
-        order = list(range(self.num_samples))
-        self._epoch_rng(epoch).shuffle(order)
-        for batch in _batches(order, batch_size):
-            yield StepPlan(batch, self.depth, list(self.trainable))
+    def _micro_batches(self, epoch: int, step_size: int) -> Iterator[MicroBatch]:
+        for chunk in _chunks(self._shuffled(epoch), step_size):
+            yield MicroBatch(chunk, self.depth, list(self.trainable))
 
 
 class SampleDepthStrategy(Strategy):
-    """A depth per sample (SALF, LIFT); the epoch visits depth buckets in a fixed pattern.
+    """A depth per sample (SALF, LIFT), visited in micro-batches that each share one cut.
 
-    ``schedule``: ``"shuffle"`` (all buckets shuffled, Algorithm 3), ``"bf"`` (depth 0's batches, then
-    depth 1's, ...), ``"df"`` (rounds: one batch of every depth with batches left, depths ascending;
-    this is also LIFT's front-to-end rotation). ``mask``: ``"above"`` trains ``layers[depth..]``,
-    ``"single"`` only ``layers[depth]``. Depths above m-1 (eof m under the "frozen" boundary) are
-    clamped to m-1 so that every sample trains at least one layer.
+    Micro-batches are runs of ``ceil(step_size / cuts_per_step)`` samples in depth order (samples of one
+    depth interleaved class by class, so a micro-batch mixes classes whenever its depth holds several);
+    a run that straddles two depths is cut at the lower one, so no sample is ever frozen deeper than its
+    depth. ``order``: ``"mixed"`` shuffles the micro-batches, so every optimizer step holds
+    ``cuts_per_step`` random cuts; ``"rotation"`` visits depths front to end, again and again (LIFT);
+    ``"ascending"`` visits depth 0 first and narrows the trained scope (Algorithm 4's order).
+    ``mask``: ``"above"`` trains ``layers[depth..]``, ``"single"`` only ``layers[depth]``. Depths above m-1
+    (eof m under the "frozen" boundary) are clamped to m-1 so that every sample trains at least one layer.
+
+    With ``refresh`` the strategy observes the eofs of the training forward and recomputes the depths
+    from them at the next epoch (``depth_fn`` runs again); without a profiled eof a sample keeps ``None``
+    until its first training forward.
     """
 
     def __init__(
         self,
         name: str,
-        depth_fn: Callable[[SampleDepthStrategy, list[int] | None], list[int]],
+        depth_fn: Callable[[SampleDepthStrategy, list[int | None] | None], list[int]],
         *,
-        schedule: str,
+        order: str,
+        cuts_per_step: int = DEFAULT_CUTS_PER_STEP,
         mask: str = "above",
         refresh: bool = False,
         boundary: str = "trainable",
@@ -306,43 +392,44 @@ class SampleDepthStrategy(Strategy):
     ) -> None:
         super().__init__(name, **kwargs)
         self._depth_fn = depth_fn
-        self.schedule = schedule
+        self.order = order
+        self.cuts_per_step = _positive_int(cuts_per_step, "cuts_per_step")
         self._mask = _mask_single if mask == "single" else _mask_above
         self.needs_observe = refresh
         self.boundary = boundary
+        self.eofs: list[int | None] | None = None
         self.depths: list[int] = []
+        self._stale = False
 
-    def _setup(self, eofs: list[int] | None) -> None:
+    def _setup(self, eofs: list[int | None] | None) -> None:
+        self.eofs = eofs
+        self._assign()
+
+    def _assign(self) -> None:
         top = self.num_layers - 1
-        self.depths = [min(d, top) for d in self._depth_fn(self, eofs)]
+        self.depths = [min(d, top) for d in self._depth_fn(self, self.eofs)]
+        self._stale = False
 
-    def _plans(self, epoch: int, batch_size: int) -> Iterator[StepPlan]:
+    def _micro_batches(self, epoch: int, step_size: int) -> Iterator[MicroBatch]:
+        if self._stale:
+            self._assign()  # eofs observed during the last epoch
         m = self.num_layers
-        depths = list(self.depths)  # a snapshot: observe() refreshes take effect next epoch
-        if self.schedule == "shuffle":
-            sampler = DepthBucketSampler(depths, batch_size, seed=self.seed)
-            sampler.set_epoch(epoch)
-            for batch in sampler:
-                yield StepPlan(batch, depths[batch[0]], self._mask(depths[batch[0]], m))
-            return
         rng = self._epoch_rng(epoch)
-        by_depth: list[list[int]] = [[] for _ in range(m)]
-        for i, d in enumerate(depths):
-            by_depth[d].append(i)
-        per_depth = []
-        for members in by_depth:
-            rng.shuffle(members)
-            per_depth.append(_batches(members, batch_size))
-        if self.schedule == "bf":
-            order = [(d, b) for d, batches in enumerate(per_depth) for b in batches]
-        else:
-            rounds = max(len(batches) for batches in per_depth)
-            order = [(d, per_depth[d][r]) for r in range(rounds) for d in range(m) if r < len(per_depth[d])]
-        for depth, batch in order:
-            yield StepPlan(batch, depth, self._mask(depth, m))
+        runs = _depth_runs(self.depths, self.labels, -(-step_size // self.cuts_per_step), rng)
+        if self.order == "mixed":
+            rng.shuffle(runs)
+        elif self.order == "rotation":
+            by_depth: dict[int, list[list[int]]] = {}
+            for run in runs:
+                by_depth.setdefault(self.depths[run[0]], []).append(run)
+            queues = [by_depth[d] for d in sorted(by_depth)]
+            runs = [q[r] for r in range(max(map(len, queues))) for q in queues if r < len(q)]
+        for run in runs:
+            depth = min(self.depths[i] for i in run)
+            yield MicroBatch(run, depth, self._mask(depth, m))
 
     def observe(self, indices: Sequence[int] | torch.Tensor, values: torch.Tensor | Sequence[int]) -> None:
-        """Refresh the eof (hence the next epoch's depth) of the given samples (Algorithm 3 only)."""
+        """Record the eofs of the given samples; the depths follow at the next epoch."""
         if not self.needs_observe:
             return
         idx = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
@@ -360,11 +447,86 @@ class SampleDepthStrategy(Strategy):
             )
         if len(idx) != eof.shape[0]:
             raise ValueError(f"observe() got {len(idx)} indices for {eof.shape[0]} rows")
-        top = self.num_layers - 1
+        assert self.eofs is not None
         for i, e in zip(idx, eof.tolist(), strict=True):
             if not 0 <= e <= self.num_layers:
                 raise ValueError(f"eof {e} outside 0..{self.num_layers}")
-            self.depths[i] = min(e, top)
+            self.eofs[i] = e
+        self._stale = True
+
+
+def _depth_runs(depths: list[int], labels: list[int], size: int, rng: random.Random) -> list[list[int]]:
+    """Runs of ``size`` samples in ascending depth order; inside a depth the samples are shuffled and then
+    interleaved class by class (one of each class in turn), so a run inside one depth mixes classes."""
+    by_depth: dict[int, dict[int, list[int]]] = {}
+    for i, (d, y) in enumerate(zip(depths, labels, strict=True)):
+        by_depth.setdefault(d, {}).setdefault(y, []).append(i)
+    ordered: list[int] = []
+    for d in sorted(by_depth):
+        classes = list(by_depth[d].values())
+        for members in classes:
+            rng.shuffle(members)
+        rng.shuffle(classes)
+        ordered += [c[r] for r in range(max(map(len, classes))) for c in classes if r < len(c)]
+    return _chunks(ordered, size)
+
+
+class PaperScheduleStrategy(SampleDepthStrategy):
+    """Budgeted SALF as Algorithm 4 is written: for depth k = 0, 1, .., m-1 in turn, train on unused
+    samples whose eof, recomputed when depth k is visited (through :attr:`probe`), is at most k, until
+    depth k's quota is met; fill what is left of the quota with random unused samples. Steps hold
+    ``step_size`` examples at one cut (a step that finishes one depth's quota continues with the next
+    depth as a second micro-batch)."""
+
+    def __init__(self, name: str, *, budget: str, infill: str, **kwargs) -> None:
+        super().__init__(name, _paper_quota_depths(budget, infill), order="ascending", refresh=True,
+                         cuts_per_step=1, **kwargs)
+        self.budget = budget
+        self.infill = infill
+        self.probed = 0
+
+    def _micro_batches(self, epoch: int, step_size: int) -> Iterator[MicroBatch]:
+        m = self.num_layers
+        quotas = budget_quotas(self.budget, self.infill, m, self.num_samples)
+        order = self._shuffled(epoch)
+        assert self.eofs is not None
+        used = [False] * self.num_samples
+        depths = [0] * self.num_samples
+        for k, quota in enumerate(quotas):
+            chosen: list[int] = []
+            taken: set[int] = set()
+            candidates = [i for i in order if not used[i] and (self.eofs[i] is None or self.eofs[i] <= k)]
+            pos = 0
+            while len(chosen) < quota and pos < len(candidates):
+                batch = candidates[pos : pos + step_size]
+                pos += len(batch)
+                if self.probe is not None:
+                    for i, e in zip(batch, self.probe(batch), strict=True):
+                        self.eofs[i] = int(e)
+                    self.probed += len(batch)
+                fits = [i for i in batch if self.eofs[i] is not None and self.eofs[i] <= k]
+                chosen += fits[: quota - len(chosen)]
+            taken.update(chosen)
+            for i in order:
+                if len(chosen) == quota:
+                    break
+                if not used[i] and i not in taken:
+                    chosen.append(i)
+            for i in chosen:
+                used[i] = True
+                depths[i] = min(k, m - 1)
+            for chunk in _chunks(chosen, step_size):
+                yield MicroBatch(chunk, depths[chunk[0]], self._mask(depths[chunk[0]], m))
+        self.depths = depths
+
+
+def _paper_quota_depths(budget: str, infill: str):
+    def depths(s: SampleDepthStrategy, eofs: list[int | None] | None) -> list[int]:
+        # the depths of the paper schedule are decided while it runs; before that, Algorithm 4's
+        # eof-matching on the profiled eofs is what it expects
+        return assign_depths(eofs or [None] * s.num_samples, budget, infill, s.num_layers, seed=s.seed)
+
+    return depths
 
 
 class AdaptiveStrategy(Strategy):
@@ -388,7 +550,7 @@ class AdaptiveStrategy(Strategy):
         self.trainable: list[bool] = []
         self._snapshot: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] | None = None
 
-    def _setup(self, eofs: list[int] | None) -> None:
+    def _setup(self, eofs: list[int | None] | None) -> None:
         self.num_frozen = frozen_count(self.fraction, self.num_layers, self.label)
         self.frozen_layers = None
         self.trainable = [True] * self.num_layers
@@ -422,26 +584,27 @@ class AdaptiveStrategy(Strategy):
         self.trainable = [i not in self.frozen_layers for i in range(self.num_layers)]
         self._snapshot = None
 
-    def _plans(self, epoch: int, batch_size: int) -> Iterator[StepPlan]:
-        order = list(range(self.num_samples))
-        self._epoch_rng(epoch).shuffle(order)
-        for batch in _batches(order, batch_size):
-            mask = list(self.trainable)  # read at yield time: changes after the warm-up steps
-            yield StepPlan(batch, mask.index(True), mask)
+    def _micro_batches(self, epoch: int, step_size: int) -> Iterator[MicroBatch]:
+        for chunk in _chunks(self._shuffled(epoch), step_size):
+            mask = list(self.trainable)  # read when the step is planned: changes after the warm-up steps
+            yield MicroBatch(chunk, mask.index(True), mask)
 
 
 # ---------------------------------------------------------------------------------- factory
 
 
-def _salf_depths(budget: str, infill: str) -> Callable[[SampleDepthStrategy, list[int] | None], list[int]]:
-    def depths(s: SampleDepthStrategy, eofs: list[int] | None) -> list[int]:
+def _salf_depths(budget: str, infill: str, assignment: str
+                 ) -> Callable[[SampleDepthStrategy, list[int | None] | None], list[int]]:
+    def depths(s: SampleDepthStrategy, eofs: list[int | None] | None) -> list[int]:
         assert eofs is not None
-        return assign_depths(eofs, budget, infill, s.num_layers, seed=s.seed)
+        if assignment == "eof-match":
+            return assign_depths(eofs, budget, infill, s.num_layers, seed=s.seed)
+        return assign_depths_by_class(eofs, s.labels, budget, infill, s.num_layers, seed=s.seed)
 
     return depths
 
 
-def _lift_depths(s: SampleDepthStrategy, eofs: list[int] | None) -> list[int]:
+def _lift_depths(s: SampleDepthStrategy, eofs: list[int | None] | None) -> list[int]:
     """Uniform-budget quotas, samples placed by a seeded permutation (no semantics)."""
     quotas = budget_quotas("uniform", "bf", s.num_layers, s.num_samples)
     perm = list(range(s.num_samples))
@@ -455,9 +618,17 @@ def _lift_depths(s: SampleDepthStrategy, eofs: list[int] | None) -> list[int]:
     return depths
 
 
-def _algorithm3_depths(s: SampleDepthStrategy, eofs: list[int] | None) -> list[int]:
+def _algorithm3_depths(s: SampleDepthStrategy, eofs: list[int | None] | None) -> list[int]:
+    """Each sample at its own eof; a sample not profiled yet takes the median eof of its class."""
     assert eofs is not None
-    return list(eofs)
+    known: dict[int, list[int]] = {}
+    for e, y in zip(eofs, s.labels, strict=True):
+        if e is not None:
+            known.setdefault(y, []).append(e)
+    every = sorted(e for e in eofs if e is not None)
+    median = {y: sorted(v)[len(v) // 2] for y, v in known.items()}
+    return [e if e is not None else median.get(y, every[len(every) // 2]) for e, y in zip(eofs, s.labels,
+                                                                                            strict=True)]
 
 
 _FRACTION_NAME = re.compile(r"^(bot|top|int)(\d\d)?$")
@@ -467,24 +638,32 @@ def make_strategy(
     name: str,
     *,
     budget: str | None = None,
-    infill: str = "bf",
+    infill: str | None = None,
     freeze_fraction: float | None = None,
     seed: int = 0,
     boundary: str = "trainable",
     lora: bool = False,
     adt_steps: int = ADT_STEPS,
+    schedule: str = "mixed",
+    assignment: str = "class-rank",
+    cuts_per_step: int = DEFAULT_CUTS_PER_STEP,
 ) -> Strategy:
     """Build a strategy by name (see :data:`STRATEGIES`).
 
     - ``full``: depth 0, every layer trains. ``lora-full``: the same masks, ``uses_lora=True``.
     - ``lora-half``: LoRA on the top half only: depth m // 2, ``uses_lora="half"``.
-    - ``lift-half``: uniform-budget quotas, samples placed at random (seeded), the epoch rotates
-      front to end over depths (one batch of depth 0, 1, .., m-1, then again); trains only
+    - ``lift-half``: uniform-budget quotas, samples placed at random (seeded), visited front to end
+      over the depths (micro-batches of depth 0, 1, .., m-1, then again); trains only
       ``layers[depth]``. ``lift-star-half``: the same depths, trains ``layers[depth..]``.
-    - ``salf``: without ``budget`` (or ``"none"``), Algorithm 3: each sample at its profiled eof,
-      refreshed by :meth:`Strategy.observe`, buckets shuffled. With ``budget`` in uniform / arith /
-      geom, Algorithm 4: depths from :func:`~salf_engine.budgets.assign_depths` once at begin,
-      batches visited in the ``infill`` order (``bf``: depth-major; ``df``: round-robin over depths).
+    - ``salf``: without ``budget`` (or ``"none"``), Algorithm 3: each sample at its profiled eof. With
+      ``budget`` in uniform / arith / geom, Algorithm 4's quotas
+      (:func:`~salf_engine.budgets.budget_quotas`, filled ``infill`` = ``bf`` (default) or ``df``)
+      filled by ``assignment``: ``class-rank`` (default; every class spread over the depths by its
+      samples' eof rank inside the class, :func:`~salf_engine.budgets.assign_depths_by_class`) or
+      ``eof-match`` (:func:`~salf_engine.budgets.assign_depths`). Under the ``mixed`` schedule every
+      optimizer step holds ``cuts_per_step`` micro-batches of random depths, and the eofs seen in the
+      training forward re-assign the depths at the next epoch. ``schedule="paper"`` (budget needed)
+      runs Algorithm 4 as written instead: depth 0 first, ascending, eofs recomputed at the visit.
     - ``botNN``: freeze the bottom ``floor(NN% m)`` layers (depth = that count).
     - ``topNN``: freeze the top ``floor(NN% m)`` layers (depth 0).
     - ``intNN``: freeze ``floor(NN% m)`` interleaved layers, see :func:`interleaved_frozen`
@@ -494,22 +673,36 @@ def make_strategy(
       ``floor(f m)`` layers with the smallest / largest mean L2 weight change (f = ``freeze_fraction``,
       default 0.5).
 
-    ``boundary`` ("trainable" | "frozen") only matters when Algorithm-3 ``salf`` observes raw
-    deviations. ``lora=True`` asks for LoRA adapters under any strategy. A fraction that rounds to
-    zero or all layers is rejected by :meth:`Strategy.begin` (when m is known).
+    ``boundary`` ("trainable" | "frozen") decides how observed deviations become eofs. ``lora=True``
+    asks for LoRA adapters under any strategy. A fraction that rounds to zero or all layers is rejected
+    by :meth:`Strategy.begin` (when m is known).
     """
     if not isinstance(name, str) or name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; valid strategies: {', '.join(STRATEGIES)}")
-    if infill not in INFILLS:
+    if infill is not None and infill not in INFILLS:
         raise ConfigError(f"unknown infilling order {infill!r}; valid orders: {', '.join(INFILLS)}")
     if boundary not in BOUNDARIES:
         raise ConfigError(f"unknown eof boundary {boundary!r}; valid: {', '.join(BOUNDARIES)}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown depth schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if assignment not in ASSIGNMENTS:
+        raise ConfigError(f"unknown depth assignment {assignment!r}; valid: {', '.join(ASSIGNMENTS)}")
+    _positive_int(cuts_per_step, "cuts_per_step")
     if budget is not None and name != "salf":
         raise ConfigError(
             f"a budget plan only applies to strategy 'salf', not {name!r} (got budget={budget!r})"
         )
     if budget is not None and budget not in BUDGETS:
         raise ConfigError(f"unknown budget plan {budget!r}; valid plans: {', '.join(BUDGETS)}")
+    budgeted = budget is not None and budget != "none"
+    if infill is not None and not budgeted:
+        raise ConfigError(
+            f"infilling order {infill!r} fills a budget plan's shares; give a budget (uniform, arith, geom) "
+            "or drop the infilling order"
+        )
+    if schedule == "paper" and not budgeted:
+        raise ConfigError("the 'paper' schedule is Algorithm 4 and needs a salf budget plan "
+                          "(uniform, arith, geom)")
     if isinstance(adt_steps, bool) or not isinstance(adt_steps, int) or adt_steps < 1:
         raise ConfigError(f"adt_steps must be an integer >= 1, got {adt_steps!r}")
 
@@ -524,15 +717,21 @@ def make_strategy(
         return StaticStrategy(name, _lora_half_mask, seed=seed, uses_lora="half")
     if name in ("lift-half", "lift-star-half"):
         mask = "single" if name == "lift-half" else "above"
-        return SampleDepthStrategy(name, _lift_depths, schedule="df", mask=mask, **common)
+        return SampleDepthStrategy(name, _lift_depths, order="rotation", cuts_per_step=cuts_per_step,
+                                   mask=mask, **common)
     if name == "salf":
-        if budget is None or budget == "none":
-            s = SampleDepthStrategy(
-                name, _algorithm3_depths, schedule="shuffle", refresh=True, boundary=boundary, **common
-            )
+        s: Strategy
+        if not budgeted:
+            s = SampleDepthStrategy(name, _algorithm3_depths, order="mixed", cuts_per_step=cuts_per_step,
+                                    refresh=True, boundary=boundary, **common)
+        elif schedule == "paper":
+            s = PaperScheduleStrategy(name, budget=budget, infill=infill or "bf", boundary=boundary,
+                                      **common)
+            s.label = f"salf-{budget}-{infill or 'bf'}-paper"
         else:
-            s = SampleDepthStrategy(name, _salf_depths(budget, infill), schedule=infill, **common)
-            s.label = f"salf-{budget}-{infill}"
+            s = SampleDepthStrategy(name, _salf_depths(budget, infill or "bf", assignment), order="mixed",
+                                    cuts_per_step=cuts_per_step, refresh=True, boundary=boundary, **common)
+            s.label = f"salf-{budget}-{infill or 'bf'}"
         s.needs_profile = True
         return s
     if name in ("adt-low", "adt-high"):

@@ -8,14 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from salf_engine.budgets import assign_depths, budget_quotas, cost_saving_ratio
+from salf_engine.budgets import assign_depths, assign_depths_by_class, budget_quotas, cost_saving_ratio
 from salf_engine.errors import ConfigError
 from salf_engine.strategies import (
     STRATEGIES,
     AdaptiveStrategy,
+    MicroBatch,
     StepPlan,
     interleaved_frozen,
     make_strategy,
+    pack_steps,
 )
 
 T, F = True, False
@@ -27,14 +29,18 @@ def eofs_for(n: int, m: int = M, seed: int = 0) -> list[int]:
     return torch.randint(0, m, (n,), generator=gen).tolist()
 
 
-def started(name: str, n: int = 64, m: int = M, **options):
+def started(name: str, n: int = 64, m: int = M, labels=None, **options):
     s = make_strategy(name, **options)
-    s.begin(m, n, eofs_for(n, m) if s.needs_profile else None, 0)
+    s.begin(m, n, eofs_for(n, m) if s.needs_profile else None, 0, labels=labels)
     return s
 
 
-def all_plans(s, epoch: int = 0, batch_size: int = 4) -> list[StepPlan]:
-    return list(s.epoch_plans(epoch, batch_size))
+def all_plans(s, epoch: int = 0, batch_size: int = 4, micro: int | None = None) -> list[StepPlan]:
+    return list(s.epoch_plans(epoch, batch_size, micro))
+
+
+def micro_batches(s, epoch: int = 0, batch_size: int = 4) -> list[MicroBatch]:
+    return [mb for p in all_plans(s, epoch, batch_size) for mb in p.micro_batches]
 
 
 # ---------------------------------------------------------------- fixed masks, m = 8
@@ -60,9 +66,9 @@ STATIC_MASKS = {
 @pytest.mark.parametrize("name", list(STATIC_MASKS))
 def test_static_masks_m8(name):
     depth, mask = STATIC_MASKS[name]
-    plans = all_plans(started(name))
-    assert {p.depth for p in plans} == {depth}
-    assert all(p.trainable == mask for p in plans)
+    mbs = micro_batches(started(name))
+    assert {mb.depth for mb in mbs} == {depth}
+    assert all(mb.trainable == mask for mb in mbs)
 
 
 def test_uses_lora_flags():
@@ -82,10 +88,33 @@ def test_interleaved_layers_documented():
 
 def test_generic_fraction_names():
     s = started("bot", freeze_fraction=0.3, m=10)
-    assert all_plans(s)[0].trainable == [F, F, F, T, T, T, T, T, T, T]
+    assert micro_batches(s)[0].trainable == [F, F, F, T, T, T, T, T, T, T]
     s = started("top", freeze_fraction=0.3, m=10)
-    assert all_plans(s)[0].trainable == [T, T, T, T, T, T, T, F, F, F]
+    assert micro_batches(s)[0].trainable == [T, T, T, T, T, T, T, F, F, F]
     assert started("bot25", freeze_fraction=0.25).label == "bot25"
+
+
+# ---------------------------------------------------------------- packing steps
+
+
+def test_pack_steps_fills_every_step_and_splits_where_needed():
+    mbs = [MicroBatch([1, 2, 3], 0, [T]), MicroBatch([4], 1, [T]), MicroBatch([5, 6, 7, 8, 9], 2, [T])]
+    steps = list(pack_steps(iter(mbs), 4, 2))
+    assert [len(p) for p in steps] == [4, 4, 1]
+    assert [[mb.indices for mb in p.micro_batches] for p in steps] == [
+        [[1, 2], [3], [4]], [[5, 6], [7, 8]], [[9]]]
+    assert [p.depths for p in steps] == [[0, 0, 1], [2, 2], [2]]
+
+
+def test_step_size_counts_examples_for_every_strategy():
+    """Every strategy's epoch has ceil(N / step) steps of exactly `step` examples (the last aside)."""
+    n, step = 101, 8
+    for name, opts in [("full", {}), ("bot50", {}), ("lift-star-half", {}), ("salf", {}),
+                       ("salf", dict(budget="arith", infill="df")), ("salf", dict(budget="geom")),
+                       ("adt-low", {}), ("salf", dict(budget="uniform", schedule="paper"))]:
+        s = started(name, n=n, **opts)
+        sizes = [len(p) for p in all_plans(s, batch_size=step)]
+        assert sizes == [step] * (n // step) + [n % step], (name, opts)
 
 
 # ---------------------------------------------------------------- per-sample depths
@@ -93,53 +122,127 @@ def test_generic_fraction_names():
 
 @pytest.mark.parametrize("name", ["lift-half", "lift-star-half"])
 def test_lift_rotation_and_masks(name):
-    s = started(name, n=64)  # uniform quotas: u = 8 samples per depth, 2 batches of 4 each
-    plans = all_plans(s, batch_size=4)
-    assert [p.depth for p in plans] == list(range(8)) * 2  # front-to-end, twice
-    for p in plans:
+    s = started(name, n=64, cuts_per_step=1)  # uniform quotas: 8 samples per depth, 2 micro-batches of 4
+    mbs = micro_batches(s, batch_size=4)
+    assert [mb.depth for mb in mbs] == list(range(8)) * 2  # front-to-end, twice
+    for mb in mbs:
         if name == "lift-half":
-            assert p.trainable == [i == p.depth for i in range(8)]
+            assert mb.trainable == [i == mb.depth for i in range(8)]
         else:
-            assert p.trainable == [i >= p.depth for i in range(8)]
+            assert mb.trainable == [i >= mb.depth for i in range(8)]
     assert Counter(s.depths) == Counter({k: 8 for k in range(8)})
     assert not s.needs_profile
 
 
 def test_lift_uses_uniform_quotas_with_partial_share():
-    s = started("lift-half", n=10, m=4)  # u = 3: quotas [3, 3, 3, 1]
+    s = started("lift-half", n=10, m=4, cuts_per_step=1)  # u = 3: quotas [3, 3, 3, 1]
     assert [Counter(s.depths)[k] for k in range(4)] == budget_quotas("uniform", "bf", 4, 10) == [3, 3, 3, 1]
-    plans = all_plans(s, batch_size=2)
-    assert [p.depth for p in plans] == [0, 1, 2, 3, 0, 1, 2]
-    assert [len(p.indices) for p in plans] == [2, 2, 2, 1, 1, 1, 1]
+    mbs = micro_batches(s, batch_size=2)
+    assert all(s.depths[i] >= mb.depth for mb in mbs for i in mb.indices)  # never frozen deeper
+    assert sum(len(mb.indices) for mb in mbs) == 10
+
+
+def classes_for(n: int, k: int = 4, seed: int = 1) -> list[int]:
+    return torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.mark.parametrize(
     ("budget", "infill"), [(b, o) for b in ("uniform", "arith", "geom") for o in ("bf", "df")]
 )
-def test_budgeted_salf_depths_and_order(budget, infill):
+def test_budgeted_salf_depths_cost_and_mixed_steps(budget, infill):
     n = 200
-    eofs = eofs_for(n)
+    eofs, labels = eofs_for(n), classes_for(n)
     s = make_strategy("salf", budget=budget, infill=infill, seed=3)
-    assert s.needs_profile and not s.needs_observe
-    s.begin(M, n, eofs, 3)
-    assert s.depths == assign_depths(eofs, budget, infill, M, seed=3)
+    assert s.needs_profile and s.needs_observe
+    s.begin(M, n, eofs, 3, labels=labels)
+    assert s.depths == assign_depths_by_class(eofs, labels, budget, infill, M, seed=3)
     plans = all_plans(s, batch_size=8)
-    depths = [p.depth for p in plans]
-    if infill == "bf":
-        assert depths == sorted(depths)
-    else:  # rounds of ascending depths, each round a subset of the previous one
-        rounds, current = [], []
-        for d in depths:
-            if current and d <= current[-1]:
-                rounds.append(current)
-                current = []
-            current.append(d)
-        rounds.append(current)
-        assert all(set(b) <= set(a) for a, b in zip(rounds, rounds[1:], strict=False))
     for p in plans:
-        assert p.trainable == [i >= p.depth for i in range(M)]
-        assert all(s.depths[i] == p.depth for i in p.indices)
-    assert round(s.realized_saving(), 6) == round(cost_saving_ratio(s.depths, M), 6)
+        assert len(p.micro_batches) <= 4 and all(len(mb.indices) <= 2 for mb in p.micro_batches)
+        for mb in p.micro_batches:
+            assert mb.trainable == [i >= mb.depth for i in range(M)]
+            assert all(s.depths[i] >= mb.depth for i in mb.indices)  # a run's cut is its lowest depth
+    # the cost is the budget's, up to the runs that straddle two depths
+    assert s.realized_saving() <= cost_saving_ratio(s.depths, M) + 1e-9
+    assert s.realized_saving() == pytest.approx(cost_saving_ratio(s.depths, M), abs=0.02)
+
+
+def test_eof_match_assignment_option():
+    n = 120
+    eofs, labels = eofs_for(n), classes_for(n)
+    s = make_strategy("salf", budget="arith", infill="df", assignment="eof-match", seed=2)
+    s.begin(M, n, eofs, 2, labels=labels)
+    assert s.depths == assign_depths(eofs, "arith", "df", M, seed=2)
+
+
+def test_every_salf_step_mixes_classes():
+    """The eof follows the class: even so, every optimizer step holds several classes."""
+    n, m = 480, 30
+    labels = [i % 6 for i in range(n)]
+    eofs = [min(m, 3 * y + (i % 3)) for i, y in enumerate(labels)]  # each class its own few eofs
+    for options in [dict(budget="uniform", infill="df"), dict(budget="arith", infill="df"),
+                    dict(budget="geom", infill="bf"), {}]:
+        s = make_strategy("salf", **options)
+        s.begin(m, n, eofs, 0, labels=labels)
+        plans = all_plans(s, batch_size=8)
+        assert all(len(p) == 8 for p in plans)
+        for p in plans:
+            assert len({labels[i] for i in p.indices}) > 1, options
+        if options:  # budgeted: every class trains at most of the budget's depths
+            used = set(s.depths)
+            for y in range(6):
+                mine = {s.depths[i] for i in range(n) if labels[i] == y}
+                assert len(mine) >= len(used) / 2, (options, y, sorted(mine), sorted(used))
+
+
+def test_bf_df_change_quotas_not_the_visit_order():
+    n = 300
+    eofs, labels = eofs_for(n), classes_for(n)
+    plans = {}
+    for infill in ("bf", "df"):
+        s = make_strategy("salf", budget="geom", infill=infill)
+        s.begin(M, n, eofs, 0, labels=labels)
+        plans[infill] = s
+        assert Counter(s.depths) == Counter(
+            {k: q for k, q in enumerate(budget_quotas("geom", infill, M, n)) if q})
+    assert Counter(plans["bf"].depths) != Counter(plans["df"].depths)
+    # the same visit pattern: micro-batches shuffled over the whole epoch in both
+    for s in plans.values():
+        depths = [mb.depth for mb in micro_batches(s, batch_size=8)]
+        assert depths != sorted(depths)
+    for infill in ("bf", "df"):  # and the paper schedule ascends under both
+        s = make_strategy("salf", budget="geom", infill=infill, schedule="paper")
+        s.begin(M, n, eofs, 0, labels=labels)
+        depths = [mb.depth for mb in micro_batches(s, batch_size=8)]
+        assert depths == sorted(depths)
+
+
+def test_paper_schedule_follows_algorithm4():
+    """Depth 0 first, ascending; a depth-k quota takes unused samples whose eof, recomputed at the visit
+    through `probe`, is <= k first (the cached eofs say whom to recompute), then random unused ones."""
+    n, m = 40, 4
+    eofs = [i % 4 for i in range(n)]  # 10 per eof: every quota (10) can be met by matching alone
+    s = make_strategy("salf", budget="uniform", infill="bf", schedule="paper")
+    s.begin(m, n, eofs, 0)
+    fresh = list(eofs)
+    fresh[0] = fresh[4] = 1  # the model moved on: these two settle one layer higher now
+    asked: list[int] = []
+
+    def probe(indices):
+        asked.extend(indices)
+        return [fresh[i] for i in indices]
+
+    s.probe = probe
+    mbs = micro_batches(s, batch_size=5)
+    depths = [mb.depth for mb in mbs]
+    assert depths == sorted(depths) and set(depths) == {0, 1, 2, 3}
+    trained_at = {i: mb.depth for mb in mbs for i in mb.indices}
+    assert sorted(trained_at) == list(range(n))
+    assert Counter(trained_at.values()) == Counter(dict(enumerate(budget_quotas("uniform", "bf", m, n))))
+    # depth 0: the 8 samples still at eof 0, plus 2 random unused ones (not 0 or 4 unless drawn at random)
+    assert {i for i in range(8, n, 4)} <= {i for i, d in trained_at.items() if d == 0}
+    assert all(eofs[i] <= trained_at[i] or trained_at[i] == 0 for i in asked)
+    assert s.eofs[0] == 1 and s.eofs[4] == 1 and s.probed == len(asked) >= n // 2
 
 
 def test_algorithm3_salf_uses_eofs_and_observe_refreshes_next_epoch():
@@ -151,18 +254,29 @@ def test_algorithm3_salf_uses_eofs_and_observe_refreshes_next_epoch():
     s.begin(M, n, eofs, 0)
     assert s.depths == [min(e, M - 1) for e in eofs]
     plans = iter(s.epoch_plans(0, 4))
-    first = next(plans)
+    first = next(plans).micro_batches[0]
     # deviations with the biggest drop across layers[5] -> eof 5
     dev = torch.ones(len(first.indices), M + 1)
     dev[:, 6:] = 0.2
     s.observe(first.indices, dev)
-    rest = list(plans)  # the running epoch keeps its snapshot
-    assert all(p.depth == eofs[p.indices[0]] or eofs[p.indices[0]] == M for p in rest)
-    assert all(s.depths[i] == 5 for i in first.indices)
+    rest = [mb for p in plans for mb in p.micro_batches]  # the running epoch keeps its depths
+    assert all(mb.depth == min(min(eofs[i], M - 1) for i in mb.indices) for mb in rest)
     s.observe(torch.tensor([1, 2]), torch.tensor([0, 7]))
+    micro_batches(s, epoch=1)
+    assert all(s.depths[i] == 5 for i in first.indices if i not in (1, 2))
     assert s.depths[1] == 0 and s.depths[2] == 7
-    nxt = [p for p in all_plans(s, epoch=1) if 1 in p.indices or first.indices[0] in p.indices]
-    assert {p.depth for p in nxt if 1 in p.indices} == {0}
+
+
+def test_unprofiled_samples_get_depths():
+    n = 30
+    eofs = [None if i % 3 else e for i, e in enumerate(eofs_for(n))]
+    labels = classes_for(n, 3)
+    for options in [{}, dict(budget="uniform"), dict(budget="arith", assignment="eof-match")]:
+        s = make_strategy("salf", **options)
+        s.begin(M, n, eofs, 0, labels=labels)
+        assert len(s.depths) == n and all(0 <= d < M for d in s.depths)
+    with pytest.raises(ConfigError, match="no profiled eof"):
+        make_strategy("salf").begin(M, 3, [None] * 3, 0)
 
 
 def test_observe_frozen_boundary():
@@ -170,6 +284,7 @@ def test_observe_frozen_boundary():
     s.begin(4, 2, [0, 0], 0)
     dev = torch.tensor([[1.0, 0.9, 0.2, 0.1, 0.0], [1.0, 1.0, 1.0, 1.0, 0.0]])
     s.observe([0, 1], dev)
+    micro_batches(s, epoch=1)
     assert s.depths == [2, 3]  # argmax gain 1 -> 2; argmax gain 3 -> 4, clamped to m-1
 
 
@@ -182,27 +297,29 @@ def test_observe_frozen_boundary():
         dict(name="lift-star-half"),
         dict(name="salf"),
         dict(name="salf", budget="geom", infill="df"),
+        dict(name="salf", budget="arith", schedule="paper"),
         dict(name="int75"),
         dict(name="adt-high"),
     ],
 )
-def test_every_sample_once_per_epoch_and_one_depth_per_plan(options):
+def test_every_sample_once_per_epoch_and_one_cut_per_micro_batch(options):
     n = 37
     s = make_strategy(**options)
-    s.begin(M, n, eofs_for(n) if s.needs_profile else None, 1)
+    s.begin(M, n, eofs_for(n) if s.needs_profile else None, 1, labels=classes_for(n))
     for epoch in range(2):
         plans = all_plans(s, epoch=epoch, batch_size=5)
         seen = [i for p in plans for i in p.indices]
         assert sorted(seen) == list(range(n))
         for p in plans:
-            assert 1 <= len(p.indices) <= 5
-            assert p.trainable is not None and len(p.trainable) == M
-            assert p.trainable[p.depth] and not any(p.trainable[: p.depth])
-            if hasattr(s, "depths"):
-                assert {s.depths[i] for i in p.indices} == {p.depth}
+            assert 1 <= len(p) <= 5
+            for mb in p.micro_batches:
+                assert len(mb.trainable) == M
+                assert mb.trainable[mb.depth] and not any(mb.trainable[: mb.depth])
+                if hasattr(s, "depths"):
+                    assert all(s.depths[i] >= mb.depth for i in mb.indices)
     # shuffled differently each epoch, identical for the same seed
     again = make_strategy(**options)
-    again.begin(M, n, eofs_for(n) if again.needs_profile else None, 1)
+    again.begin(M, n, eofs_for(n) if again.needs_profile else None, 1, labels=classes_for(n))
     assert [p.indices for p in all_plans(again, 1, 5)] == [p.indices for p in all_plans(s, 1, 5)]
     assert [p.indices for p in all_plans(s, 0, 5)] != [p.indices for p in all_plans(s, 1, 5)]
 
@@ -219,9 +336,9 @@ def test_realized_saving():
     all_plans(s)
     assert s.realized_saving() == pytest.approx(3.5 / 8)
     assert s.realized_frozen_fraction() == pytest.approx(7 / 8)
-    s = started("salf", n=16000, m=32, budget="geom", infill="df")
+    s = started("salf", n=16000, m=32, budget="geom", infill="df", cuts_per_step=1)
     all_plans(s, batch_size=64)
-    assert round(s.realized_saving(), 3) == 0.616
+    assert 0.612 < s.realized_saving() <= 0.616  # runs of 64 straddling two depths cost a little
     s.begin(32, 16000, eofs_for(16000, 32), 0)
     assert s.realized_saving() == 0.0  # begin resets the tally
 
@@ -252,15 +369,15 @@ def test_adt_freezes_layers_by_weight_change(mode, expected):
     assert s.layer_weight_changes() == pytest.approx([3 * c for c in change])
     plans = iter(s.epoch_plans(0, 4))
     for step in range(1, 5):
-        assert next(plans).trainable == [T] * M
+        assert next(plans).micro_batches[0].trainable == [T] * M
         s.after_step(step, layers)
         assert s.frozen_layers is None
     s.after_step(5, layers)
     assert s.frozen_layers == expected
     mask = [i not in expected for i in range(M)]
-    later = list(plans)
-    assert all(p.trainable == mask for p in later)
-    assert {p.depth for p in later} == {mask.index(True)}
+    later = [mb for p in plans for mb in p.micro_batches]
+    assert all(mb.trainable == mask for mb in later)
+    assert {mb.depth for mb in later} == {mask.index(True)}
     s.after_step(6, layers)  # decided once
     assert s.frozen_layers == expected
 
@@ -307,8 +424,7 @@ def test_masks_give_grads_to_exactly_the_trainable_layers(name, llama8):
     model = llama8
     s = started(name, n=32)
     s.on_train_start(model.model.layers)
-    plans = all_plans(s, batch_size=4)
-    chosen = {p.depth: p for p in plans}  # one plan per distinct depth
+    chosen = {mb.depth: mb for mb in micro_batches(s, batch_size=4)}  # one per distinct depth
     for plan in chosen.values():
         _apply(model, plan.trainable)
         model.zero_grad(set_to_none=True)
@@ -327,7 +443,7 @@ def test_lora_half_mask_selects_adapter_layers(llama8):
     from tiny_models import tiny_model
 
     s = started("lora-half", n=8)
-    plan = all_plans(s)[0]
+    plan = micro_batches(s)[0]
     wanted = [i for i, t in enumerate(plan.trainable) if t]
     assert wanted == [4, 5, 6, 7]
     model = get_peft_model(
@@ -358,6 +474,11 @@ def test_lora_half_mask_selects_adapter_layers(llama8):
         ),
         (lambda: make_strategy("salf", budget="geom", infill="zz"), r"unknown infilling order 'zz'.*bf, df"),
         (lambda: make_strategy("salf", boundary="middle"), r"unknown eof boundary"),
+        (lambda: make_strategy("salf", infill="df"), r"infilling order 'df' fills a budget plan's shares"),
+        (lambda: make_strategy("salf", schedule="paper"), r"'paper' schedule is Algorithm 4 and needs"),
+        (lambda: make_strategy("salf", schedule="fast"), r"unknown depth schedule 'fast'"),
+        (lambda: make_strategy("salf", assignment="x"), r"unknown depth assignment 'x'"),
+        (lambda: make_strategy("salf", cuts_per_step=0), r"cuts_per_step must be an integer >= 1"),
         (lambda: make_strategy("bot"), r"needs freeze_fraction"),
         (lambda: make_strategy("bot25", freeze_fraction=0.5), r"contradicts"),
         (lambda: make_strategy("full", freeze_fraction=0.5), r"only applies to bot/top/int/adt"),
@@ -372,7 +493,8 @@ def test_lora_half_mask_selects_adapter_layers(llama8):
         (lambda: make_strategy("salf").begin(8, 2, [0, 9], 0), r"eofs must lie in 0\.\.8"),
         (lambda: make_strategy("full").begin(0, 4), r"num_layers must be"),
         (lambda: make_strategy("full").begin(8, 0), r"num_samples must be"),
-        (lambda: started("full").epoch_plans(0, 0), r"batch_size must be an integer >= 1"),
+        (lambda: started("full").epoch_plans(0, 0), r"step_size \(batch_size\) must be an integer >= 1"),
+        (lambda: make_strategy("full").begin(8, 2, labels=[0]), r"got 1 labels for 2 samples"),
     ],
 )
 def test_bad_settings_raise_config_error(call, match):
@@ -381,8 +503,8 @@ def test_bad_settings_raise_config_error(call, match):
 
 
 def test_fractions_round_down_and_may_leave_one_layer():
-    assert all_plans(started("bot75", m=2))[0].trainable == [F, T]
-    assert all_plans(started("top", freeze_fraction=0.99, m=8))[0].trainable == [T, F, F, F, F, F, F, F]
+    assert micro_batches(started("bot75", m=2))[0].trainable == [F, T]
+    assert micro_batches(started("top", freeze_fraction=0.99, m=8))[0].trainable == [T, F, F, F, F, F, F, F]
 
 
 def test_epoch_plans_before_begin():
