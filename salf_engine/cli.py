@@ -61,7 +61,17 @@ def _add_data_args(p: argparse.ArgumentParser, *, dataset_required: bool = True)
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="salf", help="full, salf, lora-full, lora-half, bot50 ...")
     p.add_argument("--budget", default=None, help="SALF budget plan: uniform, arith, geom (default: none)")
-    p.add_argument("--infill", default=None, help="budget infilling order: bf or df")
+    p.add_argument("--infill", default=None, help="budget infilling order: bf or df (sets the quotas)")
+    p.add_argument("--depth-schedule", default="mixed",
+                   help="mixed (several cuts per optimizer step; default) or paper (Algorithm 4 as written)")
+    p.add_argument("--depth-assignment", default="class-rank",
+                   help="budgeted SALF: class-rank (default) or eof-match (Algorithm 4's matching)")
+    p.add_argument("--cuts-per-step", type=int, default=4,
+                   help="micro-batches of different depths per optimizer step (SALF, LIFT; default 4)")
+    p.add_argument("--profile-fraction", type=float, default=1.0,
+                   help="share of the training examples profiled before epoch 0 (default 1)")
+    p.add_argument("--train-head", action="store_true",
+                   help="train the LM head under layer-freezing strategies too (full always trains it)")
     p.add_argument("--freeze-fraction", type=float, default=None, help="for bot / top / int / adt strategies")
     p.add_argument("--metric", default="cosine", help="deviation metric: cosine, ce or rank")
     p.add_argument("--lens", default="final_norm", help="final_norm or raw")
@@ -72,14 +82,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 5e-5 for full weights, 1e-3 for LoRA)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--schedule", default="linear", help="linear or constant (after warm-up)")
     p.add_argument("--limit", type=int, default=None, help="training subset size (class-stratified)")
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--eval-split", default="test")
+    p.add_argument("--eval-split", default="test", help="a split name, or 'holdout' (carved from train)")
+    p.add_argument("--holdout-size", type=int, default=500, help="examples held out for --eval-split holdout")
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) instead of the weights")
     p.add_argument("--lora-r", type=int, default=8)
@@ -101,6 +113,9 @@ def _config_from_args(args: argparse.Namespace, **fixed: Any):
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, text_column=args.text_column,
         text_pair_column=args.text_pair_column, label_column=args.label_column, max_length=args.max_length,
         strategy=args.strategy, budget=args.budget, infill=args.infill, freeze_fraction=args.freeze_fraction,
+        depth_schedule=args.depth_schedule, depth_assignment=args.depth_assignment,
+        cuts_per_step=args.cuts_per_step, profile_fraction=args.profile_fraction, train_head=args.train_head,
+        holdout_size=args.holdout_size,
         metric=args.metric, lens=args.lens, eof_boundary=args.eof_boundary, loss=args.loss,
         deviation_impl=args.deviation_impl,
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,

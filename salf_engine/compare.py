@@ -66,8 +66,10 @@ __all__ = [
 CELL_SYNTAX = (
     "strategy cells: NAME[:OPTION]... with NAME one of {names}; OPTIONs: a budget plan "
     "(uniform = half, arith, geom, none; salf only), an infilling order (bf, df; with a budget), a freeze "
-    "fraction in (0, 1) (bot/top/int/adt), 'lora' (LoRA adapters). Examples: salf (Algorithm 3), "
-    "salf:uniform:df (SALF[half]), salf:geom:bf, bot50, bot:0.3, adt-high:0.25, bot50:lora"
+    "fraction in (0, 1) (bot/top/int/adt), 'lora' (LoRA adapters), 'paper' (Algorithm 4's schedule), "
+    "'eof-match' or 'class-rank' (budgeted SALF's depth assignment), cutsN (N cuts per optimizer step). "
+    "Examples: salf (Algorithm 3), salf:uniform:df (SALF[half]), salf:arith:df:paper, salf:geom:bf, "
+    "bot50, bot:0.3, adt-high:0.25, bot50:lora, lift-star-half:cuts1"
 )
 
 _BUDGET_ALIASES = {"uniform": "uniform", "half": "uniform", "arith": "arith", "geom": "geom", "none": "none"}
@@ -103,6 +105,9 @@ class StrategyCell:
     infill: str | None = None
     freeze_fraction: float | None = None
     lora: bool = False
+    schedule: str | None = None       # "paper" (Algorithm 4 as written); None = the config's
+    assignment: str | None = None     # "eof-match" / "class-rank"; None = the config's
+    cuts_per_step: int | None = None  # None = the config's
 
     @property
     def label(self) -> str:
@@ -112,6 +117,9 @@ class StrategyCell:
             parts += [self.budget, self.infill or "bf"]
         if self.freeze_fraction is not None:
             parts.append(f"{self.freeze_fraction:g}")
+        parts += [x for x in (self.schedule, self.assignment) if x is not None]
+        if self.cuts_per_step is not None:
+            parts.append(f"cuts{self.cuts_per_step}")
         if self.lora:
             parts.append("lora")
         return ":".join(parts)
@@ -123,8 +131,13 @@ class StrategyCell:
 
     def config_fields(self) -> dict[str, Any]:
         """The TrainConfig fields this cell fixes."""
-        return {"strategy": self.strategy, "budget": self.budget, "infill": self.infill,
-                "freeze_fraction": self.freeze_fraction, "lora": self.lora}
+        fields = {"strategy": self.strategy, "budget": self.budget, "infill": self.infill,
+                  "freeze_fraction": self.freeze_fraction, "lora": self.lora}
+        for key, value in (("depth_schedule", self.schedule), ("depth_assignment", self.assignment),
+                           ("cuts_per_step", self.cuts_per_step)):
+            if value is not None:
+                fields[key] = value
+        return fields
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,9 @@ def parse_strategy(text: str) -> StrategyCell:
     infill: str | None = None
     fraction: float | None = None
     lora = False
+    schedule: str | None = None
+    assignment: str | None = None
+    cuts: int | None = None
 
     def once(kind: str, current: object) -> None:
         if current is not None and current is not False:
@@ -172,6 +188,15 @@ def parse_strategy(text: str) -> StrategyCell:
         elif key == "lora":
             once("'lora'", lora)
             lora = True
+        elif key == "paper":
+            once("schedule", schedule)
+            schedule = key
+        elif key in ("eof-match", "class-rank"):
+            once("depth assignment", assignment)
+            assignment = key
+        elif re.fullmatch(r"cuts[1-9][0-9]*", key):
+            once("cuts per step", cuts)
+            cuts = int(key[4:])
         else:
             try:
                 value = float(key)
@@ -179,7 +204,7 @@ def parse_strategy(text: str) -> StrategyCell:
                 raise ConfigError(
                     f"unknown option {opt!r} in strategy cell {text!r}; options: budget plans "
                     f"{', '.join(_BUDGET_ALIASES)}, infilling orders {', '.join(_INFILLS)}, "
-                    "a freeze fraction in (0, 1), lora"
+                    "a freeze fraction in (0, 1), lora, paper, eof-match, class-rank, cutsN"
                 ) from None
             once("freeze fraction", fraction)
             if not (math.isfinite(value) and 0 < value < 1):
@@ -194,8 +219,10 @@ def parse_strategy(text: str) -> StrategyCell:
     if budget is not None and infill is None:
         infill = "bf"
     # make_strategy checks the combination (a budget on a non-salf strategy, a fraction that clashes ...)
-    make_strategy(name, budget=budget, infill=infill or "bf", freeze_fraction=fraction, lora=lora)
-    return StrategyCell(name, budget, infill, fraction, lora)
+    make_strategy(name, budget=budget, infill=infill, freeze_fraction=fraction, lora=lora,
+                  schedule=schedule or "mixed", assignment=assignment or "class-rank",
+                  cuts_per_step=cuts or 1)
+    return StrategyCell(name, budget, infill, fraction, lora, schedule, assignment, cuts)
 
 
 def parse_dataset(text: str, data_dir: str | None = None) -> DatasetCell:
@@ -410,7 +437,6 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
 
     from .evaluate import evaluate
     from .models.loading import load_model
-    from .strategies import make_strategy
     from .train import encode_task
 
     train_module = importlib.import_module("salf_engine.train")
@@ -457,9 +483,7 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
             say(f"[{n_done}/{n_total}] {d.label} / {s.label} -> {cfg.output}")
             t_copy = time.perf_counter()
             model = fresh_model()
-            strategy = make_strategy(cfg.strategy, budget=cfg.budget, infill=cfg.infill or "bf",
-                                     freeze_fraction=cfg.freeze_fraction, seed=cfg.seed,
-                                     boundary=cfg.eof_boundary, lora=cfg.lora)
+            strategy = train_module.strategy_from_config(cfg)
             prepared = dict(config=cfg, strategy=strategy, device=device, task=task, model=model,
                             tokenizer=tokenizer, verbalizer=verbalizer, train_split=train_split,
                             eval_split=eval_split, load_seconds=time.perf_counter() - t_copy,
@@ -700,7 +724,8 @@ def _shared_train_fields(args: argparse.Namespace) -> dict[str, Any]:
     _add_train_args(defaults_parser)
     base = vars(defaults_parser.parse_args([]))
     own = ("limit", "eval_limit", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "seed", "lora",
-           "lora_r", "load_in_4bit", "max_length", "eval_batch_size", "dtype", "device", "eval_split")
+           "lora_r", "load_in_4bit", "max_length", "eval_batch_size", "dtype", "device", "eval_split",
+           "holdout_size", "cuts_per_step", "profile_fraction", "train_head")
     mine = {k: getattr(args, k) for k in own}
     base.update(mine)
     return dict(
@@ -714,6 +739,8 @@ def _shared_train_fields(args: argparse.Namespace) -> dict[str, Any]:
         lora_dropout=base["lora_dropout"],
         load_in_4bit=base["load_in_4bit"], dtype=base["dtype"], device=base["device"],
         gradient_checkpointing=base["gradient_checkpointing"], seed=base["seed"],
+        holdout_size=base["holdout_size"], cuts_per_step=base["cuts_per_step"],
+        profile_fraction=base["profile_fraction"], train_head=base["train_head"],
     )
 
 
@@ -772,12 +799,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="training subset size per dataset (class-stratified)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluation subset size per dataset")
-    p.add_argument("--eval-split", default="test")
+    p.add_argument("--eval-split", default="test", help="a split name, or 'holdout' (carved from train)")
+    p.add_argument("--holdout-size", type=int, default=500, help="examples held out for --eval-split holdout")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: per training mode, full weights or LoRA; see README)")
+    p.add_argument("--cuts-per-step", type=int, default=4,
+                   help="micro-batches of different depths per optimizer step (SALF, LIFT)")
+    p.add_argument("--profile-fraction", type=float, default=1.0,
+                   help="share of the training examples profiled before epoch 0")
+    p.add_argument("--train-head", action="store_true", help="train the LM head under layer freezing too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", action="store_true", help="LoRA adapters under every strategy")
     p.add_argument("--lora-r", type=int, default=8)

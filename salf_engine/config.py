@@ -11,7 +11,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "DEFAULT_LORA_TARGETS"]
+__all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "DEFAULT_LORA_TARGETS", "DEFAULT_LR",
+           "DEFAULT_LORA_LR"]
 
 DTYPES = ("float32", "bf16")
 LOSSES = ("next-token", "semantic-ce", "cosine")
@@ -20,6 +21,12 @@ SCHEDULES = ("linear", "constant")
 LENSES = ("final_norm", "raw")
 EOF_BOUNDARIES = ("trainable", "frozen")
 DEVIATION_IMPLS = ("auto", "torch", "triton", "cpp", "cuda")
+#: Learning rates when ``lr`` is not given, chosen by a sweep on held-out training data
+#: (bench/results/lr_sweep.md): fine-tuning the weights themselves, and LoRA adapters.
+DEFAULT_LR = 5e-5
+DEFAULT_LORA_LR = 1e-3
+DEPTH_SCHEDULES = ("mixed", "paper")
+DEPTH_ASSIGNMENTS = ("class-rank", "eof-match")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -34,11 +41,17 @@ class TrainConfig:
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
-    eval_split: str = "test"
+    eval_split: str = "test"            # a split of the dataset, or "holdout" (carved from train)
+    holdout_size: int = 500            # examples held out of the training split for eval_split="holdout"
     # which layers to train
     strategy: str = "salf"
     budget: str | None = None          # budget plan (uniform | arithmetic | geometric ...), strategy-defined
-    infill: str | None = None          # share order: bf | df
+    infill: str | None = None          # share order: bf | df (decides quotas, not the visit order)
+    depth_schedule: str = "mixed"      # mixed (several cuts per optimizer step) | paper (Algorithm 4)
+    depth_assignment: str = "class-rank"  # budgeted SALF: class-rank | eof-match
+    cuts_per_step: int = 4             # micro-batches (cuts) per optimizer step of depth-varying strategies
+    profile_fraction: float = 1.0      # share of the training examples profiled before epoch 0
+    train_head: bool = False           # train the LM head under layer-freezing strategies too
     freeze_fraction: float | None = None  # bot / top / int / adt strategies
     metric: str = "cosine"             # deviation metric for the eof-layer
     lens: str = "final_norm"           # lens for intermediate spaces: final_norm | raw
@@ -62,7 +75,7 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float | None = None            # None: DEFAULT_LR (full weights) or DEFAULT_LORA_LR (LoRA)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     schedule: str = "linear"           # linear decay after warm-up | constant after warm-up
@@ -104,13 +117,19 @@ class TrainConfig:
         choice("lens", self.lens, LENSES)
         choice("eof boundary", self.eof_boundary, EOF_BOUNDARIES)
         choice("deviation impl", self.deviation_impl, DEVIATION_IMPLS)
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "lora_r"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "lora_r",
+                     "holdout_size"):
             positive(name, getattr(self, name))
         for name in ("max_steps", "limit", "eval_limit"):
             positive(name, getattr(self, name), allow_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not _finite(self.lr) or self.lr <= 0:
+        choice("depth schedule", self.depth_schedule, DEPTH_SCHEDULES)
+        choice("depth assignment", self.depth_assignment, DEPTH_ASSIGNMENTS)
+        positive("cuts_per_step", self.cuts_per_step)
+        if not _finite(self.profile_fraction) or not 0 < self.profile_fraction <= 1:
+            raise ConfigError(f"profile_fraction must be in (0, 1], got {self.profile_fraction!r}")
+        if self.lr is not None and (not _finite(self.lr) or self.lr <= 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if not _finite(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
@@ -131,6 +150,12 @@ class TrainConfig:
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         return self
+
+    def resolved_lr(self, lora: bool) -> float:
+        """``lr``, or the default for what trains: LoRA adapters or the weights themselves."""
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LORA_LR if lora else DEFAULT_LR
 
     # ---- JSON ----
     def to_dict(self) -> dict[str, Any]:

@@ -20,10 +20,12 @@ import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,16 @@ __all__ = [
     "apply_lora",
     "resolve_device",
     "RUN_FILES",
+    "HOLDOUT",
+    "CostMeter",
+    "profile_subset",
+    "strategy_from_config",
 ]
+
+#: ``eval_split`` value that evaluates on examples held out of the training split.
+HOLDOUT = "holdout"
+#: Seed of the held-out draw: the same validation examples for every run seed.
+HOLDOUT_SEED = 20240617
 
 # Everything a run directory may hold; overwrite clears exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "model", "eval.json", "eval.txt", "eof_hist.png", "summary.json",
@@ -90,23 +101,33 @@ def apply_lora(model, config: TrainConfig, layers: Sequence[int] | None = None):
     return get_peft_model(model, lora_config)
 
 
-def build_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (no decay on norms and biases)."""
+def build_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig,
+                    lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (no decay on norms and biases); ``lr`` defaults to the
+    config's learning rate for full weights."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr or config.resolved_lr(False),
+                             betas=(0.9, 0.999), eps=1e-8)
 
 
-def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
-    """Linear warm-up, then linear decay to 0 (or constant)."""
-    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "linear") -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based): warm-up ``(step+1)/(warmup+1)``,
+    then constant, or linear decay to ``1/(total-warmup)`` at the last step. Never 0: every step learns."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    return max(total - step, 1) / max(total - warmup, 1)
 
+
+def build_scheduler(optimizer, config: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay (or constant); see `lr_factor`."""
     warmup = int(round(config.warmup_ratio * total_steps))
-    if config.schedule == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total_steps, config.schedule))
 
 
 def compute_loss(out, labels: torch.Tensor, label_token_ids: torch.Tensor, bases: torch.Tensor | None,
@@ -160,24 +181,52 @@ def profile_deviations(runner, encoded, pad_id: int, *, batch_size: int = 32, dt
 
 
 def encode_task(task, tokenizer, config: TrainConfig):
-    """(verbalizer, train split, eval split) of `task`, encoded as `config` says (length, limits, seed)."""
-    from .data import Verbalizer, encode_split
+    """(verbalizer, train split, eval split) of `task`, encoded as `config` says (length, limits, seed).
+
+    With ``eval_split="holdout"`` the evaluation examples are ``holdout_size`` class-stratified examples
+    carved out of the training split (the same ones for every run seed, :data:`HOLDOUT_SEED`), and the
+    training subset is drawn from the rest: a validation part for choosing hyperparameters that never
+    touches the test split.
+    """
+    from .data import Verbalizer, encode_split, stratified_subset, subset_split
 
     verbalizer = Verbalizer(task.classes, task.label_words, tokenizer)
-    train_split = encode_split(task, tokenizer, "train", verbalizer, max_length=config.max_length,
-                               limit=config.limit, seed=config.seed)
-    eval_split = encode_split(task, tokenizer, config.eval_split, verbalizer, max_length=config.max_length,
-                              limit=config.eval_limit, seed=config.seed)
+    if config.eval_split == HOLDOUT:
+        full = encode_split(task, tokenizer, "train", verbalizer, max_length=config.max_length)
+        if config.holdout_size >= len(full):
+            raise ConfigError(f"holdout_size {config.holdout_size} leaves no training example out of the "
+                              f"{len(full)} of {config.dataset}'s training split")
+        held = stratified_subset(full.labels, config.holdout_size, seed=HOLDOUT_SEED)
+        held_set = set(held)
+        rest = [i for i in range(len(full)) if i not in held_set]
+        if config.limit is not None:
+            rest = [rest[j] for j in stratified_subset([full.labels[i] for i in rest], config.limit,
+                                                       seed=config.seed)]
+        train_split, eval_split = subset_split(full, rest), subset_split(full, held)
+    else:
+        train_split = encode_split(task, tokenizer, "train", verbalizer, max_length=config.max_length,
+                                   limit=config.limit, seed=config.seed)
+        eval_split = encode_split(task, tokenizer, config.eval_split, verbalizer,
+                                  max_length=config.max_length, limit=config.eval_limit, seed=config.seed)
     if len(train_split) == 0:
         raise ConfigError(f"the training split of {config.dataset} is empty")
     return verbalizer, train_split, eval_split
+
+
+def strategy_from_config(config: TrainConfig):
+    """The :class:`~salf_engine.strategies.Strategy` a config asks for (ConfigError for a bad combination)."""
+    from .strategies import make_strategy
+
+    return make_strategy(config.strategy, budget=config.budget, infill=config.infill,
+                         freeze_fraction=config.freeze_fraction, seed=config.seed,
+                         boundary=config.eof_boundary, lora=config.lora, schedule=config.depth_schedule,
+                         assignment=config.depth_assignment, cuts_per_step=config.cuts_per_step)
 
 
 def prepare(config: TrainConfig) -> dict[str, Any]:
     """Validate the inputs, load data and model; nothing is written. Raises SalfError subclasses."""
     from .data import load_task
     from .models.loading import load_model
-    from .strategies import make_strategy
 
     config.validate()
     out_dir = Path(config.output) if config.output else None
@@ -188,11 +237,7 @@ def prepare(config: TrainConfig) -> dict[str, Any]:
             raise ConfigError(f"{out_dir} already holds a finished run; pass --overwrite to replace it")
         if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
             raise ConfigError(f"output {out_dir} is a non-empty directory that holds no run; choose another")
-    options: dict[str, Any] = {"budget": config.budget, "seed": config.seed, "boundary": config.eof_boundary,
-                               "lora": config.lora, "freeze_fraction": config.freeze_fraction}
-    if config.infill is not None:
-        options["infill"] = config.infill
-    strategy = make_strategy(config.strategy, **options)
+    strategy = strategy_from_config(config)
     device = resolve_device(config.device)
     task = load_task(config.dataset, config.data_dir, text_column=config.text_column,
                      text_pair_column=config.text_pair_column, label_column=config.label_column)
@@ -268,6 +313,63 @@ def _param_groups(parts) -> tuple[_Params, list[_Params], _Params]:
     return embed, layers, rest
 
 
+@dataclass
+class _ProbeTally:
+    examples: int = 0
+    seconds: float = 0.0
+
+
+class CostMeter:
+    """What a run's training cost, in units of one decoder layer's forward over one example.
+
+    Per trained example: m units of forward; in backward, 2 units for every layer whose weights train
+    (input and weight gradients) and 1 for every layer above the cut that only passes the gradient down
+    (a masked layer, or a LoRA-wrapped one: its adapter's gradient is negligible). Full fine-tuning
+    costs 3m per example; a profiled example costs m (forward only). The head and embedding are
+    left out: at the medium token only, the head is a small part of a step.
+    """
+
+    def __init__(self, num_layers: int, *, lora: bool) -> None:
+        self.m = num_layers
+        self.lora = lora
+        self.examples = 0
+        self._depth_sum = 0
+        self._units = 0
+        self._depths: Counter[int] = Counter()
+
+    def add(self, n: int, depth: int, trainable: Sequence[bool]) -> None:
+        """Count ``n`` examples trained at cut ``depth`` with the per-layer ``trainable`` mask."""
+        above = self.m - depth
+        weights = 0 if self.lora else sum(trainable[depth:])
+        self.examples += n
+        self._depth_sum += n * depth
+        self._units += n * (self.m + above + weights)
+        self._depths[depth] += n
+
+    def saving(self) -> float:
+        """The paper's backward cost-saving ratio: mean over trained examples of depth / m."""
+        return self._depth_sum / (self.examples * self.m) if self.examples else 0.0
+
+    def flops_ratio(self, profiled: int = 0) -> float:
+        """Estimated training FLOPs (``profiled`` forward-only examples included) relative to full
+        fine-tuning of the same examples."""
+        if not self.examples:
+            return 0.0
+        return (self._units + profiled * self.m) / (3 * self.m * self.examples)
+
+    def depth_histogram(self) -> list[int]:
+        """Trained examples per cut depth 0..m."""
+        return [self._depths.get(k, 0) for k in range(self.m + 1)]
+
+
+def profile_subset(num_samples: int, fraction: float, seed: int) -> list[int]:
+    """The training samples profiled before epoch 0: ``ceil(fraction * N)`` of them, seeded, ascending."""
+    count = max(1, math.ceil(fraction * num_samples))
+    if count >= num_samples:
+        return list(range(num_samples))
+    return sorted(random.Random(seed + 7919).sample(range(num_samples), count))
+
+
 def _histogram(values: Sequence[int], size: int) -> list[int]:
     counts = Counter(int(v) for v in values)
     return [counts.get(k, 0) for k in range(size)]
@@ -276,7 +378,7 @@ def _histogram(values: Sequence[int], size: int) -> list[int]:
 def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] | None = print,
           prepared: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune as `config` says; write the run directory (when `config.output`); return the summary."""
-    from .data import collate
+    from .data import collate, subset_split
     from .deviation import eof_layers
     from .evaluate import evaluate
     from .runner import TruncatedRunner
@@ -331,44 +433,71 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         parts = runner.parts
         m = runner.num_layers
         embed_params, layer_params, rest_params = _param_groups(parts)
+        # layer-freezing strategies keep the head (and the embedding below every frozen layer) fixed:
+        # the frozen layers' input, the semantic bases and the profiled eofs stay what they were
+        # (`train_head` trains the head alone: the embedding's input path stays frozen even when tied)
+        full_weights = strategy.name == "full" and not uses_lora
+        if not full_weights:
+            for q in embed_params:
+                q.requires_grad_(False)
+            for q in parts.lm_head.parameters():
+                q.requires_grad_(config.train_head)
+        head_trains = any(q.requires_grad for q in parts.lm_head.parameters())
         base_trainable = [q for q in runner_model.parameters() if q.requires_grad]
         base_ids = {id(q) for q in base_trainable}
-        embed_trainable = any(id(q) in base_ids for q in embed_params)
+        embed_trainable = full_weights and any(id(q) in base_ids for q in embed_params)
         if not base_trainable:
             raise ConfigError("the model has no trainable parameters")
+        lr = config.resolved_lr(uses_lora)
+        labels_all = list(train_split.labels)
 
-        # ---- eof profile (one batched no-grad pass) for strategies that want it
-        eofs: list[int] | None = None
-        profile_seconds = 0.0
-        if strategy.needs_profile:
-            say(f"profiling eof-layers of {len(train_split)} training examples ...")
+        # ---- eof profile (one batched no-grad pass, or a fraction of it) for strategies that want it
+        probes = _ProbeTally()
+
+        def probe(indices: Sequence[int]) -> list[int]:
+            """eof of each given training sample under the current weights (one no-grad pass)."""
             t0 = time.perf_counter()
-            dev = profile_deviations(runner, train_split, pad_id, batch_size=config.eval_batch_size,
-                                     dtype=config.dtype, progress=progress, desc="eof profile")
-            eofs = eof_layers(dev, boundary=config.eof_boundary).tolist()
-            profile_seconds = time.perf_counter() - t0
+            dev = profile_deviations(runner, subset_split(train_split, indices), pad_id,
+                                     batch_size=config.eval_batch_size, dtype=config.dtype, progress=False)
+            probes.examples += len(indices)
+            probes.seconds += time.perf_counter() - t0
+            return eof_layers(dev, boundary=config.eof_boundary).tolist()
 
-        # the plan count of epoch 0 sizes the LR schedule; begin() again resets the strategy's tally
-        strategy.begin(m, len(train_split), eofs, config.seed)
-        plans_per_epoch = sum(1 for _ in strategy.epoch_plans(0, config.batch_size))
-        if plans_per_epoch == 0:
-            raise ConfigError(f"strategy {config.strategy!r} planned no training step")
-        strategy.begin(m, len(train_split), eofs, config.seed)
+        eofs: list[int | None] | None = None
+        profile_seconds = 0.0
+        profiled = 0
+        if strategy.needs_profile:
+            chosen = profile_subset(len(train_split), config.profile_fraction, config.seed)
+            say(f"profiling eof-layers of {len(chosen)} of {len(train_split)} training examples ...")
+            t0 = time.perf_counter()
+            dev = profile_deviations(runner, subset_split(train_split, chosen), pad_id,
+                                     batch_size=config.eval_batch_size, dtype=config.dtype, progress=progress,
+                                     desc="eof profile")
+            eofs = [None] * len(train_split)
+            for i, e in zip(chosen, eof_layers(dev, boundary=config.eof_boundary).tolist(), strict=True):
+                eofs[i] = int(e)
+            profile_seconds = time.perf_counter() - t0
+            profiled = len(chosen)
+
+        strategy.begin(m, len(train_split), eofs, config.seed, labels=labels_all)
+        strategy.probe = probe
         strategy.on_train_start(parts.layers)
-        total_steps = config.max_steps or math.ceil(plans_per_epoch / config.grad_accum) * config.epochs
-        optimizer = build_optimizer(base_trainable, config)
+        step_size = config.batch_size * config.grad_accum
+        steps_per_epoch = math.ceil(len(train_split) / step_size)
+        total_steps = config.max_steps or steps_per_epoch * config.epochs
+        optimizer = build_optimizer(base_trainable, config, lr)
         scheduler = build_scheduler(optimizer, config, total_steps)
         want_dev = bool(getattr(strategy, "needs_observe", False))
         last_seen_eofs: dict[int, int] = {}
 
-        def set_trainable(depth: int, mask: Sequence[bool] | None) -> bool:
+        def set_trainable(depth: int, mask: Sequence[bool]) -> bool:
             """requires_grad from the plan, among the parameters trainable at the start."""
             allowed: set[int] = set()
-            train_embed = embed_trainable and depth == 0 and (mask is None or all(mask))
+            train_embed = embed_trainable and depth == 0 and all(mask)
             if train_embed:
                 allowed.update(id(q) for q in embed_params)
             for i in range(depth, m):
-                if mask is None or mask[i]:
+                if mask[i]:
                     allowed.update(id(q) for q in layer_params[i])
             allowed.update(id(q) for q in rest_params)
             for q in base_trainable:
@@ -376,77 +505,68 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
             return train_embed
 
         say(f"training: strategy {getattr(strategy, 'label', config.strategy)}, {m} layers, "
-            f"{len(train_split)} examples, {total_steps} steps of {config.batch_size}x{config.grad_accum}"
-            + (" (LoRA)" if uses_lora else ""))
+            f"{len(train_split)} examples, {total_steps} steps of {step_size} examples "
+            f"(micro-batches <= {config.batch_size}), lr {lr:g}" + (" (LoRA)" if uses_lora else ""))
         runner_model.train()
         losses: list[float] = []
-        depth_counts: Counter[int] = Counter()
-        frozen_sum = 0.0
-        examples_trained = 0
+        cost = CostMeter(m, lora=uses_lora)
         step = 0
         epoch = 0
         t_train = time.perf_counter()
         bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress)
         try:
             while step < total_steps:
+                if config.train_head and epoch > 0 and strategy.needs_profile:
+                    # the head moved: recompute the label bases the deviations are measured against
+                    runner.set_bases(semantic_bases(runner_model, verbalizer.label_token_ids).to(device))
                 # plans are consumed lazily: a strategy may change its masks after a step (ADT)
-                plans = iter(strategy.epoch_plans(epoch, config.batch_size))
                 planned = 0
-                while step < total_steps:
+                for plan in strategy.epoch_plans(epoch, step_size, config.batch_size):
+                    planned += 1
                     t_step = time.perf_counter()
-                    group_size = 0
-                    loss_sum = 0.0
-                    depths: list[int] = []
-                    for plan in plans:
-                        planned += 1
-                        n = len(plan.indices)
-                        batch = collate(train_split, plan.indices, pad_id, padding_side="left")
+                    loss_sum = torch.zeros((), device=device)
+                    seen: list[tuple[list[int], torch.Tensor]] = []
+                    n_step = len(plan)
+                    for mb in plan.micro_batches:
+                        batch = collate(train_split, mb.indices, pad_id, padding_side="left")
                         labels = batch["labels"].to(device)
-                        train_embed = set_trainable(plan.depth, plan.trainable)
+                        train_embed = set_trainable(mb.depth, mb.trainable)
                         with autocast_context(config.dtype, device):
                             out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                         depth=plan.depth, last_index=batch["last_index"].to(device),
+                                         depth=mb.depth, last_index=batch["last_index"].to(device),
                                          labels=labels if want_dev else None,
                                          gradient_checkpointing=config.gradient_checkpointing,
                                          train_embeddings=train_embed)
                         loss = compute_loss(out, labels, label_token_ids, bases, config.loss,
                                             config.semantic_temperature)
-                        # sum of per-example losses now, divided by the step's example count below
-                        (loss * n).backward()
-                        loss_sum += float(loss.detach()) * n
-                        group_size += n
+                        # every example weighs 1 / (examples in the step), whatever its micro-batch
+                        (loss * (len(mb.indices) / n_step)).backward()
+                        loss_sum += loss.detach() * len(mb.indices)
                         if out.deviations is not None:
-                            strategy.observe(list(plan.indices), out.deviations)
-                            seen = eof_layers(out.deviations, boundary=config.eof_boundary).tolist()
-                            for i, e in zip(plan.indices, seen, strict=True):
-                                last_seen_eofs[int(i)] = int(e)
-                        depths.append(int(plan.depth))
-                        depth_counts[int(plan.depth)] += n
-                        frozen_sum += n * plan.depth / m
-                        if len(depths) == config.grad_accum:
-                            break
-                    if group_size == 0:
-                        break  # the epoch is over
-                    for q in base_trainable:
-                        if q.grad is not None:
-                            q.grad.div_(group_size)
+                            eof = eof_layers(out.deviations, boundary=config.eof_boundary)
+                            seen.append((mb.indices, eof))
+                        cost.add(len(mb.indices), mb.depth, mb.trainable)
                     if config.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_([q for q in base_trainable if q.grad is not None],
                                                        config.max_grad_norm)
-                    lr = scheduler.get_last_lr()[0]
+                    step_lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
-                    examples_trained += group_size
+                    for indices, eof in seen:  # one host sync per micro-batch, after the update
+                        strategy.observe(indices, eof)
+                        last_seen_eofs.update(zip(indices, eof.tolist(), strict=True))
                     strategy.after_step(step, parts.layers)
-                    step_loss = loss_sum / group_size
+                    step_loss = float(loss_sum) / n_step
                     losses.append(step_loss)
-                    shown = depths[0] if len(depths) == 1 else depths
-                    run.log({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "depth": shown,
-                             "batch_size": group_size, "seconds": round(time.perf_counter() - t_step, 4)})
+                    shown = plan.depths[0] if len(plan.micro_batches) == 1 else plan.depths
+                    run.log({"step": step, "epoch": epoch, "loss": step_loss, "lr": step_lr, "depth": shown,
+                             "batch_size": n_step, "seconds": round(time.perf_counter() - t_step, 4)})
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", depth=shown)
+                    if step >= total_steps:
+                        break
                 if planned == 0:
                     raise ConfigError(f"strategy {config.strategy!r} planned no step in epoch {epoch}")
                 epoch += 1
@@ -477,35 +597,36 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
 
         eof_hist = None
         if eofs is not None:
+            profiled_eofs = [e for e in eofs if e is not None]
             seen_hist = _histogram(list(last_seen_eofs.values()), m + 1) if last_seen_eofs else None
-            eof_hist = {"profile": _histogram(eofs, m + 1), "last_seen": seen_hist}
+            eof_hist = {"profile": _histogram(profiled_eofs, m + 1), "last_seen": seen_hist}
             if run.path is not None:
                 from .plots import eof_histogram_png
 
-                eof_histogram_png(eofs, m, run.path / "eof_hist.png",
-                                  title=f"eof-layers of {len(eofs)} training examples ({config.metric})")
+                title = f"eof-layers of {len(profiled_eofs)} training examples ({config.metric})"
+                eof_histogram_png(profiled_eofs, m, run.path / "eof_hist.png", title=title)
 
-        realized = getattr(strategy, "realized_saving", None)
-        planned_saving = float(realized()) if callable(realized) else None
         summary.update({
             "finished": True,
             "num_layers": m,
             "steps": step,
             "epochs_run": epoch,
-            "examples_trained": examples_trained,
+            "examples_trained": cost.examples,
+            "lr": lr,
             "trainable_parameters": int(sum(q.numel() for q in base_trainable)),
             "lora": uses_lora,
-            "frozen_fraction": float(strategy.realized_frozen_fraction())
-            if hasattr(strategy, "realized_frozen_fraction") else None,
-            "profile_seconds": round(profile_seconds, 3),
-            "train_seconds": round(train_seconds, 3),
-            "examples_per_second": examples_trained / train_seconds if train_seconds > 0 else None,
+            "head_trained": head_trains,
+            "frozen_fraction": float(strategy.realized_frozen_fraction()),
+            "profiled_examples": profiled + probes.examples,
+            "profile_seconds": round(profile_seconds + probes.seconds, 3),
+            "train_seconds": round(train_seconds - probes.seconds, 3),
+            "examples_per_second": cost.examples / train_seconds if train_seconds > 0 else None,
             "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "loss_history": losses,
-            "cost_saving_ratio": frozen_sum / examples_trained if examples_trained else 0.0,
-            "strategy_cost_saving_ratio": planned_saving,
-            "depth_histogram": _histogram(list(depth_counts.elements()), m + 1),
+            "cost_saving_ratio": cost.saving(),
+            "flops_ratio": cost.flops_ratio(profiled + probes.examples),
+            "depth_histogram": cost.depth_histogram(),
             "eof_histogram": eof_hist,
             "zero_shot": zero_shot.summary() if zero_shot else None,
             "fine_tuned": final.summary(),

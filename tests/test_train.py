@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,17 +41,17 @@ def _prepared(family: str, config: TrainConfig, *, seed: int = 0):
     from tiny_models import tiny_model, tiny_tokenizer
 
     from salf_engine.data import Verbalizer, encode_split
-    from salf_engine.strategies import make_strategy
+    from salf_engine.train import strategy_from_config
 
     tok = tiny_tokenizer()
     model = tiny_model(family, seed=seed)
     task = _pattern_task()
     verb = Verbalizer(task.classes, task.label_words, tok)
     return dict(
-        config=config, strategy=make_strategy(config.strategy, seed=config.seed, lora=config.lora),
+        config=config, strategy=strategy_from_config(config),
         device=torch.device("cpu"), task=task, model=model, tokenizer=tok, verbalizer=verb,
         train_split=encode_split(task, tok, "train", verb), eval_split=encode_split(task, tok, "test", verb),
-        load_seconds=0.0, out_dir=None,
+        load_seconds=0.0, out_dir=Path(config.output) if config.output else None,
     )
 
 
@@ -102,6 +103,75 @@ def test_grad_accum_updates_like_bigger_batch():
         train(cfg, progress=False, log=None, prepared=p)
         weights.append(p["model"].model.layers[0].mlp.down_proj.weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_every_step_learns_and_steps_count_examples(tmp_path):
+    """Step 1 has lr > 0 (warm-up (s+1)/(w+1)); every strategy gets ceil(N / step) steps of `step`."""
+    from salf_engine.train import lr_factor
+
+    assert [lr_factor(s, 3, 10) for s in range(10)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7])
+    assert [lr_factor(s, 2, 5, "constant") for s in range(5)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1])
+    for strategy, extra in [("full", {}), ("salf", {"budget": "arith", "infill": "df"}), ("bot50", {})]:
+        out = tmp_path / strategy
+        s = _run(strategy=strategy, max_steps=None, epochs=1, batch_size=5, warmup_ratio=0.2, lr=1e-3,
+                 output=str(out), **extra)
+        assert s["steps"] == 10 and s["examples_trained"] == 48  # 48 examples: 9 steps of 5, one of 3
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "step" in r and "loss" in r]
+        assert steps[0]["lr"] == pytest.approx(1e-3 / 3) and all(r["lr"] > 0 for r in steps)
+        assert [r["batch_size"] for r in steps] == [5] * 9 + [3]
+
+
+def test_cost_meter_reference_values():
+    from salf_engine.train import CostMeter
+
+    full = CostMeter(4, lora=False)
+    full.add(10, 0, [True] * 4)
+    assert full.flops_ratio() == 1.0 and full.saving() == 0.0
+    half = CostMeter(4, lora=False)
+    half.add(10, 2, [False, False, True, True])
+    assert half.flops_ratio() == pytest.approx((4 + 2 * 2) / 12) and half.saving() == 0.5
+    assert half.flops_ratio(profiled=10) == pytest.approx((4 + 4 + 4) / 12)
+    top = CostMeter(4, lora=False)
+    top.add(1, 0, [True, True, False, False])  # top layers pass gradients down without weight grads
+    assert top.flops_ratio() == pytest.approx((4 + 4 + 2) / 12)
+    lora = CostMeter(4, lora=True)
+    lora.add(1, 2, [False, False, True, True])
+    assert lora.flops_ratio() == pytest.approx((4 + 2) / 12)
+    assert half.depth_histogram() == [0, 0, 10, 0, 0]
+
+
+def test_holdout_split_is_carved_from_train_and_disjoint():
+    from tiny_models import tiny_tokenizer
+
+    from salf_engine.train import encode_task
+
+    task = _pattern_task(n_train=60)
+    cfg = TrainConfig(eval_split="holdout", holdout_size=12, limit=30, seed=3).validate()
+    _, tr, ev = encode_task(task, tiny_tokenizer(), cfg)
+    assert len(ev) == 12 and len(tr) == 30
+    assert not set(tr.example_indices) & set(ev.example_indices)
+    other_seed = TrainConfig(eval_split="holdout", holdout_size=12, seed=4)
+    _, tr2, ev2 = encode_task(task, tiny_tokenizer(), other_seed)
+    assert ev2.example_indices == ev.example_indices and len(tr2) == 48  # same holdout for every seed
+    with pytest.raises(ConfigError, match="holdout_size 60 leaves no training example"):
+        encode_task(task, tiny_tokenizer(), TrainConfig(eval_split="holdout", holdout_size=60))
+
+
+def test_profile_fraction_profiles_a_subset():
+    s = _run(max_steps=4, strategy="salf", budget="uniform", profile_fraction=0.25)
+    assert s["profiled_examples"] == 12 and sum(s["eof_histogram"]["profile"]) == 12
+    full = _run(max_steps=4, strategy="salf", budget="uniform")
+    assert full["profiled_examples"] == 48 and full["flops_ratio"] > s["flops_ratio"]
+
+
+def test_default_lr_per_training_mode():
+    from salf_engine.config import DEFAULT_LORA_LR, DEFAULT_LR
+
+    assert _run(max_steps=1, lr=None)["lr"] == DEFAULT_LR
+    assert _run(max_steps=1, lr=None, lora=True)["lr"] == DEFAULT_LORA_LR
+    assert TrainConfig(lr=2e-4).resolved_lr(True) == 2e-4
 
 
 def test_bf16_autocast_runs():
