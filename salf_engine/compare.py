@@ -77,20 +77,35 @@ _INFILLS = ("bf", "df")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ZERO_SHOT = "zero-shot"
 
-#: Table name -> (title, value getter over a cell summary, whether the zero-shot row is shown).
-TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], float | None], bool]] = {
+def _cost_seconds(summary: dict[str, Any]) -> float:
+    """Training plus profiling seconds of a cell: what the strategy cost in wall time."""
+    return summary["train_seconds"] + summary.get("profile_seconds", 0.0)
+
+
+def _time_ratio(summary: dict[str, Any], full: dict[str, Any] | None) -> float | None:
+    return None if full is None else _cost_seconds(summary) / _cost_seconds(full)
+
+
+#: Table name -> (title, value getter over a cell summary and the same dataset's ``full`` cell summary
+#: (None when the grid has no ``full`` row), whether the zero-shot row is shown).
+TABLES: dict[str, tuple[str, Callable[[dict[str, Any], dict[str, Any] | None], float | None], bool]] = {
     "f1_free": ("Macro-F1, free decoding (argmax over the whole vocabulary; the paper's headline setting)",
-                lambda s: s["fine_tuned"]["free_macro_f1"], True),
+                lambda s, _f: s["fine_tuned"]["free_macro_f1"], True),
     "f1_restricted": ("Macro-F1, label-restricted decoding (argmax over the label tokens)",
-                      lambda s: s["fine_tuned"]["restricted_macro_f1"], True),
-    "accuracy_free": ("Accuracy, free decoding", lambda s: s["fine_tuned"]["free_accuracy"], True),
+                      lambda s, _f: s["fine_tuned"]["restricted_macro_f1"], True),
+    "accuracy_free": ("Accuracy, free decoding", lambda s, _f: s["fine_tuned"]["free_accuracy"], True),
     "accuracy_restricted": ("Accuracy, label-restricted decoding",
-                            lambda s: s["fine_tuned"]["restricted_accuracy"], True),
+                            lambda s, _f: s["fine_tuned"]["restricted_accuracy"], True),
     "cost_saving": (
         "Backward cost-saving ratio (mean over trained samples of frozen depth / m; paper table 5)",
-        lambda s: s["cost_saving_ratio"], False),
-    "train_seconds": ("Training wall time in seconds (measured; noisy on a shared CPU)",
-                      lambda s: s["train_seconds"], False),
+        lambda s, _f: s["cost_saving_ratio"], False),
+    "flops_ratio": (
+        "Estimated training FLOPs relative to full fine-tuning of the same examples, profiling included",
+        lambda s, _f: s.get("flops_ratio"), False),
+    "time_ratio": ("Training + profiling wall time relative to the `full` cell of this grid (same machine)",
+                   _time_ratio, False),
+    "train_seconds": ("Training + profiling wall time in seconds (measured; noisy on a shared CPU)",
+                      lambda s, _f: _cost_seconds(s), False),
 }
 
 
@@ -541,7 +556,8 @@ def _table_rows(name: str, datasets, strategies, summaries, zero_shot
         values = []
         for d in datasets:
             summary = summaries.get((d.label, s.label))
-            values.append(None if summary is None else float(getter(summary)))
+            value = None if summary is None else getter(summary, summaries.get((d.label, "full")))
+            values.append(None if value is None else float(value))
         rows.append((s.label, values))
     return rows
 
@@ -588,8 +604,9 @@ def write_tables(output: str | Path, datasets: Sequence[DatasetCell], strategies
     written.append(out / "tables.md")
 
     fields = ["dataset", "strategy", "free_macro_f1", "restricted_macro_f1", "free_accuracy",
-              "restricted_accuracy", "cost_saving_ratio", "frozen_fraction", "steps", "examples_trained",
-              "num_eval_examples", "trainable_parameters", "train_seconds", "final_loss"]
+              "restricted_accuracy", "cost_saving_ratio", "flops_ratio", "time_ratio", "frozen_fraction",
+              "steps", "examples_trained", "num_eval_examples", "trainable_parameters", "lr", "train_seconds",
+              "profile_seconds", "final_loss"]
     long_rows: list[list[Any]] = [fields]
     for d in datasets:
         for s in strategies:
@@ -599,10 +616,12 @@ def write_tables(output: str | Path, datasets: Sequence[DatasetCell], strategies
             fine = summary["fine_tuned"]
             long_rows.append([d.label, s.label, fine["free_macro_f1"], fine["restricted_macro_f1"],
                               fine["free_accuracy"], fine["restricted_accuracy"],
-                              summary["cost_saving_ratio"], summary.get("frozen_fraction"), summary["steps"],
-                              summary["examples_trained"],
+                              summary["cost_saving_ratio"], summary.get("flops_ratio"),
+                              _time_ratio(summary, summaries.get((d.label, "full"))),
+                              summary.get("frozen_fraction"), summary["steps"], summary["examples_trained"],
                               summary["num_eval_examples"], summary.get("trainable_parameters"),
-                              summary["train_seconds"], summary.get("final_loss")])
+                              summary.get("lr"), summary["train_seconds"], summary.get("profile_seconds"),
+                              summary.get("final_loss")])
     written.append(_write_csv(out / "cells.csv", long_rows))
     return written
 

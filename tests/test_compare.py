@@ -104,6 +104,16 @@ def test_tables_match_cell_summaries(grid):
     assert by_name["bot50"] == [0.5, 0.5, 0.5]               # 2 of the tiny model's 4 layers frozen
     for s in strategies:
         assert by_name[s][:2] == [_summary(out, d, s)["cost_saving_ratio"] for d in datasets]
+    # honest cost: FLOPs estimate and wall time against the same dataset's full cell
+    flops = {r[0]: [float(v) for v in r[1:]] for r in _read_csv(out / "flops_ratio.csv")[1:]}
+    assert flops["full"][:2] == [1.0, 1.0]
+    assert flops["bot50"][:2] == [pytest.approx((4 + 2 * 2) / 12)] * 2   # forward 4 + backward of 2 layers
+    times = {r[0]: [float(v) for v in r[1:]] for r in _read_csv(out / "time_ratio.csv")[1:]}
+    assert times["full"][:2] == [1.0, 1.0]
+    for d, got in zip(datasets, times["salf:uniform:df"], strict=False):
+        mine, full = _summary(out, d, "salf:uniform:df"), _summary(out, d, "full")
+        seconds = [s["train_seconds"] + s["profile_seconds"] for s in (mine, full)]
+        assert got == pytest.approx(seconds[0] / seconds[1])
     assert len(_read_csv(out / "cells.csv")) == 1 + 6
     for png in ("f1_vs_cost.png", "f1_bars.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -208,6 +218,16 @@ def test_cell_syntax():
     assert got == ("bot", 0.3, True, "bot_0.3_lora")
     with pytest.raises(ConfigError, match="more than one budget"):
         parse_strategy("salf:uniform:geom")
+    cell = parse_strategy("salf:arith:df:paper")
+    assert cell.config_fields()["depth_schedule"] == "paper" and cell.label == "salf:arith:df:paper"
+    cell = parse_strategy("salf:uniform:eof-match:cuts2")
+    assert (cell.assignment, cell.cuts_per_step) == ("eof-match", 2)
+    assert cell.label == "salf:uniform:bf:eof-match:cuts2"
+    assert "depth_schedule" not in cell.config_fields() and cell.config_fields()["cuts_per_step"] == 2
+    with pytest.raises(ConfigError, match="needs a salf budget"):
+        parse_strategy("salf:paper")
+    with pytest.raises(ConfigError, match="unknown option 'cuts0'"):
+        parse_strategy("salf:uniform:cuts0")
 
 
 def test_help_documents_the_cell_syntax(capsys):
