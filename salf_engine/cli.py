@@ -28,14 +28,12 @@ AddParser = Callable[[Any], argparse.ArgumentParser]
 # Modules that may define ``add_parser(subparsers)``; missing ones are skipped.
 PLUGIN_MODULES: list[str] = ["salf_engine.compare"]
 
-# The demo: SmolLM2-135M on the embedded TREC, SALF with the uniform budget filled depth-first
-# (Algorithm 4). Depth buckets group samples of equal eof, and the eof follows the class closely, so
-# Algorithm 3's shuffled buckets feed nearly one class per step; the depth-first rounds interleave
-# depths (and classes) step by step and learned much better in the same time (0.57 vs 0.32 accuracy
-# after 60 steps here). Sized to finish in well under 15 minutes on a 2-core CPU.
+# The demo: SmolLM2-135M on the embedded TREC, zero-shot against SALF[half] (uniform budget, the
+# default mixed schedule) and full fine-tuning of the same 960 questions (one epoch, steps of 8), every
+# model evaluated on all 500 test questions. Sized to finish in well under 15 minutes on a 2-core CPU.
 DEMO_DEFAULTS: dict[str, Any] = dict(
-    model="smollm2-135m", dataset="trec", strategy="salf", budget="uniform", infill="df", limit=480,
-    max_steps=60, batch_size=8, lr=1e-4, warmup_ratio=0.1, eval_batch_size=50, seed=0,
+    model="smollm2-135m", dataset="trec", strategies=("salf:uniform:df", "full"), limit=960, epochs=1,
+    batch_size=8, max_length=128, eval_batch_size=64, seed=0,
 )
 
 
@@ -354,45 +352,49 @@ def _add_profile(sub) -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .config import TrainConfig
-    from .train import train
+    from .compare import CompareSettings, run_compare
 
-    settings = dict(DEMO_DEFAULTS)
-    for key in ("model", "strategy", "limit", "max_steps", "batch_size", "lr", "seed", "eval_limit",
-                "deviation_impl"):
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[key] = value
-    config = TrainConfig(**settings, output=args.output, overwrite=True).validate()
-    budget = f" (budget {config.budget}, {config.infill} infilling)" if config.budget else ""
-    print(f"salf demo: {config.model} on the embedded TREC ({config.limit} training questions, "
-          f"{config.max_steps} steps of {config.batch_size}), strategy {config.strategy}{budget}, "
-          f"evaluated on the {'500' if config.eval_limit is None else config.eval_limit} test questions")
+    d = DEMO_DEFAULTS
+    strategies = [args.strategy or d["strategies"][0], "full"]
+    limit = args.limit or d["limit"]
+    train_fields = dict(limit=limit, epochs=d["epochs"], batch_size=d["batch_size"],
+                        max_length=d["max_length"], eval_batch_size=d["eval_batch_size"],
+                        seed=d["seed"] if args.seed is None else args.seed, eval_limit=args.eval_limit)
+    settings = CompareSettings(model=args.model or d["model"], datasets=[d["dataset"]], strategies=strategies,
+                               output=args.output, train=train_fields, zero_shot=True, overwrite=True)
+    print(f"salf demo: {settings.model} on the embedded TREC, {limit} training questions, one epoch in steps "
+          f"of {d['batch_size']}: zero-shot vs {strategies[0]} vs full fine-tuning, each evaluated on the "
+          f"{'500' if args.eval_limit is None else args.eval_limit} test questions")
     start = time.perf_counter()
-    summary = train(config, progress=not args.quiet)
+    result = run_compare(settings, progress=not args.quiet, log=None if args.quiet else print)
     wall = time.perf_counter() - start
-    print_summary(summary)
-    fine, zero = summary["fine_tuned"], summary["zero_shot"]
-    gain_free = fine["free_accuracy"] - zero["free_accuracy"]
-    gain_restricted = fine["restricted_accuracy"] - zero["restricted_accuracy"]
-    print(f"improvement over zero-shot: accuracy {gain_free:+.4f} (free), "
-          f"{gain_restricted:+.4f} (label-restricted)")
-    print(f"demo wall time: {wall:.1f}s; run directory: {config.output}")
+    if result.failed:
+        raise SalfError(f"the demo's {result.failed[0][1]} run failed: {result.failed[0][2]}")
+    zero = result.zero_shot[d["dataset"]]
+    runs = [(label, result.summaries[(d["dataset"], label)]) for label in strategies]
+    full = runs[-1][1]
+    print("")
+    print(f"{'':18s} {'accuracy':>9s} {'macro-F1':>9s} {'train+profile':>14s} {'backward':>9s} {'FLOPs':>7s}")
+    print(f"{'':18s} {'(free)':>9s} {'(free)':>9s} {'seconds':>14s} {'saving':>9s} {'/ full':>7s}")
+    print(f"{'zero-shot':18s} {zero['free_accuracy']:9.4f} {zero['free_macro_f1']:9.4f}")
+    for label, s in runs:
+        seconds = s["train_seconds"] + s["profile_seconds"]
+        print(f"{label:18s} {s['fine_tuned']['free_accuracy']:9.4f} {s['fine_tuned']['free_macro_f1']:9.4f} "
+              f"{seconds:8.1f} ({seconds / (full['train_seconds'] + full['profile_seconds']):.2f}x) "
+              f"{s['cost_saving_ratio']:9.3f} {s['flops_ratio']:7.2f}")
+    print(f"demo wall time: {wall:.1f}s; runs in {args.output}/cells/{d['dataset']}/")
     return 0
 
 
 def _add_demo(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help="SALF on SmolLM2-135M + embedded TREC, zero-shot vs fine-tuned")
-    p.add_argument("--output", default="runs/demo", help="run directory (replaced on every demo run)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--strategy", default=None)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--eval-limit", type=int, default=None)
+    p = sub.add_parser("demo", help="zero-shot vs SALF[half] vs full fine-tuning (SmolLM2-135M, TREC)")
+    p.add_argument("--output", default="runs/demo", help="demo directory (replaced on every demo run)")
+    p.add_argument("--model", default=None, help="default smollm2-135m")
+    p.add_argument("--strategy", default=None,
+                   help="the strategy cell set against full (default salf:uniform:df)")
+    p.add_argument("--limit", type=int, default=None, help="training questions (default 960)")
+    p.add_argument("--eval-limit", type=int, default=None, help="test questions (default: all 500)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--deviation-impl", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
     return p

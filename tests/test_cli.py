@@ -98,11 +98,18 @@ def test_salf_run_and_profile(tiny_dir, tmp_path, capsys):
 
 def test_demo_code_path_on_tiny_model(tiny_dir, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--model", str(tiny_dir("llama")), "--limit", "24", "--max-steps", "2",
-                     "--eval-limit", "12", "--output", str(out), "--quiet", "--deviation-impl", "torch"]) == 0
-    text = capsys.readouterr().out
-    assert "strategy salf" in text and "improvement over zero-shot" in text and "examples/s" in text
-    assert json.loads((out / "summary.json").read_text())["strategy"] == "salf"
+    assert cli.main(["demo", "--model", str(tiny_dir("llama")), "--limit", "16", "--eval-limit", "12",
+                     "--output", str(out), "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (
+        ["zero-shot"], ["salf:uniform:df"], ["full"])}
+    assert set(rows) == {"zero-shot", "salf:uniform:df", "full"}
+    salf = json.loads((out / "cells" / "trec" / "salf_uniform_df" / "summary.json").read_text())
+    full = json.loads((out / "cells" / "trec" / "full" / "summary.json").read_text())
+    assert salf["examples_trained"] == full["examples_trained"] == 16  # the same examples, the same steps
+    assert float(rows["salf:uniform:df"][1]) == pytest.approx(salf["fine_tuned"]["free_accuracy"], abs=1e-4)
+    assert float(rows["full"][5]) == pytest.approx(0.0) and float(rows["full"][6]) == pytest.approx(1.0)
+    assert 0.2 < float(rows["salf:uniform:df"][5]) < 0.6  # backward saving of the uniform budget
 
 
 @pytest.mark.parametrize(
