@@ -1,15 +1,16 @@
 """Real-scale CPU reproduction of the paper's tables 3-5: SmolLM2-135M on TREC, SST-5 and CARER.
 
-Every cell is one ``salf compare`` run of one (seed, dataset, strategy) into
-``OUTPUT/seed<S>-<group>/``: 960 class-stratified training examples (seeded), one epoch, steps of 8
-examples, the full test split. Strategies that train the weights run at the full-weights learning
+Every cell is one ``salf compare`` run of one (seed, dataset, strategy, evaluation split) into
+``OUTPUT/seed<S>-<group>[-holdout]/``: 960 class-stratified training examples (seeded), one epoch,
+steps of 8 examples, evaluated on the full test split, or, for choosing the schedule, on 500 examples
+held out of the training split. Strategies that train the weights run at the full-weights learning
 rate, LoRA strategies at the LoRA one (both from ``bench/results/lr_sweep.md``; a group is one
 learning rate, so a resumed grid can never mix them). Two workers (one thread each) take the cells in
 order of importance:
 
-1. TREC, seed 0: the five key strategies plus the schedule alternatives (``eof-match`` assignment, one
-   cut per step, the ``paper`` schedule);
-2. TREC, seed 1: the key strategies;
+1. TREC, seed 0, held-out split: SALF[half] under the default schedule and its alternatives
+   (``eof-match`` assignment, one or two cuts per step, the ``paper`` schedule), LIFT*[half];
+2. TREC, seed 0, then seed 1, test split: the five key strategies;
 3. SST-5 and CARER, seed 0, then seed 1: the key strategies;
 4. the other strategies of the paper's tables 3 and 4, seed 0.
 
@@ -40,13 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["trec", "sst5", "carer"]
 #: The strategies the issue's claims are about (two seeds each).
 KEY = ["full", "salf:uniform:df", "lift-star-half", "lora-half", "salf:arith:df"]
-#: Schedule variants of SALF[half], against which the default was chosen (TREC, seed 0).
-ALTERNATIVES = ["salf:uniform:df:eof-match", "salf:uniform:df:cuts1", "salf:uniform:df:paper"]
+#: SALF[half] under the default schedule and its variants, compared on held-out TREC data (seed 0).
+ALTERNATIVES = ["salf:uniform:df", "salf:uniform:df:eof-match", "salf:uniform:df:cuts1",
+                "salf:uniform:df:cuts2", "salf:uniform:df:paper", "lift-star-half"]
 #: The rest of the paper's tables 3 and 4.
 OTHERS = ["lora-full", "lift-half", "salf", "salf:geom:df", "salf:arith:bf", "salf:geom:bf", "bot50", "top50",
           "int50", "adt-low", "adt-high"]
 #: Learning rate per group: the weights themselves, or LoRA adapters.
-LR = {"weights": "1e-4", "lora": "1e-3"}
+LR = {"weights": "1e-4", "lora": "3e-3"}
 #: Shared by every cell.
 SETTINGS = ["--limit", "960", "--epochs", "1", "--batch-size", "8", "--max-length", "128",
             "--eval-batch-size", "64", "--no-zero-shot", "--discard-models", "--quiet"]
@@ -57,23 +59,29 @@ def group_of(strategy: str) -> str:
     return "lora" if strategy.startswith("lora") or strategy.endswith(":lora") else "weights"
 
 
-def cells() -> list[tuple[int, str, str]]:
-    """(seed, dataset, strategy) of every cell, in the order the workers take them."""
-    order = [(0, "trec", s) for s in KEY + ALTERNATIVES] + [(1, "trec", s) for s in KEY]
-    order += [(seed, ds, s) for seed in (0, 1) for ds in ("sst5", "carer") for s in KEY]
-    order += [(0, ds, s) for ds in DATASETS for s in OTHERS]
+def cells() -> list[tuple[int, str, str, str]]:
+    """(seed, dataset, strategy, split) of every cell, in the order the workers take them."""
+    order = [(0, "trec", s, "holdout") for s in ALTERNATIVES]
+    order += [(seed, "trec", s, "test") for seed in (0, 1) for s in KEY]
+    order += [(seed, ds, s, "test") for seed in (0, 1) for ds in ("sst5", "carer") for s in KEY]
+    order += [(0, ds, s, "test") for ds in DATASETS for s in OTHERS]
     return order
 
 
-def _cell_dir(out: Path, seed: int, dataset: str, strategy: str) -> Path:
-    return out / f"seed{seed}-{group_of(strategy)}" / "cells" / dataset / strategy.replace(":", "_")
+def _grid(out: Path, seed: int, strategy: str, split: str) -> Path:
+    return out / f"seed{seed}-{group_of(strategy)}{'-holdout' if split == 'holdout' else ''}"
 
 
-def _command(model: str, out: Path, seed: int, dataset: str, strategy: str, data_dir: str) -> list[str]:
-    grid = out / f"seed{seed}-{group_of(strategy)}"
+def _cell_dir(out: Path, seed: int, dataset: str, strategy: str, split: str) -> Path:
+    return _grid(out, seed, strategy, split) / "cells" / dataset / strategy.replace(":", "_")
+
+
+def _command(model: str, out: Path, seed: int, dataset: str, strategy: str, split: str,
+             data_dir: str) -> list[str]:
     return [sys.executable, "-m", "salf_engine", "compare", "--model", model, "--datasets", dataset,
-            "--strategies", strategy, "--data-dir", data_dir, "--output", str(grid), "--seed", str(seed),
-            "--lr", LR[group_of(strategy)], *SETTINGS]
+            "--strategies", strategy, "--data-dir", data_dir,
+            "--output", str(_grid(out, seed, strategy, split)), "--seed", str(seed),
+            "--lr", LR[group_of(strategy)], "--eval-split", split, *SETTINGS]
 
 
 def run(model: str, out: Path, data_dir: str, workers: int = 2) -> int:
@@ -98,7 +106,7 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2) -> int:
                 with lock:
                     if code:
                         failed.append(cell)
-                    print(f"[{time.perf_counter() - start:6.0f}s] seed {cell[0]} {cell[1]} {cell[2]}: "
+                    print(f"[{time.perf_counter() - start:6.0f}s] {cell}: "
                           f"{'failed' if code else 'done'}; {len(todo)} cells left", flush=True)
                 report(out)
 
@@ -110,7 +118,7 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2) -> int:
     return 1 if failed else 0
 
 
-def _load(out: Path) -> dict[tuple[int, str, str], dict]:
+def _load(out: Path) -> dict[tuple[int, str, str, str], dict]:
     found = {}
     for cell in cells():
         path = _cell_dir(out, *cell) / "summary.json"
@@ -136,9 +144,10 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro") -> P
     found = _load(out)
     results.mkdir(parents=True, exist_ok=True)
     rows = []
-    for (seed, ds, strat), s in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-        full = found.get((seed, ds, "full"))
-        rows.append(dict(dataset=ds, strategy=strat, seed=seed, lr=s.get("lr"),
+    for (seed, ds, strat, split), s in sorted(found.items(), key=lambda kv: (kv[0][3], kv[0][1], kv[0][2],
+                                                                            kv[0][0])):
+        full = found.get((seed, ds, "full", split))
+        rows.append(dict(dataset=ds, split=split, strategy=strat, seed=seed, lr=s.get("lr"),
                          free_macro_f1=s["fine_tuned"]["free_macro_f1"],
                          free_accuracy=s["fine_tuned"]["free_accuracy"],
                          backward_saving=s["cost_saving_ratio"], flops_ratio=s.get("flops_ratio"),
@@ -157,11 +166,12 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro") -> P
              "profiling seconds relative to `full` of the same dataset and seed (same run of this "
              "script, two cells at a time on a 2-core CPU).", ""]
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
-    for ds in DATASETS:
-        mine = [r for r in rows if r["dataset"] == ds]
+    for ds, split in [("trec", "holdout"), *((ds, "test") for ds in DATASETS)]:
+        mine = [r for r in rows if r["dataset"] == ds and r["split"] == split]
         if not mine:
             continue
-        lines += [f"## {ds}", "", "| strategy | seeds | F1 | accuracy | backward saving | FLOPs vs full | "
+        title = f"{ds}, test split" if split == "test" else f"{ds}, 500 held-out training examples"
+        lines += [f"## {title}", "", "| strategy | seeds | F1 | accuracy | backward saving | FLOPs vs full | "
                   "time vs full |", "|---|---:|---:|---:|---:|---:|---:|"]
         for strat in strategies:
             rs = [r for r in mine if r["strategy"] == strat]
@@ -186,6 +196,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["split"] == "test"]
     sets = [ds for ds in DATASETS if any(r["dataset"] == ds for r in rows)]
     if not sets:
         return

@@ -81,7 +81,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: 5e-5 for full weights, 1e-3 for LoRA)")
+                   help="learning rate (default: 1e-4 for full weights, 3e-3 for LoRA)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--schedule", default="linear", help="linear or constant (after warm-up)")

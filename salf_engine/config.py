@@ -23,8 +23,8 @@ EOF_BOUNDARIES = ("trainable", "frozen")
 DEVIATION_IMPLS = ("auto", "torch", "triton", "cpp", "cuda")
 #: Learning rates when ``lr`` is not given, chosen by a sweep on held-out training data
 #: (bench/results/lr_sweep.md): fine-tuning the weights themselves, and LoRA adapters.
-DEFAULT_LR = 5e-5
-DEFAULT_LORA_LR = 1e-3
+DEFAULT_LR = 1e-4
+DEFAULT_LORA_LR = 3e-3
 DEPTH_SCHEDULES = ("mixed", "paper")
 DEPTH_ASSIGNMENTS = ("class-rank", "eof-match")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
