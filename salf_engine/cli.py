@@ -197,8 +197,9 @@ def print_summary(summary: dict[str, Any], out=None) -> None:
     eps = summary.get("examples_per_second") or 0.0
     print(f"training time {summary['train_seconds']:.1f}s ({eps:.2f} examples/s); "
           f"total {summary['total_seconds']:.1f}s", file=out)
-    print(f"realized backprop cost-saving ratio (mean frozen depth / m): {summary['cost_saving_ratio']:.3f}",
-          file=out)
+    print(f"realized backprop cost-saving ratio (mean frozen depth / m): {summary['cost_saving_ratio']:.3f}; "
+          f"estimated FLOPs vs full fine-tuning (profiling of {summary['profiled_examples']} examples "
+          f"included): {summary['flops_ratio']:.3f}", file=out)
     if summary.get("eof_histogram"):
         print("eof-layer histogram (profile before training):", file=out)
         print(_format_hist(summary["eof_histogram"]["profile"]), file=out)

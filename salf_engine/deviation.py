@@ -275,8 +275,12 @@ def deviations(
     lens: Lens = None,
     metric: str = "cosine",
     impl: str = "auto",
+    check_ranges: bool = True,
 ) -> Tensor:
     """Deviations of all m+1 spaces, float32 [B, m+1], by the chosen implementation.
+
+    ``check_ranges=False`` skips the index-range checks of ``last_index`` and ``labels`` (they read the
+    indices back to the host: a device sync); for callers that built the indices themselves.
 
     impl: "torch" (reference), "triton" (`salf_engine.kernels.deviation`), "cpp"/"cuda"
     (`salf_engine.ops`), or "auto": Triton on CUDA inputs or with TRITON_INTERPRET=1, else the C++ op
@@ -288,7 +292,8 @@ def deviations(
         raise SalfError(f"unknown deviation impl {impl!r}: expected one of {', '.join(IMPLS)}")
     if torch.compiler.is_compiling():
         return _deviations_compiling(hidden_states, last_index, labels, bases, lens, metric, impl)
-    inputs = validate_deviation_inputs(hidden_states, last_index, labels, bases, metric)
+    inputs = validate_deviation_inputs(hidden_states, last_index, labels, bases, metric,
+                                       check_ranges=check_ranges)
     dim = inputs.bases.shape[1]
     _check_lens(lens, dim)
     device = inputs.bases.device

@@ -230,13 +230,19 @@ class TruncatedRunner:
             bases = bases.to(device)
             self.bases = bases
         batch = states.shape[1]
-        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
+        labels = torch.as_tensor(labels).long().reshape(-1)
         if labels.numel() != batch:
             raise ConfigError(f"labels must have one entry per row ({batch}), got {labels.numel()}")
+        on_host = labels.device.type == "cpu" and labels.numel() > 0
+        if on_host and not 0 <= int(labels.min()) <= int(labels.max()) < len(bases):
+            raise ConfigError(f"labels must index the {len(bases)} label bases, got {labels.tolist()}")
+        labels = labels.to(device)
         # each space as a [B, 1, D] view of the buffer; the medium token sits at position 0
         hidden_states = [states[k].unsqueeze(1) for k in range(states.shape[0])]
         zero = torch.zeros(batch, dtype=torch.long, device=device)
         lens = self.parts.norm if self.lens == "final_norm" else None
+        # the indices are the runner's own (zero) and checked above where that costs no device sync
         return deviations(
-            hidden_states, zero, labels, bases, lens=lens, metric=self.metric, impl=self.deviation_impl
+            hidden_states, zero, labels, bases, lens=lens, metric=self.metric, impl=self.deviation_impl,
+            check_ranges=False,
         )

@@ -525,7 +525,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                     planned += 1
                     t_step = time.perf_counter()
                     loss_sum = torch.zeros((), device=device)
-                    seen: list[tuple[list[int], torch.Tensor]] = []
+                    seen: list[tuple[list[int], torch.Tensor]] = []  # (indices, deviations) per micro-batch
                     n_step = len(plan)
                     for mb in plan.micro_batches:
                         batch = collate(train_split, mb.indices, pad_id, padding_side="left")
@@ -543,8 +543,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                         (loss * (len(mb.indices) / n_step)).backward()
                         loss_sum += loss.detach() * len(mb.indices)
                         if out.deviations is not None:
-                            eof = eof_layers(out.deviations, boundary=config.eof_boundary)
-                            seen.append((mb.indices, eof))
+                            seen.append((mb.indices, out.deviations))
                         cost.add(len(mb.indices), mb.depth, mb.trainable)
                     if config.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_([q for q in base_trainable if q.grad is not None],
@@ -554,9 +553,12 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
-                    for indices, eof in seen:  # one host sync per micro-batch, after the update
+                    if seen:  # the step's eofs in one pass (one host sync), after the update
+                        indices = [i for idx, _dev in seen for i in idx]
+                        dev = torch.cat([dev for _idx, dev in seen])
+                        eof = eof_layers(dev, boundary=config.eof_boundary).tolist()
                         strategy.observe(indices, eof)
-                        last_seen_eofs.update(zip(indices, eof.tolist(), strict=True))
+                        last_seen_eofs.update(zip(indices, eof, strict=True))
                     strategy.after_step(step, parts.layers)
                     step_loss = float(loss_sum) / n_step
                     losses.append(step_loss)

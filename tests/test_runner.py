@@ -110,6 +110,9 @@ def test_argument_validation():
         runner(ids, mask, depth=1, train_embeddings=True)
     with pytest.raises(ConfigError, match="attention_mask"):
         runner(ids, mask[:, :-1], depth=0)
+    with_bases = TruncatedRunner(model, bases=torch.randn(3, model.config.hidden_size))
+    with pytest.raises(ConfigError, match="labels must index the 3 label bases"):
+        with_bases(ids, mask, depth=0, labels=torch.full((ids.shape[0],), 3))
 
 
 def test_unsupported_architecture():
