@@ -78,8 +78,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deviation-impl", default="auto", help="auto, torch, triton, cpp or cuda")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward (micro-batch); default 8")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step: a step holds batch-size x grad-accum examples")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: 1e-4 for full weights, 3e-3 for LoRA)")
     p.add_argument("--weight-decay", type=float, default=0.01)
