@@ -10,7 +10,8 @@ order of importance:
 
 1. TREC, seed 0, held-out split: SALF[half] under the default schedule and its alternatives
    (``eof-match`` assignment, one or two cuts per step, the ``paper`` schedule), LIFT*[half];
-2. TREC, seed 0, then seed 1, test split: the five key strategies;
+2. TREC, seed 0, then seed 1, test split: the five key strategies; then SALF[half] and LIFT*[half] on
+   LoRA adapters (seed 0);
 3. SST-5 and CARER, seed 0, then seed 1: the key strategies;
 4. the other strategies of the paper's tables 3 and 4, seed 0.
 
@@ -35,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["KEY", "ALTERNATIVES", "OTHERS", "SETTINGS", "LR", "cells", "report", "main"]
+__all__ = ["KEY", "ALTERNATIVES", "LORA_VARIANTS", "OTHERS", "SETTINGS", "LR", "cells", "report", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["trec", "sst5", "carer"]
@@ -44,6 +45,8 @@ KEY = ["full", "salf:uniform:df", "lift-star-half", "lora-half", "salf:arith:df"
 #: SALF[half] under the default schedule and its variants, compared on held-out TREC data (seed 0).
 ALTERNATIVES = ["salf:uniform:df", "salf:uniform:df:eof-match", "salf:uniform:df:cuts1",
                 "salf:uniform:df:cuts2", "salf:uniform:df:paper", "lift-star-half"]
+#: SALF[half] and LIFT*[half] on LoRA adapters (the paper's own setup: appendix A.1), at the LoRA lr.
+LORA_VARIANTS = ["salf:uniform:df:lora", "lift-star-half:lora"]
 #: The rest of the paper's tables 3 and 4.
 OTHERS = ["lora-full", "lift-half", "salf", "salf:geom:df", "salf:arith:bf", "salf:geom:bf", "bot50", "top50",
           "int50", "adt-low", "adt-high"]
@@ -63,6 +66,7 @@ def cells() -> list[tuple[int, str, str, str]]:
     """(seed, dataset, strategy, split) of every cell, in the order the workers take them."""
     order = [(0, "trec", s, "holdout") for s in ALTERNATIVES]
     order += [(seed, "trec", s, "test") for seed in (0, 1) for s in KEY]
+    order += [(0, "trec", s, "test") for s in LORA_VARIANTS]
     order += [(seed, ds, s, "test") for seed in (0, 1) for ds in ("sst5", "carer") for s in KEY]
     order += [(0, ds, s, "test") for ds in DATASETS for s in OTHERS]
     return order
