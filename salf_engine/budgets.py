@@ -37,6 +37,7 @@ __all__ = [
     "budget_quotas",
     "assign_depths",
     "assign_depths_by_class",
+    "fill_quotas",
     "cost_saving_ratio",
 ]
 
@@ -281,11 +282,20 @@ def assign_depths_by_class(
             position[i] = (j + 0.5) / len(ranked)
     tie = list(range(n))
     rng.shuffle(tie)
-    ordered = sorted(range(n), key=lambda i: (position[i], tie[i]))
-    depths = [0] * n
+    return fill_quotas(sorted(range(n), key=lambda i: (position[i], tie[i])), quotas)
+
+
+def fill_quotas(order: Sequence[int], quotas: Sequence[int]) -> list[int]:
+    """Depth per sample when the samples, taken in ``order``, fill depth 0's quota, then depth 1's, ...
+
+    ``order`` lists every sample index once; ``quotas`` (samples per depth) sum to its length.
+    """
+    if sum(quotas) != len(order):
+        raise ConfigError(f"the quotas hold {sum(quotas)} samples, the order lists {len(order)}")
+    depths = [0] * len(order)
     start = 0
     for k, q in enumerate(quotas):
-        for i in ordered[start : start + q]:
+        for i in order[start : start + q]:
             depths[i] = k
         start += q
     return depths

@@ -38,7 +38,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from .budgets import assign_depths, assign_depths_by_class, budget_quotas
+from .budgets import assign_depths, assign_depths_by_class, budget_quotas, fill_quotas
 from .deviation import eof_layers
 from .errors import ConfigError
 
@@ -606,16 +606,9 @@ def _salf_depths(budget: str, infill: str, assignment: str
 
 def _lift_depths(s: SampleDepthStrategy, eofs: list[int | None] | None) -> list[int]:
     """Uniform-budget quotas, samples placed by a seeded permutation (no semantics)."""
-    quotas = budget_quotas("uniform", "bf", s.num_layers, s.num_samples)
     perm = list(range(s.num_samples))
     random.Random(s.seed).shuffle(perm)
-    depths = [0] * s.num_samples
-    pos = 0
-    for k, q in enumerate(quotas):
-        for i in perm[pos : pos + q]:
-            depths[i] = k
-        pos += q
-    return depths
+    return fill_quotas(perm, budget_quotas("uniform", "bf", s.num_layers, s.num_samples))
 
 
 def _algorithm3_depths(s: SampleDepthStrategy, eofs: list[int | None] | None) -> list[int]:

@@ -12,6 +12,7 @@ from salf_engine.budgets import (
     assign_depths_by_class,
     budget_quotas,
     cost_saving_ratio,
+    fill_quotas,
     share_counts,
     share_schedule,
     share_size,
@@ -250,6 +251,10 @@ def test_assign_by_class_places_unprofiled_samples_inside_their_class():
         assign_depths_by_class([0, 1], [0, 1], "none", "bf", 4)
 
 
+def test_fill_quotas_in_order():
+    assert fill_quotas([3, 0, 2, 1], [2, 0, 2]) == [0, 2, 2, 0]
+
+
 def test_cost_saving_ratio():
     assert cost_saving_ratio([0, 1, 2, 3], 4) == pytest.approx(6 / 16)
     assert cost_saving_ratio(torch.tensor([4, 4]), 4) == 1.0
@@ -272,6 +277,7 @@ def test_cost_saving_ratio():
         (lambda: assign_depths([0, 1], "geom", "up", 4), r"unknown infilling order"),
         (lambda: assign_depths(torch.tensor([0.5]), "geom", "bf", 4), r"integers"),
         (lambda: cost_saving_ratio([], 4), r"at least one depth"),
+        (lambda: fill_quotas([0, 1, 2], [1, 1]), r"quotas hold 2 samples, the order lists 3"),
         (lambda: cost_saving_ratio([5], 4), r"depths must lie in 0\.\.4"),
     ],
 )
