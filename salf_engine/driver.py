@@ -3,7 +3,9 @@
 Everything a loop does with a :class:`~salf_engine.strategies.Strategy` besides training a micro-batch:
 the eof profile before epoch 0 (all or a fraction of the training samples), ``begin`` / ``probe`` /
 ``on_train_start``, per-epoch plans, the step's eofs from the training forward's deviations
-(``observe``), ``after_step`` (ADT), and the eof histograms of the summary.
+(``observe``), ``after_step`` (ADT), and the eof histograms of the summary. Under torch.distributed each
+rank profiles its share of the samples and the eofs are gathered; every rank's observations are gathered
+before ``observe``, so all ranks keep the same strategy state and plan the same steps.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from .deviation import eof_layers
+from .distributed import gather_objects, rank_and_world
 from .errors import ConfigError
 
 __all__ = ["StrategyDriver", "histogram", "profile_subset"]
@@ -92,9 +95,13 @@ class StrategyDriver:
         if say is not None:
             say(f"profiling eof-layers of {len(chosen)} of {n} training examples ...")
         t0 = time.perf_counter()
+        rank, world = rank_and_world()
+        mine = chosen[rank::world]
+        local = list(zip(mine, self._eofs_of(mine, progress=progress, desc="eof profile"), strict=True))
         eofs: list[int | None] = [None] * n
-        for i, e in zip(chosen, self._eofs_of(chosen, progress=progress, desc="eof profile"), strict=True):
-            eofs[i] = int(e)
+        for part in gather_objects(local):
+            for i, e in part:
+                eofs[i] = int(e)
         self.eofs = eofs
         self.profile_seconds = time.perf_counter() - t0
         self.profiled = len(chosen)
@@ -117,12 +124,19 @@ class StrategyDriver:
             raise ConfigError(f"strategy {self.config.strategy!r} planned no step in epoch {epoch}")
 
     def observe(self, seen: Sequence[tuple[Sequence[int], torch.Tensor]]) -> None:
-        """The step's (indices, deviations) per micro-batch -> eofs in one pass -> ``strategy.observe``."""
-        if not seen:
+        """The step's (indices, deviations) per micro-batch -> eofs in one pass -> ``strategy.observe``
+        (with every rank's observations, gathered, under torch.distributed)."""
+        indices = [int(i) for idx, _dev in seen for i in idx]
+        eof = []
+        if seen:
+            dev = torch.cat([dev for _idx, dev in seen])
+            eof = eof_layers(dev, boundary=self.config.eof_boundary).tolist()
+        if rank_and_world()[1] > 1:
+            parts = gather_objects((indices, eof))
+            indices = [i for idx, _e in parts for i in idx]
+            eof = [e for _idx, es in parts for e in es]
+        if not indices:
             return
-        indices = [i for idx, _dev in seen for i in idx]
-        dev = torch.cat([dev for _idx, dev in seen])
-        eof = eof_layers(dev, boundary=self.config.eof_boundary).tolist()
         self.strategy.observe(indices, eof)
         self.last_seen_eofs.update(zip(indices, eof, strict=True))
 
