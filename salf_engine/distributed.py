@@ -3,12 +3,13 @@ eof observations (and profiled eofs) are gathered so every rank keeps the same s
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_grads", "gather_objects", "rank_and_world"]
+__all__ = ["all_reduce_grads", "all_reduce_sum", "gather_objects", "init_from_env", "rank_and_world"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -38,3 +39,20 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
         if q.grad is not None:
             dist.all_reduce(q.grad, op=dist.ReduceOp.SUM)
             q.grad.div_(world)
+
+
+def init_from_env(device: torch.device) -> None:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment) unless one is
+    already initialized: nccl on CUDA, gloo on CPU. A no-op outside torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of `value` over the ranks (a copy; `value` itself on one process)."""
+    if rank_and_world()[1] == 1:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out

@@ -21,6 +21,7 @@ of a sample is an argmax over gains that tolerates such small shifts.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,9 +33,11 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .cost import CostMeter
+from .distributed import all_reduce_grads, all_reduce_sum, init_from_env, rank_and_world
 from .driver import StrategyDriver, profile_subset
 from .errors import ConfigError
 from .rundir import RUN_FILES, RunDirectory
+from .sampling import rank_slice
 from .step import (
     autocast_context,
     build_optimizer,
@@ -73,7 +76,10 @@ HOLDOUT_SEED = 20240617
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
+    """'auto' -> cuda when available, else cpu; under torchrun 'auto' / 'cuda' is this rank's GPU."""
+    local = os.environ.get("LOCAL_RANK")
+    if device in ("auto", "cuda") and torch.cuda.is_available() and local is not None:
+        return torch.device(f"cuda:{int(local)}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -223,7 +229,8 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     torch.manual_seed(config.seed)
     bases = semantic_bases(model, verbalizer.label_token_ids).to(device)
 
-    run = RunDirectory(p.out_dir)
+    init_from_env(device)
+    run = RunDirectory(p.out_dir if rank_and_world()[0] == 0 else None)  # rank 0 writes the run
     try:
         run.write_json("config.json", config.to_dict())
         summary: dict[str, Any] = {
@@ -251,14 +258,16 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         driver = StrategyDriver(strategy, runner, train_split, config, pad_id=pad_id)
         driver.profile(progress=progress, say=say)
         driver.begin(wrapped.parts.layers)
-        step_size = config.batch_size * config.grad_accum
+        rank, world = rank_and_world()
+        step_size = config.batch_size * config.grad_accum * world
         total_steps = config.max_steps or math.ceil(len(train_split) / step_size) * config.epochs
         optimizer = build_optimizer(wrapped.trainable, config, lr)
         scheduler = build_scheduler(optimizer, config, total_steps)
 
         say(f"training: strategy {getattr(strategy, 'label', config.strategy)}, {m} layers, "
             f"{len(train_split)} examples, {total_steps} steps of {step_size} examples "
-            f"(micro-batches <= {config.batch_size}), lr {lr:g}" + (" (LoRA)" if wrapped.lora else ""))
+            f"(micro-batches <= {config.batch_size}{f' per rank, {world} ranks' if world > 1 else ''}), "
+            f"lr {lr:g}" + (" (LoRA)" if wrapped.lora else ""))
         wrapped.model.train()
         losses: list[float] = []
         cost = CostMeter(m, lora=wrapped.lora)
@@ -271,26 +280,29 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                     # the head moved: recompute the label bases the deviations are measured against
                     runner.set_bases(semantic_bases(wrapped.model, verbalizer.label_token_ids).to(device))
                 # plans are consumed lazily: a strategy may change its masks after a step (ADT)
-                for plan in driver.epoch_plans(epoch, step_size, config.batch_size):
+                for plan in driver.epoch_plans(epoch, step_size, world * config.batch_size):
                     t_step = time.perf_counter()
                     loss_sum = torch.zeros((), device=device)
                     seen: list[tuple[list[int], torch.Tensor]] = []  # (indices, deviations) per micro-batch
-                    for mb in plan.micro_batches:
+                    # this rank's share of every micro-batch (all of it on one process); every example
+                    # weighs 1 / (examples in the step), whatever its micro-batch and rank
+                    for mb in rank_slice(plan, rank, world):
                         batch = collate(train_split, mb.indices, pad_id, padding_side="left")
-                        # every example weighs 1 / (examples in the step), whatever its micro-batch
                         res = micro_batch_step(runner, wrapped, batch, mb.depth, mb.trainable,
-                                               weight=len(mb.indices) / len(plan),
-                                               label_token_ids=label_token_ids, bases=bases, config=config,
-                                               want_deviations=driver.wants_deviations)
-                        loss_sum += res.loss * len(mb.indices)
-                        if res.deviations is not None:
-                            seen.append((mb.indices, res.deviations))
+                                               weight=mb.weight, label_token_ids=label_token_ids, bases=bases,
+                                               config=config, want_deviations=driver.wants_deviations)
+                        if mb.weight > 0:
+                            loss_sum += res.loss * len(mb.indices)
+                            if res.deviations is not None:
+                                seen.append((mb.indices, res.deviations))
+                    for mb in plan.micro_batches:
                         cost.add(len(mb.indices), mb.depth, mb.trainable)
+                    all_reduce_grads(wrapped.trainable)
                     step_lr = optimizer_step(optimizer, scheduler, wrapped.trainable, config.max_grad_norm)
                     step += 1
                     driver.observe(seen)  # the step's eofs in one pass (one host sync), after the update
                     driver.after_step(step, wrapped.parts.layers)
-                    step_loss = float(loss_sum) / len(plan)
+                    step_loss = float(all_reduce_sum(loss_sum)) / len(plan)
                     losses.append(step_loss)
                     shown = plan.depths[0] if len(plan.micro_batches) == 1 else plan.depths
                     run.log({"step": step, "epoch": epoch, "loss": step_loss, "lr": step_lr, "depth": shown,

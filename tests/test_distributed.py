@@ -108,3 +108,62 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     for name, ref in single["weights"].items():
         for r in range(2):
             torch.testing.assert_close(ranks[r]["weights"][name], ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _engine_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    from test_train import _prepared
+
+    from salf_engine.train import train
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        cfg = _engine_config(MICRO // world)
+        p = _prepared("qwen2", cfg)
+        summary = train(cfg, progress=False, log=None, prepared=p)
+        weights = {n: q.detach().clone() for n, q in p.model.named_parameters()}
+        torch.save({"summary": summary, "weights": weights}, Path(out_dir) / f"engine{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _engine_config(micro: int):
+    from test_hf import _config
+
+    return _config("salf", budget="uniform", batch_size=micro, max_steps=STEPS)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_engine_train_under_two_ranks_equals_one_process(tmp_path):
+    """train() under torchrun's environment (2 ranks, gloo): same weights and step losses as one process
+    whose micro-batches are twice as large; both ranks log the same cuts."""
+    import socket
+
+    from test_train import _prepared
+
+    from salf_engine.train import train
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_engine_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=240)
+    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    ranks = [torch.load(tmp_path / f"engine{r}.pt") for r in range(2)]
+    cfg = _engine_config(MICRO)
+    p = _prepared("qwen2", cfg)
+    single = train(cfg, progress=False, log=None, prepared=p)
+    for r in range(2):
+        got = ranks[r]["summary"]
+        assert got["depth_histogram"] == single["depth_histogram"]
+        assert got["loss_history"] == pytest.approx(single["loss_history"], rel=1e-4)
+        for name, q in p.model.named_parameters():
+            torch.testing.assert_close(ranks[r]["weights"][name], q.detach(), rtol=1e-3, atol=1e-4, msg=name)

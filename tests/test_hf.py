@@ -22,9 +22,9 @@ STEPS, MICRO, ACCUM, LR = 4, 4, 2, 1e-2
 
 
 def _config(strategy: str, **kw) -> TrainConfig:
-    return TrainConfig(model="tiny", dataset="pattern", strategy=strategy, lr=LR, batch_size=MICRO,
-                       grad_accum=ACCUM, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=None,
-                       zero_shot_eval=False, deviation_impl="torch", **{"max_steps": STEPS, **kw}).validate()
+    return TrainConfig(model="tiny", dataset="pattern", strategy=strategy, lr=LR, grad_accum=ACCUM,
+                       warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=None, zero_shot_eval=False,
+                       deviation_impl="torch", **{"max_steps": STEPS, "batch_size": MICRO, **kw}).validate()
 
 
 def hf_rows(prepared) -> list[dict]:
