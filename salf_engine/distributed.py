@@ -9,7 +9,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_grads", "all_reduce_sum", "gather_objects", "init_from_env", "rank_and_world"]
+__all__ = [
+    "all_reduce_grads", "all_reduce_sum", "gather_objects", "init_from_env", "rank_and_world",
+]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -56,3 +58,4 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+

@@ -5,7 +5,8 @@ are all equal) runs ``layers[0..depth-1]`` without autograd and returns the usua
 the model's own loss function over ``labels``, with ``num_items_in_batch`` when given, and ``logits``)
 plus the batch's per-sample ``deviations`` when the patch has semantic bases and the batch carries
 ``salf_label`` (class indices); ``salf_train_embeddings`` (default: cut 0 and a trainable embedding)
-runs the embedding with autograd. A batch without ``salf_depth`` (evaluation, generation) runs the original
+runs the embedding with autograd; ``salf_logits="last"`` returns only the medium token's [B, V] logits (no
+loss: eof profiles). A batch without ``salf_depth`` (evaluation, generation) runs the original
 forward unchanged. Patch before a trainer wraps the model (DDP, FSDP, accelerate).
 """
 
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 #: The batch keys the patched forward consumes besides the model's own arguments.
-SALF_KEYS = ("salf_depth", "salf_label", "salf_train_embeddings")
+SALF_KEYS = ("salf_depth", "salf_label", "salf_train_embeddings", "salf_logits")
 _MARK = "_salf_runner"
 
 
@@ -98,7 +99,7 @@ def patch_model(model: nn.Module, *, bases: Tensor | None = None, lens: str = "f
 
     @functools.wraps(original)
     def forward(*args: Any, salf_depth: Any = None, salf_label: Tensor | None = None,
-                salf_train_embeddings: bool | None = None, **kwargs: Any):
+                salf_train_embeddings: bool | None = None, salf_logits: str = "all", **kwargs: Any):
         if salf_depth is None:
             return original(*args, **kwargs)
         if args:
@@ -108,7 +109,7 @@ def patch_model(model: nn.Module, *, bases: Tensor | None = None, lens: str = "f
             embed = runner.parts.embed.parameters()
             salf_train_embeddings = depth == 0 and any(q.requires_grad for q in embed)
         return _truncated_forward(causal_lm, runner, depth, salf_label, bool(salf_train_embeddings),
-                                  gradient_checkpointing, **kwargs)
+                                  gradient_checkpointing, salf_logits, **kwargs)
 
     sig = inspect.signature(original)
     params = list(sig.parameters.values())
@@ -140,7 +141,7 @@ def runner_of(model: nn.Module) -> TruncatedRunner:
 
 
 def _truncated_forward(causal_lm: nn.Module, runner: TruncatedRunner, depth: int, salf_label: Tensor | None,
-                       train_embeddings: bool, gradient_checkpointing: bool, *,
+                       train_embeddings: bool, gradient_checkpointing: bool, logits: str, *,
                        input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                        labels: Tensor | None = None,
                        num_items_in_batch: Any = None, position_ids: Tensor | None = None,
@@ -153,10 +154,10 @@ def _truncated_forward(causal_lm: nn.Module, runner: TruncatedRunner, depth: int
     if ignored.get("past_key_values") is not None or ignored.get("cache") is not None:
         raise ConfigError("a SALF batch cannot use a KV cache")
     index = medium_index(labels, attention_mask, input_ids)
-    out = runner(input_ids, attention_mask, depth=depth, last_index=index, labels=salf_label, logits="all",
+    out = runner(input_ids, attention_mask, depth=depth, last_index=index, labels=salf_label, logits=logits,
                  gradient_checkpointing=gradient_checkpointing, train_embeddings=train_embeddings)
     loss = None
-    if labels is not None:
+    if labels is not None and logits == "all":
         loss = causal_lm.loss_function(logits=out.logits, labels=labels, vocab_size=out.logits.shape[-1],
                                        num_items_in_batch=num_items_in_batch)
     return SalfCausalLMOutput(loss=loss, logits=out.logits, deviations=out.deviations)

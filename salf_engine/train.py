@@ -36,6 +36,7 @@ from .cost import CostMeter
 from .distributed import all_reduce_grads, all_reduce_sum, init_from_env, rank_and_world
 from .driver import StrategyDriver, profile_subset
 from .errors import ConfigError
+from .patching import is_patched
 from .rundir import RUN_FILES, RunDirectory
 from .sampling import rank_slice
 from .step import (
@@ -121,13 +122,20 @@ def profile_deviations(runner, encoded, pad_id: int, *, batch_size: int = 32, dt
     was_training = runner.model.training
     runner.model.eval()
     try:
-        for s in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        starts = range(0, n, batch_size)
+        for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
             idx = order[s:s + batch_size]
             batch = collate(encoded, idx, pad_id, padding_side="left")
             with autocast_context(dtype, device):
-                res = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                             depth=runner.num_layers, last_index=batch["last_index"].to(device),
-                             labels=batch["labels"].to(device))
+                if is_patched(runner.model):  # through the root module (DDP, FSDP2 hooks run)
+                    res = runner.model(input_ids=batch["input_ids"].to(device),
+                                       attention_mask=batch["attention_mask"].to(device),
+                                       salf_depth=runner.num_layers, salf_label=batch["labels"].to(device),
+                                       salf_logits="last")
+                else:
+                    res = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                 depth=runner.num_layers, last_index=batch["last_index"].to(device),
+                                 labels=batch["labels"].to(device))
             out[torch.as_tensor(idx)] = res.deviations.float().cpu()
     finally:
         runner.model.train(was_training)

@@ -106,6 +106,12 @@ class TrainableModel:
             q.requires_grad_(id(q) in allowed)
         return train_embed
 
+    def refresh(self) -> None:
+        """Re-read the parameters after something replaced them (FSDP2's ``fully_shard``): the groups, and
+        as trainable the parameters that require grad now (call it right after sharding)."""
+        self.embed_params, self.layer_params, self.rest_params = param_groups(self.parts)
+        self.trainable = [q for q in self.model.parameters() if q.requires_grad]
+
     def restore(self) -> None:
         """Every parameter trainable at the start trainable again (after training)."""
         for q in self.trainable:

@@ -16,8 +16,9 @@ from salf_engine.sampling import rank_slice
 STEPS, MICRO, ACCUM, LR = 3, 4, 2, 1e-2
 
 
-def _loop(rank: int, world: int) -> dict:
-    """SALF (profile + Algorithm-3 observations) through the patched forward; DDP when world > 1."""
+def _loop(rank: int, world: int, fsdp: bool = False) -> dict:
+    """SALF (profile + Algorithm-3 observations) through the patched forward; DDP (or FSDP2 per decoder
+    layer, then the root) when world > 1."""
     from test_hf import _config, hf_rows
     from test_train import _prepared
 
@@ -36,7 +37,14 @@ def _loop(rank: int, world: int) -> dict:
     wrapped = wrap_model(p.model, p.strategy, cfg)
     patch_model(wrapped.model, bases=bases, deviation_impl="torch")
     module = wrapped.model
-    if world > 1:
+    if world > 1 and fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in wrapped.parts.layers:
+            fully_shard(layer)
+        fully_shard(wrapped.model)
+        wrapped.refresh()
+    elif world > 1:
         module = torch.nn.parallel.DistributedDataParallel(wrapped.model, find_unused_parameters=True)
     driver = StrategyDriver(p.strategy, runner_of(wrapped.model), p.train_split, cfg, pad_id=0)
     driver.profile()
@@ -53,7 +61,10 @@ def _loop(rank: int, world: int) -> dict:
             batch = left_pad_collate([rows[i] for i in mb.indices], 0)
             labels = torch.tensor([rows[i]["salf_label"] for i in mb.indices])
             embed = wrapped.set_trainable(mb.depth, mb.trainable)
-            sync = module.no_sync() if world > 1 and k < len(local) - 1 else contextlib.nullcontext()
+            last = k == len(local) - 1
+            sync = module.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()
+            if fsdp and world > 1:
+                module.set_requires_gradient_sync(last)
             with sync:
                 out = module(**batch, salf_depth=mb.depth, salf_label=labels, salf_train_embeddings=embed)
                 (out.loss * mb.weight).backward()
@@ -65,15 +76,16 @@ def _loop(rank: int, world: int) -> dict:
         driver.after_step(step, wrapped.parts.layers)
         if step == STEPS:
             break
-    weights = {n: q.detach().clone() for n, q in wrapped.model.named_parameters()}
+    weights = {n: (q.full_tensor() if hasattr(q, "full_tensor") else q).detach().clone()
+               for n, q in wrapped.model.named_parameters()}
     return {"depths": depths, "eofs": driver.eofs, "weights": weights}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, fsdp: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.save(_loop(rank, world), Path(out_dir) / f"rank{rank}.pt")
+        torch.save(_loop(rank, world, fsdp), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -91,9 +103,10 @@ def test_rank_slice_weights_and_cuts():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_two_process_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_process_ddp_equals_one_process(tmp_path, fsdp):
     ctx = mp.get_context("spawn")
-    args = (str(tmp_path / "init"), str(tmp_path))
+    args = (str(tmp_path / "init"), str(tmp_path), fsdp)
     procs = [ctx.Process(target=_worker, args=(r, 2, *args)) for r in range(2)]
     for proc in procs:
         proc.start()
