@@ -31,7 +31,8 @@ from .sampling import LocalMicroBatch, PlanBatchSampler
 from .wrapping import TrainableModel, wrap_model
 
 __all__ = [
-    "PlanDataset", "SalfCallback", "SalfTrainer", "SalfTrainerMixin", "left_pad_collate", "prompt_split",
+    "PlanDataset", "SalfCallback", "SalfTrainer", "SalfTrainerMixin", "classification_rows",
+    "left_pad_collate", "prompt_split",
 ]
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
@@ -68,6 +69,17 @@ def left_pad_collate(features: Sequence[dict[str, Any]], pad_id: int) -> dict[st
         if f.get("labels") is not None:
             labels[b, start:] = torch.as_tensor(f["labels"], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def classification_rows(split: Any, label_token_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """HF causal-LM rows of an encoded classification split: the prompt plus its label word's token, only
+    that token supervised (the engine's next-token loss), and the class as ``salf_label``."""
+    rows = []
+    for ids, cls in zip(split.input_ids, split.labels, strict=True):
+        token = int(label_token_ids[cls])
+        labels = [-100] * len(ids) + [token]
+        rows.append({"input_ids": [*ids, token], "labels": labels, "salf_label": int(cls)})
+    return rows
 
 
 def prompt_split(dataset: Any):

@@ -192,7 +192,8 @@ def prepare(config: TrainConfig) -> Prepared:
 
     config.validate()
     out_dir = Path(config.output) if config.output else None
-    if out_dir is not None:
+    # under torchrun only rank 0 owns (checks, then writes) the run directory
+    if out_dir is not None and int(os.environ.get("RANK", "0")) == 0:
         if out_dir.exists() and not out_dir.is_dir():
             raise ConfigError(f"output {out_dir} exists and is not a directory")
         if (out_dir / "summary.json").exists() and not config.overwrite:
@@ -238,7 +239,9 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     bases = semantic_bases(model, verbalizer.label_token_ids).to(device)
 
     init_from_env(device)
-    run = RunDirectory(p.out_dir if rank_and_world()[0] == 0 else None)  # rank 0 writes the run
+    if rank_and_world()[0] != 0:  # rank 0 reports and writes the run
+        say = lambda _msg: None  # noqa: E731
+    run = RunDirectory(p.out_dir if rank_and_world()[0] == 0 else None)
     try:
         run.write_json("config.json", config.to_dict())
         summary: dict[str, Any] = {
