@@ -499,10 +499,10 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
             t_copy = time.perf_counter()
             model = fresh_model()
             strategy = train_module.strategy_from_config(cfg)
-            prepared = dict(config=cfg, strategy=strategy, device=device, task=task, model=model,
-                            tokenizer=tokenizer, verbalizer=verbalizer, train_split=train_split,
-                            eval_split=eval_split, load_seconds=time.perf_counter() - t_copy,
-                            out_dir=Path(cfg.output))
+            prepared = train_module.Prepared(
+                config=cfg, strategy=strategy, device=device, task=task, model=model, tokenizer=tokenizer,
+                verbalizer=verbalizer, train_split=train_split, eval_split=eval_split,
+                load_seconds=time.perf_counter() - t_copy, out_dir=Path(cfg.output))
             try:
                 summary = train_module.train(cfg, progress=progress, log=say, prepared=prepared)
             except Exception as exc:

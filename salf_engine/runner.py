@@ -70,7 +70,7 @@ class TruncatedRunner:
     """Run a causal LM with its bottom ``depth`` decoder layers outside autograd.
 
     Args:
-        model: a supported ``*ForCausalLM`` (llama, qwen2, gemma2, gemma3_text, mistral), PEFT-wrapped or not.
+        model: a standard-layout ``*ForCausalLM`` (see ``models.families``), PEFT-wrapped or not.
         bases: float32 [K, D] semantic bases of the K label tokens (``semantics.semantic_bases``); with
             ``labels`` at call time the runner returns per-sample deviations of all m+1 spaces.
         lens: "final_norm" (apply the model's final norm to spaces 0..m-1, logit-lens view) or "raw".

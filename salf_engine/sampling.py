@@ -1,16 +1,25 @@
-"""Depth buckets: batches whose samples all share one freeze depth, so one runner cut serves the batch."""
+"""Depth buckets and step plans as batches: every batch shares one freeze depth, so one runner cut serves it.
+
+:class:`DepthBucketSampler` buckets samples by a fixed per-sample depth. :class:`PlanBatchSampler` turns a
+strategy's step plans into one batch per optimizer step (its micro-batches tagged), and
+:func:`rank_slice` gives each of ``num_replicas`` ranks its own share of every micro-batch: the plan is a
+function of (seed, epoch, eofs), so every rank computes the same plan and trains the same cuts at every
+step without any communication.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
 
 from .errors import ConfigError
 
-__all__ = ["DepthBucketSampler"]
+__all__ = ["DepthBucketSampler", "LocalMicroBatch", "PlanBatchSampler", "rank_slice"]
 
 
 def _check_depths(depths: Sequence[int]) -> list[int]:
@@ -104,3 +113,82 @@ class DepthBucketSampler(Sampler[list[int]]):
         if self.drop_last:
             return sum(c // self.batch_size for c in counts)
         return sum(math.ceil(c / self.batch_size) for c in counts)
+
+
+@dataclass
+class LocalMicroBatch:
+    """One rank's share of a micro-batch: its sample ``indices``, the shared cut ``depth`` and ``trainable``
+    mask, and the loss ``weight`` that makes the averaged gradient of all ranks equal one process's."""
+
+    indices: list[int]
+    depth: int
+    trainable: list[bool]
+    weight: float
+
+
+def _check_rank(rank: int, num_replicas: int) -> None:
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ConfigError(f"rank must be in 0..num_replicas-1, got rank {rank} of {num_replicas}")
+
+
+def rank_slice(plan: Any, rank: int = 0, num_replicas: int = 1) -> list[LocalMicroBatch]:
+    """``rank``'s share of every micro-batch of a step plan (samples ``rank::num_replicas``).
+
+    Every rank gets the same number of micro-batches with the same cuts, so DDP's gradient hooks stay in
+    step. Each example weighs ``num_replicas / len(plan)`` (DDP averages over ranks: 1 / len(plan) in all).
+    A rank whose share of a micro-batch is empty runs its first sample with weight 0.
+    """
+    _check_rank(rank, num_replicas)
+    total = len(plan)
+    out = []
+    for mb in plan.micro_batches:
+        mine = list(mb.indices[rank::num_replicas])
+        weight = len(mine) * num_replicas / total
+        out.append(LocalMicroBatch(mine or list(mb.indices[:1]), mb.depth, list(mb.trainable), weight))
+    return out
+
+
+class PlanBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batch sampler with one batch per optimizer step: the rank's share of the step plan, as
+    ``(sample index, micro-batch number)`` pairs (use as ``batch_sampler=`` over a dataset that accepts such
+    keys, e.g. ``salf_engine.hf.PlanDataset``).
+
+    Args:
+        plans: ``plans(epoch)`` -> that epoch's step plans (e.g. ``StrategyDriver.epoch_plans`` bound to the
+            step and micro-batch sizes); consumed lazily, one plan per batch.
+        steps_per_epoch: the number of plans per epoch (``len``).
+        rank / num_replicas: this process and the world size.
+
+    Each yielded batch's micro-batches are appended to :attr:`pending` (first in, first out) for the
+    training step that consumes the batch. The epoch advances with every new iteration (or ``set_epoch``).
+    """
+
+    def __init__(self, plans: Callable[[int], Iterable[Any]], steps_per_epoch: int, *, rank: int = 0,
+                 num_replicas: int = 1) -> None:
+        _check_rank(rank, num_replicas)
+        self.plans = plans
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.rank = rank
+        self.num_replicas = num_replicas
+        self.epoch = 0
+        self._epoch_set = False
+        self.pending: list[list[LocalMicroBatch]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Plan epoch ``epoch`` on the next iteration."""
+        self.epoch = int(epoch)
+        self._epoch_set = True
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        self._epoch_set = False
+        for plan in self.plans(epoch):
+            local = rank_slice(plan, self.rank, self.num_replicas)
+            self.pending.append(local)
+            yield [(i, k) for k, mb in enumerate(local) for i in mb.indices]
+        if not self._epoch_set:
+            self.epoch = epoch + 1
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny_models import STANDARD_FAMILIES, tiny_model, tiny_standard_model
+from transformers import GPT2Config, GPT2LMHeadModel, PhiConfig
 
 from salf_engine.errors import UnsupportedArchitectureError
-from salf_engine.models.families import SUPPORTED_FAMILIES, decoder_parts, family_of, unwrap_peft
+from salf_engine.models.families import (
+    SUPPORTED_FAMILIES,
+    check_exact,
+    decoder_parts,
+    family_of,
+    unwrap_peft,
+)
+from salf_engine.runner import TruncatedRunner
 
 # family, tiny_model overrides: the sliding variants make T > sliding_window matter
 CASES = {
@@ -50,8 +57,47 @@ def _manual_forward(parts, ids, mask):
     return parts.head(parts.final_norm(hidden))
 
 
-def test_supported_families_constant():
-    assert SUPPORTED_FAMILIES == ("llama", "qwen2", "gemma2", "gemma3_text", "mistral")
+def test_supported_families_are_the_tested_ones():
+    assert SUPPORTED_FAMILIES[:5] == ("llama", "qwen2", "gemma2", "gemma3_text", "mistral")
+    assert sorted(SUPPORTED_FAMILIES) == sorted(STANDARD_FAMILIES)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("family", STANDARD_FAMILIES)
+def test_every_standard_family_exact_logits(family, padding_side):
+    """Layer by layer == model(...) for every standard family (sliding layers where it has them)."""
+    model = tiny_standard_model(family)
+    parts = decoder_parts(model)
+    assert parts.family == family and parts.num_layers == 4
+    assert family_of(model.config) == family
+    ids, mask = _batch(padding_side)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        out = _manual_forward(parts, ids, mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("family", STANDARD_FAMILIES)
+def test_every_standard_family_runner_cut(family):
+    """The runner at a cut: logits == model(...) and no layer below the cut runs backward."""
+    model = tiny_standard_model(family)  # eval mode: no dropout, the reference is the same function
+    runner = TruncatedRunner(model)
+    ids, mask = _batch("left")
+    backward_calls: list[int] = []
+    for i, layer in enumerate(runner.parts.layers):
+        layer.register_full_backward_hook(lambda mod, gi, go, i=i: backward_calls.append(i))
+    out = runner(ids, mask, depth=2, logits="all")
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
+    out.logits.float().square().mean().backward()
+    assert backward_calls and min(backward_calls) == 2
+    head = {id(p) for p in runner.parts.lm_head.parameters()}  # a tied embedding trains through the head
+    below = [p for layer in list(runner.parts.layers)[:2] for p in layer.parameters()]
+    below += [p for p in runner.parts.embed.parameters() if id(p) not in head]
+    assert all(p.grad is None for p in below)
+    assert any(p.grad is not None for p in runner.parts.layers[3].parameters())
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -113,8 +159,38 @@ def test_family_of_rejects_unknown_architecture():
 
 def test_decoder_parts_rejects_gpt2_model():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
-    with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*missing.*model.embed_tokens"):
         decoder_parts(model)
+
+
+def test_missing_final_norm_is_named():
+    """Phi keeps its final norm as model.final_layernorm: the error (from the config) names model.norm."""
+    cfg = PhiConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2)
+    with pytest.raises(UnsupportedArchitectureError, match=r"'phi'.*missing model\.norm;"):
+        family_of(cfg)
+
+
+def test_unknown_layer_type_is_refused():
+    model = tiny_model("qwen2")
+    model.config.layer_types = ["linear_attention"] * 4
+    parts = decoder_parts(model)
+    with pytest.raises(UnsupportedArchitectureError, match="linear_attention"):
+        parts.layer_inputs(parts.embed_tokens(torch.ones(1, 3, dtype=torch.long)), None)
+
+
+def test_untested_family_is_checked_against_its_own_forward():
+    """An unlisted standard-layout type is accepted when exact, refused when its forward differs."""
+    model = tiny_model("llama")
+    model.config.model_type = "my_llama"
+    assert decoder_parts(model).family == "my_llama"
+    quirky = tiny_model("llama")
+    quirky.config.model_type = "my_quirky_llama"
+    plain_forward = quirky.forward
+    quirky.forward = lambda *a, **k: type(out := plain_forward(*a, **k))(logits=out.logits * 2)
+    with pytest.raises(UnsupportedArchitectureError, match="my_quirky_llama.*differs from model"):
+        decoder_parts(quirky)
+    check_exact(decoder_parts(model))  # the exact one passes an explicit re-check
 
 
 def test_decoder_parts_unwraps_peft():

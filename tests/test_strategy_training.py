@@ -39,7 +39,7 @@ def _setup(name: str, options: dict, **overrides):
                       warmup_ratio=0.0, zero_shot_eval=False, deviation_impl="torch",
                       **{_CONFIG_NAMES.get(k, k): v for k, v in options.items()}, **overrides).validate()
     p = _prepared("qwen2", cfg)  # untied head: an embedding gradient can only come from backward
-    p["strategy"] = make_strategy(name, seed=0, lora=cfg.lora, **options)
+    p.strategy = make_strategy(name, seed=0, lora=cfg.lora, **options)
     return cfg, p
 
 
@@ -67,7 +67,7 @@ def _record_micro_batches(model, strategy) -> dict:
 @pytest.mark.parametrize("name,options", CASES, ids=str)
 def test_no_backward_and_no_grad_where_the_plan_freezes(name, options):
     cfg, p = _setup(name, options)
-    model, strategy = p["model"], p["strategy"]
+    model, strategy = p.model, p.strategy
     current = _record_micro_batches(model, strategy)
     violations: list[str] = []
     touched: set[int] = set()
@@ -110,19 +110,19 @@ def test_no_backward_and_no_grad_where_the_plan_freezes(name, options):
 @pytest.mark.parametrize("name,options", [("bot50", {}), ("salf", {"budget": "uniform"})], ids=str)
 def test_train_head_option_trains_the_head(name, options):
     cfg, p = _setup(name, options, train_head=True)
-    head = p["model"].lm_head.weight.detach().clone()
-    embed = p["model"].model.embed_tokens.weight.detach().clone()
+    head = p.model.lm_head.weight.detach().clone()
+    embed = p.model.model.embed_tokens.weight.detach().clone()
     summary = train(cfg, progress=False, log=None, prepared=p)
     assert summary["head_trained"]
-    assert not torch.equal(head, p["model"].lm_head.weight)
-    assert torch.equal(embed, p["model"].model.embed_tokens.weight)  # below every cut: still frozen
+    assert not torch.equal(head, p.model.lm_head.weight)
+    assert torch.equal(embed, p.model.model.embed_tokens.weight)  # below every cut: still frozen
 
 
 @pytest.mark.parametrize("name,trained", [("lora-full", {0, 1, 2, 3}), ("lora-half", {2, 3})])
 def test_lora_adapters_move_only_where_trained(name, trained):
     cfg, p = _setup(name, {}, lora=True)
     train(cfg, progress=False, log=None, prepared=p)
-    lora_b = {n: prm for n, prm in p["model"].named_parameters() if "lora_B" in n}
+    lora_b = {n: prm for n, prm in p.model.named_parameters() if "lora_B" in n}
     assert lora_b
     moved = {int(n.split(".layers.")[1].split(".")[0]) for n, prm in lora_b.items() if prm.abs().sum() > 0}
     assert moved == trained

@@ -41,13 +41,13 @@ def _prepared(family: str, config: TrainConfig, *, seed: int = 0):
     from tiny_models import tiny_model, tiny_tokenizer
 
     from salf_engine.data import Verbalizer, encode_split
-    from salf_engine.train import strategy_from_config
+    from salf_engine.train import Prepared, strategy_from_config
 
     tok = tiny_tokenizer()
     model = tiny_model(family, seed=seed)
     task = _pattern_task()
     verb = Verbalizer(task.classes, task.label_words, tok)
-    return dict(
+    return Prepared(
         config=config, strategy=strategy_from_config(config),
         device=torch.device("cpu"), task=task, model=model, tokenizer=tok, verbalizer=verb,
         train_split=encode_split(task, tok, "train", verb), eval_split=encode_split(task, tok, "test", verb),
@@ -101,7 +101,7 @@ def test_grad_accum_updates_like_bigger_batch():
                           max_grad_norm=None).validate()
         p = _prepared("llama", cfg)
         train(cfg, progress=False, log=None, prepared=p)
-        weights.append(p["model"].model.layers[0].mlp.down_proj.weight.detach().clone())
+        weights.append(p.model.model.layers[0].mlp.down_proj.weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
 
 
@@ -194,9 +194,9 @@ def test_frozen_prefix_is_not_updated():
     cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", lr=1e-2, batch_size=4, max_steps=3,
                       zero_shot_eval=False).validate()
     p = _prepared("qwen2", cfg)
-    before = {k: v.detach().clone() for k, v in p["model"].state_dict().items()}
+    before = {k: v.detach().clone() for k, v in p.model.state_dict().items()}
     s = train(cfg, progress=False, log=None, prepared=p)
-    after = p["model"].state_dict()
+    after = p.model.state_dict()
     assert s["cost_saving_ratio"] == pytest.approx(0.5)
     for frozen in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight",
                    "model.embed_tokens.weight"):
@@ -211,8 +211,8 @@ def test_lora_trains_only_adapters(tmp_path):
     cfg = TrainConfig(model="tiny", dataset="pattern", strategy="full", lora=True, lr=5e-3, batch_size=4,
                       max_steps=4, zero_shot_eval=False, output=str(tmp_path / "run")).validate()
     p = _prepared("llama", cfg)
-    p["out_dir"] = tmp_path / "run"
-    base = {k: v.detach().clone() for k, v in p["model"].state_dict().items()}
+    p.out_dir = tmp_path / "run"
+    base = {k: v.detach().clone() for k, v in p.model.state_dict().items()}
     s = train(cfg, progress=False, log=None, prepared=p)
     assert s["lora"] and s["trainable_parameters"] < 0.2 * sum(v.numel() for v in base.values())
     saved = tmp_path / "run" / "model"
@@ -264,8 +264,8 @@ def test_qlora_4bit_with_a_freezing_strategy(tiny_dir):
     cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", lora=True, load_in_4bit=True,
                       lr=1e-2, batch_size=4, max_steps=3, zero_shot_eval=False).validate()
     p = _prepared("llama", cfg)
-    p["model"], p["tokenizer"] = load_model(tiny_dir("llama"), load_in_4bit=True)
-    model = p["model"]
+    p.model, p.tokenizer = load_model(tiny_dir("llama"), load_in_4bit=True)
+    model = p.model
     s = train(cfg, progress=False, log=None, prepared=p)
     assert s["cost_saving_ratio"] == pytest.approx(0.5)
     assert all(torch.isfinite(torch.tensor(s["loss_history"])))

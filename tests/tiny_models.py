@@ -100,3 +100,44 @@ def save_tiny_model(path: str | Path, family: str = "llama", **kwargs) -> Path:
     tiny_model(family, **kwargs).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+#: Every standard-layout decoder family transformers ships here that the runner is tested on
+#: (exact logits + no backward below the cut, tests/test_families.py).
+STANDARD_FAMILIES = (
+    "llama", "qwen2", "qwen3", "mistral", "ministral", "ministral3", "gemma", "gemma2", "gemma3_text",
+    "vaultgemma", "phi3", "olmo", "olmo2", "olmo3", "granite", "granite_swa", "starcoder2", "cohere",
+    "cohere2",
+    "glm", "glm4", "helium", "smollm3", "minicpm3", "nemotron", "exaone4", "seed_oss", "arcee", "apertus",
+    "ernie4_5", "nanochat", "bitnet", "cwm", "diffllama", "hunyuan_v1_dense", "jais2", "stablelm",
+)
+
+# families whose attention has its own head geometry (multi-head latent attention)
+_MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+            num_key_value_heads=4, head_dim=None)
+
+
+def tiny_standard_model(model_type: str, *, seed: int = 0, num_layers: int = 4, sliding_window: int = 5):
+    """A random-init tiny float32 causal LM of any standard family, from its default config made small.
+
+    Sliding-window layers (where the family has them) get window `sliding_window`, alternating with full
+    attention when the family has per-layer types, so inputs longer than the window exercise both masks.
+    """
+    from transformers import AutoConfig
+
+    small = dict(vocab_size=len(tiny_tokenizer()), hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if model_type == "minicpm3":
+        small.update(_MLA)
+    cfg = AutoConfig.for_model(model_type, **small)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        cfg.layer_types = (["sliding_attention", "full_attention"] * num_layers)[:num_layers] \
+            if "sliding_attention" in types else [types[0]] * num_layers
+    if getattr(cfg, "sliding_window", None) is not None:
+        cfg.sliding_window = sliding_window
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    return model.float().eval()

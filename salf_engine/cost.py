@@ -1,0 +1,51 @@
+"""Training cost accounting in decoder-layer forward units (the backward saving and a FLOPs estimate)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+__all__ = ["CostMeter"]
+
+
+class CostMeter:
+    """What a run's training cost, in units of one decoder layer's forward over one example.
+
+    Per trained example: m units of forward; in backward, 2 units for every layer whose weights train
+    (input and weight gradients) and 1 for every layer above the cut that only passes the gradient down
+    (a masked layer, or a LoRA-wrapped one: its adapter's gradient is negligible). Full fine-tuning
+    costs 3m per example; a profiled example costs m (forward only). The head and embedding are
+    left out: at the medium token only, the head is a small part of a step.
+    """
+
+    def __init__(self, num_layers: int, *, lora: bool) -> None:
+        self.m = num_layers
+        self.lora = lora
+        self.examples = 0
+        self._depth_sum = 0
+        self._units = 0
+        self._depths: Counter[int] = Counter()
+
+    def add(self, n: int, depth: int, trainable: Sequence[bool]) -> None:
+        """Count ``n`` examples trained at cut ``depth`` with the per-layer ``trainable`` mask."""
+        above = self.m - depth
+        weights = 0 if self.lora else sum(trainable[depth:])
+        self.examples += n
+        self._depth_sum += n * depth
+        self._units += n * (self.m + above + weights)
+        self._depths[depth] += n
+
+    def saving(self) -> float:
+        """The paper's backward cost-saving ratio: mean over trained examples of depth / m."""
+        return self._depth_sum / (self.examples * self.m) if self.examples else 0.0
+
+    def flops_ratio(self, profiled: int = 0) -> float:
+        """Estimated training FLOPs (``profiled`` forward-only examples included) relative to full
+        fine-tuning of the same examples."""
+        if not self.examples:
+            return 0.0
+        return (self._units + profiled * self.m) / (3 * self.m * self.examples)
+
+    def depth_histogram(self) -> list[int]:
+        """Trained examples per cut depth 0..m."""
+        return [self._depths.get(k, 0) for k in range(self.m + 1)]

@@ -1,0 +1,154 @@
+"""The strategy driver: profile eofs, begin the strategy, hand out plans, feed back observations.
+
+Everything a loop does with a :class:`~salf_engine.strategies.Strategy` besides training a micro-batch:
+the eof profile before epoch 0 (all or a fraction of the training samples), ``begin`` / ``probe`` /
+``on_train_start``, per-epoch plans, the step's eofs from the training forward's deviations
+(``observe``), ``after_step`` (ADT), and the eof histograms of the summary. Under torch.distributed each
+rank profiles its share of the samples and the eofs are gathered; every rank's observations are gathered
+before ``observe``, so all ranks keep the same strategy state and plan the same steps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .deviation import eof_layers
+from .distributed import gather_objects, rank_and_world
+from .errors import ConfigError
+
+__all__ = ["StrategyDriver", "histogram", "profile_subset"]
+
+
+def profile_subset(num_samples: int, fraction: float, seed: int) -> list[int]:
+    """The training samples profiled before epoch 0: ``ceil(fraction * N)`` of them, seeded, ascending."""
+    count = max(1, math.ceil(fraction * num_samples))
+    if count >= num_samples:
+        return list(range(num_samples))
+    return sorted(random.Random(seed + 7919).sample(range(num_samples), count))
+
+
+def histogram(values: Sequence[int], size: int) -> list[int]:
+    """Counts of the ints 0..size-1 in `values`."""
+    counts = Counter(int(v) for v in values)
+    return [counts.get(k, 0) for k in range(size)]
+
+
+class StrategyDriver:
+    """Drives one strategy over one training split with one runner.
+
+    Args:
+        strategy: the strategy (not begun yet).
+        runner: the :class:`~salf_engine.runner.TruncatedRunner` of the model being trained (with bases).
+        train_split: the encoded training split (``labels`` per sample).
+        config: the run's TrainConfig (eof boundary, profile fraction, seed, eval batch size, dtype).
+        pad_id: the tokenizer's pad id.
+    """
+
+    def __init__(self, strategy: Any, runner: Any, train_split: Any, config: Any, *, pad_id: int) -> None:
+        self.strategy = strategy
+        self.runner = runner
+        self.train_split = train_split
+        self.config = config
+        self.pad_id = pad_id
+        self.eofs: list[int | None] | None = None
+        self.profiled = 0
+        self.profile_seconds = 0.0
+        self.probe_examples = 0
+        self.probe_seconds = 0.0
+        self.last_seen_eofs: dict[int, int] = {}
+
+    @property
+    def wants_deviations(self) -> bool:
+        """Whether the training forward must return deviations (Algorithm-3 observations)."""
+        return bool(getattr(self.strategy, "needs_observe", False))
+
+    def _eofs_of(self, indices: Sequence[int], *, progress: bool, desc: str) -> list[int]:
+        from .data import subset_split
+        from .train import profile_deviations
+
+        dev = profile_deviations(self.runner, subset_split(self.train_split, indices), self.pad_id,
+                                 batch_size=self.config.eval_batch_size, dtype=self.config.dtype,
+                                 progress=progress, desc=desc)
+        return eof_layers(dev, boundary=self.config.eof_boundary).tolist()
+
+    def probe(self, indices: Sequence[int]) -> list[int]:
+        """eof of each given training sample under the current weights (one no-grad pass)."""
+        t0 = time.perf_counter()
+        eofs = self._eofs_of(indices, progress=False, desc="probe")
+        self.probe_examples += len(indices)
+        self.probe_seconds += time.perf_counter() - t0
+        return eofs
+
+    def profile(self, *, progress: bool = False, say: Callable[[str], None] | None = None) -> None:
+        """The eof profile before epoch 0, for strategies that want one (no-op otherwise)."""
+        if not self.strategy.needs_profile:
+            return
+        n = len(self.train_split)
+        chosen = profile_subset(n, self.config.profile_fraction, self.config.seed)
+        if say is not None:
+            say(f"profiling eof-layers of {len(chosen)} of {n} training examples ...")
+        t0 = time.perf_counter()
+        rank, world = rank_and_world()
+        mine = chosen[rank::world]
+        local = list(zip(mine, self._eofs_of(mine, progress=progress, desc="eof profile"), strict=True))
+        eofs: list[int | None] = [None] * n
+        for part in gather_objects(local):
+            for i, e in part:
+                eofs[i] = int(e)
+        self.eofs = eofs
+        self.profile_seconds = time.perf_counter() - t0
+        self.profiled = len(chosen)
+
+    def begin(self, layers: Any) -> None:
+        """``strategy.begin`` with the profile, the probe hook, then ``on_train_start(layers)``."""
+        strategy = self.strategy
+        strategy.begin(self.runner.num_layers, len(self.train_split), self.eofs, self.config.seed,
+                       labels=list(self.train_split.labels))
+        strategy.probe = self.probe
+        strategy.on_train_start(layers)
+
+    def epoch_plans(self, epoch: int, step_size: int, micro_batch_size: int) -> Iterator[Any]:
+        """The epoch's step plans, lazily; ConfigError when the strategy plans no step."""
+        planned = 0
+        for plan in self.strategy.epoch_plans(epoch, step_size, micro_batch_size):
+            planned += 1
+            yield plan
+        if planned == 0:
+            raise ConfigError(f"strategy {self.config.strategy!r} planned no step in epoch {epoch}")
+
+    def observe(self, seen: Sequence[tuple[Sequence[int], torch.Tensor]]) -> None:
+        """The step's (indices, deviations) per micro-batch -> eofs in one pass -> ``strategy.observe``
+        (with every rank's observations, gathered, under torch.distributed)."""
+        indices = [int(i) for idx, _dev in seen for i in idx]
+        eof = []
+        if seen:
+            dev = torch.cat([dev for _idx, dev in seen])
+            eof = eof_layers(dev, boundary=self.config.eof_boundary).tolist()
+        if rank_and_world()[1] > 1:
+            parts = gather_objects((indices, eof))
+            indices = [i for idx, _e in parts for i in idx]
+            eof = [e for _idx, es in parts for e in es]
+        if not indices:
+            return
+        self.strategy.observe(indices, eof)
+        self.last_seen_eofs.update(zip(indices, eof, strict=True))
+
+    def after_step(self, step: int, layers: Any) -> None:
+        """``strategy.after_step`` (ADT's weight-change masks)."""
+        self.strategy.after_step(step, layers)
+
+    def eof_histograms(self) -> dict[str, list[int] | None] | None:
+        """{"profile": counts per eof of the profiled samples, "last_seen": of the last observed eofs}."""
+        if self.eofs is None:
+            return None
+        size = self.runner.num_layers + 1
+        profiled = [e for e in self.eofs if e is not None]
+        seen = histogram(list(self.last_seen_eofs.values()), size) if self.last_seen_eofs else None
+        return {"profile": histogram(profiled, size), "last_seen": seen}

@@ -1,0 +1,63 @@
+"""The run directory: config.json, metrics.jsonl, model/, eval files and summary.json (written last)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RUN_FILES", "RunDirectory", "atomic_write"]
+
+# Everything a run directory may hold; overwrite clears exactly these.
+RUN_FILES = ("config.json", "metrics.jsonl", "model", "eval.json", "eval.txt", "eof_hist.png", "summary.json",
+             "zero_shot_eval.json")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDirectory:
+    """Writes the artefacts of a run; summary.json last and atomically. ``path=None`` writes nothing."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is None:
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        # a finished run is only replaced with overwrite (checked in `prepare`), an unfinished one always;
+        # drop the finished marker first, so an interrupted overwrite never looks finished
+        (path / "summary.json").unlink(missing_ok=True)
+        for name in RUN_FILES:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        self._metrics = open(path / "metrics.jsonl", "w")  # noqa: SIM115 - closed in close()
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to metrics.jsonl."""
+        if self.path is not None:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Write ``name`` as indented JSON, atomically."""
+        if self.path is not None:
+            atomic_write(self.path / name, json.dumps(data, indent=2) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write ``name`` as text, atomically."""
+        if self.path is not None:
+            atomic_write(self.path / name, text)
+
+    def close(self) -> None:
+        """Close metrics.jsonl."""
+        if self.path is not None and not self._metrics.closed:
+            self._metrics.close()

@@ -1,0 +1,130 @@
+"""One training step: the loss, one micro-batch at a runner cut, the optimizer step and its schedule.
+
+Every loop (the engine's own, an HF Trainer, an accelerate or torchrun loop) trains through
+:func:`micro_batch_step` (forward at the micro-batch's cut, loss weighted by its share of the step,
+backward) and :func:`optimizer_step` (clip, step, schedule, zero).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .errors import ConfigError
+
+__all__ = [
+    "MicroBatchResult",
+    "autocast_context",
+    "build_optimizer",
+    "build_scheduler",
+    "compute_loss",
+    "lr_factor",
+    "micro_batch_step",
+    "optimizer_step",
+]
+
+
+def autocast_context(dtype: str, device: torch.device):
+    """bf16 autocast on the device for dtype 'bf16'; nothing for float32."""
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig,
+                    lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (no decay on norms and biases); ``lr`` defaults to the
+    config's learning rate for full weights."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr or config.resolved_lr(False),
+                             betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "linear") -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based): warm-up ``(step+1)/(warmup+1)``,
+    then constant, or linear decay to ``1/(total-warmup)`` at the last step. Never 0: every step learns."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    return max(total - step, 1) / max(total - warmup, 1)
+
+
+def build_scheduler(optimizer, config: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay (or constant); see `lr_factor`."""
+    warmup = int(round(config.warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total_steps, config.schedule))
+
+
+def compute_loss(out, labels: torch.Tensor, label_token_ids: torch.Tensor, bases: torch.Tensor | None,
+                 loss: str = "next-token", temperature: float = 0.05) -> torch.Tensor:
+    """Mean loss of a batch.
+
+    next-token: cross-entropy of the full-vocabulary logits at the medium token vs the label token id.
+    semantic-ce: cross-entropy over the K cosines of the final-norm state to the label bases / temperature.
+    cosine: 1 - cosine of the final-norm state to the ground-truth basis.
+    """
+    if loss == "next-token":
+        return F.cross_entropy(out.logits.float(), label_token_ids[labels])
+    if bases is None:
+        raise ConfigError(f"loss {loss!r} needs the semantic bases")
+    h = F.normalize(out.last_hidden.float(), dim=-1)
+    b = F.normalize(bases.to(h.device).float(), dim=-1)
+    cos = h @ b.T
+    if loss == "semantic-ce":
+        return F.cross_entropy(cos / temperature, labels)
+    if loss == "cosine":
+        return (1.0 - cos.gather(1, labels[:, None])).mean()
+    raise ConfigError(f"unknown loss {loss!r}")
+
+
+@dataclass
+class MicroBatchResult:
+    """What one micro-batch step leaves: its mean loss (detached) and its deviations (when asked)."""
+
+    loss: torch.Tensor
+    deviations: torch.Tensor | None
+
+
+def micro_batch_step(runner, model, batch: dict[str, Any], depth: int, trainable: Sequence[bool], *,
+                     weight: float, label_token_ids: torch.Tensor, bases: torch.Tensor | None,
+                     config: TrainConfig, want_deviations: bool = False) -> MicroBatchResult:
+    """Forward a collated micro-batch at cut ``depth`` with the plan's ``trainable`` mask, backward its loss
+    times ``weight`` (its share of the step's examples); gradients accumulate in the parameters.
+
+    ``model`` is the :class:`~salf_engine.wrapping.TrainableModel` whose ``requires_grad`` flags follow the
+    mask; ``batch`` holds input_ids, attention_mask, last_index and labels ([B]) tensors; ``bases`` are the
+    label bases of the semantic losses.
+    """
+    device = label_token_ids.device
+    labels = batch["labels"].to(device)
+    train_embed = model.set_trainable(depth, trainable)
+    with autocast_context(config.dtype, device):
+        out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth,
+                     last_index=batch["last_index"].to(device), labels=labels if want_deviations else None,
+                     gradient_checkpointing=config.gradient_checkpointing, train_embeddings=train_embed)
+    loss = compute_loss(out, labels, label_token_ids, bases, config.loss, config.semantic_temperature)
+    (loss * weight).backward()
+    return MicroBatchResult(loss=loss.detach(), deviations=out.deviations)
+
+
+def optimizer_step(optimizer, scheduler, params: Sequence[torch.nn.Parameter],
+                   max_grad_norm: float | None) -> float:
+    """Clip (with ``max_grad_norm``), step, advance the schedule, zero the grads; returns the step's lr."""
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([q for q in params if q.grad is not None], max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
