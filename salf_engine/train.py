@@ -14,8 +14,8 @@ and go back to the strategy (`observe`) so Algorithm-3 SALF can refresh
 eof-layers.
 
 The semantic bases of the label tokens are computed once, before training:
-they depend only on the LM head, which fine-tuning moves little, and the eof
-of a sample is an argmax over gains that tolerates such small shifts.
+they depend only on the LM head, which stays frozen under every strategy but
+``full`` (with ``train_head`` they are recomputed at every epoch).
 """
 
 from __future__ import annotations
