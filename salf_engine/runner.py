@@ -233,7 +233,8 @@ class TruncatedRunner:
         labels = torch.as_tensor(labels).long().reshape(-1)
         if labels.numel() != batch:
             raise ConfigError(f"labels must have one entry per row ({batch}), got {labels.numel()}")
-        on_host = labels.device.type == "cpu" and labels.numel() > 0
+        # (a data-dependent check would break a torch.compile graph: skipped while compiling)
+        on_host = labels.device.type == "cpu" and labels.numel() > 0 and not torch.compiler.is_compiling()
         if on_host and not 0 <= int(labels.min()) <= int(labels.max()) < len(bases):
             raise ConfigError(f"labels must index the {len(bases)} label bases, got {labels.tolist()}")
         labels = labels.to(device)
