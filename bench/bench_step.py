@@ -35,14 +35,13 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_utils import append_csv, cpu_name, percentile, read_csv, utc_now
+from bench_utils import SavedActivations, append_csv, cpu_name, percentile, read_csv, utc_now
 from bench_utils import git_commit as _git_commit
 
 __all__ = ["main"]
@@ -104,18 +103,7 @@ def run_step(
     for p in cfg.frozen:
         p.requires_grad_(False)
     try:
-        param_ptrs = {p.data_ptr() for p in model.parameters()}
-        saved = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            if t.data_ptr() not in param_ptrs:
-                saved += t.numel() * t.element_size()
-            return t
-
-        hooks = (
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure_memory else nullcontext()
-        )
+        hooks = SavedActivations(model, enabled=measure_memory)
         t0 = time.perf_counter()
         with hooks:
             logits = cfg.forward()
@@ -141,10 +129,10 @@ def run_step(
         )
         weights = sum(p.numel() * p.element_size() for p in _unique_params(model))
         cfg.memory = {
-            "saved_act_mib": _mib(saved),
+            "saved_act_mib": _mib(hooks.bytes),
             "grads_mib": _mib(grads),
             "adamw_mib": _mib(state),
-            "est_peak_mib": _mib(weights + saved + grads + state),
+            "est_peak_mib": _mib(weights + hooks.bytes + grads + state),
         }
     else:
         cfg.times["step"].append(t3 - t0)

@@ -33,6 +33,7 @@ __all__ = [
     "write_csv",
     "read_csv",
     "markdown_table",
+    "SavedActivations",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,3 +211,27 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(marks) + "|"]
     lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
     return lines
+
+
+class SavedActivations:
+    """Context manager counting the bytes autograd saves for backward, the model's parameters excluded
+    (``.bytes`` after the block); with ``enabled=False`` it does nothing."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool = True) -> None:
+        self.bytes = 0
+        self._params = {p.data_ptr() for p in model.parameters()}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t) if enabled else None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in self._params:
+            self.bytes += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self) -> SavedActivations:
+        if self._hooks is not None:
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc)

@@ -31,7 +31,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_deviation import MODELS, bytes_read, make_case, provider_fn, torch_lean  # noqa: E402
 from bench_utils import (  # noqa: E402
+    SavedActivations,
     env_info,
     markdown_table,
     measure_bandwidth,
@@ -224,18 +224,7 @@ def _one_step(cfg: StepConfig, model, targets, opt, device, *, measure_saved: bo
         p.requires_grad_(False)
     gpu = device.type == "cuda"
     try:
-        param_ptrs = {p.data_ptr() for p in model.parameters()}
-        saved = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            if t.data_ptr() not in param_ptrs:
-                saved += t.numel() * t.element_size()
-            return t
-
-        hooks = nullcontext()
-        if measure_saved:
-            hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        hooks = SavedActivations(model, enabled=measure_saved)
         sync(device)
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
@@ -257,7 +246,7 @@ def _one_step(cfg: StepConfig, model, targets, opt, device, *, measure_saved: bo
         for p in cfg.frozen:
             p.requires_grad_(True)
     if measure_saved:
-        cfg.saved = _mib(saved)
+        cfg.saved = _mib(hooks.bytes)
         return
     for key, value in (("step", t3 - t0), ("fwd", t1 - t0), ("bwd", t2 - t1), ("opt", t3 - t2)):
         cfg.times[key].append(value)
