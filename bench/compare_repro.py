@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from salf_engine.compare import cost_seconds
+
 __all__ = ["KEY", "ALTERNATIVES", "LORA_VARIANTS", "OTHERS", "SETTINGS", "LR", "cells", "report", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,10 +133,6 @@ def _load(out: Path) -> dict[tuple[int, str, str, str], dict]:
     return found
 
 
-def _seconds(s: dict) -> float:
-    return s["train_seconds"] + s.get("profile_seconds", 0.0)
-
-
 def _stat(values: list[float]) -> str:
     if not values:
         return "—"
@@ -155,8 +153,8 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro") -> P
                          free_macro_f1=s["fine_tuned"]["free_macro_f1"],
                          free_accuracy=s["fine_tuned"]["free_accuracy"],
                          backward_saving=s["cost_saving_ratio"], flops_ratio=s.get("flops_ratio"),
-                         time_ratio=_seconds(s) / _seconds(full) if full else None,
-                         train_profile_seconds=round(_seconds(s), 1), steps=s["steps"],
+                         time_ratio=cost_seconds(s) / cost_seconds(full) if full else None,
+                         train_profile_seconds=round(cost_seconds(s), 1), steps=s["steps"],
                          examples_trained=s["examples_trained"], num_eval_examples=s["num_eval_examples"]))
     with open(results / "cells.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["dataset"])

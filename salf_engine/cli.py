@@ -354,7 +354,7 @@ def _add_profile(sub) -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .compare import CompareSettings, run_compare
+    from .compare import CompareSettings, cost_seconds, run_compare
 
     d = DEMO_DEFAULTS
     strategies = [args.strategy or d["strategies"][0], "full"]
@@ -380,9 +380,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"{'':18s} {'(free)':>9s} {'(free)':>9s} {'seconds':>14s} {'saving':>9s} {'/ full':>7s}")
     print(f"{'zero-shot':18s} {zero['free_accuracy']:9.4f} {zero['free_macro_f1']:9.4f}")
     for label, s in runs:
-        seconds = s["train_seconds"] + s["profile_seconds"]
+        seconds = cost_seconds(s)
         print(f"{label:18s} {s['fine_tuned']['free_accuracy']:9.4f} {s['fine_tuned']['free_macro_f1']:9.4f} "
-              f"{seconds:8.1f} ({seconds / (full['train_seconds'] + full['profile_seconds']):.2f}x) "
+              f"{seconds:8.1f} ({seconds / cost_seconds(full):.2f}x) "
               f"{s['cost_saving_ratio']:9.3f} {s['flops_ratio']:7.2f}")
     print(f"demo wall time: {wall:.1f}s; runs in {args.output}/cells/{d['dataset']}/")
     return 0

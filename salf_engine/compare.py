@@ -60,6 +60,7 @@ __all__ = [
     "write_tables",
     "write_plots",
     "TABLES",
+    "cost_seconds",
     "add_parser",
 ]
 
@@ -77,13 +78,13 @@ _INFILLS = ("bf", "df")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ZERO_SHOT = "zero-shot"
 
-def _cost_seconds(summary: dict[str, Any]) -> float:
-    """Training plus profiling seconds of a cell: what the strategy cost in wall time."""
+def cost_seconds(summary: dict[str, Any]) -> float:
+    """Training plus profiling seconds of a run's summary: what the strategy cost in wall time."""
     return summary["train_seconds"] + summary.get("profile_seconds", 0.0)
 
 
 def _time_ratio(summary: dict[str, Any], full: dict[str, Any] | None) -> float | None:
-    return None if full is None else _cost_seconds(summary) / _cost_seconds(full)
+    return None if full is None else cost_seconds(summary) / cost_seconds(full)
 
 
 #: Table name -> (title, value getter over a cell summary and the same dataset's ``full`` cell summary
@@ -105,7 +106,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any], dict[str, Any] | None], f
     "time_ratio": ("Training + profiling wall time relative to the `full` cell of this grid (same machine)",
                    _time_ratio, False),
     "train_seconds": ("Training + profiling wall time in seconds (measured; noisy on a shared CPU)",
-                      lambda s, _f: _cost_seconds(s), False),
+                      lambda s, _f: cost_seconds(s), False),
 }
 
 
