@@ -3,93 +3,124 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
+from .deviation_contract import BOUNDARIES, IMPLS, LENSES, METRICS, Boundary, DeviationImpl, LensName, Metric
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "DEFAULT_LORA_TARGETS", "DEFAULT_LR",
-           "DEFAULT_LORA_LR"]
+__all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES", "EOF_BOUNDARIES",
+           "DEVIATION_IMPLS", "DEPTH_SCHEDULES", "DEPTH_ASSIGNMENTS", "INFILLS", "DEFAULT_LORA_TARGETS",
+           "DEFAULT_LR", "DEFAULT_LORA_LR", "load_config_file"]
 
-DTYPES = ("float32", "bf16")
-LOSSES = ("next-token", "semantic-ce", "cosine")
-METRICS = ("cosine", "ce", "rank")
-SCHEDULES = ("linear", "constant")
-LENSES = ("final_norm", "raw")
-EOF_BOUNDARIES = ("trainable", "frozen")
-DEVIATION_IMPLS = ("auto", "torch", "triton", "cpp", "cuda")
+# The allowed names of every choice field, defined once (as the field types); the tuples are read off them.
+DType = Literal["float32", "bf16"]
+Loss = Literal["next-token", "semantic-ce", "cosine"]
+LRSchedule = Literal["linear", "constant"]
+DepthSchedule = Literal["mixed", "paper"]
+DepthAssignment = Literal["class-rank", "eof-match"]
+Infill = Literal["bf", "df"]
+DTYPES: tuple[str, ...] = get_args(DType)
+LOSSES: tuple[str, ...] = get_args(Loss)
+SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
+DEPTH_SCHEDULES: tuple[str, ...] = get_args(DepthSchedule)
+DEPTH_ASSIGNMENTS: tuple[str, ...] = get_args(DepthAssignment)
+INFILLS: tuple[str, ...] = get_args(Infill)
+EOF_BOUNDARIES = BOUNDARIES
+DEVIATION_IMPLS = IMPLS
 #: Learning rates when ``lr`` is not given, chosen by a sweep on held-out training data
 #: (bench/results/lr_sweep.md): fine-tuning the weights themselves, and LoRA adapters.
 DEFAULT_LR = 1e-4
 DEFAULT_LORA_LR = 3e-3
-DEPTH_SCHEDULES = ("mixed", "paper")
-DEPTH_ASSIGNMENTS = ("class-rank", "eof-match")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A field with its help text (shown by ``salf ... --help``; the CLI options are generated from these)."""
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
 class TrainConfig:
-    """Settings of one run; `validate()` raises ConfigError naming the first bad field."""
+    """Settings of one run; `validate()` raises ConfigError naming the first bad field.
+
+    Every field is a command-line option of ``salf train`` (``--field-name``; see `salf_engine.options`),
+    with the help text of its metadata; ``config.json`` of a run directory holds them all.
+    """
 
     # what to train on
-    model: str = "smollm2-135m"
-    dataset: str = "trec"
-    data_dir: str | None = None
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    eval_split: str = "test"            # a split of the dataset, or "holdout" (carved from train)
-    holdout_size: int = 500            # examples held out of the training split for eval_split="holdout"
+    model: str = _opt("smollm2-135m", "short name (smollm2-135m), HF directory or .gguf file")
+    dataset: str = _opt("trec", "preset (trec, sst5, carer, mrpc, webss) or a local data file/directory")
+    data_dir: str | None = _opt(None, "directory holding the preset's raw files")
+    text_column: str | None = _opt(None, "text column of a local data file")
+    text_pair_column: str | None = _opt(None, "second text column of a local data file (sentence pairs)")
+    label_column: str | None = _opt(None, "label column of a local data file")
+    eval_split: str = _opt("test", "the split evaluated: a split name, or 'holdout' (carved from train)")
+    holdout_size: int = _opt(500, "examples held out of the training split for --eval-split holdout")
+    eval_fraction: float | None = _opt(
+        None, "a local file with only a training split: hold out this class-stratified fraction for "
+              "evaluation (0 < f < 1)")
     # which layers to train
-    strategy: str = "salf"
-    budget: str | None = None          # budget plan (uniform | arithmetic | geometric ...), strategy-defined
-    infill: str | None = None          # share order: bf | df (decides quotas, not the visit order)
-    depth_schedule: str = "mixed"      # mixed (several cuts per optimizer step) | paper (Algorithm 4)
-    depth_assignment: str = "class-rank"  # budgeted SALF: class-rank | eof-match
-    cuts_per_step: int = 4             # micro-batches (cuts) per optimizer step of depth-varying strategies
-    profile_fraction: float = 1.0      # share of the training examples profiled before epoch 0
-    train_head: bool = False           # train the LM head under layer-freezing strategies too
-    freeze_fraction: float | None = None  # bot / top / int / adt strategies
-    metric: str = "cosine"             # deviation metric for the eof-layer
-    lens: str = "final_norm"           # lens for intermediate spaces: final_norm | raw
-    eof_boundary: str = "trainable"    # the eof-layer itself trains (algorithm) or is frozen (figure 2)
-    deviation_impl: str = "auto"       # deviation kernel: auto | torch | triton | cpp | cuda
-    loss: str = "next-token"
-    semantic_temperature: float = 0.05  # temperature of the cosine logits for loss="semantic-ce"
+    strategy: str = _opt("salf", "full, salf, lora-full, lora-half, bot50 ... (see README)")
+    budget: str | None = _opt(None, "SALF budget plan: uniform, arith, geom (default: none)")
+    infill: Infill | None = _opt(None, "budget infilling order (sets the quotas, not the visit order)")
+    depth_schedule: DepthSchedule = _opt(
+        "mixed", "mixed (several cuts per optimizer step) or paper (Algorithm 4 as written)")
+    depth_assignment: DepthAssignment = _opt(
+        "class-rank", "budgeted SALF: class-rank or eof-match (Algorithm 4's matching)")
+    cuts_per_step: int = _opt(4, "micro-batches of different depths per optimizer step (SALF, LIFT)")
+    profile_fraction: float = _opt(1.0, "share of the training examples profiled before epoch 0")
+    train_head: bool = _opt(False, "train the LM head under layer-freezing strategies too "
+                                   "(full always trains it)")
+    freeze_fraction: float | None = _opt(None, "frozen share of the layers for bot / top / int / adt")
+    metric: Metric = _opt("cosine", "deviation metric of the eof-layer")
+    lens: LensName = _opt("final_norm", "lens for intermediate spaces")
+    eof_boundary: Boundary = _opt(
+        "trainable", "the eof-layer itself trains (the algorithm) or is frozen (figure 2)")
+    deviation_impl: DeviationImpl = _opt(
+        "auto", "deviation kernel (auto: the first available of triton, cpp, torch)")
+    loss: Loss = _opt("next-token", "training loss")
+    semantic_temperature: float = _opt(0.05, "temperature of the cosine logits for --loss semantic-ce")
     # parameter-efficient / quantized
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    load_in_4bit: bool = False
+    lora: bool = _opt(False, "train LoRA adapters (PEFT) instead of the weights")
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: int = _opt(16, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = _opt(0.05, "LoRA dropout")
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+                                           metadata={"help": "module names LoRA adapts"})
+    load_in_4bit: bool = _opt(False, "load the weights in 4 bits (bitsandbytes; needs --lora and a GPU)")
     # numerics
-    dtype: str = "float32"             # float32 | bf16 (autocast; master weights stay float32)
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
-    gradient_checkpointing: bool = False
+    dtype: DType = _opt("float32", "compute dtype (bf16: autocast; master weights stay float32)")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward (less memory)")
     # optimisation
-    max_steps: int | None = None       # optimizer steps; overrides epochs when set
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float | None = None            # None: DEFAULT_LR (full weights) or DEFAULT_LORA_LR (LoRA)
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    schedule: str = "linear"           # linear decay after warm-up | constant after warm-up
-    max_grad_norm: float | None = 1.0
+    max_steps: int | None = _opt(None, "optimizer steps; overrides --epochs when set")
+    epochs: int = _opt(1, "passes over the training set")
+    batch_size: int = _opt(8, "examples per forward (micro-batch)")
+    grad_accum: int = _opt(
+        1, "micro-batches per optimizer step: a step holds batch-size x grad-accum examples")
+    lr: float | None = _opt(None, f"learning rate (default: {DEFAULT_LR:g} for full weights, "
+                                  f"{DEFAULT_LORA_LR:g} for LoRA)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    warmup_ratio: float = _opt(0.1, "share of the steps spent warming up the learning rate")
+    schedule: LRSchedule = _opt("linear", "learning rate after warm-up: linear decay or constant")
+    max_grad_norm: float | None = _opt(1.0, "gradient clipping norm (null in a config file: no clipping)")
     # data sizes
-    max_length: int = 256
-    limit: int | None = None           # training subset size (random, seeded)
-    eval_limit: int | None = None
-    eval_batch_size: int = 32
-    zero_shot_eval: bool = True
-    seed: int = 0
+    max_length: int = _opt(256, "tokens per example (longer prompts are cut)")
+    limit: int | None = _opt(None, "training subset size (class-stratified, seeded)")
+    eval_limit: int | None = _opt(None, "evaluation subset size")
+    eval_batch_size: int = _opt(32, "examples per evaluation forward")
+    zero_shot_eval: bool = _opt(True, "evaluate the pretrained model before training too",
+                                flag="--no-zero-shot")
+    seed: int = _opt(0, "random seed (subsets, shuffling, initialisation)")
     # run directory
-    output: str | None = None
-    overwrite: bool = False
+    output: str | None = _opt(None, "run directory")
+    overwrite: bool = _opt(False, "replace a finished run in --output")
 
     def validate(self) -> TrainConfig:
         """Check every field; return self so calls chain."""
@@ -110,13 +141,10 @@ class TrainConfig:
             raise ConfigError("dataset must be a preset name or a path")
         if not isinstance(self.strategy, str) or not self.strategy:
             raise ConfigError("strategy must be a strategy name")
-        choice("dtype", self.dtype, DTYPES)
-        choice("loss", self.loss, LOSSES)
-        choice("metric", self.metric, METRICS)
-        choice("schedule", self.schedule, SCHEDULES)
-        choice("lens", self.lens, LENSES)
-        choice("eof boundary", self.eof_boundary, EOF_BOUNDARIES)
-        choice("deviation impl", self.deviation_impl, DEVIATION_IMPLS)
+        for name, (options, optional) in field_choices().items():
+            value = getattr(self, name)
+            if not (optional and value is None):
+                choice(name.replace("_", " "), value, options)
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "lora_r",
                      "holdout_size"):
             positive(name, getattr(self, name))
@@ -124,8 +152,9 @@ class TrainConfig:
             positive(name, getattr(self, name), allow_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        choice("depth schedule", self.depth_schedule, DEPTH_SCHEDULES)
-        choice("depth assignment", self.depth_assignment, DEPTH_ASSIGNMENTS)
+        if self.eval_fraction is not None and (not _finite(self.eval_fraction)
+                                               or not 0 < self.eval_fraction < 1):
+            raise ConfigError(f"eval_fraction must lie strictly between 0 and 1, got {self.eval_fraction!r}")
         positive("cuts_per_step", self.cuts_per_step)
         if not _finite(self.profile_fraction) or not 0 < self.profile_fraction <= 1:
             raise ConfigError(f"profile_fraction must be in (0, 1], got {self.profile_fraction!r}")
@@ -194,6 +223,47 @@ class TrainConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """Field name -> its resolved type (``Literal[...]``, ``int | None``, ``list[str]`` ...)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def field_choices() -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Field name -> (allowed names, whether None is allowed) for every ``Literal`` field."""
+    out = {}
+    for name, tp in field_types().items():
+        args = get_args(tp)
+        optional = type(None) in args
+        inner = [a for a in args if a is not type(None)] if optional else [tp]
+        if len(inner) == 1 and typing.get_origin(inner[0]) is Literal:
+            out[name] = (get_args(inner[0]), optional)
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML (``.yaml``/``.yml``) or JSON file; a one-line ConfigError when it is not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {' '.join(str(exc).split())}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of option names to values")
+    return data
 
 
 def _finite(x: Any) -> bool:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops as _ops
+from .deviation_contract import BOUNDARIES, IMPLS, LENS_CODES, METRIC_CODES, METRICS
 from .errors import SalfError
 from .semantics import LensSpec, lens_spec
 
@@ -43,10 +44,6 @@ __all__ = [
     "gains",
     "eof_layers",
 ]
-
-METRICS = ("cosine", "ce", "rank")
-IMPLS = ("auto", "torch", "triton", "cpp", "cuda")
-BOUNDARIES = ("trainable", "frozen")
 
 _COS_EPS = 1e-8  # same clamp as torch.nn.functional.cosine_similarity
 
@@ -383,9 +380,9 @@ def _deviations_compiling(
                 inputs.bases,
                 spec.weight,
                 spec.bias,
-                _ops.LENS_CODES[spec.kind],
+                LENS_CODES[spec.kind],
                 float(spec.eps),
-                _ops.METRIC_CODES[metric],
+                METRIC_CODES[metric],
             )
         if impl in ("cpp", "cuda"):
             raise SalfError(f"impl={impl!r} under torch.compile needs the C++ op built before tracing")

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .deviation_contract import LENSES as _LENSES
+from .deviation_contract import METRICS as _METRICS
 from .errors import ConfigError
 from .models.families import DecoderParts, decoder_parts
 
 __all__ = ["RunnerOutput", "TruncatedRunner", "last_token_index"]
 
-_LENSES = ("final_norm", "raw")
-_METRICS = ("cosine", "ce", "rank")
 _LOGITS = ("last", "all")
 
 

@@ -38,8 +38,10 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from . import config as _config
 from .budgets import assign_depths, assign_depths_by_class, budget_quotas, fill_quotas
 from .deviation import eof_layers
+from .deviation_contract import BOUNDARIES
 from .errors import ConfigError
 
 __all__ = [
@@ -87,17 +89,14 @@ STRATEGIES = (
 #: Budget plans a ``salf`` strategy accepts (``None`` / ``"none"`` = Algorithm 3, each sample at its eof).
 BUDGETS = ("uniform", "arith", "geom", "none")
 #: Infilling orders of budgeted ``salf``: they decide the per-depth quotas, never the visit order.
-INFILLS = ("bf", "df")
-#: How a depth-varying strategy visits its depths: ``mixed`` (micro-batches of several depths, shuffled,
-#: in every optimizer step) or ``paper`` (Algorithm 4 as written: depth 0 first, ascending, each
-#: sample's eof recomputed when its depth is visited).
-SCHEDULES = ("mixed", "paper")
-#: How budgeted SALF fills the per-depth quotas: ``class-rank`` (each class spread over the depths by its
-#: samples' eof rank inside the class) or ``eof-match`` (Algorithm 4's global eof-matching).
-ASSIGNMENTS = ("class-rank", "eof-match")
+#: Budget infilling orders, and how a depth-varying strategy visits its depths: ``mixed`` (micro-batches
+#: of several depths, shuffled, in every optimizer step) or ``paper`` (Algorithm 4 as written: depth 0
+#: first, ascending, each sample's eof recomputed when its depth is visited); how budgeted SALF fills the
+#: per-depth quotas: ``class-rank`` (each class spread over the depths by its samples' eof rank inside the
+#: class) or ``eof-match`` (Algorithm 4's global eof-matching). The names are defined in `config`.
+INFILLS, SCHEDULES, ASSIGNMENTS = _config.INFILLS, _config.DEPTH_SCHEDULES, _config.DEPTH_ASSIGNMENTS
 #: Distinct cuts (micro-batches) per optimizer step of a depth-varying strategy.
-DEFAULT_CUTS_PER_STEP = 4
-BOUNDARIES = ("trainable", "frozen")
+DEFAULT_CUTS_PER_STEP: int = _config.TrainConfig.cuts_per_step
 #: Optimizer steps of full training before ADT picks its frozen layers.
 ADT_STEPS = 5
 
