@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUN_FILES", "RunDirectory", "atomic_write"]
+__all__ = ["RUN_FILES", "RunDirectory", "atomic_write", "is_run_dir", "read_run_config", "load_for_eval"]
 
 # Everything a run directory may hold; overwrite clears exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "model", "eval.json", "eval.txt", "eof_hist.png", "summary.json",
@@ -61,3 +61,43 @@ class RunDirectory:
         """Close metrics.jsonl."""
         if self.path is not None and not self._metrics.closed:
             self._metrics.close()
+
+
+# ----------------------------------------------------------------------------- reading a run back
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` is a run directory (config.json and model/)."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and (p / "model").is_dir()
+
+
+def read_run_config(path: str | Path):
+    """The TrainConfig a run directory was made with."""
+    from .config import TrainConfig
+
+    return TrainConfig.from_json(Path(path) / "config.json")
+
+
+def load_for_eval(model_or_run: str | Path, *, device: str = "cpu"):
+    """(model, tokenizer, run config or None): a model name/path, or a run dir's saved model / adapter."""
+    from .errors import ModelError
+    from .models.loading import load_model
+
+    if not is_run_dir(model_or_run):
+        model, tok = load_model(str(model_or_run), device=device)
+        return model, tok, None
+    run = Path(model_or_run)
+    cfg = read_run_config(run)
+    saved = run / "model"
+    if (saved / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, tok = load_model(cfg.model, device=device, load_in_4bit=cfg.load_in_4bit)
+        try:
+            model = PeftModel.from_pretrained(base, saved, is_trainable=False)
+        except Exception as exc:  # a broken adapter is a user-facing problem
+            raise ModelError(f"cannot load the LoRA adapter in {saved}: {type(exc).__name__}: {exc}") from exc
+        model.eval()
+        return model, tok, cfg
+    model, tok = load_model(saved, device=device)
+    return model, tok, cfg

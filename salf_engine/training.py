@@ -222,7 +222,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
           prepared: Prepared | None = None) -> dict[str, Any]:
     """Fine-tune as `config` says; write the run directory (when `config.output`); return the summary."""
     from .data import collate
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .runner import TruncatedRunner
     from .semantics import semantic_bases
 

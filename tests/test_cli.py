@@ -169,23 +169,6 @@ def test_argument_errors_are_one_line(capsys):
     assert "--model" in _one_error_line(capsys)
 
 
-def test_registered_subcommand_is_dispatched(capsys):
-    def add(sub):
-        p = sub.add_parser("hello")
-        p.add_argument("--name", default="world")
-        p.set_defaults(func=lambda args: print(f"hello {args.name}") or 0)
-        return p
-
-    cli.register_subcommand("hello", add)
-    try:
-        assert cli.main(["hello", "--name", "salf"]) == 0
-        assert "hello salf" in capsys.readouterr().out
-        with pytest.raises(ValueError):
-            cli.register_subcommand("hello", add)
-    finally:
-        cli.SUBCOMMANDS[:] = [(n, f) for n, f in cli.SUBCOMMANDS if n != "hello"]
-
-
 def test_console_exit_code_subprocess(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(

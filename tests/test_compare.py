@@ -133,7 +133,7 @@ def test_every_cell_starts_from_pristine_weights(grid, tmp_path):
 
 
 def test_resume_runs_only_missing_cells(tiny_dir, tmp_path, monkeypatch):
-    import salf_engine.train as train_module
+    import salf_engine.training as train_module
 
     model, emo, out = tiny_dir("llama"), _emotion_dir(tmp_path), tmp_path / "out"
     real = train_module.train
@@ -189,7 +189,7 @@ def test_resume_runs_only_missing_cells(tiny_dir, tmp_path, monkeypatch):
 )
 def test_bad_input_fails_before_anything_runs(tmp_path, monkeypatch, capsys, datasets, strategies, message):
     import salf_engine.models.loading as loading
-    import salf_engine.train as train_module
+    import salf_engine.training as train_module
 
     def boom(*_a, **_k):
         raise AssertionError("nothing may run for a bad grid")

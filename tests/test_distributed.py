@@ -128,7 +128,7 @@ def _engine_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from test_train import _prepared
 
-    from salf_engine.train import train
+    from salf_engine.training import train
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -158,7 +158,7 @@ def test_engine_train_under_two_ranks_equals_one_process(tmp_path):
 
     from test_train import _prepared
 
-    from salf_engine.train import train
+    from salf_engine.training import train
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

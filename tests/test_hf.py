@@ -13,7 +13,7 @@ from salf_engine.errors import ConfigError
 from salf_engine.hf import SalfTrainer, SalfTrainerMixin
 from salf_engine.patching import is_patched, patch_model, unpatch_model
 from salf_engine.semantics import semantic_bases
-from salf_engine.train import train
+from salf_engine.training import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:Full backward hook is firing")]

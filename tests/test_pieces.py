@@ -13,7 +13,7 @@ from salf_engine.rundir import RUN_FILES, RunDirectory
 from salf_engine.runner import TruncatedRunner
 from salf_engine.semantics import semantic_bases
 from salf_engine.step import build_optimizer, build_scheduler, micro_batch_step, optimizer_step
-from salf_engine.train import train
+from salf_engine.training import train
 from salf_engine.wrapping import wrap_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

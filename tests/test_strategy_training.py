@@ -14,7 +14,7 @@ from test_train import _prepared
 
 from salf_engine.config import TrainConfig
 from salf_engine.strategies import make_strategy
-from salf_engine.train import train
+from salf_engine.training import train
 
 M = 4  # tiny_model's default depth
 

@@ -1,0 +1,164 @@
+"""Every CLI option that is a TrainConfig field is generated from it; ``--config`` files round-trip."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from salf_engine import cli
+from salf_engine.config import TrainConfig, field_choices
+from salf_engine.options import config_fields, field_option, fields_from_args
+
+# Defaults a command sets on purpose (documented in cli.py): eval / profile read the dataset (and profile
+# the model) from a run directory when they are not given; required fields have no default.
+COMMAND_DEFAULTS = {"eval": {"dataset": None}, "profile": {"dataset": None, "model": None}}
+
+
+def _field_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    generated = set(parser.get_default("_salf_fields") or ())
+    return {a.dest: a for a in parser._actions if a.dest in generated}
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "profile", "compare"])
+def test_each_option_matches_its_config_field(command):
+    parser = cli.build_parser().commands[command]
+    actions = _field_actions(parser)
+    assert actions, command
+    fields = config_fields()
+    required = set(parser.get_default("_salf_required") or ())
+    choices = field_choices()
+    for name, action in actions.items():
+        f = fields[name]
+        spec = field_option(name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        expected_default = None if name in required else COMMAND_DEFAULTS.get(command, {}).get(name, default)
+        assert action.default == expected_default, (command, name)
+        canonical = f.metadata.get("flag") or "--" + name.replace("_", "-")
+        assert canonical in action.option_strings, (command, name)
+        assert f.metadata.get("help"), f"{name} has no help text"
+        if spec["kind"] == "bool":
+            kind = argparse._StoreFalseAction if default else argparse._StoreTrueAction
+            assert isinstance(action, kind), (command, name)
+            continue
+        assert action.type is spec["type"], (command, name)
+        assert tuple(action.choices or ()) == (choices[name][0] if name in choices else ()), (command, name)
+        assert (action.nargs == "+") == (spec["kind"] == "list"), (command, name)
+        assert str(expected_default if expected_default is not None else "none") in action.help or \
+            name in required or spec["kind"] == "list", (command, name, action.help)
+
+
+def test_train_takes_every_field_and_compare_all_but_the_per_cell_ones():
+    parser = cli.build_parser()
+    assert set(_field_actions(parser.commands["train"])) == set(config_fields())
+    assert set(_field_actions(parser.commands["compare"])) == set(config_fields()) - set(cli.COMPARE_PER_CELL)
+
+
+def test_existing_spellings_still_parse():
+    args = cli.parse_args(["train", "--model", "m", "--output", "o", "--no-zero-shot", "--lora-alpha", "32",
+                           "--lora-target-modules", "q_proj", "v_proj", "--lr", "1e-3", "--limit", "5"])
+    cfg = TrainConfig(**fields_from_args(args)).validate()
+    assert (cfg.zero_shot_eval, cfg.lora_alpha, cfg.lora_target_modules, cfg.lr, cfg.limit) == (
+        False, 32, ["q_proj", "v_proj"], 1e-3, 5)
+    assert isinstance(cfg.lora_alpha, int)
+    args = cli.parse_args(["eval", "--model", "m", "--split", "validation", "--limit", "7",
+                           "--batch-size", "4"])
+    assert (args.eval_split, args.eval_limit, args.eval_batch_size) == ("validation", 7, 4)
+
+
+def _custom() -> TrainConfig:
+    return TrainConfig(model="tiny", dataset="sst5", strategy="bot50", budget=None, metric="ce", lr=2e-4,
+                       limit=40, lora=True, lora_alpha=8, lora_target_modules=["q_proj"],
+                       zero_shot_eval=False, max_grad_norm=None, eval_fraction=0.2, output="runs/x",
+                       seed=3).validate()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_file_round_trip(tmp_path, suffix):
+    cfg = _custom()
+    path = tmp_path / f"config{suffix}"
+    if suffix == ".json":
+        cfg.to_json(path)  # what a run directory's config.json holds
+    else:
+        path.write_text(yaml.safe_dump(cfg.to_dict()))
+    args = cli.parse_args(["train", "--config", str(path)])
+    assert TrainConfig(**fields_from_args(args)).validate() == cfg
+
+
+def test_command_line_overrides_the_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny\noutput: runs/y\nlr: 1e-4\nseed: 5\nmetric: rank\n")
+    args = cli.parse_args(["train", "--config", str(path), "--seed", "9", "--metric", "cosine"])
+    cfg = TrainConfig(**fields_from_args(args)).validate()
+    assert (cfg.model, cfg.output, cfg.seed, cfg.metric) == ("tiny", "runs/y", 9, "cosine")
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)  # YAML reads 1e-4 as text; the field type decides
+
+
+def test_compare_takes_the_shared_fields_of_a_run_config(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    _custom().to_json(path)
+    args = cli.parse_args(["compare", "--config", str(path), "--datasets", "trec", "--strategies", "full",
+                           "--output", str(tmp_path / "grid")])
+    assert args.model == "tiny" and args.metric == "ce" and args.output == str(tmp_path / "grid")
+    assert "dataset" not in fields_from_args(args)
+    assert "not used by this command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, needle", [("{\"no_such_option\": 1}", "no_such_option"),
+                                          ("[1, 2]", "mapping"), ("{bad json", "not valid JSON")])
+def test_bad_config_file_is_one_line(tmp_path, capsys, text, needle):
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    assert cli.main(["train", "--config", str(path), "--model", "m", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1]
+
+
+def test_required_field_missing_everywhere_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--model", "m"])
+    assert exc.value.code == 2
+    assert "--output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("first", ["api", "module"])
+def test_public_functions_do_not_shadow_submodules(first):
+    """`salf_engine.train` (the function) and `salf_engine.training` (the module) resolve in any order."""
+    steps = ["assert callable(salf_engine.train) and salf_engine.train.__module__ == 'salf_engine.training'",
+             "import salf_engine.training as t, salf_engine.evaluation as e; "
+             "assert t.__name__ == 'salf_engine.training' and e.__name__ == 'salf_engine.evaluation'"]
+    if first == "module":
+        steps.reverse()
+    code = "import salf_engine; " + "; ".join(steps) + "; assert callable(salf_engine.evaluate)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_no_public_name_is_a_submodule_name():
+    import pkgutil
+
+    import salf_engine
+
+    modules = {m.name for m in pkgutil.iter_modules(salf_engine.__path__)}
+    assert not modules & set(salf_engine.__all__)
+
+
+def test_train_help_shows_defaults():
+    text = cli.build_parser().commands["train"].format_help()
+    for needle in ("(default: 8)", "(default: cosine)", "{cosine,ce,rank}", "--config FILE", "(required)"):
+        assert needle in text, needle
+
+
+def test_run_directory_config_round_trips(tmp_path):
+    """A config.json as `train` writes it resolves, through --config, to the same TrainConfig."""
+    cfg = _custom()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    args = cli.parse_args(["train", "--config", str(Path(run) / "config.json")])
+    assert TrainConfig(**fields_from_args(args)) == TrainConfig.from_json(run / "config.json")
