@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from salf_engine.compare import cost_seconds
+from salf_engine.report import cost_seconds
 
 __all__ = ["KEY", "ALTERNATIVES", "LORA_VARIANTS", "OTHERS", "SETTINGS", "LR", "cells", "report", "main"]
 

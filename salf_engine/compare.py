@@ -71,7 +71,16 @@ def _config_mismatch(path: Path, expected: dict[str, Any]) -> list[str]:
 def _zero_shot_settings(cfg) -> dict[str, Any]:
     keys = ("model", "dataset", "data_dir", "eval_split", "eval_limit", "max_length", "seed", "load_in_4bit",
             "dtype", "text_column", "text_pair_column", "label_column")
-    return {k: getattr(cfg, k) for k in keys}
+    extra = {"eval_fraction": cfg.eval_fraction} if cfg.eval_fraction is not None else {}
+    return {**{k: getattr(cfg, k) for k in keys}, **extra}
+
+
+def _check_eval_splits(tasks, configs) -> None:
+    """Every cell's evaluation split exists (or can be held out) before the model loads."""
+    from .training import held_out_count
+
+    for (label, _strategy), cfg in configs.items():
+        held_out_count(tasks[label], cfg)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -91,6 +100,7 @@ def run_compare(settings: CompareSettings, *, progress: bool = True,
     from .data import load_task
 
     tasks = {d.label: load_task(d.source, settings.data_dir) for d in datasets}
+    _check_eval_splits(tasks, configs)
     out = Path(settings.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} exists and is not a directory")

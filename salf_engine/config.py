@@ -155,6 +155,9 @@ class TrainConfig:
         if self.eval_fraction is not None and (not _finite(self.eval_fraction)
                                                or not 0 < self.eval_fraction < 1):
             raise ConfigError(f"eval_fraction must lie strictly between 0 and 1, got {self.eval_fraction!r}")
+        if self.eval_fraction is not None and self.eval_split == "holdout":
+            raise ConfigError("eval_fraction and eval_split 'holdout' both carve the evaluation examples out "
+                              "of the training split; give one of them")
         positive("cuts_per_step", self.cuts_per_step)
         if not _finite(self.profile_fraction) or not 0 < self.profile_fraction <= 1:
             raise ConfigError(f"profile_fraction must be in (0, 1], got {self.profile_fraction!r}")

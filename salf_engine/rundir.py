@@ -90,8 +90,9 @@ def load_for_eval(model_or_run: str | Path, *, device: str = "cpu"):
     cfg = read_run_config(run)
     saved = run / "model"
     if (saved / "adapter_config.json").is_file():
-        from peft import PeftModel
+        from .wrapping import import_peft
 
+        PeftModel = import_peft(load_in_4bit=cfg.load_in_4bit).PeftModel  # noqa: N806
         base, tok = load_model(cfg.model, device=device, load_in_4bit=cfg.load_in_4bit)
         try:
             model = PeftModel.from_pretrained(base, saved, is_trainable=False)

@@ -65,6 +65,7 @@ __all__ = [
     "resolve_device",
     "RUN_FILES",
     "HOLDOUT",
+    "held_out_count",
     "CostMeter",
     "profile_subset",
     "strategy_from_config",
@@ -142,27 +143,57 @@ def profile_deviations(runner, encoded, pad_id: int, *, batch_size: int = 32, dt
     return out
 
 
+def held_out_count(task, config: TrainConfig) -> int | None:
+    """How many training examples are held out for evaluation (None: the eval split is a split of its own).
+
+    ``eval_split="holdout"`` holds out ``holdout_size``; ``eval_fraction`` holds out that share of the
+    training split (at least one example). Raises before anything is loaded when the evaluation split
+    does not exist or nothing would be left to train on.
+    """
+    from .errors import DataError
+
+    if "train" not in task.splits:
+        raise DataError(f"{config.dataset} has no training split; it has {', '.join(task.splits)}")
+    n = len(task.splits["train"])
+    if config.eval_split == HOLDOUT:
+        held, what = config.holdout_size, f"holdout_size {config.holdout_size}"
+    elif config.eval_fraction is not None:
+        held, what = max(1, round(config.eval_fraction * n)), f"eval_fraction {config.eval_fraction:g}"
+    else:
+        if config.eval_split not in task.splits:
+            raise DataError(f"{config.dataset} has no split {config.eval_split!r} (it has "
+                            f"{', '.join(task.splits)}); pass --eval-fraction F to hold out a share of the "
+                            "training split, or --eval-split with one of those")
+        return None
+    if held >= n:
+        raise ConfigError(f"{what} leaves no training example out of the {n} of {config.dataset}'s "
+                          "training split")
+    return held
+
+
 def encode_task(task, tokenizer, config: TrainConfig):
     """(verbalizer, train split, eval split) of `task`, encoded as `config` says (length, limits, seed).
 
-    With ``eval_split="holdout"`` the evaluation examples are ``holdout_size`` class-stratified examples
-    carved out of the training split (the same ones for every run seed, :data:`HOLDOUT_SEED`), and the
-    training subset is drawn from the rest: a validation part for choosing hyperparameters that never
-    touches the test split.
+    With ``eval_split="holdout"`` (``holdout_size`` examples) or ``eval_fraction`` (that share) the
+    evaluation examples are class-stratified examples carved out of the training split (the same ones
+    for every run seed, :data:`HOLDOUT_SEED`), and the training subset is drawn from the rest: a
+    validation part for choosing hyperparameters that never touches the test split, or the evaluation
+    part of a local file that has only a training split.
     """
     from .data import Verbalizer, encode_split, stratified_subset, subset_split
 
     verbalizer = Verbalizer(task.classes, task.label_words, tokenizer)
-    if config.eval_split == HOLDOUT:
+    held_count = held_out_count(task, config)
+    if held_count is not None:
         full = encode_split(task, tokenizer, "train", verbalizer, max_length=config.max_length)
-        if config.holdout_size >= len(full):
-            raise ConfigError(f"holdout_size {config.holdout_size} leaves no training example out of the "
-                              f"{len(full)} of {config.dataset}'s training split")
-        held = stratified_subset(full.labels, config.holdout_size, seed=HOLDOUT_SEED)
+        held = stratified_subset(full.labels, held_count, seed=HOLDOUT_SEED)
         held_set = set(held)
         rest = [i for i in range(len(full)) if i not in held_set]
         if config.limit is not None:
             rest = [rest[j] for j in stratified_subset([full.labels[i] for i in rest], config.limit,
+                                                       seed=config.seed)]
+        if config.eval_limit is not None and config.eval_split != HOLDOUT:
+            held = [held[j] for j in stratified_subset([full.labels[i] for i in held], config.eval_limit,
                                                        seed=config.seed)]
         train_split, eval_split = subset_split(full, rest), subset_split(full, held)
     else:
@@ -204,6 +235,7 @@ def prepare(config: TrainConfig) -> Prepared:
     device = resolve_device(config.device)
     task = load_task(config.dataset, config.data_dir, text_column=config.text_column,
                      text_pair_column=config.text_pair_column, label_column=config.label_column)
+    held_out_count(task, config)  # a missing evaluation split fails here, before the model loads
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=torch.float32, load_in_4bit=config.load_in_4bit,
                                   device=str(device))

@@ -8,6 +8,8 @@ micro-batch.
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,7 @@ from .config import TrainConfig
 from .errors import ConfigError
 from .models.families import DecoderParts, decoder_parts
 
-__all__ = ["TrainableModel", "apply_lora", "is_peft", "param_groups", "wrap_model"]
+__all__ = ["TrainableModel", "apply_lora", "import_peft", "is_peft", "param_groups", "wrap_model"]
 
 _Params = list[nn.Parameter]
 
@@ -28,9 +30,38 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "base_model")
 
 
+class _No4bitKernelNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit" not in record.getMessage()
+
+
+def import_peft(*, load_in_4bit: bool = False):
+    """``import peft``, without bitsandbytes' import-time note when nothing runs in 4 bits.
+
+    peft imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16, bitsandbytes then
+    tries to fetch an optional CPU 4-bit matmul kernel from the Hugging Face hub (the ``kernels``
+    package) and logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it cannot.
+    That kernel only matters for 4-bit weights, so the note is dropped unless ``load_in_4bit``
+    (docs/ARCHITECTURE.md, "Optional dependencies").
+    """
+    if load_in_4bit or "bitsandbytes" in sys.modules:
+        import peft
+
+        return peft
+    bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    note = _No4bitKernelNote()
+    bnb_log.addFilter(note)
+    try:
+        import peft
+    finally:
+        bnb_log.removeFilter(note)
+    return peft
+
+
 def apply_lora(model, config: TrainConfig, layers: Sequence[int] | None = None):
     """Wrap `model` with a PEFT LoRA adapter on the attention + MLP projections (optionally some layers)."""
-    from peft import LoraConfig, get_peft_model
+    peft = import_peft(load_in_4bit=config.load_in_4bit)
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     targets = [t for t in config.lora_target_modules if t in names]
