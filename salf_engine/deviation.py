@@ -20,7 +20,6 @@ the figure-2 reading where the eof-layer itself is frozen).
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,7 +29,16 @@ import torch
 from torch import Tensor, nn
 
 from . import ops as _ops
-from .deviation_contract import BOUNDARIES, IMPLS, LENS_CODES, METRIC_CODES, METRICS
+from .deviation_contract import (
+    BOUNDARIES,
+    IMPLS,
+    LENS_CODES,
+    METRIC_CODES,
+    METRICS,
+    DeviationInputs,
+    check_deviation_inputs,
+    kernel_limits,
+)
 from .errors import SalfError
 from .semantics import LensSpec, lens_spec
 
@@ -40,7 +48,8 @@ __all__ = [
     "BOUNDARIES",
     "deviations",
     "deviations_reference",
-    "validate_deviation_inputs",
+    "BACKENDS",
+    "Backend",
     "gains",
     "eof_layers",
 ]
@@ -48,94 +57,6 @@ __all__ = [
 _COS_EPS = 1e-8  # same clamp as torch.nn.functional.cosine_similarity
 
 Lens = nn.Module | LensSpec | str | None
-
-
-@dataclass(frozen=True)
-class _Inputs:
-    """Validated inputs: states as given, indices as int64 on the states' device, float32 bases."""
-
-    states: list[Tensor]
-    last_index: Tensor
-    labels: Tensor
-    bases: Tensor
-
-
-def _index_tensor(value: Tensor | Sequence[int], name: str, batch: int, device: torch.device) -> Tensor:
-    if isinstance(value, Tensor):
-        if value.device != device:
-            raise SalfError(f"{name} is on {value.device} but the hidden states are on {device}")
-        t = value
-    else:
-        t = torch.as_tensor(value, device=device)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise SalfError(f"{name} must hold integers, got dtype {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != batch:
-        raise SalfError(f"{name} must have shape [B] = [{batch}], got {tuple(t.shape)}")
-    return t.to(torch.long)
-
-
-def validate_deviation_inputs(
-    hidden_states: Sequence[Tensor],
-    last_index: Tensor | Sequence[int],
-    labels: Tensor | Sequence[int],
-    bases: Tensor,
-    metric: str = "cosine",
-    *,
-    check_ranges: bool = True,
-) -> _Inputs:
-    """Check shapes, dtypes, devices and index ranges; raise a `SalfError` naming the problem.
-
-    ``check_ranges=False`` skips the index-range checks (they read the indices back to the host).
-    """
-    if metric not in METRICS:
-        raise SalfError(f"unknown deviation metric {metric!r}: expected one of {', '.join(METRICS)}")
-    if isinstance(hidden_states, Tensor):
-        raise SalfError("hidden_states must be a sequence of m+1 tensors [B, T, D], not a single tensor")
-    states = list(hidden_states)
-    if len(states) < 2:
-        raise SalfError(f"need at least 2 latent spaces (m >= 1 layers), got {len(states)}")
-    first = states[0]
-    if not isinstance(first, Tensor) or first.dim() != 3:
-        raise SalfError("hidden_states[0] must be a tensor [B, T, D]")
-    batch, dim, device = first.shape[0], first.shape[2], first.device
-    min_t = first.shape[1]
-    for k, h in enumerate(states):
-        if not isinstance(h, Tensor) or h.dim() != 3:
-            got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
-            raise SalfError(f"hidden_states[{k}] must be a tensor [B, T, D], got {got}")
-        if not h.is_floating_point():
-            raise SalfError(f"hidden_states[{k}] must be floating point, got dtype {h.dtype}")
-        if h.device != device:
-            raise SalfError(f"hidden_states[{k}] is on {h.device} but hidden_states[0] is on {device}")
-        if h.shape[0] != batch:
-            raise SalfError(f"hidden_states[{k}] has batch size {h.shape[0]}, hidden_states[0] has {batch}")
-        if h.shape[2] != dim:
-            raise SalfError(f"hidden_states[{k}] has hidden size {h.shape[2]}, hidden_states[0] has {dim}")
-        min_t = min(min_t, h.shape[1])
-    if batch == 0:
-        raise SalfError("hidden_states have an empty batch (B = 0)")
-    if not isinstance(bases, Tensor) or bases.dim() != 2:
-        raise SalfError("bases must be a tensor [K, D]")
-    if not bases.is_floating_point():
-        raise SalfError(f"bases must be floating point, got dtype {bases.dtype}")
-    if bases.device != device:
-        raise SalfError(f"bases are on {bases.device} but the hidden states are on {device}")
-    if bases.shape[1] != dim:
-        raise SalfError(f"bases have dimension {bases.shape[1]} but the hidden states have D = {dim}")
-    num_labels = bases.shape[0]
-    if num_labels == 0:
-        raise SalfError("bases are empty (K = 0)")
-    last = _index_tensor(last_index, "last_index", batch, device)
-    lab = _index_tensor(labels, "labels", batch, device)
-    if not check_ranges:
-        return _Inputs(states, last, lab, bases.detach().to(torch.float32))
-    if bool((last < 0).any()) or bool((last >= min_t).any()):
-        bad = int(last[(last < 0) | (last >= min_t)][0])
-        raise SalfError(f"last_index {bad} is out of range for sequence length {min_t}")
-    if bool((lab < 0).any()) or bool((lab >= num_labels).any()):
-        bad = int(lab[(lab < 0) | (lab >= num_labels)][0])
-        raise SalfError(f"label index {bad} is out of range for K = {num_labels} bases")
-    return _Inputs(states, last, lab, bases.detach().to(torch.float32))
 
 
 def _check_lens(lens: Lens, dim: int) -> None:
@@ -180,7 +101,7 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(_COS_EPS)
 
 
-def _reference(inputs: _Inputs, lens: Lens, metric: str) -> Tensor:
+def _reference(inputs: DeviationInputs, lens: Lens, metric: str) -> Tensor:
     gathered = _gather_last(inputs.states, inputs.last_index)  # [B, S, D]
     num_spaces = gathered.shape[1]
     lensed = _lens_fn(lens, gathered.device)(gathered[:, : num_spaces - 1])
@@ -214,10 +135,16 @@ def deviations_reference(
     last_index: [B] medium-token positions; labels: [B] indices into bases [K, D];
     lens: the final norm module (applied as is, in float32), a LensSpec, or None/"raw" (no lens).
     """
-    inputs = validate_deviation_inputs(hidden_states, last_index, labels, bases, metric)
-    _check_lens(lens, inputs.bases.shape[1])
+    inputs = _check(hidden_states, last_index, labels, bases, metric, validate=True)
+    _check_lens(lens, inputs.hidden)
     with torch.no_grad():
         return _reference(inputs, lens, metric)
+
+
+def _check(hidden_states, last_index, labels, bases, metric: str, *, validate: bool) -> DeviationInputs:
+    """The one input check (`check_deviation_inputs`), in the form every backend of the dispatcher takes."""
+    return check_deviation_inputs(hidden_states, last_index, labels, bases, None, metric, validate=validate,
+                                  gather=False, kernel=False)
 
 
 # --------------------------------------------------------------------------- dispatcher
@@ -231,36 +158,117 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _load_kernel(impl: str) -> Callable[..., Tensor]:
-    """The kernel entry point for `impl`; ImportError (with the reason) if it is not available."""
-    if impl == "triton":
-        module_name, attr = "salf_engine.kernels.deviation", "deviations_triton"
-    else:
-        module_name, attr = "salf_engine.ops", "deviations_cpp"
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"{module_name} cannot be imported ({exc})") from exc
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise ImportError(f"{module_name} has no {attr}")
-    if impl != "triton":
-        available = getattr(module, "cpp_available", None)
-        if available is None or not available():
-            raise ImportError("the C++ deviation op is not built (salf_engine.ops.cpp_available() is False)")
-    return fn
+class _Unavailable(Exception):
+    """A backend that cannot run here: ``reason`` says why; ``quiet`` when it was already said."""
+
+    def __init__(self, reason: str, quiet: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.quiet = reason, quiet
 
 
-def _triton_allowed(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+def _triton_device(device: torch.device) -> str | None:
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "it needs CUDA tensors or TRITON_INTERPRET=1 set before triton is used"
 
 
-def _auto_candidates(device: torch.device) -> list[str]:
-    candidates = []
-    if _triton_allowed(device):
-        candidates.append("triton")
-    candidates.append("cpp")
-    return candidates
+def _cpp_device(device: torch.device) -> str | None:
+    return None if device.type in ("cpu", "cuda") else f"it runs on CPU or CUDA tensors, not {device.type}"
+
+
+def _cuda_device(device: torch.device) -> str | None:
+    return None if device.type == "cuda" else f"it needs CUDA tensors, but the inputs are on {device}"
+
+
+def _cpp_ready(module, with_cuda: bool) -> None:
+    if not module.cpp_available():
+        reason = getattr(module, "cpp_unavailable_reason", lambda: None)()
+        # cpp_available() warned with the reason already: auto moves on quietly
+        raise _Unavailable(f"the C++ deviation op is not built ({reason or 'cpp_available() is False'})",
+                           quiet=True)
+    if with_cuda and not getattr(module, "cuda_op_available", lambda: False)():
+        raise _Unavailable("the CUDA C++ deviation op was not built (no CUDA device or nvcc at build time)")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One deviation implementation: where it runs, whether it is available, and its entry point.
+
+    ``module`` is imported on first use (None: the torch reference of this module); ``device_problem``
+    says why the backend cannot take tensors on a device (None when it can); ``ready`` raises when the
+    imported module cannot run (the C++ op not built).
+    """
+
+    name: str
+    module: str | None
+    attr: str
+    device_problem: Callable[[torch.device], str | None]
+    ready: Callable[[object], None] | None = None
+
+    def entry(self, device: torch.device) -> Callable[..., Tensor] | None:
+        """The kernel function for tensors on `device` (None: the torch reference); raises _Unavailable."""
+        problem = self.device_problem(device)
+        if problem is not None:
+            raise _Unavailable(problem)
+        if self.module is None:
+            return None
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as exc:
+            raise _Unavailable(f"{self.module} cannot be imported ({exc})") from exc
+        if self.ready is not None:
+            self.ready(module)
+        return getattr(module, self.attr)
+
+
+#: The deviation backends by name; ``auto`` tries :data:`AUTO_ORDER` and takes the first that can run.
+BACKENDS: dict[str, Backend] = {
+    "triton": Backend("triton", "salf_engine.kernels.deviation", "deviations_triton", _triton_device),
+    "cpp": Backend("cpp", "salf_engine.ops", "deviations_cpp", _cpp_device,
+                   lambda m: _cpp_ready(m, with_cuda=False)),
+    "cuda": Backend("cuda", "salf_engine.ops", "deviations_cpp", _cuda_device,
+                    lambda m: _cpp_ready(m, with_cuda=True)),
+    "torch": Backend("torch", None, "", lambda _device: None),
+}
+AUTO_ORDER = ("triton", "cpp", "torch")
+
+
+def _choose(impl: str, inputs: DeviationInputs, lens: Lens
+            ) -> tuple[Callable[..., Tensor] | None, LensSpec | None]:
+    """(kernel function or None for torch, the lens as a LensSpec for a kernel) for `impl` and the inputs.
+
+    ``auto``: the first backend of AUTO_ORDER that runs here, saying once why one was skipped. An explicit
+    impl that cannot run raises a SalfError with the reason.
+    """
+    device = inputs.device
+    if impl == "torch":
+        return None, None
+    names = AUTO_ORDER if impl == "auto" else (impl,)
+    for name in names:
+        if name == "torch":
+            return None, None
+        try:
+            fn = BACKENDS[name].entry(device)
+            too_big = kernel_limits(inputs)
+            if too_big is not None:
+                raise _Unavailable(too_big)
+        except _Unavailable as exc:
+            if impl != "auto":
+                raise SalfError(f"impl={impl!r} was requested but {exc.reason}") from None
+            if not exc.quiet and BACKENDS[name].device_problem(device) is None:
+                _warn_once(name, f"deviations: the {name} kernel is unavailable ({exc.reason}); "
+                                 "auto falls back to the next backend")
+            continue
+        if impl == "auto":
+            try:
+                spec = lens_spec(lens)
+            except SalfError as exc:
+                _warn_once(f"lens:{type(lens).__name__}", f"deviations: using torch because {exc}")
+                return None, None
+        else:
+            spec = lens_spec(lens)
+        return fn, spec
+    return None, None
 
 
 def deviations(
@@ -280,52 +288,27 @@ def deviations(
     indices back to the host: a device sync); for callers that built the indices themselves.
 
     impl: "torch" (reference), "triton" (`salf_engine.kernels.deviation`), "cpp"/"cuda"
-    (`salf_engine.ops`), or "auto": Triton on CUDA inputs or with TRITON_INTERPRET=1, else the C++ op
-    if built, else torch (a missing kernel falls back with a one-time warning). Explicitly requested
-    kernels that are unavailable raise a `SalfError`. Under ``torch.compile`` the call traces without a
-    graph break and without the host-side index-range check (see `_deviations_compiling`).
+    (`salf_engine.ops`), or "auto": the first of :data:`AUTO_ORDER` that can run (:data:`BACKENDS`:
+    Triton on CUDA inputs or with TRITON_INTERPRET=1, else the C++ op if built, else torch; a kernel
+    that cannot run is skipped with a one-time warning). An explicitly requested kernel that cannot run
+    raises a `SalfError` saying why. Under ``torch.compile`` the call traces without a graph break and
+    without the host-side index-range check (see `_deviations_compiling`).
     """
     if impl not in IMPLS:
         raise SalfError(f"unknown deviation impl {impl!r}: expected one of {', '.join(IMPLS)}")
     if torch.compiler.is_compiling():
         return _deviations_compiling(hidden_states, last_index, labels, bases, lens, metric, impl)
-    inputs = validate_deviation_inputs(hidden_states, last_index, labels, bases, metric,
-                                       check_ranges=check_ranges)
-    dim = inputs.bases.shape[1]
-    _check_lens(lens, dim)
-    device = inputs.bases.device
-    if impl == "torch":
+    inputs = _check(hidden_states, last_index, labels, bases, metric, validate=check_ranges)
+    _check_lens(lens, inputs.hidden)
+    fn, spec = _choose(impl, inputs, lens)
+    if fn is None:
         with torch.no_grad():
             return _reference(inputs, lens, metric)
-
-    if impl == "auto":
-        for candidate in _auto_candidates(device):
-            try:
-                fn = _load_kernel(candidate)
-            except ImportError as exc:
-                if candidate == "triton" or "cpp_available" not in str(exc):
-                    _warn_once(candidate, f"deviations: the {candidate} kernel is unavailable ({exc})")
-                continue
-            try:
-                spec = lens_spec(lens)
-            except SalfError as exc:
-                _warn_once(f"lens:{type(lens).__name__}", f"deviations: using torch because {exc}")
-                break
-            return _run_kernel(fn, inputs, spec, metric, dim)
-        with torch.no_grad():
-            return _reference(inputs, lens, metric)
-
-    kernel = "triton" if impl == "triton" else "cpp"
-    if impl == "triton" and not _triton_allowed(device):
-        raise SalfError("impl='triton' needs CUDA tensors or TRITON_INTERPRET=1 set before triton is used")
-    if impl == "cuda" and device.type != "cuda":
-        raise SalfError(f"impl='cuda' needs CUDA tensors, but the inputs are on {device}")
-    try:
-        fn = _load_kernel(kernel)
-    except ImportError as exc:
-        raise SalfError(f"impl={impl!r} was requested but {exc}") from exc
-    spec = lens_spec(lens)
-    return _run_kernel(fn, inputs, spec, metric, dim)
+    if spec.dim is not None and spec.dim != inputs.hidden:
+        raise SalfError(f"the lens has dimension {spec.dim} but the hidden states have D = {inputs.hidden}")
+    # checked once, above: the kernel skips its range check (validate=False)
+    return fn(inputs.states, inputs.last_index, inputs.labels, inputs.bases, spec.to(inputs.bases.device),
+              metric, validate=False)
 
 
 def _deviations_compiling(
@@ -346,8 +329,8 @@ def _deviations_compiling(
     ranges are not checked here (that needs a device sync); an out-of-range entry yields NaN from the
     kernels or an indexing error from torch.
     """
-    inputs = validate_deviation_inputs(hidden_states, last_index, labels, bases, metric, check_ranges=False)
-    dim = inputs.bases.shape[1]
+    inputs = _check(hidden_states, last_index, labels, bases, metric, validate=False)
+    dim = inputs.hidden
     _check_lens(lens, dim)
     device = inputs.bases.device
     if impl == "triton" and device.type != "cuda":
@@ -393,22 +376,6 @@ def _cpp_built(device: torch.device) -> bool:
     """Whether torch.ops.salf was already built (for `device`); never builds it (not while tracing)."""
     state = _ops._BUILD
     return bool(state["ok"]) and (device.type == "cpu" or bool(state["cuda"]))
-
-
-def _run_kernel(fn: Callable[..., Tensor], inputs: _Inputs, spec: LensSpec, metric: str, dim: int) -> Tensor:
-    if spec.dim is not None and spec.dim != dim:
-        raise SalfError(f"the lens has dimension {spec.dim} but the hidden states have D = {dim}")
-    states = [h.detach() for h in inputs.states]
-    bases = inputs.bases.contiguous()
-    extra = {"validate": False} if _accepts_validate(fn) else {}  # validated once, above
-    return fn(states, inputs.last_index, inputs.labels, bases, spec.to(bases.device), metric, **extra)
-
-
-def _accepts_validate(fn: Callable[..., Tensor]) -> bool:
-    try:
-        return "validate" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------- gains / eof

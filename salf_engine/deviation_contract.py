@@ -32,6 +32,7 @@ __all__ = [
     "KernelInputError",
     "DeviationInputs",
     "check_deviation_inputs",
+    "kernel_limits",
     "lens_parts",
 ]
 
@@ -78,6 +79,7 @@ class DeviationInputs:
     n_spaces: int
     hidden: int
     n_labels: int
+    states: list[torch.Tensor]  # per space: the state as given (detached), for the torch reference
 
 
 def lens_parts(lens, hidden: int, device: torch.device):
@@ -116,7 +118,11 @@ def _index_tensor(t, name: str, batch: int, device: torch.device) -> torch.Tenso
     import torch
 
     if not isinstance(t, torch.Tensor):
-        raise KernelInputError(f"{name} must be a tensor, got {type(t).__name__}")
+        try:
+            t = torch.as_tensor(t, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise KernelInputError(
+                f"{name} must be a tensor or a sequence of ints, got {type(t).__name__}") from None
     if t.dim() != 1 or t.shape[0] != batch:
         raise KernelInputError(f"{name} must have shape [B] = [{batch}], got {tuple(t.shape)}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -136,18 +142,25 @@ def check_deviation_inputs(
     *,
     validate: bool = True,
     gather: bool = True,
+    kernel: bool = True,
 ) -> DeviationInputs:
-    """Check the inputs of a deviation kernel; raise ``KernelInputError`` naming the problem.
+    """Check the inputs of a deviation computation; raise ``KernelInputError`` naming the problem.
 
-    A space whose feature stride is not 1 is gathered to contiguous ``[B, D]`` rows
-    (the only copy); every other space is read in place. With ``validate`` the
-    label and position ranges are checked on the host (one device sync). ``gather=False``
-    keeps such spaces as they are (for the C++ op, which gathers them itself).
+    The one input check of every path: the dispatcher (`salf_engine.deviation.deviations`), the torch
+    reference, the Triton kernels and the C++ op's Python entry. (The C++ op's ``prepare`` keeps its own
+    ``TORCH_CHECK``s, the guard of a raw ``torch.ops.salf`` call; the CPU fast path relies on them.)
+
+    ``last_index`` and ``labels``: [B] integer tensors or sequences of ints. A space whose feature stride is
+    not 1 is gathered to contiguous ``[B, D]`` rows (the only copy); every other space is read in place.
+    With ``validate`` the label and position ranges are checked on the host (one device sync).
+    ``gather=False`` keeps such spaces as they are (for the C++ op, which gathers them itself).
+    ``kernel=False`` accepts what only the torch reference computes: any floating dtype per space (mixed
+    too) and more than :data:`MAX_LABELS` labels; :func:`kernel_limits` says whether kernels can run it.
     """
     import torch
 
     if metric not in METRIC_CODES:
-        raise KernelInputError(f"metric must be one of {sorted(METRIC_CODES)}, got {metric!r}")
+        raise KernelInputError(f"unknown deviation metric {metric!r}: expected one of {', '.join(METRICS)}")
     if isinstance(states, torch.Tensor) or not isinstance(states, Sequence):
         raise KernelInputError("states must be a list of m+1 tensors [B, T, D]")
     if len(states) < 2:
@@ -157,7 +170,7 @@ def check_deviation_inputs(
         raise KernelInputError("every state must be a [B, T, D] tensor")
     batch, _, hidden = first.shape
     device, dtype = first.device, first.dtype
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if kernel and dtype not in _kernel_dtypes():
         raise KernelInputError(f"states must be float32, bfloat16 or float16, got {dtype}")
     views, sb, st, tl_ = [], [], [], []
     li = _index_tensor(last_index, "last_index", batch, device)
@@ -168,7 +181,9 @@ def check_deviation_inputs(
             raise KernelInputError(
                 f"state {k} has shape {tuple(s.shape)}, expected [B={batch}, T, D={hidden}] like state 0"
             )
-        if s.dtype != dtype:
+        if not s.is_floating_point():
+            raise KernelInputError(f"state {k} must be floating point, got dtype {s.dtype}")
+        if kernel and s.dtype != dtype:
             raise KernelInputError(
                 f"state {k} is {s.dtype} but state 0 is {dtype}; all spaces must share a dtype"
             )
@@ -199,7 +214,7 @@ def check_deviation_inputs(
     if bases.device != device:
         raise KernelInputError(f"bases are on {bases.device} but the states are on {device}")
     n_labels = bases.shape[0]
-    if not 1 <= n_labels <= MAX_LABELS:
+    if n_labels < 1 or (kernel and n_labels > MAX_LABELS):
         raise KernelInputError(f"bases must hold 1..{MAX_LABELS} labels, got K = {n_labels}")
     lens_kind, weight, bias, eps = lens_parts(lens, hidden, device)
     if validate and batch > 0:
@@ -230,4 +245,22 @@ def check_deviation_inputs(
         n_spaces=len(states),
         hidden=hidden,
         n_labels=n_labels,
+        states=[s.detach() for s in states],
     )
+
+
+def _kernel_dtypes():
+    import torch
+
+    return (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernel_limits(inp: DeviationInputs) -> str | None:
+    """Why the kernels cannot take checked inputs (None when they can): dtypes or too many labels."""
+    dtypes = {s.dtype for s in inp.states}
+    if len(dtypes) > 1 or inp.dtype not in _kernel_dtypes():
+        got = ", ".join(sorted(map(str, dtypes)))
+        return f"the kernels take float32, bfloat16 or float16 states of one dtype, got {got}"
+    if inp.n_labels > MAX_LABELS:
+        return f"the kernels take at most {MAX_LABELS} labels, got K = {inp.n_labels}"
+    return None

@@ -269,22 +269,23 @@ def _good():
 
 
 def test_bad_inputs():
+    """One input check (`deviation_contract.check_deviation_inputs`) for the reference and the dispatcher."""
     states, last, labels, bases = _good()
     cases = [
-        (([states[0], states[1][:1], states[2]], last, labels, bases), {}, "batch size"),
-        (([states[0], states[1], torch.randn(2, 4, 5)], last, labels, bases), {}, "hidden size"),
-        ((states[:1], last, labels, bases), {}, "at least 2"),
-        ((states[0], last, labels, bases), {}, "sequence of m"),
+        (([states[0], states[1][:1], states[2]], last, labels, bases), {}, r"expected \[B=2, T, D=6\]"),
+        (([states[0], states[1], torch.randn(2, 4, 5)], last, labels, bases), {}, r"D=6\] like state 0"),
+        ((states[:1], last, labels, bases), {}, r"m\+1 >= 2"),
+        ((states[0], last, labels, bases), {}, "must be a list"),
         (([states[0], states[1].long()], last, labels, bases), {}, "floating point"),
         (([states[0], torch.randn(2, 4)], last, labels, bases), {}, r"\[B, T, D\]"),
-        ((states, torch.tensor([0, 4]), labels, bases), {}, "last_index 4 is out of range"),
+        ((states, torch.tensor([0, 4]), labels, bases), {}, "last_index 4 is outside"),
         ((states, torch.tensor([-1, 0]), labels, bases), {}, "last_index -1"),
-        (([states[0], states[1][:, :2]], torch.tensor([0, 3]), labels, bases), {}, "sequence length 2"),
+        (([states[0], states[1][:, :2]], torch.tensor([0, 3]), labels, bases), {}, r"0\.\.T-1 = 0\.\.1"),
         ((states, torch.tensor([0, 1, 2]), labels, bases), {}, "last_index must have shape"),
-        ((states, torch.tensor([0.0, 1.0]), labels, bases), {}, "integers"),
+        ((states, torch.tensor([0.0, 1.0]), labels, bases), {}, "integer tensor"),
         ((states, last, torch.tensor([0, 3]), bases), {}, "label index 3"),
         ((states, last, torch.tensor([-1, 0]), bases), {}, "label index -1"),
-        ((states, last, labels, torch.randn(3, 5)), {}, "bases have dimension 5"),
+        ((states, last, labels, torch.randn(3, 5)), {}, "bases have D = 5"),
         ((states, last, labels, torch.randn(3)), {}, r"\[K, D\]"),
         ((states, last, labels, torch.randn(0, 6)), {}, "K = 0"),
         ((states, last, labels, bases), {"metric": "l2"}, "unknown deviation metric"),
@@ -293,7 +294,7 @@ def test_bad_inputs():
         ((states, last, labels, bases), {"lens": 3}, "cannot use"),
         # device mismatches (meta tensors stand in for a second device)
         ((states, last, labels, bases.to("meta")), {}, "bases are on meta"),
-        (([states[0], states[1].to("meta")], last, labels, bases), {}, "hidden_states.1. is on meta"),
+        (([states[0], states[1].to("meta")], last, labels, bases), {}, "state 1 is on meta"),
         ((states, last.to("meta"), labels, bases), {}, "last_index is on meta"),
         ((states, last, labels.to("meta"), bases), {}, "labels is on meta"),
     ]
@@ -527,3 +528,32 @@ def test_gains_eof_bad_inputs():
         eof_layers(torch.zeros(2, 3), boundary="middle")
     with pytest.raises(SalfError, match="NaN"):
         eof_layers(torch.tensor([[0.1, float("nan"), 0.2]]))
+
+
+def test_backend_table_covers_every_impl():
+    assert set(dev_mod.BACKENDS) == set(dev_mod.IMPLS) - {"auto"}
+    assert dev_mod.AUTO_ORDER[-1] == "torch" and set(dev_mod.AUTO_ORDER) <= set(dev_mod.BACKENDS)
+
+
+def test_auto_falls_back_once_for_inputs_no_kernel_takes(monkeypatch, fresh_warnings):
+    """float64 states: auto says once why the kernel is skipped and computes in torch; an explicit kernel
+    request raises with the same reason."""
+    calls: list = []
+    _install(
+        monkeypatch,
+        triton=_fake_module("salf_engine.kernels.deviation", "deviations_triton", calls),
+        ops=_fake_module("salf_engine.ops", "deviations_cpp", calls, cpp_available=True),
+    )
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    states, last, labels, bases = _good()
+    states64 = [s.double() for s in states]
+    with pytest.warns(RuntimeWarning, match="float32, bfloat16 or float16") as record:
+        out = deviations(states64, last, labels, bases)
+    assert len([w for w in record if "kernel is unavailable" in str(w.message)]) == 1
+    assert calls == []
+    torch.testing.assert_close(out, deviations_reference(states64, last, labels, bases))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deviations(states64, last, labels, bases)
+    with pytest.raises(SalfError, match="impl='cpp' was requested but the kernels take float32"):
+        deviations(states64, last, labels, bases, impl="cpp")

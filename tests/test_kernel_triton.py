@@ -125,7 +125,7 @@ def test_empty_batch():
         (lambda a: a.update(states=[a["states"][0], torch.randn(2, 3, 41)]), r"expected \[B=2, T, D=40\]"),
         (lambda a: a.update(states=a["states"][:1]), "m\\+1 >= 2"),
         (lambda a: a.update(labels=torch.zeros(2, dtype=torch.int64, device="meta")), "is on meta"),
-        (lambda a: a.update(metric="l2"), "metric must be one of"),
+        (lambda a: a.update(metric="l2"), "unknown deviation metric"),
         (
             lambda a: a.update(lens=Lens(kind="rms", weight=torch.ones(39), bias=None, eps=1e-6)),
             r"\[D\] = \[40\]",
