@@ -32,7 +32,6 @@ import importlib.util
 import json
 import platform
 import random
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_utils import SavedActivations, append_csv, cpu_name, percentile, read_csv, utc_now
+from bench_utils import SavedActivations, append_csv, cpu_name, quantiles, read_csv, time_samples, utc_now
 from bench_utils import git_commit as _git_commit
 
 __all__ = ["main"]
@@ -154,12 +153,9 @@ def time_deviations(runner: Any, ids: torch.Tensor, mask: torch.Tensor, labels: 
     states = [h[rows, -1].unsqueeze(1).contiguous() for h in hs]
     zero = torch.zeros(ids.shape[0], dtype=torch.long)
     assert len(states) == m + 1
-    times = []
-    for _ in range(reps + 2):
-        t0 = time.perf_counter()
-        deviations(states, zero, labels, runner.bases, lens=runner.parts.norm, impl=impl)
-        times.append(time.perf_counter() - t0)
-    return times[2:]
+    lens = runner.parts.norm
+    return time_samples(lambda: deviations(states, zero, labels, runner.bases, lens=lens, impl=impl),
+                        warmup=2, min_time=0.0, min_reps=reps, max_reps=reps)
 
 
 def git_commit() -> str:
@@ -274,20 +270,19 @@ def main(argv: list[str] | None = None) -> None:
     shape = f"SmolLM2-135M B={args.batch} T={args.seq}"
     common = {"device": device, "commit": commit, "date": date, "shape": shape,
               "threads": torch.get_num_threads()}
-    full_median = statistics.median(configs[0].times["step"])
+    full_median = quantiles(configs[0].times["step"])[0]
     rows = []
     for cfg in configs:
         t = cfg.times
-        med = statistics.median(t["step"])
+        med, p20, p80 = quantiles(t["step"])
         name = cfg.name
         if name.startswith(f"runner_k{half}_dev_"):
             name += f"={resolved[name.rsplit('_', 1)[1]]}"
         rows.append({
             **common, "config": name,
-            "median_s": f"{med:.4f}", "p20_s": f"{percentile(t['step'], 20):.4f}",
-            "p80_s": f"{percentile(t['step'], 80):.4f}", "ratio_to_full": f"{med / full_median:.3f}",
-            "fwd_s": f"{statistics.median(t['fwd']):.4f}", "bwd_s": f"{statistics.median(t['bwd']):.4f}",
-            "opt_s": f"{statistics.median(t['opt']):.4f}",
+            "median_s": f"{med:.4f}", "p20_s": f"{p20:.4f}", "p80_s": f"{p80:.4f}",
+            "ratio_to_full": f"{med / full_median:.3f}",
+            **{f"{phase}_s": f"{quantiles(t[phase])[0]:.4f}" for phase in ("fwd", "bwd", "opt")},
             "tokens_per_s": f"{args.batch * args.seq / med:.1f}",
             **{key: f"{value:.1f}" for key, value in cfg.memory.items()},
             "steps": len(t["step"]),
@@ -296,11 +291,11 @@ def main(argv: list[str] | None = None) -> None:
         probe = TruncatedRunner(model, bases=bases, deviation_impl=impl)
         times = time_deviations(probe, ids, mask, labels, impl, reps=30)
         ran = impl if impl != "auto" else ("cpp" if resolved.get("auto") == "cpp" else "torch")
+        med, p20, p80 = quantiles(times)
         rows.append({
             **common, "config": f"deviations_call_{impl}={ran}",
-            "median_s": f"{statistics.median(times):.6f}",
-            "p20_s": f"{percentile(times, 20):.6f}", "p80_s": f"{percentile(times, 80):.6f}",
-            "ratio_to_full": f"{statistics.median(times) / full_median:.6f}", "steps": len(times),
+            "median_s": f"{med:.6f}", "p20_s": f"{p20:.6f}", "p80_s": f"{p80:.6f}",
+            "ratio_to_full": f"{med / full_median:.6f}", "steps": len(times),
         })
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = append_csv(args.out / "step.csv", CSV_FIELDS, rows)

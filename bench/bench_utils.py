@@ -7,7 +7,6 @@ import datetime as dt
 import math
 import os
 import platform
-import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +33,8 @@ __all__ = [
     "read_csv",
     "markdown_table",
     "SavedActivations",
+    "quantiles",
+    "time_samples",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,14 +48,21 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def quantiles(samples: Sequence[float], scale: float = 1.0) -> tuple[float, float, float]:
+    """(median, p20, p80) of samples, times ``scale``."""
+    return tuple(percentile(samples, q) * scale for q in (50, 20, 80))  # type: ignore[return-value]
+
+
 def quantiles_us(samples_s: Sequence[float]) -> tuple[float, float, float]:
     """(median, p20, p80) in microseconds of samples in seconds."""
-    return tuple(percentile(samples_s, q) * 1e6 for q in (50, 20, 80))  # type: ignore[return-value]
+    return quantiles(samples_s, 1e6)
 
 
-def time_cpu(fn: Callable[[], object], *, min_time: float = 0.5, min_reps: int = 10, max_reps: int = 2000):
-    """(median, p20, p80) microseconds of a plain perf_counter loop after a short warm-up."""
-    for _ in range(3):
+def time_samples(fn: Callable[[], object], *, warmup: int = 3, min_time: float = 0.5, min_reps: int = 10,
+                 max_reps: int = 2000) -> list[float]:
+    """Seconds per call of ``fn`` (the one CPU timing loop): ``warmup`` calls, then at least ``min_reps``
+    timed calls and at least ``min_time`` seconds, at most ``max_reps`` calls."""
+    for _ in range(warmup):
         fn()
     samples: list[float] = []
     start = time.perf_counter()
@@ -62,7 +70,12 @@ def time_cpu(fn: Callable[[], object], *, min_time: float = 0.5, min_reps: int =
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
-    return quantiles_us(samples)
+    return samples
+
+
+def time_cpu(fn: Callable[[], object], *, min_time: float = 0.5, min_reps: int = 10, max_reps: int = 2000):
+    """(median, p20, p80) microseconds of :func:`time_samples`."""
+    return quantiles_us(time_samples(fn, min_time=min_time, min_reps=min_reps, max_reps=max_reps))
 
 
 def time_gpu(fn: Callable[[], object]):
@@ -176,7 +189,7 @@ def measure_bandwidth(device: torch.device | str, *, nbytes: int = 1 << 30, reps
             dst.copy_(src)
             times.append(time.perf_counter() - t0)
     del src, dst
-    return 2 * n * 4 / statistics.median(times) / 1e9
+    return 2 * n * 4 / quantiles(times)[0] / 1e9
 
 
 def append_csv(path: str | Path, fields: Sequence[str], rows: Iterable[dict]) -> Path:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from bench_utils import (  # noqa: E402
     env_info,
     markdown_table,
     measure_bandwidth,
-    percentile,
+    quantiles,
     sync,
     time_cpu,
     time_gpu,
@@ -327,7 +326,7 @@ def _step_rows(name, spec, configs, m, n_params, dtype) -> list[dict]:
         return []
 
     def med(values: list[float]) -> float | None:
-        return statistics.median(values) if values else None
+        return quantiles(values)[0] if values else None
 
     b_step, b_fwd, b_bwd = med(base.times["step"]), med(base.times["fwd"]), med(base.times["bwd"])
     b_peak, b_mem = med(base.peak), med(base.step_mem)
@@ -344,8 +343,8 @@ def _step_rows(name, spec, configs, m, n_params, dtype) -> list[dict]:
         rows.append({
             "model": name, "params_m": f"{n_params / 1e6:.0f}", "batch": spec.batch, "seq": spec.seq,
             "dtype": str(dtype).removeprefix("torch."), "config": cfg.name, "depth": cfg.depth, "layers": m,
-            "median_s": f"{step:.4f}", "p20_s": f"{percentile(t['step'], 20):.4f}",
-            "p80_s": f"{percentile(t['step'], 80):.4f}", "ratio": f"{step / b_step:.3f}",
+            "median_s": f"{step:.4f}", "p20_s": f"{quantiles(t['step'])[1]:.4f}",
+            "p80_s": f"{quantiles(t['step'])[2]:.4f}", "ratio": f"{step / b_step:.3f}",
             "fwd_s": f"{fwd:.4f}", "bwd_s": f"{bwd:.4f}", "opt_s": f"{med(t['opt']):.4f}",
             "ideal_ratio": f"{ideal:.3f}", "vs_ideal": f"{(fwd + bwd) / (b_fwd + b_bwd) / ideal:.3f}",
             "saved_act_mib": f"{cfg.saved:.1f}",
