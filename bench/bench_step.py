@@ -7,7 +7,7 @@ of them alike; ratios are against ``full`` from the same run.
 
 Configurations (m = 30 decoder layers):
     full            plain ``model(ids, mask, logits_to_keep=1)``: head at the last position, all params train
-    full_all_logits plain ``model(ids, mask)`` with the head over all T positions (DESIGN.md: 1.31x)
+    full_all_logits plain ``model(ids, mask)`` with the head over all T positions
     runner_k{k}     ``TruncatedRunner(depth=k)``, k = 0, m/4, m/2, 3m/4 (embedding frozen; tied head trains)
     static_k{m/2}   ``requires_grad=False`` on embedding (tied: also the head) + layers[0..m/2-1],
                     plain forward

@@ -1,6 +1,6 @@
 """Vocabulary-defined semantics: label bases and the logit lens.
 
-Semantic bases (DESIGN.md section 1). For the LM head ``W_o`` (V x D) the
+Semantic bases (the paper, arXiv 2406.11753). For the LM head ``W_o`` (V x D) the
 output-side basis of token ``y`` is the y-th column of the pseudo-inverse,
 
     b_y = W_o^+ e_y = G^{-1} w_y,    G = W_o^T W_o  (D x D),

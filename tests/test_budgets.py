@@ -25,7 +25,7 @@ def saving(plan: str, order: str, m: int, n: int) -> float:
     return sum(k * q for k, q in enumerate(quotas)) / (n * m)
 
 
-# ---------------------------------------------------------------- DESIGN.md / paper table 5 (m = 32)
+# ---------------------------------------------------------------- paper table 5 (m = 32)
 
 
 def test_uniform_half_carer():
