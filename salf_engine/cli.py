@@ -75,8 +75,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_model_or_run(**opt.fields_from_args(args), progress=not args.quiet)
     print(report.to_text())
-    if args.output:
-        Path(args.output).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -85,7 +85,7 @@ def _add_eval(sub) -> argparse.ArgumentParser:
     opt.add_config_file_option(p)
     opt.add_config_options(p, EVAL_FIELDS, aliases=EVAL_ALIASES, required=("model",),
                            defaults={"dataset": None})
-    p.add_argument("--output", default=None, help="write the report as JSON here")
+    p.add_argument("--output", dest="report", default=None, help="write the report as JSON here")
     _quiet(p)
     p.set_defaults(func=_cmd_eval)
     return p
@@ -94,7 +94,7 @@ def _add_eval(sub) -> argparse.ArgumentParser:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .profiling import profile_model_or_run
 
-    profile_model_or_run(**opt.fields_from_args(args), run=args.run, output=args.output,
+    profile_model_or_run(**opt.fields_from_args(args), run=args.run, output=args.out_dir,
                          progress=not args.quiet)
     return 0
 
@@ -104,7 +104,7 @@ def _add_profile(sub) -> argparse.ArgumentParser:
     opt.add_config_file_option(p)
     opt.add_config_options(p, PROFILE_FIELDS, aliases=EVAL_ALIASES, defaults={"dataset": None, "model": None})
     p.add_argument("--run", default=None, help="a finished run: profile after fine-tuning as well")
-    p.add_argument("--output", default=None, help="directory for the PNGs and profile.json")
+    p.add_argument("--output", dest="out_dir", default=None, help="directory for the PNGs and profile.json")
     _quiet(p)
     p.set_defaults(func=_cmd_profile)
     return p
@@ -161,13 +161,13 @@ def _add_compare(sub) -> argparse.ArgumentParser:
         ),
     )
     opt.add_config_file_option(p)
-    p.add_argument("--datasets", required=True, action="append",
+    p.add_argument("--datasets", action="append",
                    help="comma-separated presets (trec, sst5, carer, mrpc, webss) or local files, each "
                         "optionally LABEL=SOURCE")
-    p.add_argument("--strategies", required=True, action="append",
+    p.add_argument("--strategies", action="append",
                    help="comma-separated strategy cells NAME[:OPTION]..., e.g. "
                         "full,lora-half,salf,salf:uniform:df,salf:geom:df,bot50,adt-low")
-    p.add_argument("--output", required=True, help="grid directory (cells/, tables, plots)")
+    p.add_argument("--output", help="grid directory (cells/, tables, plots)")
     p.add_argument("--no-zero-shot", dest="zero_shot", action="store_false", help="skip the zero-shot row")
     p.add_argument("--overwrite", action="store_true", help="redo finished cells too")
     p.add_argument("--discard-models", action="store_true",
@@ -177,6 +177,7 @@ def _add_compare(sub) -> argparse.ArgumentParser:
     p.add_argument("--tables-only", action="store_true",
                    help="only rebuild tables and plots from finished cells")
     _quiet(p)
+    p.set_defaults(_salf_required=["datasets", "strategies", "output"])  # here or in --config
     opt.add_config_options(p, exclude=COMPARE_PER_CELL, required=("model",),
                            title="training options of every cell (TrainConfig fields)")
     p.set_defaults(func=_cmd_compare)
@@ -227,8 +228,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     command = parser.commands[args.command]  # type: ignore[attr-defined]
     if getattr(args, "config", None):
+        given = args
         opt.apply_config_file(command, args.config, command=args.command)
         args = parser.parse_args(argv)
+        for action in command._actions:  # a list option given on the line replaces the file's list
+            if isinstance(action, argparse._AppendAction) and getattr(given, action.dest) is not None:
+                setattr(args, action.dest, getattr(given, action.dest))
     opt.check_required(command, args)
     return args
 

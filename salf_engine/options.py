@@ -139,9 +139,9 @@ def _coerce(name: str, value: Any) -> Any:
 def apply_config_file(parser: argparse.ArgumentParser, path: str, *, command: str) -> None:
     """Make the values of the config file at ``path`` the defaults of ``parser`` (one subcommand).
 
-    Keys must be TrainConfig fields or options of this command (ConfigError otherwise). Fields this
-    command does not take (``salf compare`` sets ``dataset`` and ``output`` per cell, ``salf eval``
-    trains nothing) are skipped with a one-line note on stderr.
+    A key sets the option of this command with that name (its dest). Other TrainConfig fields are skipped
+    with a one-line note on stderr (``salf compare`` sets ``dataset`` per cell, ``salf eval`` trains
+    nothing); any other key is a ConfigError.
     """
     values = load_config_file(path)
     dests = {a.dest for a in parser._actions if a.dest not in ("help", "config", argparse.SUPPRESS)}
@@ -149,12 +149,10 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str, *, command: st
     unknown = sorted(k for k in values if k not in fields and k not in dests)
     if unknown:
         raise ConfigError(f"{path}: unknown option(s) for salf {command}: {', '.join(unknown)}")
-    own = set(parser.get_default("_salf_fields") or ())
-    skipped = sorted(k for k in values if k in fields and k not in own)
+    skipped = sorted(k for k in values if k not in dests)
     if skipped:
         print(f"salf {command}: {path}: not used by this command: {', '.join(skipped)}", file=sys.stderr)
-    parser.set_defaults(**{k: (_coerce(k, v) if k in fields else v) for k, v in values.items()
-                           if k not in skipped and k != "config"})
+    parser.set_defaults(**{k: (_coerce(k, v) if k in fields else v) for k, v in values.items() if k in dests})
 
 
 def check_required(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

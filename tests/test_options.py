@@ -162,3 +162,28 @@ def test_run_directory_config_round_trips(tmp_path):
     (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     args = cli.parse_args(["train", "--config", str(Path(run) / "config.json")])
     assert TrainConfig(**fields_from_args(args)) == TrainConfig.from_json(run / "config.json")
+
+
+def test_compare_grid_from_a_config_file(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("model: tiny\ndatasets: [trec, sst5]\nstrategies: full,salf\noutput: g\nlimit: 96\n")
+    args = cli.parse_args(["compare", "--config", str(path)])
+    assert (args.datasets, args.strategies, args.output) == (["trec", "sst5"], "full,salf", "g")
+    assert args.limit == 96
+    args = cli.parse_args(["compare", "--config", str(path), "--datasets", "carer", "--limit", "8"])
+    assert args.datasets == ["carer"] and args.limit == 8  # the command line replaces the file's list
+
+
+def test_compare_without_a_grid_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--model", "m", "--output", "g"])
+    assert "--datasets" in capsys.readouterr().err
+
+
+def test_a_run_config_never_sets_where_eval_and_profile_write(tmp_path):
+    path = tmp_path / "config.json"
+    _custom().to_json(path)  # holds output: runs/x, the run directory
+    args = cli.parse_args(["eval", "--config", str(path)])
+    assert args.model == "tiny" and args.dataset == "sst5" and args.report is None
+    args = cli.parse_args(["profile", "--config", str(path)])
+    assert args.metric == "ce" and args.out_dir is None
