@@ -9,37 +9,30 @@ from salf_engine.config import TrainConfig
 from salf_engine.data import load_task
 from salf_engine.evaluation import evaluate
 from salf_engine.models.loading import load_model
+from salf_engine.options import add_config_options, fields_from_args
 from salf_engine.semantics import semantic_bases
 from salf_engine.training import encode_task
 
 __all__ = ["evaluate_model", "load", "parser"]
 
 
+#: The TrainConfig fields the examples take as options, and the examples' own defaults for some of them.
+FIELDS = ("model", "dataset", "strategy", "budget", "limit", "eval_limit", "batch_size", "grad_accum",
+          "max_steps", "lr", "seed", "output")
+DEFAULTS = {"budget": "uniform", "grad_accum": 2, "max_steps": 60, "lr": 1e-4, "output": "runs/example"}
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    """The options of every example."""
+    """The options of every example: TrainConfig fields (generated as `salf train` generates them)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", default="smollm2-135m", help="short name, HF directory or .gguf file")
-    p.add_argument("--dataset", default="trec", help="preset (trec, sst5, carer, ...) or a data directory")
-    p.add_argument("--strategy", default="salf")
-    p.add_argument("--budget", default="uniform")
-    p.add_argument("--limit", type=int, default=None, help="training examples (class-stratified)")
-    p.add_argument("--eval-limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8, help="micro-batch size (per device)")
-    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
-    p.add_argument("--max-steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    add_config_options(p, FIELDS, defaults=DEFAULTS)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
-    p.add_argument("--output", default="runs/example")
     return p
 
 
 def load(args: argparse.Namespace) -> dict[str, Any]:
     """The SALF config, model, tokenizer, encoded splits and label bases the options ask for."""
-    cfg = TrainConfig(model=args.model, dataset=args.dataset, strategy=args.strategy, budget=args.budget,
-                      limit=args.limit, eval_limit=args.eval_limit, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, max_steps=args.max_steps, lr=args.lr, seed=args.seed,
-                      zero_shot_eval=False).validate()
+    cfg = TrainConfig(**fields_from_args(args, exclude=("output",)), zero_shot_eval=False).validate()
     model, tokenizer = load_model(cfg.model)
     task = load_task(cfg.dataset)
     verbalizer, train_split, eval_split = encode_task(task, tokenizer, cfg)

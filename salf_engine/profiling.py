@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .config import TrainConfig as _C  # the defaults of the options these functions take
 from .errors import ConfigError
 from .rundir import is_run_dir, load_for_eval, read_run_config
 
@@ -43,9 +44,10 @@ def _encoded_split(task, tok, *, eval_split: str, max_length: int, eval_limit: i
 
 def evaluate_model_or_run(model: str, *, dataset: str | None = None, data_dir: str | None = None,
                           text_column: str | None = None, text_pair_column: str | None = None,
-                          label_column: str | None = None, eval_split: str = "test", max_length: int = 256,
-                          eval_limit: int | None = None, eval_batch_size: int = 32, dtype: str = "float32",
-                          seed: int = 0, progress: bool = True):
+                          label_column: str | None = None, eval_split: str = _C.eval_split,
+                          max_length: int = _C.max_length, eval_limit: int | None = None,
+                          eval_batch_size: int = _C.eval_batch_size, dtype: str = _C.dtype,
+                          seed: int = _C.seed, progress: bool = True):
     """The `EvalReport` of a model name/path, or of a run directory's saved model on its own dataset."""
     from .evaluation import evaluate
 
@@ -80,9 +82,10 @@ def _deviations_of(model, tok, task, *, eval_split, max_length, eval_limit, seed
 def profile_model_or_run(model: str | None = None, *, run: str | None = None, dataset: str | None = None,
                          data_dir: str | None = None, text_column: str | None = None,
                          text_pair_column: str | None = None, label_column: str | None = None,
-                         eval_split: str = "test", max_length: int = 256, eval_limit: int | None = None,
-                         metric: str = "cosine", lens: str = "final_norm", eof_boundary: str = "trainable",
-                         deviation_impl: str = "auto", eval_batch_size: int = 32, seed: int = 0,
+                         eval_split: str = _C.eval_split, max_length: int = _C.max_length,
+                         eval_limit: int | None = None, metric: str = _C.metric, lens: str = _C.lens,
+                         eof_boundary: str = _C.eof_boundary, deviation_impl: str = _C.deviation_impl,
+                         eval_batch_size: int = _C.eval_batch_size, seed: int = _C.seed,
                          output: str | Path | None = None, progress: bool = True,
                          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Deviation statistics, eof-layer histograms and plots of a model, or of a run before and after.
