@@ -359,6 +359,12 @@ def _step_rows(name, spec, configs, m, n_params, dtype) -> list[dict]:
 # --------------------------------------------------------------------------- report
 
 
+def _per_model(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(model, its rows) in the order the models first appear."""
+    models = dict.fromkeys(r["model"] for r in rows)
+    return [(model, [r for r in rows if r["model"] == model]) for model in models]
+
+
 def write_markdown(path: Path, env: dict, dev_rows: list[dict], step_rows: list[dict], *, dry: bool,
                    skipped: list[str], pytest_summary: str) -> None:
     lines = [
@@ -377,8 +383,7 @@ def write_markdown(path: Path, env: dict, dev_rows: list[dict], step_rows: list[
               "Median us [p20, p80], GB/s of the bytes that must be read and % of the measured copy "
               "bandwidth, speed-up over torch eager (`x torch`) and torch.compile (`x compile`) in the same "
               "run.", ""]
-    for model in dict.fromkeys(r["model"] for r in dev_rows):
-        mine = [r for r in dev_rows if r["model"] == model]
+    for model, mine in _per_model(dev_rows):
         head = mine[0]
         lines += [f"### {model}: m = {head['layers']}, D = {head['hidden']}, K = {head['labels']}, "
                   f"T = {head['tokens']}, {head['dtype']}", ""]
@@ -401,8 +406,7 @@ def write_markdown(path: Path, env: dict, dev_rows: list[dict], step_rows: list[
               "bytes autograd saves for backward (non-parameter tensors); `peak` = "
               "`torch.cuda.max_memory_allocated` over the step, `step mem` = peak minus what was allocated "
               "when the step began (activations, gradients, optimizer temporaries).", ""]
-    for model in dict.fromkeys(r["model"] for r in step_rows):
-        mine = [r for r in step_rows if r["model"] == model]
+    for model, mine in _per_model(step_rows):
         head = mine[0]
         lines += [f"### {model}: {head['params_m']}M parameters, m = {head['layers']}, B = {head['batch']}, "
                   f"T = {head['seq']}, {head['dtype']}, {head['steps']} measured steps each", ""]
