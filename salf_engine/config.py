@@ -11,8 +11,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "DEFAULT_LORA_TARGETS", "DEFAULT_LR",
-           "DEFAULT_LORA_LR"]
+__all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "NONFINITE_ACTIONS",
+           "DEFAULT_LORA_TARGETS", "DEFAULT_LR", "DEFAULT_LORA_LR"]
 
 DTYPES = ("float32", "bf16")
 LOSSES = ("next-token", "semantic-ce", "cosine")
@@ -27,6 +27,8 @@ DEFAULT_LR = 1e-4
 DEFAULT_LORA_LR = 3e-3
 DEPTH_SCHEDULES = ("mixed", "paper")
 DEPTH_ASSIGNMENTS = ("class-rank", "eof-match")
+#: What a non-finite loss or gradient does: stop the run (the last good checkpoint stays), or skip the step.
+NONFINITE_ACTIONS = ("stop", "skip")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -90,6 +92,9 @@ class TrainConfig:
     # run directory
     output: str | None = None
     overwrite: bool = False
+    save_every: int | None = None      # write a checkpoint every N optimizer steps (None: no checkpoints)
+    save_total_limit: int | None = None  # keep the newest K checkpoints (None: keep all)
+    on_nonfinite: str = "stop"         # non-finite loss / gradient: stop | skip (skip the update, count it)
 
     def validate(self) -> TrainConfig:
         """Check every field; return self so calls chain."""
@@ -120,10 +125,14 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "lora_r",
                      "holdout_size"):
             positive(name, getattr(self, name))
-        for name in ("max_steps", "limit", "eval_limit"):
+        for name in ("max_steps", "limit", "eval_limit", "save_every", "save_total_limit"):
             positive(name, getattr(self, name), allow_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        choice("on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
+        if self.save_every is not None and self.depth_schedule == "paper":
+            raise ConfigError("save_every is not supported with the 'paper' depth schedule: its plans "
+                              "probe the weights while they are made, so a resumed epoch cannot replay them")
         choice("depth schedule", self.depth_schedule, DEPTH_SCHEDULES)
         choice("depth assignment", self.depth_assignment, DEPTH_ASSIGNMENTS)
         positive("cuts_per_step", self.cuts_per_step)

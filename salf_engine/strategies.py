@@ -28,6 +28,7 @@ The trainer drives a strategy like this (see :class:`Strategy` for each hook)::
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import re
@@ -325,6 +326,26 @@ class Strategy:
     def after_step(self, step: int, layers: Sequence[nn.Module] | object) -> None:
         """Called after every optimizer step; ``step`` = steps completed so far (1 after the first)."""
 
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    #: Attributes that change after :meth:`begin` (observations, ADT's choice, the tallies); together
+    #: with ``begin``'s deterministic setup they are the strategy's whole state.
+    _state_attrs: tuple[str, ...] = ("_tally_samples", "_tally_depth", "_tally_frozen")
+
+    def state_dict(self) -> dict:
+        """The strategy's mutable state as JSON-able values (a copy), for a checkpoint."""
+        if not self._begun:
+            raise RuntimeError(f"strategy {self.label!r}: call begin() before state_dict()")
+        return {name: copy.deepcopy(getattr(self, name)) for name in self._state_attrs}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` after :meth:`begin` with the same inputs (ValueError on a mismatch)."""
+        missing = [name for name in self._state_attrs if name not in state]
+        if missing:
+            raise ValueError(f"strategy {self.label!r}: state lacks {', '.join(missing)}")
+        for name in self._state_attrs:
+            setattr(self, name, copy.deepcopy(state[name]))
+
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def realized_saving(self) -> float:
@@ -377,6 +398,8 @@ class SampleDepthStrategy(Strategy):
     from them at the next epoch (``depth_fn`` runs again); without a profiled eof a sample keeps ``None``
     until its first training forward.
     """
+
+    _state_attrs = (*Strategy._state_attrs, "eofs", "depths", "_stale")
 
     def __init__(
         self,
@@ -478,6 +501,8 @@ class PaperScheduleStrategy(SampleDepthStrategy):
     ``step_size`` examples at one cut (a step that finishes one depth's quota continues with the next
     depth as a second micro-batch)."""
 
+    _state_attrs = (*SampleDepthStrategy._state_attrs, "probed")
+
     def __init__(self, name: str, *, budget: str, infill: str, **kwargs) -> None:
         super().__init__(name, _paper_quota_depths(budget, infill), order="ascending", refresh=True,
                          cuts_per_step=1, **kwargs)
@@ -537,6 +562,10 @@ class AdaptiveStrategy(Strategy):
     :meth:`on_train_start` of ``||W_now - W_start||_2`` (Frobenius); ties go to the lower layer index.
     The cut moves to the lowest layer left trainable.
     """
+
+    # the weights at on_train_start (the warm-up's reference) are not state: a resumed run loads the same
+    # initial weights and calls on_train_start before its trained weights are restored
+    _state_attrs = (*Strategy._state_attrs, "frozen_layers", "trainable")
 
     def __init__(
         self, name: str, *, mode: str, fraction: float = 0.5, warmup_steps: int = ADT_STEPS, **kwargs
