@@ -102,6 +102,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    p.add_argument("--save-every", type=int, default=None,
+                   help="write a checkpoint every N optimizer steps (resume with --resume); default: none")
+    p.add_argument("--save-total-limit", type=int, default=None,
+                   help="keep only the newest K checkpoints (default: all)")
+    p.add_argument("--on-nonfinite", default=None,
+                   help="a non-finite loss or gradient: stop (default; the last checkpoint stays) or skip "
+                        "(skip the update and count it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -124,6 +131,8 @@ def _config_from_args(args: argparse.Namespace, **fixed: Any):
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, load_in_4bit=args.load_in_4bit,
         dtype=args.dtype, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, output=getattr(args, "output", None), overwrite=args.overwrite,
+        save_every=args.save_every, save_total_limit=args.save_total_limit,
+        on_nonfinite=args.on_nonfinite or "stop",
     )
     values.update(fixed)
     return TrainConfig(**values).validate()
@@ -208,11 +217,42 @@ def print_summary(summary: dict[str, Any], out=None) -> None:
 
 # ----------------------------------------------------------------------------- subcommands
 
+def _resume_config(args: argparse.Namespace):
+    """The config of ``--resume RUN_DIR``: the run's own config.json (and the checkpointing options given
+    on the command line), or, when --model is given, the whole command line (it must match the run)."""
+    from .config import TrainConfig
+
+    run_dir = args.resume
+    if args.output is not None and Path(args.output).resolve() != Path(run_dir).resolve():
+        raise ConfigError(f"--output {args.output} and --resume {run_dir} name different run directories")
+    if args.model is not None:
+        if args.dataset is None:
+            raise ConfigError("--dataset is required with --model")
+        return _config_from_args(args, output=str(run_dir))
+    saved = Path(run_dir) / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"cannot resume {run_dir}: it holds no run (no config.json)")
+    config = TrainConfig.from_json(saved)
+    config.output = str(run_dir)
+    for name in ("save_every", "save_total_limit", "on_nonfinite"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    return config.validate()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    config = _config_from_args(args)
-    summary = train(config, progress=not args.quiet)
+    if args.resume is not None:
+        config = _resume_config(args)
+        summary = train(config, progress=not args.quiet, resume=True)
+    else:
+        missing = [f"--{n}" for n in ("model", "dataset", "output") if getattr(args, n) is None]
+        if missing:
+            raise ConfigError(f"the following arguments are required: {', '.join(missing)} "
+                              "(or --resume RUN_DIR)")
+        config = _config_from_args(args)
+        summary = train(config, progress=not args.quiet)
     print_summary(summary)
     print(f"run directory: {config.output}")
     return 0
@@ -220,10 +260,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_train(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model on a classification dataset")
-    p.add_argument("--model", required=True, help="short name (smollm2-135m), HF directory or .gguf file")
-    _add_data_args(p)
+    p.add_argument("--model", default=None, help="short name (smollm2-135m), HF directory or .gguf file")
+    _add_data_args(p, dataset_required=False)
     _add_train_args(p)
-    p.add_argument("--output", required=True, help="run directory")
+    p.add_argument("--output", default=None, help="run directory")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the unfinished run in RUN_DIR from its newest whole checkpoint (its "
+                        "config.json unless --model etc. are given; they must match the run)")
     p.set_defaults(func=_cmd_train)
     return p
 

@@ -344,7 +344,8 @@ class GridResult:
     files: list[Path] = field(default_factory=list)
 
 
-_IGNORED_FIELDS = ("output", "overwrite")
+# where a cell ran and how it saved checkpoints do not change its result
+_IGNORED_FIELDS = ("output", "overwrite", "save_every", "save_total_limit", "on_nonfinite")
 
 
 def _config_mismatch(path: Path, expected: dict[str, Any]) -> list[str]:
@@ -504,8 +505,12 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
                 config=cfg, strategy=strategy, device=device, task=task, model=model, tokenizer=tokenizer,
                 verbalizer=verbalizer, train_split=train_split, eval_split=eval_split,
                 load_seconds=time.perf_counter() - t_copy, out_dir=Path(cfg.output))
+            resume = _resumable(cfg)  # an unfinished cell with a checkpoint goes on from it
+            if resume:
+                say(f"  resuming the unfinished cell {d.label} / {s.label} from its checkpoint")
             try:
-                summary = train_module.train(cfg, progress=progress, log=say, prepared=prepared)
+                summary = train_module.train(cfg, progress=progress, log=say, prepared=prepared,
+                                             resume=resume)
             except Exception as exc:
                 if not settings.keep_going:
                     raise
@@ -524,6 +529,20 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
                 del model, prepared
                 if big_model:  # free the last copy's cycles before the next deep copy
                     gc.collect()
+
+
+def _resumable(cfg) -> bool:
+    """Whether an unfinished cell holds a checkpoint of the same config (else it starts from scratch)."""
+    from .checkpoint import list_checkpoints
+    from .train import check_resume
+
+    if not list_checkpoints(cfg.output):
+        return False
+    try:
+        check_resume(cfg)
+    except ConfigError:
+        return False
+    return True
 
 
 def collect_results(output: str | Path, datasets: Sequence[DatasetCell], strategies: Sequence[StrategyCell]
@@ -745,7 +764,8 @@ def _shared_train_fields(args: argparse.Namespace) -> dict[str, Any]:
     base = vars(defaults_parser.parse_args([]))
     own = ("limit", "eval_limit", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "seed", "lora",
            "lora_r", "load_in_4bit", "max_length", "eval_batch_size", "dtype", "device", "eval_split",
-           "holdout_size", "cuts_per_step", "profile_fraction", "train_head")
+           "holdout_size", "cuts_per_step", "profile_fraction", "train_head", "save_every",
+           "save_total_limit")
     mine = {k: getattr(args, k) for k in own}
     base.update(mine)
     return dict(
@@ -761,6 +781,7 @@ def _shared_train_fields(args: argparse.Namespace) -> dict[str, Any]:
         gradient_checkpointing=base["gradient_checkpointing"], seed=base["seed"],
         holdout_size=base["holdout_size"], cuts_per_step=base["cuts_per_step"],
         profile_fraction=base["profile_fraction"], train_head=base["train_head"],
+        save_every=base["save_every"], save_total_limit=base["save_total_limit"],
     )
 
 
@@ -840,6 +861,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32", help="float32 or bf16 (autocast)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint every N steps: an interrupted cell resumes from its checkpoint")
+    p.add_argument("--save-total-limit", type=int, default=None,
+                   help="keep the newest K checkpoints per cell")
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot row")
     p.add_argument("--overwrite", action="store_true", help="redo finished cells too")
     p.add_argument("--discard-models", action="store_true",
