@@ -282,18 +282,24 @@ def config_differences(saved: dict[str, Any], given: dict[str, Any],
 
 
 def check_writable(directory: str | Path) -> None:
-    """ConfigError unless ``directory`` (created when missing) accepts a new file."""
+    """ConfigError unless a file can be created in ``directory`` (or, while it does not exist yet, in its
+    nearest existing ancestor, where it will be created); leaves nothing behind."""
     d = Path(directory)
+    probe_dir = d
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ConfigError(f"output {d} cannot be created: {probe_dir} is not a directory")
+    probe = probe_dir / f".salf-write-probe-{os.getpid()}"
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".salf-write-probe-{os.getpid()}"
         with open(probe, "wb") as fh:
             fh.write(b"x")
             fh.flush()
             os.fsync(fh.fileno())
-        probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"output {d} is not writable: {exc.strerror or exc}") from None
+        raise ConfigError(f"output {d} is not writable: {exc.strerror or exc} ({probe_dir})") from None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def check_free_space(directory: str | Path, needed: int, what: str = "a checkpoint") -> None:
