@@ -304,7 +304,12 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
             "model": config.model, "dataset": config.dataset, "strategy": config.strategy,
             "num_train_examples": len(train_split), "num_eval_examples": len(eval_split),
             "classes": classes, "load_seconds": round(p.load_seconds, 3),
+            "data_rows": getattr(p.task, "row_counts", None) or None,
         }
+        rows = getattr(p.task, "row_counts", None)
+        if rows:
+            say("data: " + "; ".join(f"{split} {c['read']} rows read, {c['skipped']} skipped (blank/header)"
+                                     for split, c in rows.items() if c))
 
         zero_shot = None
         if ckpt is not None:

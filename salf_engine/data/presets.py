@@ -299,16 +299,26 @@ def load_preset(
         if not root.is_dir():
             raise DataError(f"data directory {root} does not exist (expected a directory holding {key}/)")
     splits = {}
+    row_counts = {}
     for split in preset.files:
         path = EMBEDDED_DIR / preset.files[split] if data_dir is None else _preset_file(preset, split, root)
         splits[split] = preset.parse(path)
+        # every line the parser did not turn into an example is a header or a trailing blank line
+        row_counts[split] = {"read": len(splits[split]), "skipped": _line_count(path) - len(splits[split])}
     return TaskData(
         name=key,
         classes=list(preset.classes),
         splits=splits,
         template=preset.template,
         label_words=_merge_label_words(preset, label_words),
+        row_counts=row_counts,
     )
+
+
+def _line_count(path: Path) -> int:
+    """Physical lines of a file (a last line without its newline counts)."""
+    raw = path.read_bytes()
+    return raw.count(b"\n") + (1 if raw and not raw.endswith(b"\n") else 0)
 
 
 def load_task(
