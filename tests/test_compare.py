@@ -235,3 +235,39 @@ def test_help_documents_the_cell_syntax(capsys):
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "salf:uniform:df" in text and "NAME[:OPTION]" in text and "lift-star-half" in text
+
+
+def test_interrupted_cell_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    """A cell killed mid-training goes on from its checkpoint on the next run (not from step 0)."""
+    import salf_engine.train as train_module
+
+    model, out = tiny_dir("llama"), tmp_path / "out"
+    args = ["compare", "--model", str(model), "--datasets", "trec", "--strategies", "salf:uniform:df",
+            *SHARED, "--max-steps", "6", "--save-every", "2", "--no-zero-shot", "--output", str(out)]
+    real_step = train_module.optimizer_step
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_module, "optimizer_step", dying)
+    assert main(args) == 130  # interrupted in step 4
+    monkeypatch.setattr(train_module, "optimizer_step", real_step)
+    cell = out / "cells" / "trec" / CELL_DIRS["salf:uniform:df"]
+    assert (cell / "checkpoints" / "step-00000002").is_dir() and not (cell / "summary.json").exists()
+    before = [json.loads(line)["loss"] for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert len(before) == 3
+
+    seen = []
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train",
+                        lambda cfg, **kw: seen.append(kw["resume"]) or real_train(cfg, **kw))
+    assert main(args) == 0
+    assert seen == [True]
+    got = _summary(out, "trec", "salf:uniform:df")
+    assert got["steps"] == 6 and got["loss_history"][:3] == before  # steps 1-2 restored, 3 redone alike
+    rows = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
