@@ -593,6 +593,22 @@ class AdaptiveStrategy(Strategy):
             [(p, p.detach().clone()) for p in mod.parameters() if p.requires_grad] for mod in mods
         ]
 
+    def reference_weights(self) -> list[list[torch.Tensor]] | None:
+        """The weights of :meth:`on_train_start` per layer (None once the layers are chosen), for a
+        checkpoint whose loop restores trained weights before ``on_train_start`` (the HF Trainer)."""
+        if self._snapshot is None:
+            return None
+        return [[p0 for _p, p0 in pairs] for pairs in self._snapshot]
+
+    def set_reference_weights(self, weights: list[list[torch.Tensor]] | None) -> None:
+        """Put back :meth:`reference_weights` (after :meth:`on_train_start`)."""
+        if weights is None or self._snapshot is None:
+            return
+        if [len(w) for w in weights] != [len(pairs) for pairs in self._snapshot]:
+            raise ValueError(f"{self.label}: saved reference weights do not match the model's layers")
+        self._snapshot = [[(p, w.to(p.device, p.dtype)) for (p, _old), w in zip(pairs, ws, strict=True)]
+                          for pairs, ws in zip(self._snapshot, weights, strict=True)]
+
     def layer_weight_changes(self) -> list[float]:
         """Mean L2 weight change of every layer since :meth:`on_train_start`."""
         if self._snapshot is None:
