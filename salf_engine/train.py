@@ -231,6 +231,7 @@ def prepare(config: TrainConfig, *, resume: bool = False) -> Prepared:
             raise ConfigError(f"{out_dir} already holds a finished run; pass --overwrite to replace it")
         if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
             raise ConfigError(f"output {out_dir} is a non-empty directory that holds no run; choose another")
+        _refuse_to_clear_checkpoints(out_dir, config)
     if out_dir is not None and int(os.environ.get("RANK", "0")) == 0:
         check_writable(out_dir)  # fail before loading anything
     strategy = strategy_from_config(config)
@@ -283,6 +284,8 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     if rank_and_world()[0] != 0:  # rank 0 reports and writes the run
         say = lambda _msg: None  # noqa: E731
     ckpt = None
+    if not resume and p.out_dir is not None and rank_and_world()[0] == 0:
+        _refuse_to_clear_checkpoints(p.out_dir, config)
     if resume and p.out_dir is not None:
         ckpt_mod.clean_temporary(p.out_dir)
         ckpt = ckpt_mod.load_latest(p.out_dir, say=say, map_location=device)
@@ -524,6 +527,16 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         return summary
     finally:
         run.close()
+
+
+def _refuse_to_clear_checkpoints(out_dir: Path, config: TrainConfig) -> None:
+    """A fresh start would clear an unfinished run's checkpoints: only with ``overwrite``."""
+    from .checkpoint import list_checkpoints
+
+    kept = list_checkpoints(out_dir)
+    if kept and not config.overwrite and not (out_dir / "summary.json").exists():
+        raise ConfigError(f"{out_dir} holds an unfinished run with checkpoints (newest: {kept[0].name}); "
+                          "pass --resume to continue it, or --overwrite to start again")
 
 
 def clip_or_measure(params, max_grad_norm: float | None) -> float:

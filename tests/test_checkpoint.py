@@ -368,3 +368,14 @@ def test_sigkill_then_resume_gives_identical_weights(tiny_dir, tmp_path, strateg
     for key in SAME:
         assert s_got[key] == s_ref[key], key
     assert _metric_rows(run) == _metric_rows(ref)
+
+
+def test_plain_train_never_clears_checkpoints(tmp_path, monkeypatch):
+    cfg = _config(tmp_path / "run", strategy="full", max_steps=4, save_every=1, zero_shot_eval=False)
+    _interrupted(cfg, monkeypatch, 2)
+    with pytest.raises(ConfigError, match="unfinished run with checkpoints.*--resume"):
+        _train(cfg)
+    assert len(list_checkpoints(cfg.output)) == 2
+    cfg.overwrite = True
+    _, summary = _train(cfg)  # overwrite starts again (the old checkpoints go)
+    assert summary["steps"] == 4 and len(list_checkpoints(cfg.output)) == 4
