@@ -248,9 +248,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = train(config, progress=not args.quiet, resume=True)
     else:
         missing = [f"--{n}" for n in ("model", "dataset", "output") if getattr(args, n) is None]
-        if missing:
-            raise ConfigError(f"the following arguments are required: {', '.join(missing)} "
-                              "(or --resume RUN_DIR)")
+        if missing:  # as argparse reports a missing required argument: one line, status 2
+            print(f"error: salf train: the following arguments are required: {', '.join(missing)} "
+                  "(or --resume RUN_DIR)", file=sys.stderr)
+            raise SystemExit(2)
         config = _config_from_args(args)
         summary = train(config, progress=not args.quiet)
     print_summary(summary)

@@ -241,6 +241,10 @@ def test_cli_resume_errors_are_one_line(tmp_path, capsys):
                          (["train", "--dataset", "trec"], "--model, --output"),
                          (["train", "--resume", str(tmp_path), "--output", str(tmp_path / "x")],
                           "different")):
-        assert cli.main(argv) == 2
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        assert code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
