@@ -69,10 +69,11 @@ class RunDirectory:
             atomic_write(self.path / name, text)
 
     def metrics_bytes(self) -> int:
-        """The length of metrics.jsonl so far (a checkpoint records it)."""
+        """The length of metrics.jsonl so far, on disk (fsynced: a checkpoint records it)."""
         if self.path is None:
             return 0
         self._metrics.flush()
+        os.fsync(self._metrics.fileno())
         return self._metrics.tell()
 
     def close(self) -> None:
