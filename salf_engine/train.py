@@ -288,7 +288,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         _refuse_to_clear_checkpoints(p.out_dir, config)
     if resume and p.out_dir is not None:
         ckpt_mod.clean_temporary(p.out_dir)
-        ckpt = ckpt_mod.load_latest(p.out_dir, say=say, map_location=device)
+        ckpt = ckpt_mod.load_latest(p.out_dir, say=say)  # on the CPU: RNG states must stay there
         if ckpt is None:
             say(f"no whole checkpoint in {p.out_dir}: starting again from step 0")
         else:
