@@ -9,7 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import ConfigError, DataError, ModelError, SalfError, UnsupportedArchitectureError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ModelError,
+    SalfError,
+    TrainingError,
+    UnsupportedArchitectureError,
+)
 
 __version__ = "0.1.0"
 
@@ -40,6 +48,8 @@ _LAZY = {
     "evaluate": "salf_engine.evaluation",
     "load_model": "salf_engine.models.loading",
     "load_task": "salf_engine.data",
+    "load_latest": "salf_engine.checkpoint",
+    "verify_checkpoint": "salf_engine.checkpoint",
 }
 
 __all__ = [
@@ -49,6 +59,8 @@ __all__ = [
     "ModelError",
     "UnsupportedArchitectureError",
     "ConfigError",
+    "CheckpointError",
+    "TrainingError",
     *_LAZY,
 ]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import options as opt
-from .errors import SalfError
+from .errors import ConfigError, SalfError
 
 __all__ = ["main", "build_parser"]
 
@@ -54,7 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     config = TrainConfig(**opt.fields_from_args(args)).validate()
-    summary = train(config, progress=not args.quiet)
+    summary = train(config, progress=not args.quiet, resume=args.resume is not None)
     print_summary(summary)
     print(f"run directory: {config.output}")
     return 0
@@ -64,6 +64,10 @@ def _add_train(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model on a classification dataset",
                        description="Fine-tune a model on a classification dataset into a run directory.")
     opt.add_config_file_option(p)
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the unfinished run in RUN_DIR from its newest whole checkpoint; its "
+                        "config.json gives the options (those given here must match the run, except "
+                        "device, checkpointing and output-side ones)")
     opt.add_config_options(p, required=("model", "output"))
     _quiet(p)
     p.set_defaults(func=_cmd_train)
@@ -223,19 +227,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse a `salf` command line: ``--config FILE`` values under the options given on the line."""
+    """Parse a `salf` command line: ``--config FILE`` values under the options given on the line.
+
+    ``salf train --resume RUN_DIR`` reads the run's config.json as its config file (unless ``--config``
+    names another) and writes to RUN_DIR.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     command = parser.commands[args.command]  # type: ignore[attr-defined]
-    if getattr(args, "config", None):
+    resume = getattr(args, "resume", None)
+    config_file = getattr(args, "config", None) or (_resume_config_file(args) if resume else None)
+    if config_file:
         given = args
-        opt.apply_config_file(command, args.config, command=args.command)
+        opt.apply_config_file(command, config_file, command=args.command)
         args = parser.parse_args(argv)
         for action in command._actions:  # a list option given on the line replaces the file's list
             if isinstance(action, argparse._AppendAction) and getattr(given, action.dest) is not None:
                 setattr(args, action.dest, getattr(given, action.dest))
+    if resume:
+        args.output = str(resume)
     opt.check_required(command, args)
     return args
+
+
+def _resume_config_file(args: argparse.Namespace) -> str:
+    """The config.json of the run ``--resume`` names (after checking that --output agrees with it)."""
+    run_dir = Path(args.resume)
+    if args.output is not None and Path(args.output).resolve() != run_dir.resolve():
+        raise ConfigError(f"--output {args.output} and --resume {run_dir} name different run directories")
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"cannot resume {run_dir}: it holds no run (no config.json)")
+    return str(saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

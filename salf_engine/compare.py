@@ -51,7 +51,8 @@ class GridResult:
     files: list[Path] = field(default_factory=list)
 
 
-_IGNORED_FIELDS = ("output", "overwrite")
+# where a cell ran and how it saved checkpoints do not change its result
+_IGNORED_FIELDS = ("output", "overwrite", "save_every", "save_total_limit", "on_nonfinite")
 
 
 def _config_mismatch(path: Path, expected: dict[str, Any]) -> list[str]:
@@ -221,8 +222,12 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
                 config=cfg, strategy=strategy, device=device, task=task, model=model, tokenizer=tokenizer,
                 verbalizer=verbalizer, train_split=train_split, eval_split=eval_split,
                 load_seconds=time.perf_counter() - t_copy, out_dir=Path(cfg.output))
+            resume = _resumable(cfg)  # an unfinished cell with a checkpoint goes on from it
+            if resume:
+                say(f"  resuming the unfinished cell {d.label} / {s.label} from its checkpoint")
             try:
-                summary = train_module.train(cfg, progress=progress, log=say, prepared=prepared)
+                summary = train_module.train(cfg, progress=progress, log=say, prepared=prepared,
+                                             resume=resume)
             except Exception as exc:
                 if not settings.keep_going:
                     raise
@@ -241,3 +246,17 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
                 del model, prepared
                 if big_model:  # free the last copy's cycles before the next deep copy
                     gc.collect()
+
+
+def _resumable(cfg) -> bool:
+    """Whether an unfinished cell holds a checkpoint of the same config (else it starts from scratch)."""
+    from .checkpoint import list_checkpoints
+    from .training import check_resume
+
+    if not list_checkpoints(cfg.output):
+        return False
+    try:
+        check_resume(cfg)
+    except ConfigError:
+        return False
+    return True

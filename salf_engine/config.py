@@ -16,7 +16,7 @@ from .errors import ConfigError
 
 __all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES", "EOF_BOUNDARIES",
            "DEVIATION_IMPLS", "DEPTH_SCHEDULES", "DEPTH_ASSIGNMENTS", "INFILLS", "DEFAULT_LORA_TARGETS",
-           "DEFAULT_LR", "DEFAULT_LORA_LR", "load_config_file"]
+           "DEFAULT_LR", "DEFAULT_LORA_LR", "NONFINITE_ACTIONS", "load_config_file"]
 
 # The allowed names of every choice field, defined once (as the field types); the tuples are read off them.
 DType = Literal["float32", "bf16"]
@@ -25,12 +25,15 @@ LRSchedule = Literal["linear", "constant"]
 DepthSchedule = Literal["mixed", "paper"]
 DepthAssignment = Literal["class-rank", "eof-match"]
 Infill = Literal["bf", "df"]
+#: What a non-finite loss or gradient does: stop the run (the last good checkpoint stays), or skip the step.
+NonfiniteAction = Literal["stop", "skip"]
 DTYPES: tuple[str, ...] = get_args(DType)
 LOSSES: tuple[str, ...] = get_args(Loss)
 SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 DEPTH_SCHEDULES: tuple[str, ...] = get_args(DepthSchedule)
 DEPTH_ASSIGNMENTS: tuple[str, ...] = get_args(DepthAssignment)
 INFILLS: tuple[str, ...] = get_args(Infill)
+NONFINITE_ACTIONS: tuple[str, ...] = get_args(NonfiniteAction)
 EOF_BOUNDARIES = BOUNDARIES
 DEVIATION_IMPLS = IMPLS
 #: Learning rates when ``lr`` is not given, chosen by a sweep on held-out training data
@@ -121,6 +124,11 @@ class TrainConfig:
     # run directory
     output: str | None = _opt(None, "run directory")
     overwrite: bool = _opt(False, "replace a finished run in --output")
+    save_every: int | None = _opt(None, "write a checkpoint every N optimizer steps (none: no checkpoints)")
+    save_total_limit: int | None = _opt(None, "keep the newest K checkpoints (none: all)")
+    on_nonfinite: NonfiniteAction = _opt(
+        "stop", "a non-finite loss or gradient: stop the run (the last good checkpoint stays) or skip the "
+                "update and count it")
 
     def validate(self) -> TrainConfig:
         """Check every field; return self so calls chain."""
@@ -148,7 +156,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "lora_r",
                      "holdout_size"):
             positive(name, getattr(self, name))
-        for name in ("max_steps", "limit", "eval_limit"):
+        for name in ("max_steps", "limit", "eval_limit", "save_every", "save_total_limit"):
             positive(name, getattr(self, name), allow_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -158,6 +166,9 @@ class TrainConfig:
         if self.eval_fraction is not None and self.eval_split == "holdout":
             raise ConfigError("eval_fraction and eval_split 'holdout' both carve the evaluation examples out "
                               "of the training split; give one of them")
+        if self.save_every is not None and self.depth_schedule == "paper":
+            raise ConfigError("save_every is not supported with the 'paper' depth schedule: its plans "
+                              "probe the weights while they are made, so a resumed epoch cannot replay them")
         positive("cuts_per_step", self.cuts_per_step)
         if not _finite(self.profile_fraction) or not 0 < self.profile_fraction <= 1:
             raise ConfigError(f"profile_fraction must be in (0, 1], got {self.profile_fraction!r}")

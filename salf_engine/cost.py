@@ -35,6 +35,18 @@ class CostMeter:
         self._units += n * (self.m + above + weights)
         self._depths[depth] += n
 
+    def state_dict(self) -> dict:
+        """The counts so far (JSON-able), for a checkpoint."""
+        return {"examples": self.examples, "depth_sum": self._depth_sum, "units": self._units,
+                "depths": [[int(k), int(v)] for k, v in sorted(self._depths.items())]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.examples = int(state["examples"])
+        self._depth_sum = int(state["depth_sum"])
+        self._units = int(state["units"])
+        self._depths = Counter({int(k): int(v) for k, v in state["depths"]})
+
     def saving(self) -> float:
         """The paper's backward cost-saving ratio: mean over trained examples of depth / m."""
         return self._depth_sum / (self.examples * self.m) if self.examples else 0.0

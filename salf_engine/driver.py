@@ -144,6 +144,22 @@ class StrategyDriver:
         """``strategy.after_step`` (ADT's weight-change masks)."""
         self.strategy.after_step(step, layers)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The profile and probe counters (JSON-able), for a checkpoint: a resumed run skips the profile."""
+        return {"eofs": list(self.eofs) if self.eofs is not None else None, "profiled": self.profiled,
+                "profile_seconds": self.profile_seconds, "probe_examples": self.probe_examples,
+                "probe_seconds": self.probe_seconds,
+                "last_seen_eofs": [[int(i), int(e)] for i, e in self.last_seen_eofs.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (instead of :meth:`profile`, before :meth:`begin`)."""
+        self.eofs = list(state["eofs"]) if state["eofs"] is not None else None
+        self.profiled = int(state["profiled"])
+        self.profile_seconds = float(state["profile_seconds"])
+        self.probe_examples = int(state["probe_examples"])
+        self.probe_seconds = float(state["probe_seconds"])
+        self.last_seen_eofs = {int(i): int(e) for i, e in state["last_seen_eofs"]}
+
     def eof_histograms(self) -> dict[str, list[int] | None] | None:
         """{"profile": counts per eof of the profiled samples, "last_seen": of the last observed eofs}."""
         if self.eofs is None:

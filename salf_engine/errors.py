@@ -6,7 +6,8 @@ else that escapes is a bug in the engine.
 
 from __future__ import annotations
 
-__all__ = ["SalfError", "DataError", "ModelError", "UnsupportedArchitectureError", "ConfigError"]
+__all__ = ["SalfError", "DataError", "ModelError", "UnsupportedArchitectureError", "ConfigError",
+           "CheckpointError", "TrainingError"]
 
 
 class SalfError(Exception):
@@ -27,3 +28,11 @@ class UnsupportedArchitectureError(ModelError):
 
 class ConfigError(SalfError):
     """An unknown strategy/plan name or an impossible combination of settings."""
+
+
+class CheckpointError(SalfError):
+    """A checkpoint that is partial, corrupt or cannot be written (the message names it)."""
+
+
+class TrainingError(SalfError):
+    """Training cannot go on: a non-finite loss or gradient (the message names the step and batch)."""

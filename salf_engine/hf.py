@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+#: The engine's state in a Trainer checkpoint folder (next to trainer_state.json).
+SALF_STATE = "salf_state.json"
+#: Tensors of the engine's state (ADT's warm-up reference weights), next to it when there are any.
+SALF_TENSORS = "salf_state.pt"
 
 
 class PlanDataset(Dataset):
@@ -172,6 +176,9 @@ class SalfTrainerMixin:
         self.salf_driver: StrategyDriver | None = None
         self.salf_sampler: PlanBatchSampler | None = None
         self.salf_seen: list[tuple[list[int], torch.Tensor]] = []
+        self._salf_resume: dict[str, Any] | None = None  # salf_state.json of the checkpoint resumed from
+        # (epoch, the strategy's state at its start): what a checkpoint needs to replay the epoch's plans
+        self._salf_epoch_start: tuple[int, dict[str, Any]] | None = None
         self._salf_user_collator = kwargs.get("data_collator") is not None
         super().__init__(self.salf_wrapped.model, args, *args_rest, **kwargs)
         self.add_callback(SalfCallback(self))
@@ -197,8 +204,7 @@ class SalfTrainerMixin:
         world = max(1, self.args.world_size)
         micro = self.args.per_device_train_batch_size * world
         step_size = micro * self.salf_grad_accum
-        driver = self.salf_driver
-        self.salf_sampler = PlanBatchSampler(lambda epoch: driver.epoch_plans(epoch, step_size, micro),
+        self.salf_sampler = PlanBatchSampler(lambda epoch: self._salf_plans(epoch, step_size, micro),
                                              math.ceil(len(dataset) / step_size),
                                              rank=self.args.process_index, num_replicas=world)
         pad_id = self._salf_pad_id()
@@ -207,6 +213,60 @@ class SalfTrainerMixin:
         return DataLoader(PlanDataset(dataset), batch_sampler=self.salf_sampler,
                           collate_fn=_PlanCollator(base), num_workers=self.args.dataloader_num_workers,
                           pin_memory=self.args.dataloader_pin_memory)
+
+    def _salf_plans(self, epoch: int, step_size: int, micro: int):
+        """The epoch's plans; in the epoch a checkpoint was taken in, the plans the Trainer skips are made
+        from the strategy state at the epoch's start, then the checkpoint's state takes over."""
+        strategy, resume = self.salf_strategy, self._salf_resume
+        resuming = resume is not None and int(resume["epoch"]) == epoch
+        if resuming:
+            strategy.load_state_dict(resume["epoch_start_strategy"])
+        self._salf_epoch_start = (epoch, strategy.state_dict())
+        plans = iter(self.salf_driver.epoch_plans(epoch, step_size, micro))  # type: ignore[union-attr]
+        if resuming:
+            self._salf_resume = None
+            skip = int(resume["plans_done"]) if not self.args.ignore_data_skip else 0
+            for _ in range(skip):
+                yield next(plans)  # the Trainer's skip_first_batches drops these batches
+            if skip and self.salf_sampler is not None:
+                del self.salf_sampler.pending[:skip]  # nobody trains them
+            strategy.load_state_dict(resume["strategy"])
+        yield from plans
+
+    def salf_state(self, global_step: int) -> dict[str, Any]:
+        """The engine's state at ``global_step`` (JSON-able), as ``salf_state.json`` of a checkpoint."""
+        assert self.salf_driver is not None and self.salf_sampler is not None
+        epoch, start = self._salf_epoch_start or (0, self.salf_strategy.state_dict())
+        steps_per_epoch = self.salf_sampler.steps_per_epoch
+        return {"global_step": int(global_step), "epoch": global_step // steps_per_epoch,
+                "plans_done": global_step % steps_per_epoch, "driver": self.salf_driver.state_dict(),
+                "strategy": self.salf_strategy.state_dict(),
+                "epoch_start_strategy": start if epoch == global_step // steps_per_epoch else
+                self.salf_strategy.state_dict()}
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; resuming from a checkpoint also restores the engine's state saved in it
+        (``salf_state.json``: eof profile, strategy state, position in the epoch's plan)."""
+        import json
+        import os
+
+        self._salf_resume = None
+        path = resume_from_checkpoint
+        if path is not None and path is not False:
+            if path is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                path = get_last_checkpoint(self.args.output_dir)
+            state_file = os.path.join(str(path), SALF_STATE) if path else None
+            if state_file is None or not os.path.isfile(state_file):
+                raise ConfigError(f"cannot resume SALF from {path}: it holds no {SALF_STATE} (was it saved "
+                                  "by a SalfTrainer?)")
+            with open(state_file) as fh:
+                self._salf_resume = json.load(fh)
+            tensors = os.path.join(str(path), SALF_TENSORS)
+            self._salf_resume["tensors"] = (torch.load(tensors, map_location="cpu", weights_only=True)
+                                            if os.path.isfile(tensors) else {})
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     # ---- one step
     def training_step(self, model: Any, inputs: dict[str, Any],
@@ -257,8 +317,41 @@ class SalfCallback(TrainerCallback):
         t = self.trainer
         if t.salf_driver is None:
             raise ConfigError("SalfCallback needs SalfTrainerMixin's train dataloader")
-        t.salf_driver.profile()
+        resume = getattr(t, "_salf_resume", None)
+        if resume is not None:
+            t.salf_driver.load_state_dict(resume["driver"])  # the profile of the interrupted run
+        else:
+            t.salf_driver.profile()
         t.salf_driver.begin(t.salf_wrapped.parts.layers)
+        if resume is not None and hasattr(t.salf_strategy, "set_reference_weights"):
+            # ADT's warm-up reference: on_train_start saw the checkpoint's weights, not the initial ones
+            t.salf_strategy.set_reference_weights(resume["tensors"].get("reference_weights"))
+        if resume is not None:
+            if t.salf_sampler is not None:
+                t.salf_sampler.set_epoch(int(resume["epoch"]))  # the sampler counts epochs itself
+            if args.ignore_data_skip:
+                t.salf_strategy.load_state_dict(resume["strategy"])
+
+    def on_save(self, args, state, control, **kwargs):
+        """The engine's state into the Trainer's checkpoint folder (``checkpoint-N/salf_state.json``)."""
+        import json
+        import os
+
+        t = self.trainer
+        if t.salf_driver is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            from pathlib import Path
+
+            from .rundir import atomic_write
+
+            reference = getattr(t.salf_strategy, "reference_weights", lambda: None)()
+            if reference is not None:
+                tmp = Path(folder) / f".{SALF_TENSORS}.tmp"
+                torch.save({"reference_weights": reference}, tmp)
+                os.replace(tmp, Path(folder) / SALF_TENSORS)
+            atomic_write(Path(folder) / SALF_STATE, json.dumps(t.salf_state(state.global_step)) + "\n")
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer

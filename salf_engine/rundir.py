@@ -12,7 +12,7 @@ __all__ = ["RUN_FILES", "RunDirectory", "atomic_write", "is_run_dir", "read_run_
 
 # Everything a run directory may hold; overwrite clears exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "model", "eval.json", "eval.txt", "eof_hist.png", "summary.json",
-             "zero_shot_eval.json")
+             "zero_shot_eval.json", "checkpoints")
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -25,11 +25,22 @@ def atomic_write(path: Path, text: str) -> None:
 class RunDirectory:
     """Writes the artefacts of a run; summary.json last and atomically. ``path=None`` writes nothing."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, *, resume_metrics_bytes: int | None = None) -> None:
+        """Start a run in ``path`` (an unfinished run there is cleared, checkpoints included), or, with
+        ``resume_metrics_bytes``, continue one: metrics.jsonl is cut back to that length (the lines
+        written up to the checkpoint resumed from) and appended to; nothing else is touched."""
         self.path = path
         if path is None:
             return
         path.mkdir(parents=True, exist_ok=True)
+        if resume_metrics_bytes is not None:
+            (path / "summary.json").unlink(missing_ok=True)
+            metrics = path / "metrics.jsonl"
+            metrics.touch()
+            self._metrics = open(metrics, "r+")  # noqa: SIM115 - closed in close()
+            self._metrics.truncate(resume_metrics_bytes)
+            self._metrics.seek(resume_metrics_bytes)
+            return
         # a finished run is only replaced with overwrite (checked in `prepare`), an unfinished one always;
         # drop the finished marker first, so an interrupted overwrite never looks finished
         (path / "summary.json").unlink(missing_ok=True)
@@ -56,6 +67,14 @@ class RunDirectory:
         """Write ``name`` as text, atomically."""
         if self.path is not None:
             atomic_write(self.path / name, text)
+
+    def metrics_bytes(self) -> int:
+        """The length of metrics.jsonl so far, on disk (fsynced: a checkpoint records it)."""
+        if self.path is None:
+            return 0
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
+        return self._metrics.tell()
 
     def close(self) -> None:
         """Close metrics.jsonl."""

@@ -171,23 +171,21 @@ class PlanBatchSampler(Sampler[list[tuple[int, int]]]):
         self.rank = rank
         self.num_replicas = num_replicas
         self.epoch = 0
-        self._epoch_set = False
         self.pending: list[list[LocalMicroBatch]] = []
 
     def set_epoch(self, epoch: int) -> None:
         """Plan epoch ``epoch`` on the next iteration."""
         self.epoch = int(epoch)
-        self._epoch_set = True
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.epoch
-        self._epoch_set = False
+        # the next iteration plans the next epoch even when this one is never run to its end (the HF
+        # Trainer fetches exactly steps_per_epoch batches and leaves the iterator suspended)
+        self.epoch = epoch + 1
         for plan in self.plans(epoch):
             local = rank_slice(plan, self.rank, self.num_replicas)
             self.pending.append(local)
             yield [(i, k) for k, mb in enumerate(local) for i in mb.indices]
-        if not self._epoch_set:
-            self.epoch = epoch + 1
 
     def __len__(self) -> int:
         return self.steps_per_epoch

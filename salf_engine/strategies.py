@@ -28,6 +28,7 @@ The trainer drives a strategy like this (see :class:`Strategy` for each hook)::
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import re
@@ -324,6 +325,26 @@ class Strategy:
     def after_step(self, step: int, layers: Sequence[nn.Module] | object) -> None:
         """Called after every optimizer step; ``step`` = steps completed so far (1 after the first)."""
 
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    #: Attributes that change after :meth:`begin` (observations, ADT's choice, the tallies); together
+    #: with ``begin``'s deterministic setup they are the strategy's whole state.
+    _state_attrs: tuple[str, ...] = ("_tally_samples", "_tally_depth", "_tally_frozen")
+
+    def state_dict(self) -> dict:
+        """The strategy's mutable state as JSON-able values (a copy), for a checkpoint."""
+        if not self._begun:
+            raise RuntimeError(f"strategy {self.label!r}: call begin() before state_dict()")
+        return {name: copy.deepcopy(getattr(self, name)) for name in self._state_attrs}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` after :meth:`begin` with the same inputs (ValueError on a mismatch)."""
+        missing = [name for name in self._state_attrs if name not in state]
+        if missing:
+            raise ValueError(f"strategy {self.label!r}: state lacks {', '.join(missing)}")
+        for name in self._state_attrs:
+            setattr(self, name, copy.deepcopy(state[name]))
+
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def realized_saving(self) -> float:
@@ -376,6 +397,8 @@ class SampleDepthStrategy(Strategy):
     from them at the next epoch (``depth_fn`` runs again); without a profiled eof a sample keeps ``None``
     until its first training forward.
     """
+
+    _state_attrs = (*Strategy._state_attrs, "eofs", "depths", "_stale")
 
     def __init__(
         self,
@@ -477,6 +500,8 @@ class PaperScheduleStrategy(SampleDepthStrategy):
     ``step_size`` examples at one cut (a step that finishes one depth's quota continues with the next
     depth as a second micro-batch)."""
 
+    _state_attrs = (*SampleDepthStrategy._state_attrs, "probed")
+
     def __init__(self, name: str, *, budget: str, infill: str, **kwargs) -> None:
         super().__init__(name, _paper_quota_depths(budget, infill), order="ascending", refresh=True,
                          cuts_per_step=1, **kwargs)
@@ -537,6 +562,10 @@ class AdaptiveStrategy(Strategy):
     The cut moves to the lowest layer left trainable.
     """
 
+    # the weights at on_train_start (the warm-up's reference) are not state: a resumed run loads the same
+    # initial weights and calls on_train_start before its trained weights are restored
+    _state_attrs = (*Strategy._state_attrs, "frozen_layers", "trainable")
+
     def __init__(
         self, name: str, *, mode: str, fraction: float = 0.5, warmup_steps: int = ADT_STEPS, **kwargs
     ) -> None:
@@ -562,6 +591,22 @@ class AdaptiveStrategy(Strategy):
         self._snapshot = [
             [(p, p.detach().clone()) for p in mod.parameters() if p.requires_grad] for mod in mods
         ]
+
+    def reference_weights(self) -> list[list[torch.Tensor]] | None:
+        """The weights of :meth:`on_train_start` per layer (None once the layers are chosen), for a
+        checkpoint whose loop restores trained weights before ``on_train_start`` (the HF Trainer)."""
+        if self._snapshot is None:
+            return None
+        return [[p0 for _p, p0 in pairs] for pairs in self._snapshot]
+
+    def set_reference_weights(self, weights: list[list[torch.Tensor]] | None) -> None:
+        """Put back :meth:`reference_weights` (after :meth:`on_train_start`)."""
+        if weights is None or self._snapshot is None:
+            return
+        if [len(w) for w in weights] != [len(pairs) for pairs in self._snapshot]:
+            raise ValueError(f"{self.label}: saved reference weights do not match the model's layers")
+        self._snapshot = [[(p, w.to(p.device, p.dtype)) for (p, _old), w in zip(pairs, ws, strict=True)]
+                          for pairs, ws in zip(self._snapshot, weights, strict=True)]
 
     def layer_weight_changes(self) -> list[float]:
         """Mean L2 weight change of every layer since :meth:`on_train_start`."""

@@ -35,7 +35,7 @@ from .config import TrainConfig
 from .cost import CostMeter
 from .distributed import all_reduce_grads, all_reduce_sum, init_from_env, rank_and_world
 from .driver import StrategyDriver, profile_subset
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .patching import is_patched
 from .rundir import RUN_FILES, RunDirectory
 from .sampling import rank_slice
@@ -216,21 +216,55 @@ def strategy_from_config(config: TrainConfig):
                          assignment=config.depth_assignment, cuts_per_step=config.cuts_per_step)
 
 
-def prepare(config: TrainConfig) -> Prepared:
-    """Validate the inputs, load data and model; nothing is written. Raises SalfError subclasses."""
+def check_resume(config: TrainConfig) -> None:
+    """ConfigError unless ``config.output`` holds an unfinished run of the same config (the fields of
+    :data:`~salf_engine.checkpoint.RESUME_MAY_CHANGE` aside); the error lists every difference."""
+    import json
+
+    from .checkpoint import config_differences
+
+    if not config.output:
+        raise ConfigError("resume needs the run directory as output")
+    out_dir = Path(config.output)
+    saved_path = out_dir / "config.json"
+    if not saved_path.is_file():
+        raise ConfigError(f"cannot resume {out_dir}: it holds no run (no config.json)")
+    if (out_dir / "summary.json").exists():
+        raise ConfigError(f"cannot resume {out_dir}: the run is finished (summary.json exists)")
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"cannot resume {out_dir}: its config.json is unreadable") from None
+    diffs = config_differences(saved, config.to_dict())
+    if diffs:
+        raise ConfigError(f"cannot resume {out_dir} with a different config (saved -> given): "
+                          + "; ".join(diffs))
+
+
+def prepare(config: TrainConfig, *, resume: bool = False) -> Prepared:
+    """Validate the inputs, load data and model; nothing is written. Raises SalfError subclasses.
+
+    With ``resume`` the output must hold an unfinished run of the same config (see :func:`check_resume`).
+    """
+    from .checkpoint import check_writable
     from .data import load_task
     from .models.loading import load_model
 
     config.validate()
     out_dir = Path(config.output) if config.output else None
+    if resume:
+        check_resume(config)
     # under torchrun only rank 0 owns (checks, then writes) the run directory
-    if out_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+    if out_dir is not None and int(os.environ.get("RANK", "0")) == 0 and not resume:
         if out_dir.exists() and not out_dir.is_dir():
             raise ConfigError(f"output {out_dir} exists and is not a directory")
         if (out_dir / "summary.json").exists() and not config.overwrite:
             raise ConfigError(f"{out_dir} already holds a finished run; pass --overwrite to replace it")
         if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
             raise ConfigError(f"output {out_dir} is a non-empty directory that holds no run; choose another")
+        _refuse_to_clear_checkpoints(out_dir, config)
+    if out_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+        check_writable(out_dir)  # fail before loading anything
     strategy = strategy_from_config(config)
     device = resolve_device(config.device)
     task = load_task(config.dataset, config.data_dir, text_column=config.text_column,
@@ -251,8 +285,14 @@ def prepare(config: TrainConfig) -> Prepared:
 
 
 def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] | None = print,
-          prepared: Prepared | None = None) -> dict[str, Any]:
-    """Fine-tune as `config` says; write the run directory (when `config.output`); return the summary."""
+          prepared: Prepared | None = None, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune as `config` says; write the run directory (when `config.output`); return the summary.
+
+    With ``resume`` the run in ``config.output`` continues from its newest whole checkpoint (the same
+    config is required, see :func:`check_resume`; without any checkpoint it starts again from step 0);
+    the result equals an uninterrupted run's, bit for bit on the same device.
+    """
+    from . import checkpoint as ckpt_mod
     from .data import collate
     from .evaluation import evaluate
     from .runner import TruncatedRunner
@@ -260,7 +300,9 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
 
     say = log or (lambda _msg: None)
     t_start = time.perf_counter()
-    p = prepared if prepared is not None else prepare(config)
+    if resume and prepared is not None:
+        check_resume(config)
+    p = prepared if prepared is not None else prepare(config, resume=resume)
     strategy, device, model, tokenizer, verbalizer = p.strategy, p.device, p.model, p.tokenizer, p.verbalizer
     train_split, eval_split = p.train_split, p.eval_split
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -273,17 +315,41 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     init_from_env(device)
     if rank_and_world()[0] != 0:  # rank 0 reports and writes the run
         say = lambda _msg: None  # noqa: E731
-    run = RunDirectory(p.out_dir if rank_and_world()[0] == 0 else None)
+    ckpt = None
+    if not resume and p.out_dir is not None and rank_and_world()[0] == 0:
+        _refuse_to_clear_checkpoints(p.out_dir, config)
+    if resume and p.out_dir is not None:
+        ckpt_mod.clean_temporary(p.out_dir)
+        ckpt = ckpt_mod.load_latest(p.out_dir, say=say)  # on the CPU: RNG states must stay there
+        if ckpt is None:
+            say(f"no whole checkpoint in {p.out_dir}: starting again from step 0")
+        else:
+            say(f"resuming from {ckpt.path} (step {ckpt.step})")
+            metrics = p.out_dir / "metrics.jsonl"
+            have = metrics.stat().st_size if metrics.exists() else 0
+            if have < ckpt.meta["metrics_bytes"]:
+                raise CheckpointError(
+                    f"{p.out_dir / 'metrics.jsonl'} is shorter ({have} bytes) than checkpoint {ckpt.path} "
+                    f"recorded ({ckpt.meta['metrics_bytes']} bytes)")
+    run = RunDirectory(p.out_dir if rank_and_world()[0] == 0 else None,
+                       resume_metrics_bytes=ckpt.meta["metrics_bytes"] if ckpt is not None else None)
     try:
         run.write_json("config.json", config.to_dict())
         summary: dict[str, Any] = {
             "model": config.model, "dataset": config.dataset, "strategy": config.strategy,
             "num_train_examples": len(train_split), "num_eval_examples": len(eval_split),
             "classes": classes, "load_seconds": round(p.load_seconds, 3),
+            "data_rows": getattr(p.task, "row_counts", None) or None,
         }
+        rows = getattr(p.task, "row_counts", None)
+        if rows:
+            say("data: " + "; ".join(f"{split} {c['read']} rows read, {c['skipped']} skipped (blank/header)"
+                                     for split, c in rows.items() if c))
 
         zero_shot = None
-        if config.zero_shot_eval:
+        if ckpt is not None:
+            zero_shot = _SavedReport.of(ckpt.meta.get("zero_shot"))
+        elif config.zero_shot_eval:
             say(f"zero-shot evaluation on {len(eval_split)} {config.eval_split} examples ...")
             zero_shot = evaluate(model, tokenizer, eval_split, verbalizer,
                                  batch_size=config.eval_batch_size, dtype=config.dtype, classes=classes,
@@ -299,13 +365,22 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         m = runner.num_layers
         lr = config.resolved_lr(wrapped.lora)
         driver = StrategyDriver(strategy, runner, train_split, config, pad_id=pad_id)
-        driver.profile(progress=progress, say=say)
+        if ckpt is not None:
+            driver.load_state_dict(ckpt.meta["driver"])  # the profile of the interrupted run
+        else:
+            driver.profile(progress=progress, say=say)
         driver.begin(wrapped.parts.layers)
         rank, world = rank_and_world()
         step_size = config.batch_size * config.grad_accum * world
         total_steps = config.max_steps or math.ceil(len(train_split) / step_size) * config.epochs
         optimizer = build_optimizer(wrapped.trainable, config, lr)
         scheduler = build_scheduler(optimizer, config, total_steps)
+        if run.path is not None and ckpt is None:
+            # the final model and (with save_every) two checkpoints must fit: fail before training
+            trainable_bytes = sum(q.numel() * q.element_size() for q in wrapped.trainable)
+            ckpt_mod.check_free_space(run.path, trainable_bytes * (1 + (6 if config.save_every else 0)),
+                                      "the model and its checkpoints")
+        param_names = {id(q): n for n, q in wrapped.model.named_parameters()}
 
         say(f"training: strategy {getattr(strategy, 'label', config.strategy)}, {m} layers, "
             f"{len(train_split)} examples, {total_steps} steps of {step_size} examples "
@@ -314,16 +389,43 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         wrapped.model.train()
         losses: list[float] = []
         cost = CostMeter(m, lora=wrapped.lora)
-        step = epoch = 0
+        step = epoch = skipped = 0
+        resume_plans = 0  # plans of the resumed epoch that ran before the checkpoint
+        last_checkpoint: Path | None = None
+        if ckpt is not None:
+            _restore_weights(wrapped, param_names, ckpt)
+            optimizer.load_state_dict(ckpt.state["optimizer"])
+            scheduler.load_state_dict(ckpt.state["scheduler"])
+            if ckpt.state.get("bases") is not None:
+                runner.set_bases(ckpt.state["bases"].to(device))
+            cost.load_state_dict(ckpt.meta["cost"])
+            losses = list(ckpt.meta["losses"])
+            step, epoch, skipped = ckpt.step, int(ckpt.meta["epoch"]), int(ckpt.meta["skipped_steps"])
+            resume_plans = int(ckpt.meta["plans_done"])
+            last_checkpoint = ckpt.path
+            if step >= total_steps:  # checkpoint of the last step: the loop would have closed the epoch
+                epoch += 1
         t_train = time.perf_counter()
-        bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress)
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
         try:
             while step < total_steps:
-                if config.train_head and epoch > 0 and strategy.needs_profile:
+                resuming = ckpt is not None and resume_plans >= 0
+                if config.train_head and epoch > 0 and strategy.needs_profile and not resuming:
                     # the head moved: recompute the label bases the deviations are measured against
                     runner.set_bases(semantic_bases(wrapped.model, verbalizer.label_token_ids).to(device))
+                if resuming:  # replay the epoch's plans from the state at its start, up to the checkpoint
+                    strategy.load_state_dict(ckpt.meta["epoch_start_strategy"])
+                epoch_start = strategy.state_dict() if config.save_every else None
                 # plans are consumed lazily: a strategy may change its masks after a step (ADT)
-                for plan in driver.epoch_plans(epoch, step_size, world * config.batch_size):
+                plans = driver.epoch_plans(epoch, step_size, world * config.batch_size)
+                plans_done = 0
+                if resuming:
+                    for _ in range(resume_plans):
+                        next(plans)
+                    plans_done, resume_plans = resume_plans, -1
+                    strategy.load_state_dict(ckpt.meta["strategy"])
+                    ckpt_mod.set_rng_state(ckpt.state["rng"])
+                for plan in plans:
                     t_step = time.perf_counter()
                     loss_sum = torch.zeros((), device=device)
                     seen: list[tuple[list[int], torch.Tensor]] = []  # (indices, deviations) per micro-batch
@@ -341,15 +443,53 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                     for mb in plan.micro_batches:
                         cost.add(len(mb.indices), mb.depth, mb.trainable)
                     all_reduce_grads(wrapped.trainable)
-                    step_lr = optimizer_step(optimizer, scheduler, wrapped.trainable, config.max_grad_norm)
-                    step += 1
-                    driver.observe(seen)  # the step's eofs in one pass (one host sync), after the update
-                    driver.after_step(step, wrapped.parts.layers)
                     step_loss = float(all_reduce_sum(loss_sum)) / len(plan)
-                    losses.append(step_loss)
+                    grad_norm = clip_or_measure(wrapped.trainable, config.max_grad_norm)
                     shown = plan.depths[0] if len(plan.micro_batches) == 1 else plan.depths
-                    run.log({"step": step, "epoch": epoch, "loss": step_loss, "lr": step_lr, "depth": shown,
-                             "batch_size": len(plan), "seconds": round(time.perf_counter() - t_step, 4)})
+                    plans_done += 1
+                    if math.isfinite(step_loss) and math.isfinite(grad_norm):
+                        step_lr = optimizer_step(optimizer, scheduler, wrapped.trainable, None)  # clipped
+                        step += 1
+                        driver.observe(seen)  # the step's eofs in one pass (one host sync), after the update
+                        driver.after_step(step, wrapped.parts.layers)
+                        losses.append(step_loss)
+                        run.log({"step": step, "epoch": epoch, "loss": step_loss, "lr": step_lr,
+                                 "depth": shown, "batch_size": len(plan),
+                                 "seconds": round(time.perf_counter() - t_step, 4)})
+                    else:
+                        what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+                        where = (f"non-finite {what} at step {step + 1} (epoch {epoch}, "
+                                 f"depths {plan.depths}, examples {_shorten(plan.indices)})")
+                        if config.on_nonfinite == "stop":
+                            kept = (f"the run directory keeps the last good checkpoint {last_checkpoint}"
+                                    if last_checkpoint is not None else "no checkpoint was written")
+                            raise TrainingError(f"{where}; training stopped, {kept}; "
+                                                "on_nonfinite='skip' (--on-nonfinite skip) skips such steps")
+                        # skip: no update; the step still counts, so the schedule and run length stay
+                        step_lr = scheduler.get_last_lr()[0]
+                        optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()
+                        step += 1
+                        skipped += 1
+                        driver.after_step(step, wrapped.parts.layers)
+                        say(f"warning: {where}; step skipped ({skipped} so far)")
+                        run.log({"step": step, "epoch": epoch, "loss": None, "lr": step_lr, "depth": shown,
+                                 "batch_size": len(plan), "skipped": what,
+                                 "seconds": round(time.perf_counter() - t_step, 4)})
+                    if config.save_every and step % config.save_every == 0 and run.path is not None:
+                        last_checkpoint = ckpt_mod.save_checkpoint(
+                            run.path, step,
+                            {"weights": {param_names[id(q)]: q.detach().cpu().clone()
+                                         for q in wrapped.trainable},
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "bases": runner.bases.detach().cpu() if runner.bases is not None else None,
+                             "rng": ckpt_mod.rng_state()},
+                            {"epoch": epoch, "plans_done": plans_done, "skipped_steps": skipped,
+                             "losses": losses, "cost": cost.state_dict(), "driver": driver.state_dict(),
+                             "strategy": strategy.state_dict(), "epoch_start_strategy": epoch_start,
+                             "metrics_bytes": run.metrics_bytes(),
+                             "zero_shot": _SavedReport.dump(zero_shot)},
+                            total_limit=config.save_total_limit)
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", depth=shown)
                     if step >= total_steps:
@@ -390,6 +530,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
             "finished": True,
             "num_layers": m,
             "steps": step,
+            "skipped_steps": skipped,
             "epochs_run": epoch,
             "examples_trained": cost.examples,
             "lr": lr,
@@ -418,6 +559,75 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         return summary
     finally:
         run.close()
+
+
+def _refuse_to_clear_checkpoints(out_dir: Path, config: TrainConfig) -> None:
+    """A fresh start would clear an unfinished run's checkpoints: only with ``overwrite``."""
+    from .checkpoint import list_checkpoints
+
+    kept = list_checkpoints(out_dir)
+    if kept and not config.overwrite and not (out_dir / "summary.json").exists():
+        raise ConfigError(f"{out_dir} holds an unfinished run with checkpoints (newest: {kept[0].name}); "
+                          "pass --resume to continue it, or --overwrite to start again")
+
+
+def clip_or_measure(params, max_grad_norm: float | None) -> float:
+    """The total gradient norm of ``params`` (those with a gradient), clipped to ``max_grad_norm`` when
+    given (what :func:`~salf_engine.step.optimizer_step` would clip); inf or nan when a gradient is."""
+    grads = [q for q in params if q.grad is not None]
+    if not grads:
+        return 0.0
+    if max_grad_norm is not None:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))
+    return float(torch.nn.utils.get_total_norm([q.grad for q in grads]))
+
+
+def _shorten(indices: list[int], limit: int = 32) -> str:
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return f"[{shown}{', ...' if len(indices) > limit else ''}]"
+
+
+def _restore_weights(wrapped, names: dict[int, str], ckpt) -> None:
+    weights = ckpt.state["weights"]
+    want = {names[id(q)] for q in wrapped.trainable}
+    if set(weights) != want:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds other trainable parameters than this run "
+                              f"({len(weights)} saved, {len(want)} here)")
+    with torch.no_grad():
+        for q in wrapped.trainable:
+            saved = weights[names[id(q)]]
+            if saved.shape != q.shape:
+                raise CheckpointError(f"checkpoint {ckpt.path}: {names[id(q)]} has shape "
+                                      f"{tuple(saved.shape)}, the model's is {tuple(q.shape)}")
+            q.copy_(saved)
+
+
+class _SavedReport:
+    """The zero-shot evaluation of an interrupted run, as its checkpoint kept it."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+        self.seconds = float(data["seconds"])
+
+    @classmethod
+    def of(cls, data: dict[str, Any] | None) -> _SavedReport | None:
+        return cls(data) if data is not None else None
+
+    @staticmethod
+    def dump(report) -> dict[str, Any] | None:
+        if report is None:
+            return None
+        return {"summary": report.summary(), "dict": report.to_dict(), "text": report.to_text(),
+                "seconds": report.seconds}
+
+    def summary(self) -> dict[str, float]:
+        return self._data["summary"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._data["dict"]
+
+    def to_text(self) -> str:
+        return self._data["text"]
 
 
 def _fmt_scores(phase: str, s: dict[str, float]) -> str:

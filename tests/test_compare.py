@@ -235,3 +235,48 @@ def test_help_documents_the_cell_syntax(capsys):
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "salf:uniform:df" in text and "NAME[:OPTION]" in text and "lift-star-half" in text
+
+
+def _settings(model: Path, out: Path) -> CompareSettings:
+    train = {"limit": 12, "eval_limit": 8, "max_steps": 6, "batch_size": 4, "lr": 1e-3, "eval_batch_size": 8,
+             "max_length": 64, "save_every": 2}
+    return CompareSettings(model=str(model), datasets=["trec"], strategies=["salf:uniform:df"],
+                           output=str(out), zero_shot=False, train=train)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_interrupted_cell_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    """A cell killed mid-training goes on from its checkpoint on the next run (not from step 0)."""
+    import salf_engine.compare as compare_module
+    import salf_engine.training as train_module
+
+    monkeypatch.setattr(compare_module, "_finish", lambda *_a: None)  # no tables / plots: not under test
+    model, out = tiny_dir("llama"), tmp_path / "out"
+    real_step = train_module.optimizer_step
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_module, "optimizer_step", dying)
+    with pytest.raises(KeyboardInterrupt):  # interrupted in step 4
+        run_compare(_settings(model, out), progress=False, log=None)
+    monkeypatch.setattr(train_module, "optimizer_step", real_step)
+    cell = out / "cells" / "trec" / CELL_DIRS["salf:uniform:df"]
+    assert (cell / "checkpoints" / "step-00000002").is_dir() and not (cell / "summary.json").exists()
+    before = [json.loads(line)["loss"] for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert len(before) == 3
+
+    seen = []
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train",
+                        lambda cfg, **kw: seen.append(kw["resume"]) or real_train(cfg, **kw))
+    run_compare(_settings(model, out), progress=False, log=None)
+    assert seen == [True]
+    got = _summary(out, "trec", "salf:uniform:df")
+    assert got["steps"] == 6 and got["loss_history"][:3] == before  # steps 1-2 restored, 3 redone alike
+    rows = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]

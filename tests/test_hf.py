@@ -169,3 +169,43 @@ def test_trainer_refuses_deepspeed_and_packing():
     with pytest.raises(ConfigError, match="packing"):
         _check_args(Args())
     assert issubclass(SalfTrainer, Trainer)
+
+
+@pytest.mark.parametrize("strategy,kw", [("salf", {"budget": "uniform"}), ("adt-low", {})])
+def test_trainer_resume_restores_the_engine_state(tmp_path, strategy, kw):
+    """Trainer checkpoints hold salf_state.json; resuming from one ends with the uninterrupted weights."""
+    import json
+
+    from salf_engine.hf import SALF_STATE
+
+    def run(out, resume=None):
+        cfg = _config(strategy, max_steps=8, batch_size=2, **kw)
+        p = _prepared("qwen2", cfg)
+        bases = semantic_bases(p.model, p.verbalizer.label_token_ids)
+        args = _args(tmp_path, output_dir=str(out), max_steps=8, per_device_train_batch_size=2,
+                     save_strategy="steps", save_steps=3, save_only_model=False)
+        trainer = SalfTrainer(model=p.model, args=args, train_dataset=hf_rows(p)[:24], salf_strategy=strategy,
+                              salf_config=cfg, salf_bases=bases, salf_grad_accum=ACCUM)
+        trainer.train(resume_from_checkpoint=resume)
+        return p, trainer
+
+    ref, ref_trainer = run(tmp_path / "a")  # 6 steps an epoch: checkpoints 3 (mid-epoch 0), 6 (epoch end)
+    saved = json.loads((tmp_path / "a" / "checkpoint-3" / SALF_STATE).read_text())
+    assert saved["global_step"] == 3 and saved["epoch"] == 0 and saved["plans_done"] == 3
+    for step in (3, 6):
+        got, trainer = run(tmp_path / "a", resume=str(tmp_path / "a" / f"checkpoint-{step}"))
+        assert trainer.state.global_step == 8
+        if strategy == "adt-low":
+            assert trainer.salf_strategy.frozen_layers == ref_trainer.salf_strategy.frozen_layers
+        for (name, a), (_, b) in zip(ref.model.named_parameters(), got.model.named_parameters(), strict=True):
+            assert torch.equal(a, b), (step, name)
+
+
+def test_trainer_resume_needs_salf_state(tmp_path):
+    cfg = _config("full")
+    p = _prepared("qwen2", cfg)
+    trainer = SalfTrainer(model=p.model, args=_args(tmp_path), train_dataset=hf_rows(p), salf_strategy="full",
+                          salf_config=cfg)
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ConfigError, match="salf_state.json"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "ckpt"))

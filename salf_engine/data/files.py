@@ -19,13 +19,14 @@ from .prompts import Example, PromptTemplate, TaskData
 __all__ = ["FORMATS", "GENERIC_TEMPLATE", "GENERIC_PAIR_TEMPLATE", "read_table", "load_files"]
 
 FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
-    ".csv": ("csv", {"keep_default_na": False, "na_values": []}),
-    ".tsv": ("csv", {"sep": "\t", "keep_default_na": False, "na_values": []}),
+    ".csv": ("csv", {"keep_default_na": False, "na_values": [], "skip_blank_lines": False}),
+    ".tsv": ("csv", {"sep": "\t", "keep_default_na": False, "na_values": [], "skip_blank_lines": False}),
     ".jsonl": ("json", {}),
     ".json": ("json", {}),
     ".parquet": ("parquet", {}),
 }
-"""File suffix -> (`datasets` builder, builder options). CSV/TSV keep "NA"/"" as text."""
+"""File suffix -> (`datasets` builder, builder options). CSV/TSV keep "NA"/"" as text; blank lines come
+through as empty rows, which :func:`load_files` skips and counts (never silently)."""
 
 GENERIC_TEMPLATE = PromptTemplate("Text: {text}\nLabel:")
 GENERIC_PAIR_TEMPLATE = PromptTemplate("Text 1: {text}\nText 2: {text_pair}\nLabel:")
@@ -50,12 +51,24 @@ def read_table(path: Path) -> Any:
     except ValueError as exc:
         if "corresponds to no data" in str(exc):
             raise DataError(f"{path} is empty (no rows)") from None
-        raise DataError(f"could not read {path} as {builder}: {exc}") from exc
+        raise DataError(f"could not read {path} as {builder}: {_root_cause(exc)}") from exc
     except Exception as exc:  # parser errors come in many types (pyarrow, pandas, datasets)
-        raise DataError(f"could not read {path} as {builder}: {exc}") from exc
+        raise DataError(f"could not read {path} as {builder}: {_root_cause(exc)}") from exc
     if len(table) == 0:
         raise DataError(f"{path} is empty (no rows)")
     return table
+
+
+def _root_cause(exc: BaseException, limit: int = 200) -> str:
+    """The innermost cause of a library error, as one short line (``datasets`` wraps the parser's)."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or str(value).strip() == ""
 
 
 def _label_str(value: Any) -> str | None:
@@ -77,13 +90,20 @@ def _column(table: Any, name: str, path: Path) -> list[Any]:
     return values
 
 
-def _examples(path: Path, text_column: str, text_pair_column: str | None, label_column: str) -> list[Example]:
+def _examples(path: Path, text_column: str, text_pair_column: str | None, label_column: str,
+              counts: dict[str, int] | None = None) -> list[Example]:
+    """The examples of one file; ``counts`` gets ``read`` and ``skipped`` (blank rows / lines)."""
     table = read_table(path)
     texts = _column(table, text_column, path)
     pairs = _column(table, text_pair_column, path) if text_pair_column else [None] * len(texts)
     labels = _column(table, label_column, path)
     examples = []
+    skipped = _blank_json_lines(path) if path.suffix.lower() in (".jsonl", ".json") else 0
+    columns = [list(table[c]) for c in table.column_names]
     for row, (text, pair, label) in enumerate(zip(texts, pairs, labels, strict=True), start=1):
+        if all(_blank(col[row - 1]) for col in columns):
+            skipped += 1  # a blank line of a CSV / TSV
+            continue
         name = _label_str(label)
         if name is None:
             raise DataError(f"{path}, row {row}: missing label in column {label_column!r}")
@@ -92,7 +112,19 @@ def _examples(path: Path, text_column: str, text_pair_column: str | None, label_
         if text_pair_column and pair is None:
             raise DataError(f"{path}, row {row}: missing text in column {text_pair_column!r}")
         examples.append(Example(text=str(text), label=name, text_pair=None if pair is None else str(pair)))
+    if not examples:
+        raise DataError(f"{path} holds no examples ({skipped} blank rows)")
+    if counts is not None:
+        counts.update(read=len(examples), skipped=skipped)
     return examples
+
+
+def _blank_json_lines(path: Path) -> int:
+    """Blank lines of a JSON-lines file (the reader passes over them; they are counted as skipped)."""
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return sum(1 for line in lines if not line.strip())
 
 
 def _split_files(directory: Path) -> dict[str, Path]:
@@ -144,8 +176,10 @@ def load_files(
         files = {"train": path}
     else:
         raise DataError(f"{path} does not exist (expected a data file or a directory of split files)")
+    row_counts: dict[str, dict[str, int]] = {split: {} for split in files}
     splits = {
-        split: _examples(file, text_column, text_pair_column, label_column) for split, file in files.items()
+        split: _examples(file, text_column, text_pair_column, label_column, row_counts[split])
+        for split, file in files.items()
     }
 
     if label_words:
@@ -170,4 +204,5 @@ def load_files(
         splits=splits,
         template=GENERIC_PAIR_TEMPLATE if text_pair_column else GENERIC_TEMPLATE,
         label_words=words,
+        row_counts=row_counts,
     )

@@ -14,7 +14,6 @@ skipped except blank lines at the very end of a file.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +130,8 @@ def parse_mrpc(path: Path) -> list[Example]:
     lines = _read_lines(path, "utf-8-sig", "a tab-separated MRPC row")
     if not lines:
         raise DataError(f"{path} is empty, expected the MRPC header {'<TAB>'.join(MRPC_HEADER)!r}")
-    reader = csv.reader((line for _, line in lines), delimiter="\t", quoting=csv.QUOTE_NONE)
+    # quotes are literal (csv's QUOTE_NONE), and a stray carriage return inside a field stays text
+    reader = (line.split("\t") for _, line in lines)
     examples = []
     for (number, _), row in zip(lines, reader, strict=True):
         if number == 1:
@@ -299,16 +299,26 @@ def load_preset(
         if not root.is_dir():
             raise DataError(f"data directory {root} does not exist (expected a directory holding {key}/)")
     splits = {}
+    row_counts = {}
     for split in preset.files:
         path = EMBEDDED_DIR / preset.files[split] if data_dir is None else _preset_file(preset, split, root)
         splits[split] = preset.parse(path)
+        # every line the parser did not turn into an example is a header or a trailing blank line
+        row_counts[split] = {"read": len(splits[split]), "skipped": _line_count(path) - len(splits[split])}
     return TaskData(
         name=key,
         classes=list(preset.classes),
         splits=splits,
         template=preset.template,
         label_words=_merge_label_words(preset, label_words),
+        row_counts=row_counts,
     )
+
+
+def _line_count(path: Path) -> int:
+    """Physical lines of a file (a last line without its newline counts)."""
+    raw = path.read_bytes()
+    return raw.count(b"\n") + (1 if raw and not raw.endswith(b"\n") else 0)
 
 
 def load_task(

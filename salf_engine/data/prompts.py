@@ -123,6 +123,8 @@ class TaskData:
     splits: dict[str, list[Example]]
     template: PromptTemplate
     label_words: dict[str, str]
+    # split -> {"read": rows read as examples, "skipped": blank lines / header rows left out}
+    row_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
