@@ -51,22 +51,15 @@ class GridResult:
     files: list[Path] = field(default_factory=list)
 
 
-# where a cell ran and how it saved checkpoints do not change its result
-_IGNORED_FIELDS = ("output", "overwrite", "save_every", "save_total_limit", "on_nonfinite")
-
-
 def _config_mismatch(path: Path, expected: dict[str, Any]) -> list[str]:
+    """How a finished cell's config.json differs from the grid's (fields a resume may change aside)."""
+    from .checkpoint import config_differences
+
     try:
         saved = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return ["config.json missing or unreadable"]
-    diffs = []
-    for key in sorted(set(saved) | set(expected)):
-        if key in _IGNORED_FIELDS:
-            continue
-        if saved.get(key) != expected.get(key):
-            diffs.append(f"{key}: {saved.get(key)!r} != {expected.get(key)!r}")
-    return diffs
+    return config_differences(saved, expected)
 
 
 def _zero_shot_settings(cfg) -> dict[str, Any]:
