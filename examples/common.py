@@ -8,10 +8,10 @@ from typing import Any
 from salf_engine.config import TrainConfig
 from salf_engine.data import load_task
 from salf_engine.evaluation import evaluate
+from salf_engine.inputs import encode_task
 from salf_engine.models.loading import load_model
 from salf_engine.options import add_config_options, fields_from_args
 from salf_engine.semantics import semantic_bases
-from salf_engine.training import encode_task
 
 __all__ = ["evaluate_model", "load", "parser"]
 

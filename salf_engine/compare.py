@@ -71,7 +71,7 @@ def _zero_shot_settings(cfg) -> dict[str, Any]:
 
 def _check_eval_splits(tasks, configs) -> None:
     """Every cell's evaluation split exists (or can be held out) before the model loads."""
-    from .training import held_out_count
+    from .inputs import held_out_count
 
     for (label, _strategy), cfg in configs.items():
         held_out_count(tasks[label], cfg)
@@ -163,8 +163,8 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
     import torch
 
     from .evaluation import evaluate
+    from .inputs import encode_task
     from .models.loading import load_model
-    from .training import encode_task
 
     train_module = importlib.import_module("salf_engine.training")
     any_cfg = next(iter(configs.values()))
@@ -244,7 +244,7 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
 def _resumable(cfg) -> bool:
     """Whether an unfinished cell holds a checkpoint of the same config (else it starts from scratch)."""
     from .checkpoint import list_checkpoints
-    from .training import check_resume
+    from .inputs import check_resume
 
     if not list_checkpoints(cfg.output):
         return False

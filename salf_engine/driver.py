@@ -71,7 +71,7 @@ class StrategyDriver:
 
     def _eofs_of(self, indices: Sequence[int], *, progress: bool, desc: str) -> list[int]:
         from .data import subset_split
-        from .training import profile_deviations
+        from .profiling import profile_deviations
 
         dev = profile_deviations(self.runner, subset_split(self.train_split, indices), self.pad_id,
                                  batch_size=self.config.eval_batch_size, dtype=self.config.dtype,

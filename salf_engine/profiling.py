@@ -13,11 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
 from .config import TrainConfig as _C  # the defaults of the options these functions take
 from .errors import ConfigError
+from .patching import is_patched
 from .rundir import is_run_dir, load_for_eval, read_run_config
+from .step import autocast_context
 
-__all__ = ["evaluate_model_or_run", "profile_model_or_run"]
+__all__ = ["evaluate_model_or_run", "profile_deviations", "profile_model_or_run"]
 
 
 def _task_and_source(model_or_run: str | None, run: str | None, dataset: str | None, data_dir: str | None,
@@ -67,7 +72,6 @@ def _deviations_of(model, tok, task, *, eval_split, max_length, eval_limit, seed
 
     from .runner import TruncatedRunner
     from .semantics import semantic_bases
-    from .training import profile_deviations
 
     verbalizer, split = _encoded_split(task, tok, eval_split=eval_split, max_length=max_length,
                                        eval_limit=eval_limit, seed=seed)
@@ -138,3 +142,38 @@ def profile_model_or_run(model: str | None = None, *, run: str | None = None, da
     (out_dir / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {out_dir / 'profile_violins.png'} and {out_dir / 'profile.json'}")
     return report
+
+
+@torch.no_grad()
+def profile_deviations(runner, encoded, pad_id: int, *, batch_size: int = 32, dtype: str = "float32",
+                       progress: bool = True, desc: str = "profile") -> torch.Tensor:
+    """float32 [N, m+1]: deviations of every sample of `encoded` in every space, one batched no-grad pass."""
+    from .data import collate
+
+    if runner.bases is None:
+        raise ConfigError("profiling deviations needs the runner's semantic bases")
+    device = next(runner.model.parameters()).device
+    n = len(encoded)
+    out = torch.empty(n, runner.num_layers + 1, dtype=torch.float32)
+    order = sorted(range(n), key=lambda i: len(encoded.input_ids[i]))
+    was_training = runner.model.training
+    runner.model.eval()
+    try:
+        starts = range(0, n, batch_size)
+        for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+            idx = order[s:s + batch_size]
+            batch = collate(encoded, idx, pad_id, padding_side="left")
+            with autocast_context(dtype, device):
+                if is_patched(runner.model):  # through the root module (DDP, FSDP2 hooks run)
+                    res = runner.model(input_ids=batch["input_ids"].to(device),
+                                       attention_mask=batch["attention_mask"].to(device),
+                                       salf_depth=runner.num_layers, salf_label=batch["labels"].to(device),
+                                       salf_logits="last")
+                else:
+                    res = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                 depth=runner.num_layers, last_index=batch["last_index"].to(device),
+                                 labels=batch["labels"].to(device))
+            out[torch.as_tensor(idx)] = res.deviations.float().cpu()
+    finally:
+        runner.model.train(was_training)
+    return out

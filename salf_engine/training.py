@@ -21,10 +21,8 @@ they depend only on the LM head, which stays frozen under every strategy but
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,255 +32,20 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .cost import CostMeter
 from .distributed import all_reduce_grads, all_reduce_sum, init_from_env, rank_and_world
-from .driver import StrategyDriver, profile_subset
-from .errors import CheckpointError, ConfigError, TrainingError
-from .patching import is_patched
-from .rundir import RUN_FILES, RunDirectory
+from .driver import StrategyDriver
+from .errors import CheckpointError, TrainingError
+from .inputs import Prepared, _refuse_to_clear_checkpoints, check_resume, prepare
+from .rundir import RunDirectory
 from .sampling import rank_slice
 from .step import (
-    autocast_context,
     build_optimizer,
     build_scheduler,
-    compute_loss,
-    lr_factor,
     micro_batch_step,
     optimizer_step,
 )
-from .wrapping import apply_lora, wrap_model
+from .wrapping import wrap_model
 
-__all__ = [
-    "train",
-    "prepare",
-    "Prepared",
-    "encode_task",
-    "profile_deviations",
-    "compute_loss",
-    "build_optimizer",
-    "build_scheduler",
-    "lr_factor",
-    "apply_lora",
-    "autocast_context",
-    "resolve_device",
-    "RUN_FILES",
-    "HOLDOUT",
-    "held_out_count",
-    "CostMeter",
-    "profile_subset",
-    "strategy_from_config",
-]
-
-#: ``eval_split`` value that evaluates on examples held out of the training split.
-HOLDOUT = "holdout"
-#: Seed of the held-out draw: the same validation examples for every run seed.
-HOLDOUT_SEED = 20240617
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; under torchrun 'auto' / 'cuda' is this rank's GPU."""
-    local = os.environ.get("LOCAL_RANK")
-    if device in ("auto", "cuda") and torch.cuda.is_available() and local is not None:
-        return torch.device(f"cuda:{int(local)}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but CUDA is not available")
-    return torch.device(device)
-
-
-@dataclass
-class Prepared:
-    """Everything :func:`train` needs, validated and loaded by :func:`prepare` (nothing written yet)."""
-
-    config: TrainConfig
-    strategy: Any
-    device: torch.device
-    task: Any
-    model: Any
-    tokenizer: Any
-    verbalizer: Any
-    train_split: Any
-    eval_split: Any
-    load_seconds: float = 0.0
-    out_dir: Path | None = None
-
-
-# ----------------------------------------------------------------------------- setup
-
-@torch.no_grad()
-def profile_deviations(runner, encoded, pad_id: int, *, batch_size: int = 32, dtype: str = "float32",
-                       progress: bool = True, desc: str = "profile") -> torch.Tensor:
-    """float32 [N, m+1]: deviations of every sample of `encoded` in every space, one batched no-grad pass."""
-    from .data import collate
-
-    if runner.bases is None:
-        raise ConfigError("profiling deviations needs the runner's semantic bases")
-    device = next(runner.model.parameters()).device
-    n = len(encoded)
-    out = torch.empty(n, runner.num_layers + 1, dtype=torch.float32)
-    order = sorted(range(n), key=lambda i: len(encoded.input_ids[i]))
-    was_training = runner.model.training
-    runner.model.eval()
-    try:
-        starts = range(0, n, batch_size)
-        for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-            idx = order[s:s + batch_size]
-            batch = collate(encoded, idx, pad_id, padding_side="left")
-            with autocast_context(dtype, device):
-                if is_patched(runner.model):  # through the root module (DDP, FSDP2 hooks run)
-                    res = runner.model(input_ids=batch["input_ids"].to(device),
-                                       attention_mask=batch["attention_mask"].to(device),
-                                       salf_depth=runner.num_layers, salf_label=batch["labels"].to(device),
-                                       salf_logits="last")
-                else:
-                    res = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 depth=runner.num_layers, last_index=batch["last_index"].to(device),
-                                 labels=batch["labels"].to(device))
-            out[torch.as_tensor(idx)] = res.deviations.float().cpu()
-    finally:
-        runner.model.train(was_training)
-    return out
-
-
-def held_out_count(task, config: TrainConfig) -> int | None:
-    """How many training examples are held out for evaluation (None: the eval split is a split of its own).
-
-    ``eval_split="holdout"`` holds out ``holdout_size``; ``eval_fraction`` holds out that share of the
-    training split (at least one example). Raises before anything is loaded when the evaluation split
-    does not exist or nothing would be left to train on.
-    """
-    from .errors import DataError
-
-    if "train" not in task.splits:
-        raise DataError(f"{config.dataset} has no training split; it has {', '.join(task.splits)}")
-    n = len(task.splits["train"])
-    if config.eval_split == HOLDOUT:
-        held, what = config.holdout_size, f"holdout_size {config.holdout_size}"
-    elif config.eval_fraction is not None:
-        held, what = max(1, round(config.eval_fraction * n)), f"eval_fraction {config.eval_fraction:g}"
-    else:
-        if config.eval_split not in task.splits:
-            raise DataError(f"{config.dataset} has no split {config.eval_split!r} (it has "
-                            f"{', '.join(task.splits)}); pass --eval-fraction F to hold out a share of the "
-                            "training split, or --eval-split with one of those")
-        return None
-    if held >= n:
-        raise ConfigError(f"{what} leaves no training example out of the {n} of {config.dataset}'s "
-                          "training split")
-    return held
-
-
-def encode_task(task, tokenizer, config: TrainConfig):
-    """(verbalizer, train split, eval split) of `task`, encoded as `config` says (length, limits, seed).
-
-    With ``eval_split="holdout"`` (``holdout_size`` examples) or ``eval_fraction`` (that share) the
-    evaluation examples are class-stratified examples carved out of the training split (the same ones
-    for every run seed, :data:`HOLDOUT_SEED`), and the training subset is drawn from the rest: a
-    validation part for choosing hyperparameters that never touches the test split, or the evaluation
-    part of a local file that has only a training split.
-    """
-    from .data import Verbalizer, encode_split, stratified_subset, subset_split
-
-    verbalizer = Verbalizer(task.classes, task.label_words, tokenizer)
-    held_count = held_out_count(task, config)
-    if held_count is not None:
-        full = encode_split(task, tokenizer, "train", verbalizer, max_length=config.max_length)
-        held = stratified_subset(full.labels, held_count, seed=HOLDOUT_SEED)
-        held_set = set(held)
-        rest = [i for i in range(len(full)) if i not in held_set]
-        if config.limit is not None:
-            rest = [rest[j] for j in stratified_subset([full.labels[i] for i in rest], config.limit,
-                                                       seed=config.seed)]
-        if config.eval_limit is not None and config.eval_split != HOLDOUT:
-            held = [held[j] for j in stratified_subset([full.labels[i] for i in held], config.eval_limit,
-                                                       seed=config.seed)]
-        train_split, eval_split = subset_split(full, rest), subset_split(full, held)
-    else:
-        train_split = encode_split(task, tokenizer, "train", verbalizer, max_length=config.max_length,
-                                   limit=config.limit, seed=config.seed)
-        eval_split = encode_split(task, tokenizer, config.eval_split, verbalizer,
-                                  max_length=config.max_length, limit=config.eval_limit, seed=config.seed)
-    if len(train_split) == 0:
-        raise ConfigError(f"the training split of {config.dataset} is empty")
-    return verbalizer, train_split, eval_split
-
-
-def strategy_from_config(config: TrainConfig):
-    """The :class:`~salf_engine.strategies.Strategy` a config asks for (ConfigError for a bad combination)."""
-    from .strategies import make_strategy
-
-    return make_strategy(config.strategy, budget=config.budget, infill=config.infill,
-                         freeze_fraction=config.freeze_fraction, seed=config.seed,
-                         boundary=config.eof_boundary, lora=config.lora, schedule=config.depth_schedule,
-                         assignment=config.depth_assignment, cuts_per_step=config.cuts_per_step)
-
-
-def check_resume(config: TrainConfig) -> None:
-    """ConfigError unless ``config.output`` holds an unfinished run of the same config (the fields of
-    :data:`~salf_engine.checkpoint.RESUME_MAY_CHANGE` aside); the error lists every difference."""
-    import json
-
-    from .checkpoint import config_differences
-
-    if not config.output:
-        raise ConfigError("resume needs the run directory as output")
-    out_dir = Path(config.output)
-    saved_path = out_dir / "config.json"
-    if not saved_path.is_file():
-        raise ConfigError(f"cannot resume {out_dir}: it holds no run (no config.json)")
-    if (out_dir / "summary.json").exists():
-        raise ConfigError(f"cannot resume {out_dir}: the run is finished (summary.json exists)")
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise ConfigError(f"cannot resume {out_dir}: its config.json is unreadable") from None
-    diffs = config_differences(saved, config.to_dict())
-    if diffs:
-        raise ConfigError(f"cannot resume {out_dir} with a different config (saved -> given): "
-                          + "; ".join(diffs))
-
-
-def prepare(config: TrainConfig, *, resume: bool = False) -> Prepared:
-    """Validate the inputs, load data and model; nothing is written. Raises SalfError subclasses.
-
-    With ``resume`` the output must hold an unfinished run of the same config (see :func:`check_resume`).
-    """
-    from .checkpoint import check_writable
-    from .data import load_task
-    from .models.loading import load_model
-
-    config.validate()
-    out_dir = Path(config.output) if config.output else None
-    if resume:
-        check_resume(config)
-    # under torchrun only rank 0 owns (checks, then writes) the run directory
-    if out_dir is not None and int(os.environ.get("RANK", "0")) == 0 and not resume:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ConfigError(f"output {out_dir} exists and is not a directory")
-        if (out_dir / "summary.json").exists() and not config.overwrite:
-            raise ConfigError(f"{out_dir} already holds a finished run; pass --overwrite to replace it")
-        if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
-            raise ConfigError(f"output {out_dir} is a non-empty directory that holds no run; choose another")
-        _refuse_to_clear_checkpoints(out_dir, config)
-    if out_dir is not None and int(os.environ.get("RANK", "0")) == 0:
-        check_writable(out_dir)  # fail before loading anything
-    strategy = strategy_from_config(config)
-    device = resolve_device(config.device)
-    task = load_task(config.dataset, config.data_dir, text_column=config.text_column,
-                     text_pair_column=config.text_pair_column, label_column=config.label_column)
-    held_out_count(task, config)  # a missing evaluation split fails here, before the model loads
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=torch.float32, load_in_4bit=config.load_in_4bit,
-                                  device=str(device))
-    load_seconds = time.perf_counter() - t0
-    verbalizer, train_split, eval_split = encode_task(task, tokenizer, config)
-    return Prepared(config=config, strategy=strategy, device=device, task=task, model=model,
-                    tokenizer=tokenizer, verbalizer=verbalizer, train_split=train_split,
-                    eval_split=eval_split, load_seconds=load_seconds, out_dir=out_dir)
-
-
-
-# ----------------------------------------------------------------------------- the loop
-
+__all__ = ["train", "clip_or_measure"]
 
 def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] | None = print,
           prepared: Prepared | None = None, resume: bool = False) -> dict[str, Any]:
@@ -559,16 +322,6 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         return summary
     finally:
         run.close()
-
-
-def _refuse_to_clear_checkpoints(out_dir: Path, config: TrainConfig) -> None:
-    """A fresh start would clear an unfinished run's checkpoints: only with ``overwrite``."""
-    from .checkpoint import list_checkpoints
-
-    kept = list_checkpoints(out_dir)
-    if kept and not config.overwrite and not (out_dir / "summary.json").exists():
-        raise ConfigError(f"{out_dir} holds an unfinished run with checkpoints (newest: {kept[0].name}); "
-                          "pass --resume to continue it, or --overwrite to start again")
 
 
 def clip_or_measure(params, max_grad_norm: float | None) -> float:

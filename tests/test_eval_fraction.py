@@ -17,7 +17,7 @@ from salf_engine import cli
 from salf_engine.config import TrainConfig
 from salf_engine.data import load_task
 from salf_engine.errors import ConfigError
-from salf_engine.training import encode_task
+from salf_engine.inputs import encode_task
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = {"joy": "i feel happy", "sadness": "i am sad", "anger": "they are angry"}

@@ -41,7 +41,7 @@ def _prepared(family: str, config: TrainConfig, *, seed: int = 0):
     from tiny_models import tiny_model, tiny_tokenizer
 
     from salf_engine.data import Verbalizer, encode_split
-    from salf_engine.training import Prepared, strategy_from_config
+    from salf_engine.inputs import Prepared, strategy_from_config
 
     tok = tiny_tokenizer()
     model = tiny_model(family, seed=seed)
@@ -107,7 +107,7 @@ def test_grad_accum_updates_like_bigger_batch():
 
 def test_every_step_learns_and_steps_count_examples(tmp_path):
     """Step 1 has lr > 0 (warm-up (s+1)/(w+1)); every strategy gets ceil(N / step) steps of `step`."""
-    from salf_engine.training import lr_factor
+    from salf_engine.step import lr_factor
 
     assert [lr_factor(s, 3, 10) for s in range(10)] == pytest.approx(
         [0.25, 0.5, 0.75, 1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7])
@@ -124,7 +124,7 @@ def test_every_step_learns_and_steps_count_examples(tmp_path):
 
 
 def test_cost_meter_reference_values():
-    from salf_engine.training import CostMeter
+    from salf_engine.cost import CostMeter
 
     full = CostMeter(4, lora=False)
     full.add(10, 0, [True] * 4)
@@ -145,7 +145,7 @@ def test_cost_meter_reference_values():
 def test_holdout_split_is_carved_from_train_and_disjoint():
     from tiny_models import tiny_tokenizer
 
-    from salf_engine.training import encode_task
+    from salf_engine.inputs import encode_task
 
     task = _pattern_task(n_train=60)
     cfg = TrainConfig(eval_split="holdout", holdout_size=12, limit=30, seed=3).validate()
@@ -224,7 +224,7 @@ def test_lora_trains_only_adapters(tmp_path):
 def test_lora_half_restricts_layers():
     from tiny_models import tiny_model
 
-    from salf_engine.training import apply_lora
+    from salf_engine.wrapping import apply_lora
 
     cfg = TrainConfig()
     model = apply_lora(tiny_model("llama"), cfg, range(2, 4))
