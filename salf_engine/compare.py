@@ -163,12 +163,12 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
     import torch
 
     from .evaluation import evaluate
-    from .inputs import encode_task
+    from .inputs import Prepared, encode_task, resolve_device, strategy_from_config
     from .models.loading import load_model
 
     train_module = importlib.import_module("salf_engine.training")
     any_cfg = next(iter(configs.values()))
-    device = train_module.resolve_device(any_cfg.device)
+    device = resolve_device(any_cfg.device)
 
     t0 = time.perf_counter()
     pristine, tokenizer = load_model(settings.model, dtype=torch.float32, load_in_4bit=any_cfg.load_in_4bit,
@@ -210,8 +210,8 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
             say(f"[{n_done}/{n_total}] {d.label} / {s.label} -> {cfg.output}")
             t_copy = time.perf_counter()
             model = fresh_model()
-            strategy = train_module.strategy_from_config(cfg)
-            prepared = train_module.Prepared(
+            strategy = strategy_from_config(cfg)
+            prepared = Prepared(
                 config=cfg, strategy=strategy, device=device, task=task, model=model, tokenizer=tokenizer,
                 verbalizer=verbalizer, train_split=train_split, eval_split=eval_split,
                 load_seconds=time.perf_counter() - t_copy, out_dir=Path(cfg.output))
