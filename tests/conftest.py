@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def interrupt_after(monkeypatch):
+    """``with interrupt_after(module, name, calls): ...``: ``module.name`` runs ``calls`` times, the next
+    call raises KeyboardInterrupt (a kill in the middle of a run), which the block must end in; the real
+    function is back afterwards."""
+
+    @contextlib.contextmanager
+    def interrupt(module, name: str, calls: int):
+        real = getattr(module, name)
+        count = 0
+
+        def dying(*args, **kwargs):
+            nonlocal count
+            count += 1
+            if count > calls:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, dying)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(module, name, real)
+
+    return interrupt
 
 
 @pytest.fixture

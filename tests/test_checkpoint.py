@@ -43,23 +43,12 @@ def _train(cfg: TrainConfig, family: str = "llama", **kwargs):
     return p, train(cfg, progress=False, log=None, prepared=p, **kwargs)
 
 
-def _interrupted(cfg: TrainConfig, monkeypatch, after_steps: int) -> None:
+def _interrupted(cfg: TrainConfig, interrupt_after, after_steps: int) -> None:
     """Train until ``after_steps`` optimizer steps ran, then die (KeyboardInterrupt) inside the next one."""
     import salf_engine.training as train_module
 
-    real = train_module.optimizer_step
-    calls = {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > after_steps:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "optimizer_step", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_after(train_module, "optimizer_step", after_steps):
         _train(cfg)
-    monkeypatch.setattr(train_module, "optimizer_step", real)
 
 
 def _metric_rows(run: Path) -> list[dict]:
@@ -79,12 +68,12 @@ SAME = ("loss_history", "steps", "epochs_run", "examples_trained", "cost_saving_
     ({"strategy": "adt-high", "max_steps": 10}, 7, False),                   # after ADT chose
     ({"strategy": "full", "lora": True, "max_steps": 6}, 4, False),          # LoRA adapter + dropout
 ], ids=["full", "salf-budget-epoch-end", "salf-alg3-head", "adt-warmup", "adt-chosen", "lora"])
-def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, overrides, stop_after, corrupt_newest):
+def test_resume_equals_uninterrupted_run(tmp_path, interrupt_after, overrides, stop_after, corrupt_newest):
     ref_cfg = _config(tmp_path / "ref", save_every=2, **overrides)
     ref_p, ref = _train(ref_cfg)
 
     cfg = _config(tmp_path / "run", save_every=2, save_total_limit=2, **overrides)
-    _interrupted(cfg, monkeypatch, stop_after)
+    _interrupted(cfg, interrupt_after, stop_after)
     kept = list_checkpoints(cfg.output)
     assert [p.name for p in kept] == [f"step-{s:08d}" for s in (stop_after // 2 * 2, stop_after // 2 * 2 - 2)]
     assert not (Path(cfg.output) / "summary.json").exists()
@@ -109,34 +98,23 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, overrides, stop_
     assert _metric_rows(Path(cfg.output)) == _metric_rows(Path(ref_cfg.output))
 
 
-def test_resume_after_the_last_step(tmp_path, monkeypatch):
+def test_resume_after_the_last_step(tmp_path, interrupt_after):
     """Killed in the final evaluation: the checkpoint of the last step finishes the run without training."""
     import salf_engine.evaluation as evaluate_module
 
     ref_p, ref = _train(_config(tmp_path / "ref", strategy="full", max_steps=4, save_every=2))
     cfg = _config(tmp_path / "run", strategy="full", max_steps=4, save_every=2)
-    real = evaluate_module.evaluate
-    calls = {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # zero-shot, then the fine-tuned evaluation dies
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluate_module, "evaluate", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_after(evaluate_module, "evaluate", 1):  # zero-shot, then the fine-tuned evaluation dies
         _train(cfg)
-    monkeypatch.setattr(evaluate_module, "evaluate", real)
     p, got = _train(cfg, resume=True)
     for key in SAME:
         assert got[key] == ref[key], key
     assert _metric_rows(Path(cfg.output)) == _metric_rows(tmp_path / "ref")
 
 
-def test_resume_refuses_another_config_and_a_finished_run(tmp_path, monkeypatch):
+def test_resume_refuses_another_config_and_a_finished_run(tmp_path, interrupt_after):
     cfg = _config(tmp_path / "run", strategy="full", max_steps=6, save_every=2)
-    _interrupted(cfg, monkeypatch, 3)
+    _interrupted(cfg, interrupt_after, 3)
     changed = _config(tmp_path / "run", strategy="full", max_steps=6, save_every=3, lr=2e-3, seed=1,
                       device="cpu")
     with pytest.raises(ConfigError) as err:
@@ -370,9 +348,9 @@ def test_sigkill_then_resume_gives_identical_weights(tiny_dir, tmp_path, strateg
     assert _metric_rows(run) == _metric_rows(ref)
 
 
-def test_plain_train_never_clears_checkpoints(tmp_path, monkeypatch):
+def test_plain_train_never_clears_checkpoints(tmp_path, interrupt_after):
     cfg = _config(tmp_path / "run", strategy="full", max_steps=4, save_every=1, zero_shot_eval=False)
-    _interrupted(cfg, monkeypatch, 2)
+    _interrupted(cfg, interrupt_after, 2)
     with pytest.raises(ConfigError, match="unfinished run with checkpoints.*--resume"):
         _train(cfg)
     assert len(list_checkpoints(cfg.output)) == 2

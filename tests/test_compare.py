@@ -245,26 +245,15 @@ def _settings(model: Path, out: Path) -> CompareSettings:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_interrupted_cell_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
+def test_interrupted_cell_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch, interrupt_after):
     """A cell killed mid-training goes on from its checkpoint on the next run (not from step 0)."""
     import salf_engine.compare as compare_module
     import salf_engine.training as train_module
 
     monkeypatch.setattr(compare_module, "_finish", lambda *_a: None)  # no tables / plots: not under test
     model, out = tiny_dir("llama"), tmp_path / "out"
-    real_step = train_module.optimizer_step
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(train_module, "optimizer_step", dying)
-    with pytest.raises(KeyboardInterrupt):  # interrupted in step 4
+    with interrupt_after(train_module, "optimizer_step", 3):  # interrupted in step 4
         run_compare(_settings(model, out), progress=False, log=None)
-    monkeypatch.setattr(train_module, "optimizer_step", real_step)
     cell = out / "cells" / "trec" / CELL_DIRS["salf:uniform:df"]
     assert (cell / "checkpoints" / "step-00000002").is_dir() and not (cell / "summary.json").exists()
     before = [json.loads(line)["loss"] for line in (cell / "metrics.jsonl").read_text().splitlines()]
