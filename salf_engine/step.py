@@ -23,6 +23,7 @@ __all__ = [
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
+    "clip_or_measure",
     "compute_loss",
     "lr_factor",
     "micro_batch_step",
@@ -118,11 +119,22 @@ def micro_batch_step(runner, model, batch: dict[str, Any], depth: int, trainable
     return MicroBatchResult(loss=loss.detach(), deviations=out.deviations)
 
 
+def clip_or_measure(params, max_grad_norm: float | None) -> torch.Tensor:
+    """The total gradient norm of ``params`` (those with a gradient; 0 when none has one), clipped to
+    ``max_grad_norm`` when given; inf or nan when a gradient is. A tensor: no host sync here."""
+    grads = [q for q in params if q.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if max_grad_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(grads, max_grad_norm)
+    return torch.nn.utils.get_total_norm([q.grad for q in grads])
+
+
 def optimizer_step(optimizer, scheduler, params: Sequence[torch.nn.Parameter],
                    max_grad_norm: float | None) -> float:
     """Clip (with ``max_grad_norm``), step, advance the schedule, zero the grads; returns the step's lr."""
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([q for q in params if q.grad is not None], max_grad_norm)
+        clip_or_measure(params, max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

@@ -40,12 +40,13 @@ from .sampling import rank_slice
 from .step import (
     build_optimizer,
     build_scheduler,
+    clip_or_measure,
     micro_batch_step,
     optimizer_step,
 )
 from .wrapping import wrap_model
 
-__all__ = ["train", "clip_or_measure"]
+__all__ = ["train"]
 
 def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] | None = print,
           prepared: Prepared | None = None, resume: bool = False) -> dict[str, Any]:
@@ -207,7 +208,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                         cost.add(len(mb.indices), mb.depth, mb.trainable)
                     all_reduce_grads(wrapped.trainable)
                     step_loss = float(all_reduce_sum(loss_sum)) / len(plan)
-                    grad_norm = clip_or_measure(wrapped.trainable, config.max_grad_norm)
+                    grad_norm = float(clip_or_measure(wrapped.trainable, config.max_grad_norm))
                     shown = plan.depths[0] if len(plan.micro_batches) == 1 else plan.depths
                     plans_done += 1
                     if math.isfinite(step_loss) and math.isfinite(grad_norm):
@@ -322,17 +323,6 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         return summary
     finally:
         run.close()
-
-
-def clip_or_measure(params, max_grad_norm: float | None) -> float:
-    """The total gradient norm of ``params`` (those with a gradient), clipped to ``max_grad_norm`` when
-    given (what :func:`~salf_engine.step.optimizer_step` would clip); inf or nan when a gradient is."""
-    grads = [q for q in params if q.grad is not None]
-    if not grads:
-        return 0.0
-    if max_grad_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))
-    return float(torch.nn.utils.get_total_norm([q.grad for q in grads]))
 
 
 def _shorten(indices: list[int], limit: int = 32) -> str:
