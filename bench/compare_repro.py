@@ -9,18 +9,22 @@ learning rate, so a resumed grid can never mix them). Two workers (one thread ea
 order of importance:
 
 1. TREC, seed 0, held-out split: SALF[half] under the default schedule and its alternatives
-   (``eof-match`` assignment, one or two cuts per step, the ``paper`` schedule), LIFT*[half];
+   (``eof-match`` assignment, one or two cuts per step, the ``paper`` schedule), LIFT*[half]; then the
+   ablations (:data:`ABLATIONS`): a quarter of the examples profiled, no profile at all (random depths
+   inside each class), steps of 32 examples, a second seed;
 2. TREC, seed 0, then seed 1, test split: the five key strategies; then SALF[half] and LIFT*[half] on
    LoRA adapters (seed 0);
 3. SST-5 and CARER, seed 0, then seed 1: the key strategies;
 4. the other strategies of the paper's tables 3 and 4, seed 0.
 
-The script resumes: finished cells are skipped (``salf compare`` checks their settings). Once the
+A cell with a *variant* passes the variant's extra options (:data:`VARIANTS`) and has its own output
+directory. The script resumes: finished cells are skipped (``salf compare`` checks their settings). Once the
 workers stop, or with ``--report-only``, it writes ``bench/results/repro/report.md`` (mean and spread
 over seeds of macro-F1 with free decoding, backward saving, FLOPs and wall time relative to ``full``
 of the same dataset and seed) plus ``cells.csv`` and ``f1_vs_flops.png``.
 
-    python bench/compare_repro.py [--output runs/repro] [--data-dir ../shared/data] [--report-only]
+    python bench/compare_repro.py [--output runs/repro] [--data-dir ../shared/data] [--split holdout|test]
+                                  [--workers 2] [--report-only]
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from pathlib import Path
 
 from salf_engine.report import cost_seconds
 
-__all__ = ["KEY", "ALTERNATIVES", "LORA_VARIANTS", "OTHERS", "SETTINGS", "LR", "cells", "report", "main"]
+__all__ = ["KEY", "ALTERNATIVES", "ABLATIONS", "VARIANTS", "LORA_VARIANTS", "OTHERS", "SETTINGS", "LR",
+           "cells", "report", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["trec", "sst5", "carer"]
@@ -47,6 +52,14 @@ KEY = ["full", "salf:uniform:df", "lift-star-half", "lora-half", "salf:arith:df"
 #: SALF[half] under the default schedule and its variants, compared on held-out TREC data (seed 0).
 ALTERNATIVES = ["salf:uniform:df", "salf:uniform:df:eof-match", "salf:uniform:df:cuts1",
                 "salf:uniform:df:cuts2", "salf:uniform:df:paper", "lift-star-half"]
+#: Extra options of a cell, by variant name ("" = none). A profile of 1 example in 960 leaves the class-rank
+#: assignment without semantics: every class spread over the depths at random (the ablation of the eof).
+VARIANTS = {"": [], "profile25": ["--profile-fraction", "0.25"],
+            "random-in-class": ["--profile-fraction", "0.001"], "steps32": ["--grad-accum", "4"]}
+#: (seed, strategy, variant) ablations of SALF[half] on held-out TREC data, with their `full` references.
+ABLATIONS = [(0, "full", ""), (0, "salf:uniform:df", "random-in-class"), (0, "salf:uniform:df", "profile25"),
+             (1, "salf:uniform:df", ""), (1, "salf:uniform:df", "random-in-class"), (1, "full", ""),
+             (0, "full", "steps32"), (0, "salf:uniform:df", "steps32")]
 #: SALF[half] and LIFT*[half] on LoRA adapters (the paper's own setup: appendix A.1), at the LoRA lr.
 LORA_VARIANTS = ["salf:uniform:df:lora", "lift-star-half:lora"]
 #: The rest of the paper's tables 3 and 4.
@@ -64,39 +77,46 @@ def group_of(strategy: str) -> str:
     return "lora" if strategy.startswith("lora") or strategy.endswith(":lora") else "weights"
 
 
-def cells() -> list[tuple[int, str, str, str]]:
-    """(seed, dataset, strategy, split) of every cell, in the order the workers take them."""
-    order = [(0, "trec", s, "holdout") for s in ALTERNATIVES]
-    order += [(seed, "trec", s, "test") for seed in (0, 1) for s in KEY]
-    order += [(0, "trec", s, "test") for s in LORA_VARIANTS]
-    order += [(seed, ds, s, "test") for seed in (0, 1) for ds in ("sst5", "carer") for s in KEY]
-    order += [(0, ds, s, "test") for ds in DATASETS for s in OTHERS]
+Cell = tuple[int, str, str, str, str]  # (seed, dataset, strategy, split, variant)
+
+
+def cells() -> list[Cell]:
+    """(seed, dataset, strategy, split, variant) of every cell, in the order the workers take them."""
+    order = [(0, "trec", s, "holdout", "") for s in ALTERNATIVES]
+    order += [(seed, "trec", s, "holdout", v) for seed, s, v in ABLATIONS]
+    order += [(seed, "trec", s, "test", "") for seed in (0, 1) for s in KEY]
+    order += [(0, "trec", s, "test", "") for s in LORA_VARIANTS]
+    order += [(seed, ds, s, "test", "") for seed in (0, 1) for ds in ("sst5", "carer") for s in KEY]
+    order += [(0, ds, s, "test", "") for ds in DATASETS for s in OTHERS]
     return order
 
 
-def _grid(out: Path, seed: int, strategy: str, split: str) -> Path:
-    return out / f"seed{seed}-{group_of(strategy)}{'-holdout' if split == 'holdout' else ''}"
+def _grid(out: Path, seed: int, strategy: str, split: str, variant: str) -> Path:
+    suffix = ("-holdout" if split == "holdout" else "") + (f"-{variant}" if variant else "")
+    return out / f"seed{seed}-{group_of(strategy)}{suffix}"
 
 
-def _cell_dir(out: Path, seed: int, dataset: str, strategy: str, split: str) -> Path:
-    return _grid(out, seed, strategy, split) / "cells" / dataset / strategy.replace(":", "_")
+def _cell_dir(out: Path, seed: int, dataset: str, strategy: str, split: str, variant: str) -> Path:
+    return _grid(out, seed, strategy, split, variant) / "cells" / dataset / strategy.replace(":", "_")
 
 
-def _command(model: str, out: Path, seed: int, dataset: str, strategy: str, split: str,
+def _command(model: str, out: Path, seed: int, dataset: str, strategy: str, split: str, variant: str,
              data_dir: str) -> list[str]:
     return [sys.executable, "-m", "salf_engine", "compare", "--model", model, "--datasets", dataset,
             "--strategies", strategy, "--data-dir", data_dir,
-            "--output", str(_grid(out, seed, strategy, split)), "--seed", str(seed),
-            "--lr", LR[group_of(strategy)], "--eval-split", split, *SETTINGS]
+            "--output", str(_grid(out, seed, strategy, split, variant)), "--seed", str(seed),
+            "--lr", LR[group_of(strategy)], "--eval-split", split, *SETTINGS, *VARIANTS[variant]]
 
 
-def run(model: str, out: Path, data_dir: str, workers: int = 2) -> int:
-    """Run every unfinished cell, ``workers`` at a time; returns 1 if any cell failed."""
+def run(model: str, out: Path, data_dir: str, workers: int = 2, split: str | None = None) -> int:
+    """Run every unfinished cell (of one evaluation split, if given), ``workers`` at a time; returns 1 if
+    any cell failed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    todo = [c for c in cells() if not (_cell_dir(out, *c) / "summary.json").is_file()]
+    todo = [c for c in cells()
+            if split in (None, c[3]) and not (_cell_dir(out, *c) / "summary.json").is_file()]
     lock = threading.Lock()
-    failed: list[tuple[int, str, str]] = []
+    failed: list[Cell] = []
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -124,7 +144,7 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2) -> int:
     return 1 if failed else 0
 
 
-def _load(out: Path) -> dict[tuple[int, str, str, str], dict]:
+def _load(out: Path) -> dict[Cell, dict]:
     found = {}
     for cell in cells():
         path = _cell_dir(out, *cell) / "summary.json"
@@ -146,10 +166,11 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro") -> P
     found = _load(out)
     results.mkdir(parents=True, exist_ok=True)
     rows = []
-    for (seed, ds, strat, split), s in sorted(found.items(), key=lambda kv: (kv[0][3], kv[0][1], kv[0][2],
-                                                                            kv[0][0])):
-        full = found.get((seed, ds, "full", split))
-        rows.append(dict(dataset=ds, split=split, strategy=strat, seed=seed, lr=s.get("lr"),
+    order = sorted(found.items(), key=lambda kv: (kv[0][3], kv[0][1], kv[0][4], kv[0][2], kv[0][0]))
+    for (seed, ds, strat, split, variant), s in order:
+        full = found.get((seed, ds, "full", split, variant)) or found.get((seed, ds, "full", split, ""))
+        rows.append(dict(dataset=ds, split=split, strategy=f"{strat} [{variant}]" if variant else strat,
+                         seed=seed, lr=s.get("lr"),
                          free_macro_f1=s["fine_tuned"]["free_macro_f1"],
                          free_accuracy=s["fine_tuned"]["free_accuracy"],
                          backward_saving=s["cost_saving_ratio"], flops_ratio=s.get("flops_ratio"),
@@ -166,7 +187,10 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro") -> P
              f"lr {LR['weights']} (weights) / {LR['lora']} (LoRA). Values are mean ± half the range over "
              "the seeds run (one value = one seed). F1 = macro-F1, free decoding. Time = training + "
              "profiling seconds relative to `full` of the same dataset and seed (same run of this "
-             "script, two cells at a time on a 2-core CPU).", ""]
+             "script, two cells at a time on a 2-core CPU; a variant's `full` where it has one). "
+             "Variants: [random-in-class] profiles 1 example (depths random inside each class), "
+             "[profile25] a quarter of the examples, [steps32] takes steps of 32 examples (grad-accum 4).",
+             ""]
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     for ds, split in [("trec", "holdout"), *((ds, "test") for ds in DATASETS)]:
         mine = [r for r in rows if r["dataset"] == ds and r["split"] == split]
@@ -223,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default=str(ROOT / "runs" / "repro"))
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--split", choices=["holdout", "test"], help="only run the cells evaluated on this split")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     args = ap.parse_args(argv)
     out = Path(args.output)
-    status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers)
+    status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, args.split)
     print(report(out).read_text())
     return status
 
