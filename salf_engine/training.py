@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,6 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     the result equals an uninterrupted run's, bit for bit on the same device.
     """
     from . import checkpoint as ckpt_mod
-    from .data import collate
     from .evaluation import evaluate
     from .runner import TruncatedRunner
     from .semantics import semantic_bases
@@ -83,18 +83,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     if not resume and p.out_dir is not None and rank_and_world()[0] == 0:
         _refuse_to_clear_checkpoints(p.out_dir, config)
     if resume and p.out_dir is not None:
-        ckpt_mod.clean_temporary(p.out_dir)
-        ckpt = ckpt_mod.load_latest(p.out_dir, say=say)  # on the CPU: RNG states must stay there
-        if ckpt is None:
-            say(f"no whole checkpoint in {p.out_dir}: starting again from step 0")
-        else:
-            say(f"resuming from {ckpt.path} (step {ckpt.step})")
-            metrics = p.out_dir / "metrics.jsonl"
-            have = metrics.stat().st_size if metrics.exists() else 0
-            if have < ckpt.meta["metrics_bytes"]:
-                raise CheckpointError(
-                    f"{p.out_dir / 'metrics.jsonl'} is shorter ({have} bytes) than checkpoint {ckpt.path} "
-                    f"recorded ({ckpt.meta['metrics_bytes']} bytes)")
+        ckpt = _open_checkpoint(p.out_dir, say)
     run = RunDirectory(p.out_dir if rank_and_world()[0] == 0 else None,
                        resume_metrics_bytes=ckpt.meta["metrics_bytes"] if ckpt is not None else None)
     try:
@@ -134,7 +123,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         else:
             driver.profile(progress=progress, say=say)
         driver.begin(wrapped.parts.layers)
-        rank, world = rank_and_world()
+        world = rank_and_world()[1]
         step_size = config.batch_size * config.grad_accum * world
         total_steps = config.max_steps or math.ceil(len(train_split) / step_size) * config.epochs
         optimizer = build_optimizer(wrapped.trainable, config, lr)
@@ -153,6 +142,8 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         wrapped.model.train()
         losses: list[float] = []
         cost = CostMeter(m, lora=wrapped.lora)
+        run_step = _StepRunner(runner, wrapped, train_split, driver, cost, config, label_token_ids, pad_id,
+                               *rank_and_world())
         step = epoch = skipped = 0
         resume_plans = 0  # plans of the resumed epoch that ran before the checkpoint
         last_checkpoint: Path | None = None
@@ -191,24 +182,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                     ckpt_mod.set_rng_state(ckpt.state["rng"])
                 for plan in plans:
                     t_step = time.perf_counter()
-                    loss_sum = torch.zeros((), device=device)
-                    seen: list[tuple[list[int], torch.Tensor]] = []  # (indices, deviations) per micro-batch
-                    # this rank's share of every micro-batch (all of it on one process); every example
-                    # weighs 1 / (examples in the step), whatever its micro-batch and rank
-                    for mb in rank_slice(plan, rank, world):
-                        batch = collate(train_split, mb.indices, pad_id, padding_side="left")
-                        res = micro_batch_step(runner, wrapped, batch, mb.depth, mb.trainable,
-                                               weight=mb.weight, label_token_ids=label_token_ids, bases=bases,
-                                               config=config, want_deviations=driver.wants_deviations)
-                        if mb.weight > 0:
-                            loss_sum += res.loss * len(mb.indices)
-                            if res.deviations is not None:
-                                seen.append((mb.indices, res.deviations))
-                    for mb in plan.micro_batches:
-                        cost.add(len(mb.indices), mb.depth, mb.trainable)
-                    all_reduce_grads(wrapped.trainable)
-                    step_loss = float(all_reduce_sum(loss_sum)) / len(plan)
-                    grad_norm = float(clip_or_measure(wrapped.trainable, config.max_grad_norm))
+                    step_loss, grad_norm, seen = run_step(plan)
                     shown = plan.depths[0] if len(plan.micro_batches) == 1 else plan.depths
                     plans_done += 1
                     if math.isfinite(step_loss) and math.isfinite(grad_norm):
@@ -241,19 +215,18 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                                  "batch_size": len(plan), "skipped": what,
                                  "seconds": round(time.perf_counter() - t_step, 4)})
                     if config.save_every and step % config.save_every == 0 and run.path is not None:
-                        last_checkpoint = ckpt_mod.save_checkpoint(
-                            run.path, step,
-                            {"weights": {param_names[id(q)]: q.detach().cpu().clone()
-                                         for q in wrapped.trainable},
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "bases": runner.bases.detach().cpu() if runner.bases is not None else None,
-                             "rng": ckpt_mod.rng_state()},
-                            {"epoch": epoch, "plans_done": plans_done, "skipped_steps": skipped,
-                             "losses": losses, "cost": cost.state_dict(), "driver": driver.state_dict(),
-                             "strategy": strategy.state_dict(), "epoch_start_strategy": epoch_start,
-                             "metrics_bytes": run.metrics_bytes(),
-                             "zero_shot": _SavedReport.dump(zero_shot)},
-                            total_limit=config.save_total_limit)
+                        tensors = {"weights": {param_names[id(q)]: q.detach().cpu().clone()
+                                               for q in wrapped.trainable},
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "bases": runner.bases.detach().cpu() if runner.bases is not None else None,
+                                   "rng": ckpt_mod.rng_state()}
+                        meta = {"epoch": epoch, "plans_done": plans_done, "skipped_steps": skipped,
+                                "losses": losses, "cost": cost.state_dict(), "driver": driver.state_dict(),
+                                "strategy": strategy.state_dict(), "epoch_start_strategy": epoch_start,
+                                "metrics_bytes": run.metrics_bytes(),
+                                "zero_shot": _SavedReport.dump(zero_shot)}
+                        last_checkpoint = ckpt_mod.save_checkpoint(run.path, step, tensors, meta,
+                                                                   total_limit=config.save_total_limit)
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", depth=shown)
                     if step >= total_steps:
@@ -274,20 +247,8 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                  "seconds": round(final.seconds, 3)})
         say(_fmt_scores("fine-tuned", final.summary()))
 
-        # ---- artefacts (summary last)
-        if run.path is not None:
-            wrapped.model.save_pretrained(run.path / "model")
-            tokenizer.save_pretrained(run.path / "model")
-            run.write_json("eval.json", {"zero_shot": zero_shot.to_dict() if zero_shot else None,
-                                         "fine_tuned": final.to_dict()})
-            text = (f"== zero-shot ==\n{zero_shot.to_text()}\n\n" if zero_shot else "")
-            run.write_text("eval.txt", text + f"== fine-tuned ==\n{final.to_text()}\n")
-            if driver.eofs is not None:
-                from .plots import eof_histogram_png
-
-                profiled_eofs = [e for e in driver.eofs if e is not None]
-                title = f"eof-layers of {len(profiled_eofs)} training examples ({config.metric})"
-                eof_histogram_png(profiled_eofs, m, run.path / "eof_hist.png", title=title)
+        if run.path is not None:  # the artefacts; summary.json last
+            _write_artifacts(run, wrapped.model, tokenizer, zero_shot, final, driver, config.metric, m)
 
         profiled = driver.profiled + driver.probe_examples
         summary.update({
@@ -323,6 +284,84 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         return summary
     finally:
         run.close()
+
+
+def _open_checkpoint(out_dir: Path, say: Callable[[str], None]):
+    """The newest whole checkpoint of the run in ``out_dir`` (None: start again from step 0), after
+    checking that metrics.jsonl still holds what the checkpoint recorded."""
+    from . import checkpoint as ckpt_mod
+
+    ckpt_mod.clean_temporary(out_dir)
+    ckpt = ckpt_mod.load_latest(out_dir, say=say)  # on the CPU: RNG states must stay there
+    if ckpt is None:
+        say(f"no whole checkpoint in {out_dir}: starting again from step 0")
+        return None
+    say(f"resuming from {ckpt.path} (step {ckpt.step})")
+    metrics = out_dir / "metrics.jsonl"
+    have = metrics.stat().st_size if metrics.exists() else 0
+    if have < ckpt.meta["metrics_bytes"]:
+        raise CheckpointError(f"{metrics} is shorter ({have} bytes) than checkpoint {ckpt.path} recorded "
+                              f"({ckpt.meta['metrics_bytes']} bytes)")
+    return ckpt
+
+
+@dataclass
+class _StepRunner:
+    """Forward and backward of one optimizer step's micro-batches (this rank's share of each); the semantic
+    losses measure against the runner's current bases (recomputed every epoch with ``train_head``)."""
+
+    runner: Any
+    wrapped: Any
+    train_split: Any
+    driver: StrategyDriver
+    cost: CostMeter
+    config: TrainConfig
+    label_token_ids: torch.Tensor
+    pad_id: int
+    rank: int
+    world: int
+
+    def __call__(self, plan) -> tuple[float, float, list[tuple[list[int], torch.Tensor]]]:
+        """Gradients of the step accumulated (and all-reduced), clipped; returns (mean loss over the step's
+        examples, gradient norm, (indices, deviations) per micro-batch for ``driver.observe``)."""
+        from .data import collate
+
+        loss_sum = torch.zeros((), device=self.label_token_ids.device)
+        seen: list[tuple[list[int], torch.Tensor]] = []
+        # every example weighs 1 / (examples in the step), whatever its micro-batch and rank
+        for mb in rank_slice(plan, self.rank, self.world):
+            batch = collate(self.train_split, mb.indices, self.pad_id, padding_side="left")
+            res = micro_batch_step(self.runner, self.wrapped, batch, mb.depth, mb.trainable, weight=mb.weight,
+                                   label_token_ids=self.label_token_ids, bases=self.runner.bases,
+                                   config=self.config, want_deviations=self.driver.wants_deviations)
+            if mb.weight > 0:
+                loss_sum += res.loss * len(mb.indices)
+                if res.deviations is not None:
+                    seen.append((mb.indices, res.deviations))
+        for mb in plan.micro_batches:
+            self.cost.add(len(mb.indices), mb.depth, mb.trainable)
+        all_reduce_grads(self.wrapped.trainable)
+        step_loss = float(all_reduce_sum(loss_sum)) / len(plan)
+        grad_norm = float(clip_or_measure(self.wrapped.trainable, self.config.max_grad_norm))
+        return step_loss, grad_norm, seen
+
+
+def _write_artifacts(run: RunDirectory, model, tokenizer, zero_shot, final, driver: StrategyDriver,
+                     metric: str, num_layers: int) -> None:
+    """The fine-tuned model, eval.json / eval.txt and (with a profile) eof_hist.png in the run directory."""
+    from .plots import eof_histogram_png
+
+    assert run.path is not None
+    model.save_pretrained(run.path / "model")
+    tokenizer.save_pretrained(run.path / "model")
+    run.write_json("eval.json", {"zero_shot": zero_shot.to_dict() if zero_shot else None,
+                                 "fine_tuned": final.to_dict()})
+    text = f"== zero-shot ==\n{zero_shot.to_text()}\n\n" if zero_shot else ""
+    run.write_text("eval.txt", text + f"== fine-tuned ==\n{final.to_text()}\n")
+    if driver.eofs is not None:
+        profiled = [e for e in driver.eofs if e is not None]
+        eof_histogram_png(profiled, num_layers, run.path / "eof_hist.png",
+                          title=f"eof-layers of {len(profiled)} training examples ({metric})")
 
 
 def _shorten(indices: list[int], limit: int = 32) -> str:
