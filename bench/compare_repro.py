@@ -11,7 +11,7 @@ order of importance:
 1. TREC, seed 0, held-out split: SALF[half] under the default schedule and its alternatives
    (``eof-match`` assignment, one or two cuts per step, the ``paper`` schedule), LIFT*[half]; then the
    ablations (:data:`ABLATIONS`): a quarter of the examples profiled, no profile at all (random depths
-   inside each class), steps of 32 examples, a second seed;
+   inside each class), steps of 32 examples, twice the learning rate, a second seed;
 2. TREC, seed 0, then seed 1, test split: the five key strategies; then SALF[half] and LIFT*[half] on
    LoRA adapters (seed 0);
 3. SST-5 and CARER, seed 0, then seed 1: the key strategies;
@@ -55,11 +55,12 @@ ALTERNATIVES = ["salf:uniform:df", "salf:uniform:df:eof-match", "salf:uniform:df
 #: Extra options of a cell, by variant name ("" = none). A profile of 1 example in 960 leaves the class-rank
 #: assignment without semantics: every class spread over the depths at random (the ablation of the eof).
 VARIANTS = {"": [], "profile25": ["--profile-fraction", "0.25"],
-            "random-in-class": ["--profile-fraction", "0.001"], "steps32": ["--grad-accum", "4"]}
+            "random-in-class": ["--profile-fraction", "0.001"], "steps32": ["--grad-accum", "4"],
+            "lr2e-4": ["--lr", "2e-4"]}
 #: (seed, strategy, variant) ablations of SALF[half] on held-out TREC data, with their `full` references.
 ABLATIONS = [(0, "full", ""), (0, "salf:uniform:df", "random-in-class"), (0, "salf:uniform:df", "profile25"),
              (1, "salf:uniform:df", ""), (1, "salf:uniform:df", "random-in-class"), (1, "full", ""),
-             (0, "full", "steps32"), (0, "salf:uniform:df", "steps32")]
+             (0, "full", "steps32"), (0, "salf:uniform:df", "steps32"), (0, "salf:uniform:df", "lr2e-4")]
 #: SALF[half] and LIFT*[half] on LoRA adapters (the paper's own setup: appendix A.1), at the LoRA lr.
 LORA_VARIANTS = ["salf:uniform:df:lora", "lift-star-half:lora"]
 #: The rest of the paper's tables 3 and 4.
@@ -121,7 +122,7 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, split: str | Non
     out.mkdir(parents=True, exist_ok=True)
 
     def worker(k: int) -> None:
-        with open(out / f"worker{k}.log", "a") as log:
+        with open(out / f"worker{k}{f'-{split}' if split else ''}.log", "a") as log:
             while True:
                 with lock:
                     if not todo:
@@ -189,7 +190,8 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro") -> P
              "profiling seconds relative to `full` of the same dataset and seed (same run of this "
              "script, two cells at a time on a 2-core CPU; a variant's `full` where it has one). "
              "Variants: [random-in-class] profiles 1 example (depths random inside each class), "
-             "[profile25] a quarter of the examples, [steps32] takes steps of 32 examples (grad-accum 4).",
+             "[profile25] a quarter of the examples, [steps32] takes steps of 32 examples (grad-accum 4), "
+             "[lr2e-4] twice the learning rate.",
              ""]
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     for ds, split in [("trec", "holdout"), *((ds, "test") for ds in DATASETS)]:
