@@ -11,7 +11,8 @@ order of importance:
 1. TREC, seed 0, held-out split: SALF[half] under the default schedule and its alternatives
    (``eof-match`` assignment, one or two cuts per step, the ``paper`` schedule), LIFT*[half]; then the
    ablations (:data:`ABLATIONS`): a quarter of the examples profiled, no profile at all (random depths
-   inside each class), steps of 32 examples, twice the learning rate, a second seed;
+   inside each class), steps of 32 examples, twice the learning rate, a second seed; and no profile on
+   SST-5 and CARER (test split);
 2. TREC, seed 0, then seed 1, test split: the five key strategies; then SALF[half] and LIFT*[half] on
    LoRA adapters (seed 0);
 3. SST-5 and CARER, seed 0, then seed 1: the key strategies;
@@ -23,7 +24,7 @@ workers stop, or with ``--report-only``, it writes ``bench/results/repro/report.
 over seeds of macro-F1 with free decoding, backward saving, FLOPs and wall time relative to ``full``
 of the same dataset and seed) plus ``cells.csv`` and ``f1_vs_flops.png``.
 
-    python bench/compare_repro.py [--output runs/repro] [--data-dir ../shared/data] [--split holdout|test]
+    python bench/compare_repro.py [--output runs/repro] [--data-dir ../shared/data] [--ablations]
                                   [--workers 2] [--report-only]
 """
 
@@ -52,15 +53,20 @@ KEY = ["full", "salf:uniform:df", "lift-star-half", "lora-half", "salf:arith:df"
 #: SALF[half] under the default schedule and its variants, compared on held-out TREC data (seed 0).
 ALTERNATIVES = ["salf:uniform:df", "salf:uniform:df:eof-match", "salf:uniform:df:cuts1",
                 "salf:uniform:df:cuts2", "salf:uniform:df:paper", "lift-star-half"]
+Cell = tuple[int, str, str, str, str]  # (seed, dataset, strategy, split, variant)
 #: Extra options of a cell, by variant name ("" = none). A profile of 1 example in 960 leaves the class-rank
 #: assignment without semantics: every class spread over the depths at random (the ablation of the eof).
 VARIANTS = {"": [], "profile25": ["--profile-fraction", "0.25"],
             "random-in-class": ["--profile-fraction", "0.001"], "steps32": ["--grad-accum", "4"],
             "lr2e-4": ["--lr", "2e-4"]}
-#: (seed, strategy, variant) ablations of SALF[half] on held-out TREC data, with their `full` references.
-ABLATIONS = [(0, "full", ""), (0, "salf:uniform:df", "random-in-class"), (0, "salf:uniform:df", "profile25"),
-             (1, "salf:uniform:df", ""), (1, "salf:uniform:df", "random-in-class"), (1, "full", ""),
-             (0, "full", "steps32"), (0, "salf:uniform:df", "steps32"), (0, "salf:uniform:df", "lr2e-4")]
+#: Ablations of SALF[half] (seed, dataset, strategy, split, variant), with their `full` references: on
+#: held-out TREC data, then without a profile on the test splits of SST-5 and CARER.
+ABLATIONS = [(seed, "trec", strategy, "holdout", variant) for seed, strategy, variant in [
+    (0, "full", ""), (0, "salf:uniform:df", "random-in-class"), (0, "salf:uniform:df", "profile25"),
+    (1, "salf:uniform:df", ""), (1, "salf:uniform:df", "random-in-class"), (1, "full", ""),
+    (0, "full", "steps32"), (0, "salf:uniform:df", "steps32")]]
+ABLATIONS += [(0, ds, "salf:uniform:df", "test", "random-in-class") for ds in ("sst5", "carer")]
+ABLATIONS += [(0, "trec", "salf:uniform:df", "holdout", "lr2e-4")]
 #: SALF[half] and LIFT*[half] on LoRA adapters (the paper's own setup: appendix A.1), at the LoRA lr.
 LORA_VARIANTS = ["salf:uniform:df:lora", "lift-star-half:lora"]
 #: The rest of the paper's tables 3 and 4.
@@ -78,13 +84,10 @@ def group_of(strategy: str) -> str:
     return "lora" if strategy.startswith("lora") or strategy.endswith(":lora") else "weights"
 
 
-Cell = tuple[int, str, str, str, str]  # (seed, dataset, strategy, split, variant)
-
-
 def cells() -> list[Cell]:
     """(seed, dataset, strategy, split, variant) of every cell, in the order the workers take them."""
     order = [(0, "trec", s, "holdout", "") for s in ALTERNATIVES]
-    order += [(seed, "trec", s, "holdout", v) for seed, s, v in ABLATIONS]
+    order += ABLATIONS
     order += [(seed, "trec", s, "test", "") for seed in (0, 1) for s in KEY]
     order += [(0, "trec", s, "test", "") for s in LORA_VARIANTS]
     order += [(seed, ds, s, "test", "") for seed in (0, 1) for ds in ("sst5", "carer") for s in KEY]
@@ -109,20 +112,19 @@ def _command(model: str, out: Path, seed: int, dataset: str, strategy: str, spli
             "--lr", LR[group_of(strategy)], "--eval-split", split, *SETTINGS, *VARIANTS[variant]]
 
 
-def run(model: str, out: Path, data_dir: str, workers: int = 2, split: str | None = None) -> int:
-    """Run every unfinished cell (of one evaluation split, if given), ``workers`` at a time; returns 1 if
-    any cell failed."""
+def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell] | None = None) -> int:
+    """Run every unfinished cell (of ``only``, if given), ``workers`` at a time; returns 1 if any failed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     todo = [c for c in cells()
-            if split in (None, c[3]) and not (_cell_dir(out, *c) / "summary.json").is_file()]
+            if (only is None or c in only) and not (_cell_dir(out, *c) / "summary.json").is_file()]
     lock = threading.Lock()
     failed: list[Cell] = []
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
 
     def worker(k: int) -> None:
-        with open(out / f"worker{k}{f'-{split}' if split else ''}.log", "a") as log:
+        with open(out / f"worker{k}{'-ablations' if only else ''}.log", "a") as log:
             while True:
                 with lock:
                     if not todo:
@@ -249,11 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default=str(ROOT / "runs" / "repro"))
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--split", choices=["holdout", "test"], help="only run the cells evaluated on this split")
+    ap.add_argument("--ablations", action="store_true", help="only run the ablation cells")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     args = ap.parse_args(argv)
     out = Path(args.output)
-    status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, args.split)
+    status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers,
+                                                  ABLATIONS if args.ablations else None)
     print(report(out).read_text())
     return status
 
