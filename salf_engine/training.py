@@ -123,7 +123,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         else:
             driver.profile(progress=progress, say=say)
         driver.begin(wrapped.parts.layers)
-        world = rank_and_world()[1]
+        rank, world = rank_and_world()
         step_size = config.batch_size * config.grad_accum * world
         total_steps = config.max_steps or math.ceil(len(train_split) / step_size) * config.epochs
         optimizer = build_optimizer(wrapped.trainable, config, lr)
@@ -143,7 +143,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         losses: list[float] = []
         cost = CostMeter(m, lora=wrapped.lora)
         run_step = _StepRunner(runner, wrapped, train_split, driver, cost, config, label_token_ids, pad_id,
-                               *rank_and_world())
+                               rank, world)
         step = epoch = skipped = 0
         resume_plans = 0  # plans of the resumed epoch that ran before the checkpoint
         last_checkpoint: Path | None = None
