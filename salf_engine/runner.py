@@ -61,6 +61,36 @@ def _call_layer(layer: nn.Module, hidden: Tensor, **kwargs: Any) -> Tensor:
         layer.gradient_checkpointing = flag
 
 
+class _RowSlices:
+    """Layer keyword arguments restricted to rows ``[start, stop)`` of a batch of ``batch`` rows.
+
+    Tensors (and tuples of them) whose first dimension is the batch are sliced; those broadcast over it
+    (rotary tables of shape [1, T, d], position ids [1, T]) and None pass as they are. Each slice is made
+    once per forward (layers of one attention type share their arguments)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self._cache: dict[tuple[int, int, int], dict[str, Any]] = {}
+
+    def __call__(self, kwargs: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+        if start == 0 and stop == self.batch:
+            return kwargs
+        key = (id(kwargs), start, stop)
+        if key not in self._cache:
+            self._cache[key] = {name: self._slice(value, start, stop) for name, value in kwargs.items()}
+        return self._cache[key]
+
+    def _slice(self, value: Any, start: int, stop: int) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, tuple):
+            return tuple(self._slice(v, start, stop) for v in value)
+        if isinstance(value, Tensor):
+            return value[start:stop] if value.dim() and value.shape[0] == self.batch else value
+        raise ConfigError(f"per-row depths cannot split a layer argument of type {type(value).__name__} "
+                          "by rows; use an eager or sdpa attention implementation")
+
+
 def _hf_checkpointing_on(layers: list[nn.Module]) -> bool:
     """Whether transformers' gradient checkpointing is enabled (and active: training mode) on any layer."""
     return any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in layers)
@@ -113,50 +143,66 @@ class TruncatedRunner:
             raise ConfigError(f"bases must be [K, {self._hidden_size()}], got {tuple(bases.shape)}")
         self.bases = bases
 
-    def _check_depth(self, depth: Any) -> int:
-        if isinstance(depth, Tensor) and depth.numel() == 1:
-            depth = int(depth.item())
-        if isinstance(depth, bool) or not isinstance(depth, int):
-            raise ConfigError(f"depth must be an int in 0..{self.num_layers}, got {depth!r}")
-        if not 0 <= depth <= self.num_layers:
+    def _check_depths(self, depth: Any, batch: int) -> list[int]:
+        """``depth`` (an int, or one int per row as a list or [B] tensor) as a list of B ints in 0..m."""
+        m = self.num_layers
+        if isinstance(depth, Tensor):
+            if depth.dim() > 1 or depth.dtype.is_floating_point or depth.dtype == torch.bool:
+                raise ConfigError(f"depth must be an int or a [B] integer tensor, got {depth.dtype} "
+                                  f"of shape {tuple(depth.shape)}")
+            depth = int(depth.item()) if depth.dim() == 0 else depth.tolist()
+        if isinstance(depth, int) and not isinstance(depth, bool):
+            depths = [depth] * batch
+        elif isinstance(depth, list | tuple) and all(
+                isinstance(d, int) and not isinstance(d, bool) for d in depth):
+            depths = list(depth)
+            if len(depths) != batch:
+                raise ConfigError(f"depth has {len(depths)} entries for a batch of {batch} rows")
+        else:
+            raise ConfigError(f"depth must be an int in 0..{m} or one such int per row, got {depth!r}")
+        bad = [d for d in depths if not 0 <= d <= m]
+        if bad:
             raise ConfigError(
-                f"depth {depth} is out of range: the model has {self.num_layers} decoder layers, "
-                f"so depth must be in 0..{self.num_layers}"
+                f"depth {bad[0]} is out of range: the model has {m} decoder layers, so depth must be in 0..{m}"
             )
-        return depth
+        return depths
 
     def __call__(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None,
         *,
-        depth: int,
+        depth: int | Tensor | list[int],
         last_index: Tensor | None = None,
         labels: Tensor | None = None,
         logits: str = "last",
         gradient_checkpointing: bool = False,
         train_embeddings: bool = False,
     ) -> RunnerOutput:
-        """One forward with ``layers[0..depth-1]`` frozen (no graph) and the rest trainable.
+        """One forward in which each row's bottom ``depth`` layers are frozen (no graph), the rest trainable.
 
         Args:
             input_ids / attention_mask: [B, T] (left or right padding; mask 1 = token).
-            depth: number of frozen bottom layers, 0..m (m = all layers frozen, only norm + head train).
+            depth: number of frozen bottom layers, 0..m (m = all layers frozen, only norm + head train):
+                one int for the whole batch, or one per row (a list or a [B] tensor). Rows are sorted
+                deepest first, so at layer i the rows still frozen there are a prefix: it runs under
+                ``no_grad``, the rest with autograd (at most two calls per layer), and a row joins the
+                trained rows, detached, at its own cut. Outputs come back in the input's row order.
             last_index: [B] medium-token position per row; default the last non-padding position.
             labels: [B] class indices into ``bases`` (deviations are computed only with bases and labels).
             logits: "last" (head on the [B, D] medium-token states only) or "all" ([B, T, V]).
-            gradient_checkpointing: recompute each trained layer in backward (the frozen prefix is never
-                checkpointed). Also on when the model had transformers' gradient checkpointing enabled.
-            train_embeddings: at depth 0, run the embedding with autograd as well (full fine-tuning).
+            gradient_checkpointing: recompute each trained layer call in backward (the frozen rows are
+                never checkpointed). Also on when the model had transformers' gradient checkpointing enabled.
+            train_embeddings: with every depth 0, run the embedding with autograd as well (full fine-tuning).
         """
-        depth = self._check_depth(depth)
         if logits not in _LOGITS:
             raise ConfigError(f"logits must be 'last' or 'all', got {logits!r}")
-        if train_embeddings and depth != 0:
-            raise ConfigError("train_embeddings needs depth 0 (the embedding is below every frozen layer)")
         if input_ids.dim() != 2:
             raise ConfigError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         batch = input_ids.shape[0]
+        depths = self._check_depths(depth, batch)
+        if train_embeddings and any(depths):
+            raise ConfigError("train_embeddings needs depth 0 (the embedding is below every frozen layer)")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ConfigError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != "
@@ -172,53 +218,93 @@ class TruncatedRunner:
                 )
         want_dev = self.bases is not None and labels is not None
 
+        # deepest first (stable): the rows frozen at layer i are rows [0, frozen_at[i])
+        order = sorted(range(batch), key=lambda r: -depths[r])
+        permuted = order != list(range(batch))
+        if permuted:
+            perm = torch.tensor(order, device=input_ids.device)
+            input_ids, last_index = input_ids[perm], last_index[perm]
+            attention_mask = attention_mask[perm] if attention_mask is not None else None
+        frozen_at = [sum(d > i for d in depths) for i in range(self.num_layers + 1)]
+
+        hidden, states = self._layers(input_ids, attention_mask, last_index, frozen_at, want_dev=want_dev,
+                                      gradient_checkpointing=gradient_checkpointing,
+                                      train_embeddings=train_embeddings)
         parts = self.parts
-        m = self.num_layers
-        layers = [parts.layers[i] for i in range(m)]
         rows = torch.arange(batch, device=input_ids.device)
-        grad_on = torch.is_grad_enabled()
-
-        use_ckpt = (gradient_checkpointing or _hf_checkpointing_on(layers)) and grad_on
-        states: Tensor | None = None
-        with torch.set_grad_enabled(grad_on and train_embeddings):
-            hidden = parts.embed_tokens(input_ids)
-        with torch.no_grad():
-            layer_kwargs = parts.layer_inputs(hidden, attention_mask, None)
-            if want_dev:
-                # medium-token rows of spaces 0..m, one buffer: states[k] = h_k at last_index, [B, D]
-                states = hidden.new_empty((m + 1, batch, hidden.shape[-1]))
-                states[0] = hidden[rows, last_index]
-            for i in range(depth):
-                hidden = _call_layer(layers[i], hidden, **layer_kwargs[i])
-                if states is not None and i < m - 1:
-                    states[i + 1] = hidden[rows, last_index]
-        if not train_embeddings:
-            # The cut: nothing below this point can ever receive a gradient, whatever hooks set.
-            hidden = hidden.detach()
-        for i in range(depth, m):
-            if use_ckpt:
-                hidden = checkpoint(_call_layer, layers[i], hidden, use_reentrant=False, **layer_kwargs[i])
-            else:
-                hidden = _call_layer(layers[i], hidden, **layer_kwargs[i])
-            if states is not None and i < m - 1:
-                with torch.no_grad():
-                    states[i + 1] = hidden[rows, last_index]
-
         if logits == "last":
             last_hidden = parts.final_norm(hidden[rows, last_index])
-            out_logits = parts.head(last_hidden)
+            normed = last_hidden
         else:
             normed = parts.final_norm(hidden)
             last_hidden = normed[rows, last_index]
-            out_logits = parts.head(normed)
+        if states is not None:
+            states[self.num_layers] = last_hidden.detach()
+        if permuted:
+            inverse = torch.empty_like(perm)
+            inverse[perm] = rows
+            normed, last_hidden = normed[inverse], last_hidden[inverse]
+            states = states[:, inverse] if states is not None else None
+        out_logits = parts.head(normed)
 
         dev = None
-        if want_dev:
-            assert states is not None and labels is not None
+        if states is not None:
+            assert labels is not None
             with torch.no_grad():
-                states[m] = last_hidden
                 dev = self._deviations(states, labels)
         return RunnerOutput(logits=out_logits, deviations=dev, last_hidden=last_hidden)
+
+    def _layers(self, input_ids: Tensor, attention_mask: Tensor | None, last_index: Tensor,
+                frozen_at: list[int], *, want_dev: bool, gradient_checkpointing: bool,
+                train_embeddings: bool) -> tuple[Tensor, Tensor | None]:
+        """The decoder stack over rows sorted deepest first: at layer i rows ``[0, frozen_at[i])`` run
+        without autograd, the others with it. Returns the last layer's [B, T, D] output (rows in the
+        sorted order) and, with ``want_dev``, the medium-token states of spaces 0..m-1 ([m+1, B, D])."""
+        parts = self.parts
+        m = self.num_layers
+        batch = input_ids.shape[0]
+        layers = [parts.layers[i] for i in range(m)]
+        rows = torch.arange(batch, device=input_ids.device)
+        grad_on = torch.is_grad_enabled()
+        use_ckpt = (gradient_checkpointing or _hf_checkpointing_on(layers)) and grad_on
+        with torch.set_grad_enabled(grad_on and train_embeddings):
+            embedded = parts.embed_tokens(input_ids)
+        with torch.no_grad():
+            layer_kwargs = parts.layer_inputs(embedded, attention_mask, None)
+        sliced = _RowSlices(batch)
+        states: Tensor | None = None
+        if want_dev:
+            # medium-token rows of spaces 0..m, one buffer: states[k] = h_k at last_index, [B, D]
+            states = embedded.new_empty((m + 1, batch, embedded.shape[-1]))
+            states[0] = embedded.detach()[rows, last_index]
+
+        frozen, trained = embedded, None  # rows [0, k) and [k, B) of the sorted batch
+        k = batch
+        for i in range(m + 1):
+            cut = frozen_at[i]
+            if cut < k:  # rows [cut, k) reach their own cut here: they join the trained rows, detached
+                joining = frozen[cut:] if train_embeddings else frozen[cut:].detach()
+                trained = joining if trained is None else torch.cat([joining, trained])
+                frozen, k = frozen[:cut], cut
+            if i == m:
+                break
+            if k:
+                with torch.no_grad():
+                    frozen = _call_layer(layers[i], frozen, **sliced(layer_kwargs[i], 0, k))
+            if trained is not None:
+                kwargs = sliced(layer_kwargs[i], k, batch)
+                if use_ckpt:
+                    trained = checkpoint(_call_layer, layers[i], trained, use_reentrant=False, **kwargs)
+                else:
+                    trained = _call_layer(layers[i], trained, **kwargs)
+            if states is not None and i < m - 1:
+                with torch.no_grad():
+                    if k:
+                        states[i + 1, :k] = frozen[rows[:k], last_index[:k]]
+                    if k < batch:
+                        states[i + 1, k:] = trained[rows[: batch - k], last_index[k:]]
+        assert trained is not None
+        return trained, states
 
     def _deviations(self, states: Tensor, labels: Tensor) -> Tensor:
         from .deviation import deviations
