@@ -22,7 +22,7 @@ __all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES", 
 DType = Literal["float32", "bf16"]
 Loss = Literal["next-token", "semantic-ce", "cosine"]
 LRSchedule = Literal["linear", "constant"]
-DepthSchedule = Literal["mixed", "paper"]
+DepthSchedule = Literal["per-row", "mixed", "paper"]
 DepthAssignment = Literal["class-rank", "eof-match"]
 Infill = Literal["bf", "df"]
 #: What a non-finite loss or gradient does: stop the run (the last good checkpoint stays), or skip the step.
@@ -73,11 +73,16 @@ class TrainConfig:
     budget: str | None = _opt(None, "SALF budget plan: uniform, arith, geom (default: none)")
     infill: Infill | None = _opt(None, "budget infilling order (sets the quotas, not the visit order)")
     depth_schedule: DepthSchedule = _opt(
-        "mixed", "mixed (several cuts per optimizer step) or paper (Algorithm 4 as written)")
+        "per-row", "per-row (every row of a forward at its own cut), mixed (cuts-per-step micro-batches "
+                   "of one cut each per optimizer step) or paper (Algorithm 4 as written)")
     depth_assignment: DepthAssignment = _opt(
         "class-rank", "budgeted SALF: class-rank or eof-match (Algorithm 4's matching)")
-    cuts_per_step: int = _opt(4, "micro-batches of different depths per optimizer step (SALF, LIFT)")
-    profile_fraction: float = _opt(1.0, "share of the training examples profiled before epoch 0")
+    cuts_per_step: int = _opt(4, "micro-batches of different depths per optimizer step (SALF's mixed "
+                                 "schedule, LIFT)")
+    cut_levels: int | None = _opt(None, "per-row schedule: round each forward's depths down to at most "
+                                        "this many distinct cuts (default: every row at its own depth)")
+    profile_fraction: float = _opt(0.05, "share of the training examples profiled before epoch 0 (later "
+                                         "eofs come from the training forward; 1 = the paper's full pass)")
     train_head: bool = _opt(False, "train the LM head under layer-freezing strategies too "
                                    "(full always trains it)")
     freeze_fraction: float | None = _opt(None, "frozen share of the layers for bot / top / int / adt")
@@ -170,6 +175,7 @@ class TrainConfig:
             raise ConfigError("save_every is not supported with the 'paper' depth schedule: its plans "
                               "probe the weights while they are made, so a resumed epoch cannot replay them")
         positive("cuts_per_step", self.cuts_per_step)
+        positive("cut_levels", self.cut_levels, allow_none=True)
         if not _finite(self.profile_fraction) or not 0 < self.profile_fraction <= 1:
             raise ConfigError(f"profile_fraction must be in (0, 1], got {self.profile_fraction!r}")
         if self.lr is not None and (not _finite(self.lr) or self.lr <= 0):

@@ -32,15 +32,27 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients of `params` over the ranks (those with a gradient: the same on every rank, as
-    every rank trains the same cuts and masks); a no-op on one process."""
+    """Average the gradients of `params` over the ranks; a no-op on one process.
+
+    Under per-row cuts the ranks' rows differ, so a layer may have a gradient on one rank and none on
+    another. One small all-reduce first agrees on which parameters any rank has a gradient for; those
+    are reduced everywhere (a rank without one contributes zeros), the others stay None on every rank,
+    so the optimizer skips them as on one process.
+    """
     _, world = rank_and_world()
     if world == 1:
         return
-    for q in params:
-        if q.grad is not None:
-            dist.all_reduce(q.grad, op=dist.ReduceOp.SUM)
-            q.grad.div_(world)
+    device = next((q.grad.device for q in params if q.grad is not None),
+                  params[0].device if params else torch.device("cpu"))
+    has = torch.tensor([q.grad is not None for q in params], dtype=torch.int32, device=device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    for q, anyone in zip(params, has.tolist(), strict=True):
+        if not anyone:
+            continue
+        if q.grad is None:
+            q.grad = torch.zeros_like(q)
+        dist.all_reduce(q.grad, op=dist.ReduceOp.SUM)
+        q.grad.div_(world)
 
 
 def init_from_env(device: torch.device) -> None:

@@ -144,14 +144,15 @@ class SalfTrainerMixin:
     """Mix into ``transformers.Trainer`` (or ``trl.SFTTrainer``): ``class T(SalfTrainerMixin, Trainer)``.
 
     Keyword arguments (besides the trainer's own):
-        salf_strategy: a Strategy, or a strategy name for ``salf_config``.
+        salf_strategy: a Strategy, or a strategy name (default: ``salf_config.strategy``, else "salf");
+            a name that contradicts ``salf_config.strategy`` is an error.
         salf_config: TrainConfig of the SALF settings (budget, eof boundary, profile fraction, lens, LoRA,
             train_head...); its optimisation fields are ignored (the trainer's arguments rule).
         salf_bases: float32 [K, D] label bases (``semantics.semantic_bases``), for eof-layers.
         salf_grad_accum: micro-batches of ``per_device_train_batch_size`` per optimizer step.
     """
 
-    def __init__(self, model: Any = None, args: Any = None, *args_rest: Any, salf_strategy: Any = "salf",
+    def __init__(self, model: Any = None, args: Any = None, *args_rest: Any, salf_strategy: Any = None,
                  salf_config: TrainConfig | None = None, salf_bases: torch.Tensor | None = None,
                  salf_grad_accum: int = 1, **kwargs: Any) -> None:
         from .inputs import strategy_from_config
@@ -162,6 +163,11 @@ class SalfTrainerMixin:
         if kwargs.get("peft_config") is not None:
             raise ConfigError("pass a PEFT-wrapped model or salf_config.lora instead of peft_config: the "
                               "adapters must exist before SALF patches the model")
+        if isinstance(salf_strategy, str) and salf_config is not None and salf_config.strategy != salf_strategy:
+            raise ConfigError(f"salf_strategy={salf_strategy!r} contradicts salf_config.strategy="
+                              f"{salf_config.strategy!r}; give the strategy once (TrainConfig(strategy=...))")
+        if salf_strategy is None:
+            salf_strategy = salf_config.strategy if salf_config is not None else "salf"
         name = salf_strategy if isinstance(salf_strategy, str) else salf_strategy.name
         cfg = salf_config or TrainConfig(model="hf", dataset="hf", strategy=name, seed=args.seed)
         strategy = strategy_from_config(cfg) if isinstance(salf_strategy, str) else salf_strategy
@@ -287,7 +293,8 @@ class SalfTrainerMixin:
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
             with sync:
                 with self.compute_loss_context_manager():
-                    out = model(**batch, salf_depth=meta.depth, salf_train_embeddings=train_embed)
+                    out = model(**batch, salf_depth=meta.runner_depth,
+                                salf_train_embeddings=train_embed and not any(meta.depths))
                 loss = out.loss * meta.weight
                 self.accelerator.backward(loss)
             total += loss.detach()

@@ -127,7 +127,8 @@ def strategy_from_config(config: TrainConfig):
     return make_strategy(config.strategy, budget=config.budget, infill=config.infill,
                          freeze_fraction=config.freeze_fraction, seed=config.seed,
                          boundary=config.eof_boundary, lora=config.lora, schedule=config.depth_schedule,
-                         assignment=config.depth_assignment, cuts_per_step=config.cuts_per_step)
+                         assignment=config.depth_assignment, cuts_per_step=config.cuts_per_step,
+                         cut_levels=config.cut_levels)
 
 
 def check_resume(config: TrainConfig) -> None:

@@ -1,9 +1,9 @@
 """Patch a causal LM so that its ordinary ``forward(**batch)`` runs through the truncated runner.
 
-A batch that carries ``salf_depth`` (one cut for the whole batch: an int, or a [B] tensor whose entries
-are all equal) runs ``layers[0..depth-1]`` without autograd and returns the usual HF output (``loss`` from
-the model's own loss function over ``labels``, with ``num_items_in_batch`` when given, and ``logits``)
-plus the batch's per-sample ``deviations`` when the patch has semantic bases and the batch carries
+A batch that carries ``salf_depth`` (one cut for the whole batch as an int, or one per row as a [B]
+tensor or list: a ``salf_depth`` column collates to that) runs each row's ``layers[0..depth-1]``
+without autograd and returns the usual HF output (``loss`` from the model's own loss function over
+``labels``, with ``num_items_in_batch`` when given, and ``logits``) plus the batch's per-sample ``deviations`` when the patch has semantic bases and the batch carries
 ``salf_label`` (class indices); ``salf_train_embeddings`` (default: cut 0 and a trainable embedding)
 runs the embedding with autograd; ``salf_logits="last"`` returns only the medium token's [B, V] logits (no
 loss: eof profiles). A batch without ``salf_depth`` (evaluation, generation) runs the original
@@ -58,15 +58,16 @@ def medium_index(labels: Tensor | None, attention_mask: Tensor | None, input_ids
     return torch.where(supervised.any(dim=-1) & (first > 0), first - 1, fallback)
 
 
-def _uniform_depth(depth: Any) -> int:
+def _batch_depth(depth: Any) -> int | list[int]:
+    """``salf_depth`` as the runner takes it: one int, or one int per row (a [B] tensor or a list)."""
     if isinstance(depth, Tensor):
         flat = depth.reshape(-1)
         if flat.numel() == 0:
             raise ConfigError("salf_depth is empty")
-        if not bool((flat == flat[0]).all()):
-            cuts = sorted(set(flat.tolist()))
-            raise ConfigError(f"salf_depth must be one cut for the whole batch, got {cuts}")
-        return int(flat[0])
+        if flat.dtype.is_floating_point or flat.dtype == torch.bool:
+            raise ConfigError(f"salf_depth must hold integers, got {flat.dtype}")
+        values = flat.tolist()
+        return values[0] if depth.dim() == 0 else values
     return depth
 
 
@@ -104,10 +105,11 @@ def patch_model(model: nn.Module, *, bases: Tensor | None = None, lens: str = "f
             return original(*args, **kwargs)
         if args:
             raise ConfigError("the SALF-patched forward takes keyword arguments only (forward(**batch))")
-        depth = _uniform_depth(salf_depth)
+        depth = _batch_depth(salf_depth)
         if salf_train_embeddings is None:
             embed = runner.parts.embed.parameters()
-            salf_train_embeddings = depth == 0 and any(q.requires_grad for q in embed)
+            rows = depth if isinstance(depth, list) else [depth]
+            salf_train_embeddings = not any(rows) and any(q.requires_grad for q in embed)
         return _truncated_forward(causal_lm, runner, depth, salf_label, bool(salf_train_embeddings),
                                   gradient_checkpointing, salf_logits, **kwargs)
 

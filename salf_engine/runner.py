@@ -91,6 +91,15 @@ class _RowSlices:
                           "by rows; use an eager or sdpa attention implementation")
 
 
+def _fsdp_sharded(layers: list[nn.Module]) -> bool:
+    """Whether the decoder layers are FSDP2 modules (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return any(isinstance(layer, FSDPModule) for layer in layers)
+
+
 def _hf_checkpointing_on(layers: list[nn.Module]) -> bool:
     """Whether transformers' gradient checkpointing is enabled (and active: training mode) on any layer."""
     return any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in layers)
@@ -163,7 +172,8 @@ class TruncatedRunner:
         bad = [d for d in depths if not 0 <= d <= m]
         if bad:
             raise ConfigError(
-                f"depth {bad[0]} is out of range: the model has {m} decoder layers, so depth must be in 0..{m}"
+                f"depth {bad[0]} is out of range: the model has {m} decoder layers, "
+                f"so depth must be in 0..{m}"
             )
         return depths
 
@@ -218,6 +228,17 @@ class TruncatedRunner:
                 )
         want_dev = self.bases is not None and labels is not None
 
+        # FSDP2 gathers a layer's weights at every call and reduces its gradients after its backward, so every
+        # rank must make the same calls although its rows sit at other cuts: two ghost copies of row 0, one
+        # frozen everywhere and one trained everywhere, give every layer both calls on every rank
+        ghosts = 2 if _fsdp_sharded(list(self.parts.layers)) else 0
+        if ghosts:
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(ghosts, -1)])
+            attention_mask = (torch.cat([attention_mask, attention_mask[:1].expand(ghosts, -1)])
+                              if attention_mask is not None else None)
+            last_index = torch.cat([last_index, last_index[:1].expand(ghosts)])
+            depths = [*depths, self.num_layers, 0]
+            batch += ghosts
         # deepest first (stable): the rows frozen at layer i are rows [0, frozen_at[i])
         order = sorted(range(batch), key=lambda r: -depths[r])
         permuted = order != list(range(batch))
@@ -245,6 +266,11 @@ class TruncatedRunner:
             inverse[perm] = rows
             normed, last_hidden = normed[inverse], last_hidden[inverse]
             states = states[:, inverse] if states is not None else None
+        if ghosts:  # the trained ghost joins the loss with weight 0: every rank runs backward through it
+            batch -= ghosts
+            zero = 0.0 * normed[batch:].sum()
+            normed, last_hidden = normed[:batch] + zero, last_hidden[:batch] + zero
+            states = states[:, :batch] if states is not None else None
         out_logits = parts.head(normed)
 
         dev = None

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Sampler
 
 from .errors import ConfigError
+from .strategies import MicroBatch
 
 __all__ = ["DepthBucketSampler", "LocalMicroBatch", "PlanBatchSampler", "rank_slice"]
 
@@ -116,14 +117,12 @@ class DepthBucketSampler(Sampler[list[int]]):
 
 
 @dataclass
-class LocalMicroBatch:
-    """One rank's share of a micro-batch: its sample ``indices``, the shared cut ``depth`` and ``trainable``
-    mask, and the loss ``weight`` that makes the averaged gradient of all ranks equal one process's."""
+class LocalMicroBatch(MicroBatch):
+    """One rank's share of a micro-batch: its sample ``indices`` (with their ``row_depths`` under the
+    per-row schedule), the shared lowest cut ``depth`` and ``trainable`` mask, and the loss ``weight`` that
+    makes the averaged gradient of all ranks equal one process's."""
 
-    indices: list[int]
-    depth: int
-    trainable: list[bool]
-    weight: float
+    weight: float = 1.0
 
 
 def _check_rank(rank: int, num_replicas: int) -> None:
@@ -144,7 +143,8 @@ def rank_slice(plan: Any, rank: int = 0, num_replicas: int = 1) -> list[LocalMic
     for mb in plan.micro_batches:
         mine = list(mb.indices[rank::num_replicas])
         weight = len(mine) * num_replicas / total
-        out.append(LocalMicroBatch(mine or list(mb.indices[:1]), mb.depth, list(mb.trainable), weight))
+        rows = None if mb.row_depths is None else list(mb.row_depths[rank::num_replicas] or mb.row_depths[:1])
+        out.append(LocalMicroBatch(mine or list(mb.indices[:1]), mb.depth, list(mb.trainable), rows, weight))
     return out
 
 

@@ -97,19 +97,22 @@ class MicroBatchResult:
     deviations: torch.Tensor | None
 
 
-def micro_batch_step(runner, model, batch: dict[str, Any], depth: int, trainable: Sequence[bool], *,
-                     weight: float, label_token_ids: torch.Tensor, bases: torch.Tensor | None,
-                     config: TrainConfig, want_deviations: bool = False) -> MicroBatchResult:
-    """Forward a collated micro-batch at cut ``depth`` with the plan's ``trainable`` mask, backward its loss
-    times ``weight`` (its share of the step's examples); gradients accumulate in the parameters.
+def micro_batch_step(runner, model, batch: dict[str, Any], depth: int | Sequence[int],
+                     trainable: Sequence[bool], *, weight: float, label_token_ids: torch.Tensor,
+                     bases: torch.Tensor | None, config: TrainConfig,
+                     want_deviations: bool = False) -> MicroBatchResult:
+    """Forward a collated micro-batch at cut ``depth`` (one int, or one per row: ``MicroBatch.runner_depth``)
+    with the plan's ``trainable`` mask, backward its loss times ``weight`` (its share of the step's
+    examples); gradients accumulate in the parameters.
 
     ``model`` is the :class:`~salf_engine.wrapping.TrainableModel` whose ``requires_grad`` flags follow the
-    mask; ``batch`` holds input_ids, attention_mask, last_index and labels ([B]) tensors; ``bases`` are the
-    label bases of the semantic losses.
+    mask from the lowest cut up; ``batch`` holds input_ids, attention_mask, last_index and labels ([B])
+    tensors; ``bases`` are the label bases of the semantic losses.
     """
     device = label_token_ids.device
     labels = batch["labels"].to(device)
-    train_embed = model.set_trainable(depth, trainable)
+    rows = [depth] if isinstance(depth, int) else list(depth)
+    train_embed = model.set_trainable(min(rows), trainable) and not any(rows)
     with autocast_context(config.dtype, device):
         out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth,
                      last_index=batch["last_index"].to(device), labels=labels if want_deviations else None,

@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_CUTS_PER_STEP",
     "make_strategy",
     "pack_steps",
+    "round_to_levels",
     "frozen_count",
     "interleaved_frozen",
 ]
@@ -90,8 +91,9 @@ STRATEGIES = (
 #: Budget plans a ``salf`` strategy accepts (``None`` / ``"none"`` = Algorithm 3, each sample at its eof).
 BUDGETS = ("uniform", "arith", "geom", "none")
 #: Infilling orders of budgeted ``salf``: they decide the per-depth quotas, never the visit order.
-#: Budget infilling orders, and how a depth-varying strategy visits its depths: ``mixed`` (micro-batches
-#: of several depths, shuffled, in every optimizer step) or ``paper`` (Algorithm 4 as written: depth 0
+#: Budget infilling orders, and how a depth-varying strategy visits its depths: ``per-row`` (every row of
+#: a forward at its own cut), ``mixed`` (micro-batches of several depths, shuffled, in every optimizer
+#: step) or ``paper`` (Algorithm 4 as written: depth 0
 #: first, ascending, each sample's eof recomputed when its depth is visited); how budgeted SALF fills the
 #: per-depth quotas: ``class-rank`` (each class spread over the depths by its samples' eof rank inside the
 #: class) or ``eof-match`` (Algorithm 4's global eof-matching). The names are defined in `config`.
@@ -104,12 +106,25 @@ ADT_STEPS = 5
 
 @dataclass
 class MicroBatch:
-    """Samples that share one runner cut: ``indices``, the cut ``depth`` (nothing below it runs backward)
-    and the per-layer ``trainable`` mask (length m, False below ``depth``, True at ``depth``)."""
+    """Samples of one forward: ``indices``, the lowest cut ``depth`` (nothing below it runs backward), the
+    per-layer ``trainable`` mask (length m, False below ``depth``, True at ``depth``) and, under the
+    per-row schedule, ``row_depths``: each sample's own cut (>= ``depth``), which the runner applies row
+    by row. Without ``row_depths`` every sample is cut at ``depth``."""
 
     indices: list[int]
     depth: int
     trainable: list[bool]
+    row_depths: list[int] | None = None
+
+    @property
+    def depths(self) -> list[int]:
+        """The cut of every sample."""
+        return list(self.row_depths) if self.row_depths is not None else [self.depth] * len(self.indices)
+
+    @property
+    def runner_depth(self) -> int | list[int]:
+        """What the runner's ``depth`` argument takes for this forward."""
+        return list(self.row_depths) if self.row_depths is not None else self.depth
 
 
 @dataclass
@@ -125,7 +140,7 @@ class StepPlan:
 
     @property
     def depths(self) -> list[int]:
-        """The cut of each micro-batch."""
+        """The (lowest) cut of each micro-batch."""
         return [mb.depth for mb in self.micro_batches]
 
     def __len__(self) -> int:
@@ -145,7 +160,9 @@ def pack_steps(micro_batches: Iterable[MicroBatch], step_size: int, micro_batch_
         rest = list(mb.indices)
         while rest:
             take = min(len(rest), room, micro_batch_size)
-            current.append(MicroBatch(rest[:take], mb.depth, mb.trainable))
+            done = len(mb.indices) - len(rest)
+            rows = None if mb.row_depths is None else mb.row_depths[done : done + take]
+            current.append(MicroBatch(rest[:take], mb.depth, mb.trainable, rows))
             rest = rest[take:]
             room -= take
             if room == 0:
@@ -293,9 +310,10 @@ class Strategy:
             raise RuntimeError(f"strategy {self.label!r}: call begin() before epoch_plans()")
         size = _positive_int(step_size, "step_size (batch_size)")
         micro = size if micro_batch_size is None else _positive_int(micro_batch_size, "micro_batch_size")
-        return self._tallied(pack_steps(self._micro_batches(epoch, size), size, min(micro, size)))
+        micro = min(micro, size)
+        return self._tallied(pack_steps(self._micro_batches(epoch, size, micro), size, micro))
 
-    def _micro_batches(self, epoch: int, step_size: int) -> Iterator[MicroBatch]:
+    def _micro_batches(self, epoch: int, step_size: int, micro_size: int) -> Iterator[MicroBatch]:
         raise NotImplementedError
 
     def _tallied(self, plans: Iterator[StepPlan]) -> Iterator[StepPlan]:
@@ -304,8 +322,9 @@ class Strategy:
             for mb in plan.micro_batches:
                 n = len(mb.indices)
                 self._tally_samples += n
-                self._tally_depth += n * mb.depth
-                self._tally_frozen += n * (m - sum(mb.trainable))
+                self._tally_depth += sum(mb.depths)
+                # a row trains no layer below its own cut, whatever the forward's mask says
+                self._tally_frozen += sum(m - sum(mb.trainable[d:]) for d in mb.depths)
             yield plan
 
     def _epoch_rng(self, epoch: int) -> random.Random:
@@ -376,7 +395,7 @@ class StaticStrategy(Strategy):
         self.trainable = self._mask_fn(self.num_layers)
         self.depth = self.trainable.index(True)
 
-    def _micro_batches(self, epoch: int, step_size: int) -> Iterator[MicroBatch]:
+    def _micro_batches(self, epoch: int, step_size: int, micro_size: int) -> Iterator[MicroBatch]:
         for chunk in _chunks(self._shuffled(epoch), step_size):
             yield MicroBatch(chunk, self.depth, list(self.trainable))
 
@@ -389,7 +408,11 @@ class SampleDepthStrategy(Strategy):
     a run that straddles two depths is cut at the lower one, so no sample is ever frozen deeper than its
     depth. ``order``: ``"mixed"`` shuffles the micro-batches, so every optimizer step holds
     ``cuts_per_step`` random cuts; ``"rotation"`` visits depths front to end, again and again (LIFT);
-    ``"ascending"`` visits depth 0 first and narrows the trained scope (Algorithm 4's order).
+    ``"ascending"`` visits depth 0 first and narrows the trained scope (Algorithm 4's order);
+    ``"per-row"`` takes the samples in the same shuffled order as full fine-tuning and the static freezes
+    (same seed, same steps) and runs every forward of ``micro_size`` rows with each row at its own depth
+    (``MicroBatch.row_depths``), rounded down to at most ``cut_levels`` distinct cuts per forward when
+    that is set (see :func:`round_to_levels`).
     ``mask``: ``"above"`` trains ``layers[depth..]``, ``"single"`` only ``layers[depth]``. Depths above m-1
     (eof m under the "frozen" boundary) are clamped to m-1 so that every sample trains at least one layer.
 
@@ -407,6 +430,7 @@ class SampleDepthStrategy(Strategy):
         *,
         order: str,
         cuts_per_step: int = DEFAULT_CUTS_PER_STEP,
+        cut_levels: int | None = None,
         mask: str = "above",
         refresh: bool = False,
         boundary: str = "trainable",
@@ -416,6 +440,7 @@ class SampleDepthStrategy(Strategy):
         self._depth_fn = depth_fn
         self.order = order
         self.cuts_per_step = _positive_int(cuts_per_step, "cuts_per_step")
+        self.cut_levels = None if cut_levels is None else _positive_int(cut_levels, "cut_levels")
         self._mask = _mask_single if mask == "single" else _mask_above
         self.needs_observe = refresh
         self.boundary = boundary
@@ -432,10 +457,15 @@ class SampleDepthStrategy(Strategy):
         self.depths = [min(d, top) for d in self._depth_fn(self, self.eofs)]
         self._stale = False
 
-    def _micro_batches(self, epoch: int, step_size: int) -> Iterator[MicroBatch]:
+    def _micro_batches(self, epoch: int, step_size: int, micro_size: int) -> Iterator[MicroBatch]:
         if self._stale:
             self._assign()  # eofs observed during the last epoch
         m = self.num_layers
+        if self.order == "per-row":
+            for chunk in _chunks(self._shuffled(epoch), micro_size):
+                rows = round_to_levels([self.depths[i] for i in chunk], self.cut_levels)
+                yield MicroBatch(chunk, min(rows), self._mask(min(rows), m), rows)
+            return
         rng = self._epoch_rng(epoch)
         runs = _depth_runs(self.depths, self.labels, -(-step_size // self.cuts_per_step), rng)
         if self.order == "mixed":
@@ -493,6 +523,38 @@ def _depth_runs(depths: list[int], labels: list[int], size: int, rng: random.Ran
     return _chunks(ordered, size)
 
 
+def round_to_levels(depths: list[int], levels: int | None) -> list[int]:
+    """Each depth rounded down to one of at most ``levels`` cut levels chosen to lose the least saving.
+
+    The levels are distinct depths of the list (the smallest always among them); a depth becomes the
+    largest level at or below it, so no row is ever frozen deeper than assigned. Chosen by dynamic
+    programming to maximize the sum of the rounded depths. ``None``: the depths as they are.
+    """
+    values = sorted(set(depths))
+    if levels is None or len(values) <= levels:
+        return list(depths)
+    count = {v: depths.count(v) for v in values}
+    n = len(values)
+
+    def kept(lo: int, hi: int) -> int:  # values[lo:hi] all rounded down to values[lo]
+        return sum(count[values[j]] for j in range(lo, hi)) * values[lo]
+
+    # best[j][l]: the most depth kept by values[j:] with l levels, values[j] being one of them
+    best = [[-1] * (levels + 1) for _ in range(n + 1)]
+    choice = [[n] * (levels + 1) for _ in range(n + 1)]
+    for j in range(n - 1, -1, -1):
+        best[j][1] = kept(j, n)
+        for lv in range(2, levels + 1):
+            for nxt in range(j + 1, n):
+                if best[nxt][lv - 1] >= 0 and kept(j, nxt) + best[nxt][lv - 1] > best[j][lv]:
+                    best[j][lv], choice[j][lv] = kept(j, nxt) + best[nxt][lv - 1], nxt
+    chosen, j, lv = [], 0, levels
+    while j < n:
+        chosen.append(values[j])
+        j, lv = (choice[j][lv], lv - 1) if lv > 1 else (n, 0)
+    return [max(c for c in chosen if c <= d) for d in depths]
+
+
 class PaperScheduleStrategy(SampleDepthStrategy):
     """Budgeted SALF as Algorithm 4 is written: for depth k = 0, 1, .., m-1 in turn, train on unused
     samples whose eof, recomputed when depth k is visited (through :attr:`probe`), is at most k, until
@@ -509,7 +571,7 @@ class PaperScheduleStrategy(SampleDepthStrategy):
         self.infill = infill
         self.probed = 0
 
-    def _micro_batches(self, epoch: int, step_size: int) -> Iterator[MicroBatch]:
+    def _micro_batches(self, epoch: int, step_size: int, micro_size: int) -> Iterator[MicroBatch]:
         m = self.num_layers
         quotas = budget_quotas(self.budget, self.infill, m, self.num_samples)
         order = self._shuffled(epoch)
@@ -628,7 +690,7 @@ class AdaptiveStrategy(Strategy):
         self.trainable = [i not in self.frozen_layers for i in range(self.num_layers)]
         self._snapshot = None
 
-    def _micro_batches(self, epoch: int, step_size: int) -> Iterator[MicroBatch]:
+    def _micro_batches(self, epoch: int, step_size: int, micro_size: int) -> Iterator[MicroBatch]:
         for chunk in _chunks(self._shuffled(epoch), step_size):
             mask = list(self.trainable)  # read when the step is planned: changes after the warm-up steps
             yield MicroBatch(chunk, mask.index(True), mask)
@@ -681,9 +743,10 @@ def make_strategy(
     boundary: str = "trainable",
     lora: bool = False,
     adt_steps: int = ADT_STEPS,
-    schedule: str = "mixed",
+    schedule: str = "per-row",
     assignment: str = "class-rank",
     cuts_per_step: int = DEFAULT_CUTS_PER_STEP,
+    cut_levels: int | None = None,
 ) -> Strategy:
     """Build a strategy by name (see :data:`STRATEGIES`).
 
@@ -697,10 +760,13 @@ def make_strategy(
       (:func:`~salf_engine.budgets.budget_quotas`, filled ``infill`` = ``bf`` (default) or ``df``)
       filled by ``assignment``: ``class-rank`` (default; every class spread over the depths by its
       samples' eof rank inside the class, :func:`~salf_engine.budgets.assign_depths_by_class`) or
-      ``eof-match`` (:func:`~salf_engine.budgets.assign_depths`). Under the ``mixed`` schedule every
-      optimizer step holds ``cuts_per_step`` micro-batches of random depths, and the eofs seen in the
-      training forward re-assign the depths at the next epoch. ``schedule="paper"`` (budget needed)
-      runs Algorithm 4 as written instead: depth 0 first, ascending, eofs recomputed at the visit.
+      ``eof-match`` (:func:`~salf_engine.budgets.assign_depths`). Under the ``per-row`` schedule
+      (default) the samples come in the static strategies' shuffled order and every row of a forward
+      runs at its own depth (at most ``cut_levels`` distinct cuts per forward when given); under
+      ``mixed`` every optimizer step holds ``cuts_per_step`` micro-batches of one depth each. Either
+      way the eofs seen in the training forward re-assign the depths at the next epoch.
+      ``schedule="paper"`` (budget needed) runs Algorithm 4 as written instead: depth 0 first,
+      ascending, eofs recomputed at the visit.
     - ``botNN``: freeze the bottom ``floor(NN% m)`` layers (depth = that count).
     - ``topNN``: freeze the top ``floor(NN% m)`` layers (depth 0).
     - ``intNN``: freeze ``floor(NN% m)`` interleaved layers, see :func:`interleaved_frozen`
@@ -725,6 +791,8 @@ def make_strategy(
     if assignment not in ASSIGNMENTS:
         raise ConfigError(f"unknown depth assignment {assignment!r}; valid: {', '.join(ASSIGNMENTS)}")
     _positive_int(cuts_per_step, "cuts_per_step")
+    if cut_levels is not None:
+        _positive_int(cut_levels, "cut_levels")
     if budget is not None and name != "salf":
         raise ConfigError(
             f"a budget plan only applies to strategy 'salf', not {name!r} (got budget={budget!r})"
@@ -759,15 +827,16 @@ def make_strategy(
     if name == "salf":
         s: Strategy
         if not budgeted:
-            s = SampleDepthStrategy(name, _algorithm3_depths, order="mixed", cuts_per_step=cuts_per_step,
-                                    refresh=True, boundary=boundary, **common)
+            s = SampleDepthStrategy(name, _algorithm3_depths, order=schedule, cuts_per_step=cuts_per_step,
+                                    cut_levels=cut_levels, refresh=True, boundary=boundary, **common)
         elif schedule == "paper":
             s = PaperScheduleStrategy(name, budget=budget, infill=infill or "bf", boundary=boundary,
                                       **common)
             s.label = f"salf-{budget}-{infill or 'bf'}-paper"
         else:
-            s = SampleDepthStrategy(name, _salf_depths(budget, infill or "bf", assignment), order="mixed",
-                                    cuts_per_step=cuts_per_step, refresh=True, boundary=boundary, **common)
+            s = SampleDepthStrategy(name, _salf_depths(budget, infill or "bf", assignment), order=schedule,
+                                    cuts_per_step=cuts_per_step, cut_levels=cut_levels, refresh=True,
+                                    boundary=boundary, **common)
             s.label = f"salf-{budget}-{infill or 'bf'}"
         s.needs_profile = True
         return s

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,7 +332,8 @@ class _StepRunner:
         # every example weighs 1 / (examples in the step), whatever its micro-batch and rank
         for mb in rank_slice(plan, self.rank, self.world):
             batch = collate(self.train_split, mb.indices, self.pad_id, padding_side="left")
-            res = micro_batch_step(self.runner, self.wrapped, batch, mb.depth, mb.trainable, weight=mb.weight,
+            res = micro_batch_step(self.runner, self.wrapped, batch, mb.runner_depth, mb.trainable,
+                                   weight=mb.weight,
                                    label_token_ids=self.label_token_ids, bases=self.runner.bases,
                                    config=self.config, want_deviations=self.driver.wants_deviations)
             if mb.weight > 0:
@@ -339,7 +341,8 @@ class _StepRunner:
                 if res.deviations is not None:
                     seen.append((mb.indices, res.deviations))
         for mb in plan.micro_batches:
-            self.cost.add(len(mb.indices), mb.depth, mb.trainable)
+            for depth, n in Counter(mb.depths).items():
+                self.cost.add(n, depth, mb.trainable)
         all_reduce_grads(self.wrapped.trainable)
         step_loss = float(all_reduce_sum(loss_sum)) / len(plan)
         grad_norm = float(clip_or_measure(self.wrapped.trainable, self.config.max_grad_norm))

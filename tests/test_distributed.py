@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo) with DDP train the same weights as one process with the doubled batch, every
-step at the same cuts on both ranks; eof profiles and observations are gathered across ranks."""
+"""Two CPU processes (gloo) with DDP or FSDP2 train the same weights as one process with the doubled batch,
+each rank's rows at their own cuts (so the ranks' cuts differ); eof profiles and observations are gathered
+across ranks."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _loop(rank: int, world: int, fsdp: bool = False) -> dict:
     depths, step = [], 0
     for plan in driver.epoch_plans(0, MICRO * ACCUM, MICRO):
         local = rank_slice(plan, rank, world)
-        depths.append([mb.depth for mb in local])
+        depths.append([mb.depths for mb in local])
         seen = []
         for k, mb in enumerate(local):
             batch = left_pad_collate([rows[i] for i in mb.indices], 0)
@@ -66,7 +67,8 @@ def _loop(rank: int, world: int, fsdp: bool = False) -> dict:
             if fsdp and world > 1:
                 module.set_requires_gradient_sync(last)
             with sync:
-                out = module(**batch, salf_depth=mb.depth, salf_label=labels, salf_train_embeddings=embed)
+                out = module(**batch, salf_depth=torch.tensor(mb.depths), salf_label=labels,
+                             salf_train_embeddings=embed and not any(mb.depths))
                 (out.loss * mb.weight).backward()
             if mb.weight > 0:
                 seen.append((mb.indices, out.deviations))
@@ -115,8 +117,12 @@ def test_two_process_ddp_equals_one_process(tmp_path, fsdp):
     assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = _loop(0, 1)
-    assert ranks[0]["depths"] == ranks[1]["depths"] == single["depths"]  # same cuts, every step, every rank
-    assert len({d for step in single["depths"] for d in step}) > 1
+    # each rank holds every other row of a forward, each row at its own cut: the ranks' cuts differ
+    for step0, step1, step in zip(ranks[0]["depths"], ranks[1]["depths"], single["depths"], strict=True):
+        for rows0, rows1, rows in zip(step0, step1, step, strict=True):
+            assert rows0 == rows[0::2] and rows1 == rows[1::2]
+    assert any(r0 != r1 for s0, s1 in zip(ranks[0]["depths"], ranks[1]["depths"], strict=True)
+               for r0, r1 in zip(s0, s1, strict=True))
     assert ranks[0]["eofs"] == ranks[1]["eofs"] == single["eofs"]  # the gathered profile
     for name, ref in single["weights"].items():
         for r in range(2):

@@ -45,10 +45,10 @@ def _hand_loop(p) -> list[int]:
         seen = []
         for mb in plan.micro_batches:
             batch = collate(p.train_split, mb.indices, 0, padding_side="left")
-            res = micro_batch_step(runner, wrapped, batch, mb.depth, mb.trainable,
+            res = micro_batch_step(runner, wrapped, batch, mb.runner_depth, mb.trainable,
                                    weight=len(mb.indices) / len(plan), label_token_ids=label_ids, bases=bases,
                                    config=cfg, want_deviations=driver.wants_deviations)
-            depths.append(mb.depth)
+            depths += mb.depths
             if res.deviations is not None:
                 seen.append((mb.indices, res.deviations))
         optimizer_step(optimizer, scheduler, wrapped.trainable, cfg.max_grad_norm)

@@ -18,6 +18,7 @@ from salf_engine.strategies import (
     interleaved_frozen,
     make_strategy,
     pack_steps,
+    round_to_levels,
 )
 
 T, F = True, False
@@ -152,7 +153,7 @@ def classes_for(n: int, k: int = 4, seed: int = 1) -> list[int]:
 def test_budgeted_salf_depths_cost_and_mixed_steps(budget, infill):
     n = 200
     eofs, labels = eofs_for(n), classes_for(n)
-    s = make_strategy("salf", budget=budget, infill=infill, seed=3)
+    s = make_strategy("salf", budget=budget, infill=infill, seed=3, schedule="mixed")
     assert s.needs_profile and s.needs_observe
     s.begin(M, n, eofs, 3, labels=labels)
     assert s.depths == assign_depths_by_class(eofs, labels, budget, infill, M, seed=3)
@@ -510,3 +511,49 @@ def test_fractions_round_down_and_may_leave_one_layer():
 def test_epoch_plans_before_begin():
     with pytest.raises(RuntimeError, match="begin"):
         make_strategy("full").epoch_plans(0, 4)
+
+
+# ------------------------------------------------------------------------------ per-row schedule
+
+
+def test_per_row_steps_take_the_static_order_with_each_row_at_its_depth():
+    n = 40
+    eofs, labels = eofs_for(n), classes_for(n)
+    salf = make_strategy("salf", budget="uniform", seed=5)
+    salf.begin(M, n, eofs, 5, labels=labels)
+    bot = make_strategy("bot50", seed=5)
+    bot.begin(M, n, None, 5, labels=labels)
+    plans, static = all_plans(salf, batch_size=8, micro=4), all_plans(bot, batch_size=8, micro=4)
+    # the same examples in the same steps and forwards as the static freeze of the same seed
+    assert [mb.indices for p in plans for mb in p.micro_batches] == \
+        [mb.indices for p in static for mb in p.micro_batches]
+    for p in plans:
+        assert len(p) == 8 and [len(mb.indices) for mb in p.micro_batches] == [4, 4]
+        for mb in p.micro_batches:
+            assert mb.row_depths == [salf.depths[i] for i in mb.indices]
+            assert mb.depth == min(mb.row_depths) and mb.trainable == [i >= mb.depth for i in range(M)]
+    # one epoch trains every sample once at its own depth: the saving is the budget's, exactly
+    assert salf.realized_saving() == pytest.approx(cost_saving_ratio(salf.depths, M), abs=1e-12)
+
+
+def test_round_to_levels_hand_computed():
+    depths = [0, 1, 2, 7, 7, 3]
+    assert round_to_levels(depths, None) == depths
+    assert round_to_levels(depths, 5) == depths  # five distinct values fit five levels
+    # two levels: {0, 7} keeps 14 (= 7 + 7) of the depth, {0, 3} keeps 9, {0, 2} keeps 8
+    assert round_to_levels(depths, 2) == [0, 0, 0, 7, 7, 0]
+    # three: {0, 2, 7} keeps 18 (2 + 2 + 14), {0, 3, 7} 17, {0, 1, 7} 17
+    assert round_to_levels(depths, 3) == [0, 0, 2, 7, 7, 2]
+    assert round_to_levels([4, 4, 1], 1) == [1, 1, 1]
+
+
+def test_cut_levels_bound_the_distinct_cuts_of_every_forward():
+    n = 64
+    s = started("salf", n=n, budget="geom", infill="df", cut_levels=2)
+    plans = all_plans(s, batch_size=16, micro=8)
+    for p in plans:
+        for mb in p.micro_batches:
+            assert len(set(mb.row_depths)) <= 2
+            assert all(r <= s.depths[i] for r, i in zip(mb.row_depths, mb.indices, strict=True))
+    # the rounding is counted: the realized saving falls below the budget's
+    assert s.realized_saving() < cost_saving_ratio(s.depths, M)

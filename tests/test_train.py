@@ -162,8 +162,10 @@ def test_holdout_split_is_carved_from_train_and_disjoint():
 def test_profile_fraction_profiles_a_subset():
     s = _run(max_steps=4, strategy="salf", budget="uniform", profile_fraction=0.25)
     assert s["profiled_examples"] == 12 and sum(s["eof_histogram"]["profile"]) == 12
-    full = _run(max_steps=4, strategy="salf", budget="uniform")
+    full = _run(max_steps=4, strategy="salf", budget="uniform", profile_fraction=1.0)
     assert full["profiled_examples"] == 48 and full["flops_ratio"] > s["flops_ratio"]
+    default = _run(max_steps=4, strategy="salf", budget="uniform")
+    assert default["profiled_examples"] == 3  # ceil(0.05 * 48): the default profiles a small fraction
 
 
 def test_default_lr_per_training_mode():
@@ -181,7 +183,7 @@ def test_bf16_autocast_runs():
 
 
 def test_salf_strategy_reports_eofs_and_saving():
-    s = _run(max_steps=6, strategy="salf")
+    s = _run(max_steps=6, strategy="salf", profile_fraction=1.0)
     assert s["eof_histogram"] is not None and sum(s["eof_histogram"]["profile"]) == 48
     assert 0.0 <= s["cost_saving_ratio"] < 1.0
     assert sum(s["depth_histogram"]) == s["examples_trained"]
