@@ -16,8 +16,8 @@ from .errors import SalfError
 __all__ = ["DEMO_DEFAULTS", "run_demo"]
 
 DEMO_DEFAULTS: dict[str, Any] = dict(
-    model="smollm2-135m", dataset="trec", strategies=("salf:uniform:df", "bot50", "full"), limit=960, epochs=1,
-    batch_size=8, max_length=128, eval_batch_size=64, seed=0,
+    model="smollm2-135m", dataset="trec", strategies=("salf:uniform:df", "bot50", "full"), limit=960,
+    epochs=1, batch_size=8, max_length=128, eval_batch_size=64, seed=0,
 )
 
 

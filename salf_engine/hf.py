@@ -163,7 +163,8 @@ class SalfTrainerMixin:
         if kwargs.get("peft_config") is not None:
             raise ConfigError("pass a PEFT-wrapped model or salf_config.lora instead of peft_config: the "
                               "adapters must exist before SALF patches the model")
-        if isinstance(salf_strategy, str) and salf_config is not None and salf_config.strategy != salf_strategy:
+        named = isinstance(salf_strategy, str)
+        if named and salf_config is not None and salf_config.strategy != salf_strategy:
             raise ConfigError(f"salf_strategy={salf_strategy!r} contradicts salf_config.strategy="
                               f"{salf_config.strategy!r}; give the strategy once (TrainConfig(strategy=...))")
         if salf_strategy is None:

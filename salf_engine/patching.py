@@ -3,9 +3,10 @@
 A batch that carries ``salf_depth`` (one cut for the whole batch as an int, or one per row as a [B]
 tensor or list: a ``salf_depth`` column collates to that) runs each row's ``layers[0..depth-1]``
 without autograd and returns the usual HF output (``loss`` from the model's own loss function over
-``labels``, with ``num_items_in_batch`` when given, and ``logits``) plus the batch's per-sample ``deviations`` when the patch has semantic bases and the batch carries
-``salf_label`` (class indices); ``salf_train_embeddings`` (default: cut 0 and a trainable embedding)
-runs the embedding with autograd; ``salf_logits="last"`` returns only the medium token's [B, V] logits (no
+``labels``, with ``num_items_in_batch`` when given, and ``logits``) plus the batch's per-sample
+``deviations`` when the patch has semantic bases and the batch carries ``salf_label`` (class
+indices); ``salf_train_embeddings`` (default: every cut 0 and a trainable embedding) runs the
+embedding with autograd; ``salf_logits="last"`` returns only the medium token's [B, V] logits (no
 loss: eof profiles). A batch without ``salf_depth`` (evaluation, generation) runs the original
 forward unchanged. Patch before a trainer wraps the model (DDP, FSDP, accelerate).
 """
