@@ -44,7 +44,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_utils import SavedActivations, append_csv, cpu_name, quantiles, read_csv, time_samples, utc_now
+from bench_utils import (
+    SavedActivations,
+    append_csv,
+    cpu_name,
+    quantiles,
+    read_csv,
+    salf_half_depths,
+    step_compositions,
+    time_samples,
+    utc_now,
+)
 from bench_utils import git_commit as _git_commit
 
 __all__ = ["main"]
@@ -179,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dev-call-impls", default="torch,auto", help="deviation impls timed as single calls")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--note", default="shared 2-core CPU (6 other engineers running tests at the same time)")
+    ap.add_argument("--only", default="", help="comma-separated config names to run (full always runs)")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite step.md from step.csv's last run")
     args = ap.parse_args(argv)
     if args.markdown_only:
@@ -228,28 +239,9 @@ def main(argv: list[str] | None = None) -> None:
             lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1],
             frozen=prefix_params(half),
         ))
-    # SALF[half]'s rows: depths spread evenly over 0..m-1 (the uniform budget), in shuffled order
-    from salf_engine.strategies import round_to_levels
-
-    row_depths = [int(m * (r + 0.5) / args.batch) for r in range(args.batch)]
-    random.Random(1).shuffle(row_depths)
-    configs.append(Config("salf_rows", lambda: runner(ids, mask, depth=row_depths).logits))
-    for levels in (4, 2):
-        rounded = round_to_levels(row_depths, levels)
-        configs.append(Config(f"salf_rows_levels{levels}",
-                              lambda rounded=rounded: runner(ids, mask, depth=rounded).logits))
-    by_depth = sorted(range(args.batch), key=lambda r: row_depths[r])
-    runs = [by_depth[i : i + max(1, args.batch // 4)] for i in range(0, args.batch, max(1, args.batch // 4))]
-
-    def micro_batched():
-        logits = [None] * args.batch
-        for run in runs:
-            out = runner(ids[run], mask[run], depth=min(row_depths[r] for r in run)).logits
-            for k, r in enumerate(run):
-                logits[r] = out[k]
-        return torch.stack(logits)
-
-    configs.append(Config("salf_micro4", micro_batched))
+    # SALF[half]'s rows (the uniform budget's saving) as one forward, rounded to cut levels, micro-batched
+    for name, forward in step_compositions(runner, ids, mask, salf_half_depths(args.batch, m)).items():
+        configs.append(Config(name, forward))
     dev_runners = {}
     for impl in [s for s in args.dev_impls.split(",") if s]:
         dev_runners[impl] = TruncatedRunner(model, bases=bases, deviation_impl=impl)
@@ -257,6 +249,10 @@ def main(argv: list[str] | None = None) -> None:
             f"runner_k{half}_dev_{impl}",
             lambda impl=impl: dev_runners[impl](ids, mask, depth=half, labels=labels).logits,
         ))
+    if args.only:
+        keep = {"full", *args.only.split(",")}
+        configs = [c for c in configs if c.name in keep]
+        dev_runners = {i: r for i, r in dev_runners.items() if f"runner_k{half}_dev_{i}" in keep}
     for cfg in configs:
         # one optimizer per config over every parameter; AdamW skips params without .grad (the frozen ones)
         cfg.optimizer = torch.optim.AdamW(_unique_params(model), lr=1e-7)
@@ -395,7 +391,22 @@ def write_markdown(path: Path, rows: list[dict], *, m: int, source: str, note: s
         "",
     ]
     row = by.get(f"runner_k{half}")
-    if row is not None:
+    rows_step = by.get("salf_rows")
+    if rows_step is not None:
+        lines += [
+            "SALF[half]'s step, its rows' depths spread evenly over 0..m-1 (backward saving 0.48): one forward "
+            f"with every row at its own cut took {rows_step['ratio_to_full']} of full"
+            + "".join(f", rounded to {k} cut levels {by[f'salf_rows_levels{k}']['ratio_to_full']}"
+                      for k in (4, 2) if f"salf_rows_levels{k}" in by)
+            + (f", as 4 micro-batches of B/4 at their lowest cut (the former default) "
+               f"{by['salf_micro4']['ratio_to_full']}" if "salf_micro4" in by else "")
+            + (f"; one cut at k = {half} for the whole batch (the floor) {row['ratio_to_full']}"
+               if row is not None else "")
+            + ". Rounding down to a few levels trains rows deeper than assigned, so it loses backward saving "
+            "faster than it saves per-call overhead.",
+            "",
+        ]
+    if row is not None and f"static_k{half}" in by and f"runner_k{(3 * m) // 4}" in by:
         lines += [
             f"At k = {half} the runner took {row['ratio_to_full']} of full (ideal {ideal_half:.3f}; static "
             f"`requires_grad=False` freezing at the same depth {by[f'static_k{half}']['ratio_to_full']}). "

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "salf_half_depths",
+    "step_compositions",
     "ROOT",
     "percentile",
     "quantiles_us",
@@ -248,3 +250,43 @@ class SavedActivations:
     def __exit__(self, *exc: object) -> None:
         if self._hooks is not None:
             self._hooks.__exit__(*exc)
+
+
+def salf_half_depths(batch: int, num_layers: int, seed: int = 1) -> list[int]:
+    """Per-row depths of a SALF[half] forward: spread evenly over 0..m-1 (the uniform budget's backward
+    saving, about 0.48) and shuffled."""
+    import random
+
+    depths = [int(num_layers * (r + 0.5) / batch) for r in range(batch)]
+    random.Random(seed).shuffle(depths)
+    return depths
+
+
+def step_compositions(runner, ids: torch.Tensor, mask: torch.Tensor, depths: list[int]
+                      ) -> dict[str, Callable[[], torch.Tensor]]:
+    """The ways to run one SALF step's rows, as forwards returning [B, V] logits in row order:
+    ``salf_rows`` (one forward, every row at its own cut: the default), ``salf_rows_levels{4,2}`` (the
+    depths rounded down to 4 or 2 cut levels), ``salf_micro4`` (the former default: 4 micro-batches of
+    rows in depth order, each at its lowest cut)."""
+    from salf_engine.strategies import round_to_levels
+
+    batch = len(depths)
+    out: dict[str, Callable[[], torch.Tensor]] = {
+        "salf_rows": lambda: runner(ids, mask, depth=depths).logits}
+    for levels in (4, 2):
+        rounded = round_to_levels(depths, levels)
+        out[f"salf_rows_levels{levels}"] = lambda rounded=rounded: runner(ids, mask, depth=rounded).logits
+    size = max(1, batch // 4)
+    by_depth = sorted(range(batch), key=lambda r: depths[r])
+    runs = [by_depth[i : i + size] for i in range(0, batch, size)]
+
+    def micro_batched() -> torch.Tensor:
+        logits: list[torch.Tensor | None] = [None] * batch
+        for run in runs:
+            got = runner(ids[run], mask[run], depth=min(depths[r] for r in run)).logits
+            for k, r in enumerate(run):
+                logits[r] = got[k]
+        return torch.stack(logits)  # type: ignore[arg-type]
+
+    out["salf_micro4"] = micro_batched
+    return out

@@ -25,7 +25,10 @@ over seeds of macro-F1 with free decoding, backward saving, FLOPs and wall time 
 of the same dataset and seed) plus ``cells.csv`` and ``f1_vs_flops.png``.
 
     python bench/compare_repro.py [--output runs/repro] [--data-dir ../shared/data] [--ablations]
-                                  [--workers 2] [--report-only]
+                                  [--per-row] [--workers 2] [--report-only]
+
+``--per-row`` reruns only :data:`PER_ROW` (two seeds, every dataset) under the current default step, into
+their own directories (``runs/repro-per-row``, ``bench/results/repro-per-row``).
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ LORA_VARIANTS = ["salf:uniform:df:lora", "lift-star-half:lora"]
 #: The rest of the paper's tables 3 and 4.
 OTHERS = ["lora-full", "lift-half", "salf", "salf:geom:df", "salf:arith:bf", "salf:geom:bf", "bot50", "top50",
           "int50", "adt-low", "adt-high"]
+#: The strategies a user chooses between (issue 18's rerun under the per-row step): two seeds, every dataset.
+PER_ROW = ["full", "bot50", "lora-half", "lift-star-half", "salf:uniform:df"]
+PER_ROW_CELLS: list[Cell] = [(seed, ds, s, "test", "") for seed in (0, 1) for ds in DATASETS for s in PER_ROW]
 #: Learning rate per group: the weights themselves, or LoRA adapters.
 LR = {"weights": "1e-4", "lora": "3e-3"}
 #: Shared by every cell.
@@ -92,6 +98,7 @@ def cells() -> list[Cell]:
     order += [(0, "trec", s, "test", "") for s in LORA_VARIANTS]
     order += [(seed, ds, s, "test", "") for seed in (0, 1) for ds in ("sst5", "carer") for s in KEY]
     order += [(0, ds, s, "test", "") for ds in DATASETS for s in OTHERS]
+    order += [c for c in PER_ROW_CELLS if c not in order]  # BOT50's second seed
     return order
 
 
@@ -112,8 +119,10 @@ def _command(model: str, out: Path, seed: int, dataset: str, strategy: str, spli
             "--lr", LR[group_of(strategy)], "--eval-split", split, *SETTINGS, *VARIANTS[variant]]
 
 
-def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell] | None = None) -> int:
-    """Run every unfinished cell (of ``only``, if given), ``workers`` at a time; returns 1 if any failed."""
+def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell] | None = None,
+        results: Path = ROOT / "bench" / "results" / "repro") -> int:
+    """Run every unfinished cell (of ``only``, if given), ``workers`` at a time, rewriting the report in
+    ``results`` after each; returns 1 if any failed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     todo = [c for c in cells()
@@ -137,7 +146,7 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell]
                         failed.append(cell)
                     print(f"[{time.perf_counter() - start:6.0f}s] {cell}: "
                           f"{'failed' if code else 'done'}; {len(todo)} cells left", flush=True)
-                report(out)
+                report(out, results)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(workers)]
     for t in threads:
@@ -248,16 +257,22 @@ def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the grid, then write the report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--output", default=str(ROOT / "runs" / "repro"))
+    ap.add_argument("--output", default=None, help="cell directories (default runs/repro)")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ablations", action="store_true", help="only run the ablation cells")
+    ap.add_argument("--per-row", action="store_true",
+                    help="only the cells of PER_ROW (two seeds, every dataset), into runs/repro-per-row and "
+                         "bench/results/repro-per-row unless --output / --results say otherwise")
+    ap.add_argument("--results", default=None, help="where the report goes (default bench/results/repro)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     args = ap.parse_args(argv)
-    out = Path(args.output)
-    status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers,
-                                                  ABLATIONS if args.ablations else None)
-    print(report(out).read_text())
+    name = "repro-per-row" if args.per_row else "repro"
+    out = Path(args.output or ROOT / "runs" / name)
+    results = Path(args.results or ROOT / "bench" / "results" / name)
+    only = PER_ROW_CELLS if args.per_row else ABLATIONS if args.ablations else None
+    status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, only, results)
+    print(report(out, results).read_text())
     return status
 
 

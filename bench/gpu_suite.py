@@ -45,6 +45,8 @@ from bench_utils import (  # noqa: E402
     markdown_table,
     measure_bandwidth,
     quantiles,
+    salf_half_depths,
+    step_compositions,
     sync,
     time_cpu,
     time_gpu,
@@ -294,6 +296,8 @@ def _bench_model(name: str, spec: StepModel, device: torch.device, dtype: torch.
     if not spec.lora:
         frozen.append(parts.embed.weight)
     configs.append(StepConfig(f"static_k{half}", half, plain, frozen=frozen))
+    for step_name, forward in step_compositions(runner, ids, mask, salf_half_depths(spec.batch, m)).items():
+        configs.append(StepConfig(step_name, half, forward))
     trainable = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
     opt = torch.optim.AdamW(trainable, lr=1e-7, **({"fused": True} if device.type == "cuda" else {}))
     n_params = sum(p.numel() for p in model.parameters())

@@ -145,6 +145,35 @@ def test_runner_under_inductor_equals_eager(one_thread):
         torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_per_row_runner_compiles_once_per_depth_pattern(one_thread):
+    """Per-row cuts are Python-level grouping: one graph per depth pattern, same numbers as eager; a new
+    pattern is a recompile (the documented limit), never a wrong graph."""
+    model = tiny_model("llama", num_layers=3).train()
+    runner = TruncatedRunner(model)
+    ids = torch.randint(4, 60, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+
+    def step(ids, mask, depths):
+        return runner(ids, mask, depth=depths).logits
+
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(step, backend=counter)
+    for depths in ([2, 0, 1], [1, 3, 0]):
+        want = step(ids, mask, depths)
+        want.sum().backward()
+        want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        got = compiled(ids, mask, depths)
+        got.sum().backward()
+        got_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert sorted(got_grads) == sorted(want_grads)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert counter.frame_count == 2  # one graph per depth pattern
+
+
 _GPU_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])

@@ -77,8 +77,9 @@ def test_step_csv_rows(dry_run):
     fields, rows = _csv(out / "step.csv")
     assert fields == STEP_FIELDS
     configs = {m: [r["config"] for r in rows if r["model"] == m] for m in ("tiny-qwen2", "tiny-llama-lora")}
-    assert configs["tiny-qwen2"] == ["full", "runner_k1", "runner_k2", "runner_k3", "static_k2"]
-    assert configs["tiny-llama-lora"] == ["lora", "runner_k1", "runner_k2", "runner_k3", "static_k2"]
+    steps = ["salf_rows", "salf_rows_levels4", "salf_rows_levels2", "salf_micro4"]
+    assert configs["tiny-qwen2"] == ["full", "runner_k1", "runner_k2", "runner_k3", "static_k2", *steps]
+    assert configs["tiny-llama-lora"] == ["lora", "runner_k1", "runner_k2", "runner_k3", "static_k2", *steps]
     for r in rows:
         assert float(r["median_s"]) > 0 and int(r["steps"]) == 2 and r["peak_mib"] == ""  # no CUDA memory
         if r["config"] in ("full", "lora"):

@@ -174,6 +174,17 @@ def test_trainer_refuses_deepspeed_and_packing():
     assert issubclass(SalfTrainer, Trainer)
 
 
+def test_trainer_strategy_given_once(tmp_path):
+    from tiny_models import tiny_model
+
+    with pytest.raises(ConfigError, match=r"salf_strategy='bot50' contradicts salf_config.strategy='salf'"):
+        SalfTrainer(model=tiny_model("llama"), args=_args(tmp_path), salf_strategy="bot50",
+                    salf_config=TrainConfig(lr=1e-3))
+    trainer = SalfTrainer(model=tiny_model("llama"), args=_args(tmp_path),
+                          salf_config=TrainConfig(strategy="bot50", lr=1e-3))
+    assert trainer.salf_strategy.label == "bot50"  # the config's strategy, not the default "salf"
+
+
 @pytest.mark.parametrize("strategy,kw", [("salf", {"budget": "uniform"}), ("adt-low", {})])
 def test_trainer_resume_restores_the_engine_state(tmp_path, strategy, kw):
     """Trainer checkpoints hold salf_state.json; resuming from one ends with the uninterrupted weights."""
