@@ -394,8 +394,8 @@ def write_markdown(path: Path, rows: list[dict], *, m: int, source: str, note: s
     rows_step = by.get("salf_rows")
     if rows_step is not None:
         lines += [
-            "SALF[half]'s step, its rows' depths spread evenly over 0..m-1 (backward saving 0.48): one forward "
-            f"with every row at its own cut took {rows_step['ratio_to_full']} of full"
+            "SALF[half]'s step, its rows' depths spread evenly over 0..m-1 (backward saving 0.48): one "
+            f"forward with every row at its own cut took {rows_step['ratio_to_full']} of full"
             + "".join(f", rounded to {k} cut levels {by[f'salf_rows_levels{k}']['ratio_to_full']}"
                       for k in (4, 2) if f"salf_rows_levels{k}" in by)
             + (f", as 4 micro-batches of B/4 at their lowest cut (the former default) "
