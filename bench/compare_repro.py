@@ -76,7 +76,7 @@ LORA_VARIANTS = ["salf:uniform:df:lora", "lift-star-half:lora"]
 OTHERS = ["lora-full", "lift-half", "salf", "salf:geom:df", "salf:arith:bf", "salf:geom:bf", "bot50", "top50",
           "int50", "adt-low", "adt-high"]
 #: The strategies a user chooses between (issue 18's rerun under the per-row step): two seeds, every dataset.
-PER_ROW = ["full", "bot50", "lora-half", "lift-star-half", "salf:uniform:df"]
+PER_ROW = ["full", "salf:uniform:df", "bot50", "lora-half", "lift-star-half"]
 PER_ROW_CELLS: list[Cell] = [(seed, ds, s, "test", "") for seed in (0, 1) for ds in DATASETS for s in PER_ROW]
 #: Learning rate per group: the weights themselves, or LoRA adapters.
 LR = {"weights": "1e-4", "lora": "3e-3"}
@@ -125,15 +125,15 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell]
     ``results`` after each; returns 1 if any failed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    todo = [c for c in cells()
-            if (only is None or c in only) and not (_cell_dir(out, *c) / "summary.json").is_file()]
+    todo = [c for c in (cells() if only is None else only)
+            if not (_cell_dir(out, *c) / "summary.json").is_file()]
     lock = threading.Lock()
     failed: list[Cell] = []
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
 
     def worker(k: int) -> None:
-        with open(out / f"worker{k}{'-ablations' if only else ''}.log", "a") as log:
+        with open(out / f"worker{k}.log", "a") as log:
             while True:
                 with lock:
                     if not todo:
