@@ -197,11 +197,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help="zero-shot vs SALF[half] vs full fine-tuning (SmolLM2-135M, TREC)")
+    p = sub.add_parser("demo",
+                       help="zero-shot vs SALF[half] vs BOT50 vs full fine-tuning (SmolLM2-135M, TREC)")
     p.add_argument("--output", default="runs/demo", help="demo directory (replaced on every demo run)")
     p.add_argument("--model", default=None, help="default smollm2-135m")
     p.add_argument("--strategy", default=None,
-                   help="the strategy cell set against full (default salf:uniform:df)")
+                   help="the strategy cell set against bot50 and full (default salf:uniform:df)")
     p.add_argument("--limit", type=int, default=None, help="training questions (default 960)")
     p.add_argument("--eval-limit", type=int, default=None, help="test questions (default: all 500)")
     p.add_argument("--seed", type=int, default=None)

@@ -102,8 +102,9 @@ def test_demo_code_path_on_tiny_model(tiny_dir, tmp_path, capsys):
                      "--output", str(out), "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (
-        ["zero-shot"], ["salf:uniform:df"], ["full"])}
-    assert set(rows) == {"zero-shot", "salf:uniform:df", "full"}
+        ["zero-shot"], ["salf:uniform:df"], ["bot50"], ["full"])}
+    assert set(rows) == {"zero-shot", "salf:uniform:df", "bot50", "full"}
+    assert float(rows["bot50"][5]) == pytest.approx(0.5)  # the static freeze the demo sets SALF against
     salf = json.loads((out / "cells" / "trec" / "salf_uniform_df" / "summary.json").read_text())
     full = json.loads((out / "cells" / "trec" / "full" / "summary.json").read_text())
     assert salf["examples_trained"] == full["examples_trained"] == 16  # the same examples, the same steps
