@@ -230,8 +230,10 @@ class TruncatedRunner:
 
         # FSDP2 gathers a layer's weights at every call and reduces its gradients after its backward, so every
         # rank must make the same calls although its rows sit at other cuts: two ghost copies of row 0, one
-        # frozen everywhere and one trained everywhere, give every layer both calls on every rank
-        ghosts = 2 if _fsdp_sharded(list(self.parts.layers)) else 0
+        # frozen everywhere and one trained everywhere, give every layer both calls on every rank. One int
+        # depth is one cut for every rank (as the planners hand it out): no ghost is needed there.
+        per_row = isinstance(depth, list | tuple) or isinstance(depth, Tensor) and depth.dim() == 1
+        ghosts = 2 if per_row and _fsdp_sharded(list(self.parts.layers)) else 0
         if ghosts:
             input_ids = torch.cat([input_ids, input_ids[:1].expand(ghosts, -1)])
             attention_mask = (torch.cat([attention_mask, attention_mask[:1].expand(ghosts, -1)])
