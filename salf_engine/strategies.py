@@ -2,12 +2,12 @@
 
 A :class:`Strategy` turns ``(num_layers, num_samples, eofs, labels)`` into a stream of :class:`StepPlan` s,
 one per optimizer step. A step holds exactly ``step_size`` examples (the last step of an epoch aside),
-split into :class:`MicroBatch` es; every micro-batch shares one runner cut ``depth`` (the index of the
-lowest trainable layer: ``layers[0..depth-1]`` run without autograd and never see backward) and a per-layer
-``trainable`` mask. Layers at or above the cut whose mask is False (TOP, INT, LIFT, ADT) get
+split into :class:`MicroBatch` es, one forward each. A micro-batch has a lowest runner cut ``depth``
+(``layers[0..depth-1]`` run without autograd and never see backward) and a per-layer ``trainable`` mask;
+under SALF's default ``per-row`` schedule it also carries ``row_depths``, each sample's own cut, which
+the runner applies row by row. Layers at or above the cut whose mask is False (TOP, INT, LIFT, ADT) get
 ``requires_grad=False`` but still run in the forward and pass gradients through. Gradients of a step's
-micro-batches accumulate, so one optimizer step mixes several cuts: the saving comes from each
-micro-batch's cut, the class mix from the step.
+micro-batches accumulate.
 
 The trainer drives a strategy like this (see :class:`Strategy` for each hook)::
 
@@ -19,7 +19,7 @@ The trainer drives a strategy like this (see :class:`Strategy` for each hook)::
         for plan in strategy.epoch_plans(epoch, step_size, micro_batch_size):  # lazily, one per step
             for mb in plan.micro_batches:
                 set requires_grad of layers[i] (or its LoRA adapters) to mb.trainable[i]
-                out = runner(batch(mb.indices), depth=mb.depth, ...); loss.backward()
+                out = runner(batch(mb.indices), depth=mb.runner_depth, ...); loss.backward()
                 strategy.observe(mb.indices, eofs of out.deviations)  # if strategy.needs_observe
             optimizer.step(); step += 1
             strategy.after_step(step, parts.layers)
@@ -90,13 +90,13 @@ STRATEGIES = (
 )
 #: Budget plans a ``salf`` strategy accepts (``None`` / ``"none"`` = Algorithm 3, each sample at its eof).
 BUDGETS = ("uniform", "arith", "geom", "none")
-#: Infilling orders of budgeted ``salf``: they decide the per-depth quotas, never the visit order.
-#: Budget infilling orders, and how a depth-varying strategy visits its depths: ``per-row`` (every row of
-#: a forward at its own cut), ``mixed`` (micro-batches of several depths, shuffled, in every optimizer
-#: step) or ``paper`` (Algorithm 4 as written: depth 0
-#: first, ascending, each sample's eof recomputed when its depth is visited); how budgeted SALF fills the
-#: per-depth quotas: ``class-rank`` (each class spread over the depths by its samples' eof rank inside the
-#: class) or ``eof-match`` (Algorithm 4's global eof-matching). The names are defined in `config`.
+#: The names are defined in `config`. Infilling orders of budgeted ``salf`` (bf / df) decide the
+#: per-depth quotas, never the visit order. Schedules say how a depth-varying strategy visits its
+#: depths: ``per-row`` (every row of a forward at its own cut), ``mixed`` (micro-batches of one cut each,
+#: several per optimizer step) or ``paper`` (Algorithm 4 as written: depth 0 first, ascending, each
+#: sample's eof recomputed when its depth is visited). Assignments say how budgeted SALF fills the
+#: quotas: ``class-rank`` (each class spread over the depths by its samples' eof rank inside the class)
+#: or ``eof-match`` (Algorithm 4's global eof-matching).
 INFILLS, SCHEDULES, ASSIGNMENTS = _config.INFILLS, _config.DEPTH_SCHEDULES, _config.DEPTH_ASSIGNMENTS
 #: Distinct cuts (micro-batches) per optimizer step of a depth-varying strategy.
 DEFAULT_CUTS_PER_STEP: int = _config.TrainConfig.cuts_per_step
