@@ -1,4 +1,4 @@
-"""Depth buckets and step plans as batches: every batch shares one freeze depth, so one runner cut serves it.
+"""Depth buckets and step plans as batches, and each rank's share of a step's forwards.
 
 :class:`DepthBucketSampler` buckets samples by a fixed per-sample depth. :class:`PlanBatchSampler` turns a
 strategy's step plans into one batch per optimizer step (its micro-batches tagged), and
@@ -133,8 +133,9 @@ def _check_rank(rank: int, num_replicas: int) -> None:
 def rank_slice(plan: Any, rank: int = 0, num_replicas: int = 1) -> list[LocalMicroBatch]:
     """``rank``'s share of every micro-batch of a step plan (samples ``rank::num_replicas``).
 
-    Every rank gets the same number of micro-batches with the same cuts, so DDP's gradient hooks stay in
-    step. Each example weighs ``num_replicas / len(plan)`` (DDP averages over ranks: 1 / len(plan) in all).
+    Every rank gets the same number of micro-batches with the same lowest cut and mask (so the same
+    ``requires_grad`` flags), so DDP's gradient hooks stay in step; under the per-row schedule each rank's
+    rows keep their own cuts (``row_depths``), which may differ between ranks. Each example weighs ``num_replicas / len(plan)`` (DDP averages over ranks: 1 / len(plan) in all).
     A rank whose share of a micro-batch is empty runs its first sample with weight 0.
     """
     _check_rank(rank, num_replicas)
