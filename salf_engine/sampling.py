@@ -136,7 +136,8 @@ def rank_slice(plan: Any, rank: int = 0, num_replicas: int = 1) -> list[LocalMic
     Every rank gets the same number of micro-batches with the same lowest cut and mask (so the same
     ``requires_grad`` flags), so DDP's gradient hooks stay in step; under the per-row schedule each rank's
     rows keep their own cuts (``row_depths``), which may differ between ranks. Each example weighs
-    ``num_replicas / len(plan)`` (DDP averages over ranks: 1 / len(plan) in all). A rank whose share of a micro-batch is empty runs its first sample with weight 0.
+    ``num_replicas / len(plan)`` (DDP averages over ranks: 1 / len(plan) in all). A rank whose share of a
+    micro-batch is empty runs its first sample with weight 0.
     """
     _check_rank(rank, num_replicas)
     total = len(plan)
