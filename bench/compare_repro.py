@@ -28,7 +28,9 @@ of the same dataset and seed) plus ``cells.csv`` and ``f1_vs_flops.png``.
                                   [--per-row] [--workers 2] [--report-only]
 
 ``--per-row`` reruns only :data:`PER_ROW` (two seeds, every dataset) under the current default step, into
-their own directories (``runs/repro-per-row``, ``bench/results/repro-per-row``).
+their own directories (``runs/repro-per-row``, ``bench/results/repro-per-row``). Every finished cell's
+``summary.json`` and ``config.json`` are kept under the results' ``cells/`` (committed), and a run puts
+them back first, so a fresh checkout resumes the grid where the last one stopped.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,6 +128,7 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell]
     ``results`` after each; returns 1 if any failed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
+    _restore_kept(out, results)
     todo = [c for c in (cells() if only is None else only)
             if not (_cell_dir(out, *c) / "summary.json").is_file()]
     lock = threading.Lock()
@@ -146,6 +150,8 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell]
                         failed.append(cell)
                     print(f"[{time.perf_counter() - start:6.0f}s] {cell}: "
                           f"{'failed' if code else 'done'}; {len(todo)} cells left", flush=True)
+                if not code:
+                    _keep(out, results, cell)
                 report(out, results)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(workers)]
@@ -154,6 +160,30 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell]
     for t in threads:
         t.join()
     return 1 if failed else 0
+
+
+#: What of a finished cell is committed beside the report, so a fresh checkout resumes the grid.
+KEPT = ("summary.json", "config.json")
+
+
+def _keep(out: Path, results: Path, cell: Cell) -> None:
+    """Copy a finished cell's summary and config under ``results/cells`` (runs/ is not committed)."""
+    src = _cell_dir(out, *cell)
+    dst = results / "cells" / src.relative_to(out)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in KEPT:
+        shutil.copy2(src / name, dst / name)
+
+
+def _restore_kept(out: Path, results: Path) -> None:
+    """Put the kept cells of an earlier checkout back under ``out`` (those not there yet)."""
+    kept = results / "cells"
+    for summary in kept.rglob("summary.json") if kept.is_dir() else []:
+        dst = out / summary.parent.relative_to(kept)
+        if not (dst / "summary.json").is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in KEPT:
+                shutil.copy2(summary.parent / name, dst / name)
 
 
 def _load(out: Path) -> dict[Cell, dict]:
