@@ -80,7 +80,9 @@ OTHERS = ["lora-full", "lift-half", "salf", "salf:geom:df", "salf:arith:bf", "sa
           "int50", "adt-low", "adt-high"]
 #: The strategies a user chooses between (issue 18's rerun under the per-row step): two seeds, every dataset.
 PER_ROW = ["full", "salf:uniform:df", "bot50", "lora-half", "lift-star-half"]
-PER_ROW_CELLS: list[Cell] = [(seed, ds, s, "test", "") for seed in (0, 1) for ds in DATASETS for s in PER_ROW]
+#: SALF[half] and the two it must beat first, both seeds; then LoRA[half] and LIFT*[half].
+PER_ROW_CELLS: list[Cell] = [(seed, ds, s, "test", "") for group in (PER_ROW[:3], PER_ROW[3:])
+                             for seed in (0, 1) for ds in DATASETS for s in group]
 #: Learning rate per group: the weights themselves, or LoRA adapters.
 LR = {"weights": "1e-4", "lora": "3e-3"}
 #: Shared by every cell.
@@ -143,6 +145,8 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell]
                     if not todo:
                         return
                     cell = todo.pop(0)
+                    if (_cell_dir(out, *cell) / "summary.json").is_file():
+                        continue  # finished meanwhile (by a run started earlier)
                 code = subprocess.run(_command(model, out, *cell, data_dir), cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT).returncode
                 with lock:
