@@ -60,7 +60,7 @@ class StrategyCell:
     lora: bool = False
     schedule: str | None = None       # "paper" (Algorithm 4 as written); None = the config's
     assignment: str | None = None     # "eof-match" / "class-rank"; None = the config's
-    cuts_per_step: int | None = None  # None = the config's
+    cuts_per_step: int | None = None  # None = the config's; given, the cell runs the mixed schedule
 
     @property
     def label(self) -> str:
@@ -90,6 +90,8 @@ class StrategyCell:
                            ("cuts_per_step", self.cuts_per_step)):
             if value is not None:
                 fields[key] = value
+        if self.cuts_per_step is not None and self.schedule is None:
+            fields["depth_schedule"] = "mixed"  # cuts per step are micro-batches: the mixed schedule's
         return fields
 
 

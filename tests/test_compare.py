@@ -223,7 +223,9 @@ def test_cell_syntax():
     cell = parse_strategy("salf:uniform:eof-match:cuts2")
     assert (cell.assignment, cell.cuts_per_step) == ("eof-match", 2)
     assert cell.label == "salf:uniform:bf:eof-match:cuts2"
-    assert "depth_schedule" not in cell.config_fields() and cell.config_fields()["cuts_per_step"] == 2
+    # cuts per step are micro-batches of one cut each: the cell runs the mixed schedule
+    assert cell.config_fields()["depth_schedule"] == "mixed" and cell.config_fields()["cuts_per_step"] == 2
+    assert "depth_schedule" not in parse_strategy("salf:uniform:df").config_fields()  # per-row default
     with pytest.raises(ConfigError, match="needs a salf budget"):
         parse_strategy("salf:paper")
     with pytest.raises(ConfigError, match="unknown option 'cuts0'"):
