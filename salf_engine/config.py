@@ -176,6 +176,14 @@ class TrainConfig:
                               "probe the weights while they are made, so a resumed epoch cannot replay them")
         positive("cuts_per_step", self.cuts_per_step)
         positive("cut_levels", self.cut_levels, allow_none=True)
+        per_row_salf = self.strategy == "salf" and self.depth_schedule == "per-row"
+        if self.cut_levels is not None and not per_row_salf:
+            raise ConfigError("cut_levels rounds the per-row schedule's depths: it needs strategy 'salf' "
+                              f"with depth_schedule 'per-row' (got {self.strategy!r}, "
+                              f"{self.depth_schedule!r})")
+        if per_row_salf and self.cuts_per_step != TrainConfig.cuts_per_step:
+            raise ConfigError("cuts_per_step counts the micro-batches of the 'mixed' schedule; the per-row "
+                              "schedule has none: add depth_schedule 'mixed' (or use cut_levels)")
         if not _finite(self.profile_fraction) or not 0 < self.profile_fraction <= 1:
             raise ConfigError(f"profile_fraction must be in (0, 1], got {self.profile_fraction!r}")
         if self.lr is not None and (not _finite(self.lr) or self.lr <= 0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 
 from salf_engine import cli
 from salf_engine.config import TrainConfig, field_choices
+from salf_engine.errors import ConfigError
 from salf_engine.options import config_fields, field_option, fields_from_args
 
 # Defaults a command sets on purpose (documented in cli.py): eval / profile read the dataset (and profile
@@ -187,3 +189,18 @@ def test_a_run_config_never_sets_where_eval_and_profile_write(tmp_path):
     assert args.model == "tiny" and args.dataset == "sst5" and args.report is None
     args = cli.parse_args(["profile", "--config", str(path)])
     assert args.metric == "ce" and args.out_dir is None
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    (dict(strategy="salf", cuts_per_step=2), "cuts_per_step counts the micro-batches of the 'mixed'"),
+    (dict(strategy="bot50", cut_levels=2), "cut_levels rounds the per-row schedule's depths"),
+    (dict(strategy="salf", depth_schedule="mixed", cut_levels=2), "cut_levels rounds the per-row"),
+    (dict(strategy="salf", cut_levels=0), "cut_levels must be a positive integer"),
+])
+def test_step_layout_options_that_would_do_nothing_are_refused(fields, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        TrainConfig(**fields).validate()
+    # what each of them means, spelled so, is valid
+    TrainConfig(strategy="salf", depth_schedule="mixed", cuts_per_step=2).validate()
+    TrainConfig(strategy="salf", cut_levels=2).validate()
+    TrainConfig(strategy="lift-star-half", cuts_per_step=2).validate()  # LIFT's rotation has micro-batches

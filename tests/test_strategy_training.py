@@ -22,7 +22,9 @@ CASES = [
     ("full", {}), ("lift-half", {}), ("lift-star-half", {}), ("salf", {}),
     ("salf", {"budget": "uniform", "infill": "df"}), ("salf", {"budget": "arith", "infill": "bf"}),
     ("salf", {"budget": "geom", "infill": "df"}), ("salf", {"budget": "arith", "schedule": "paper"}),
-    ("salf", {"budget": "uniform", "assignment": "eof-match", "cuts_per_step": 2}),
+    ("salf", {"budget": "uniform", "assignment": "eof-match", "schedule": "mixed",
+              "cuts_per_step": 2}),
+    ("salf", {"budget": "uniform", "infill": "df", "cut_levels": 2}),
     ("bot25", {}), ("bot50", {}), ("bot75", {}), ("top25", {}), ("top50", {}), ("top75", {}),
     ("int25", {}), ("int50", {}), ("int75", {}), ("adt-low", {}), ("adt-high", {}),
 ]
