@@ -22,7 +22,7 @@ __all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES", 
 DType = Literal["float32", "bf16"]
 Loss = Literal["next-token", "semantic-ce", "cosine"]
 LRSchedule = Literal["linear", "constant"]
-DepthSchedule = Literal["per-row", "mixed", "paper"]
+DepthSchedule = Literal["per-row", "mixed", "paper", "narrowing", "widening"]
 DepthAssignment = Literal["class-rank", "eof-match"]
 Infill = Literal["bf", "df"]
 #: What a non-finite loss or gradient does: stop the run (the last good checkpoint stays), or skip the step.
@@ -74,7 +74,9 @@ class TrainConfig:
     infill: Infill | None = _opt(None, "budget infilling order (sets the quotas, not the visit order)")
     depth_schedule: DepthSchedule = _opt(
         "per-row", "per-row (every row of a forward at its own cut), mixed (cuts-per-step micro-batches "
-                   "of one cut each per optimizer step) or paper (Algorithm 4 as written)")
+                   "of one cut each per optimizer step), paper (Algorithm 4 as written), narrowing / "
+                   "widening (per-row, the budget's depths ascending / descending over each epoch; "
+                   "no profile)")
     depth_assignment: DepthAssignment = _opt(
         "class-rank", "budgeted SALF: class-rank or eof-match (Algorithm 4's matching)")
     cuts_per_step: int = _opt(4, "micro-batches of different depths per optimizer step (SALF's mixed "
@@ -176,11 +178,11 @@ class TrainConfig:
                               "probe the weights while they are made, so a resumed epoch cannot replay them")
         positive("cuts_per_step", self.cuts_per_step)
         positive("cut_levels", self.cut_levels, allow_none=True)
-        per_row_salf = self.strategy == "salf" and self.depth_schedule == "per-row"
+        per_row_salf = self.strategy == "salf" and self.depth_schedule in ("per-row", "narrowing", "widening")
         if self.cut_levels is not None and not per_row_salf:
             raise ConfigError("cut_levels rounds the per-row schedule's depths: it needs strategy 'salf' "
-                              f"with depth_schedule 'per-row' (got {self.strategy!r}, "
-                              f"{self.depth_schedule!r})")
+                              "with depth_schedule 'per-row', 'narrowing' or 'widening' "
+                              f"(got {self.strategy!r}, {self.depth_schedule!r})")
         if per_row_salf and self.cuts_per_step != TrainConfig.cuts_per_step:
             raise ConfigError("cuts_per_step counts the micro-batches of the 'mixed' schedule; the per-row "
                               "schedule has none: add depth_schedule 'mixed' (or use cut_levels)")

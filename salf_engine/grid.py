@@ -39,7 +39,8 @@ CELL_SYNTAX = (
     "strategy cells: NAME[:OPTION]... with NAME one of {names}; OPTIONs: a budget plan "
     "(uniform = half, arith, geom, none; salf only), an infilling order (bf, df; with a budget), a freeze "
     "fraction in (0, 1) (bot/top/int/adt), 'lora' (LoRA adapters), 'paper' (Algorithm 4's schedule), "
-    "'eof-match' or 'class-rank' (budgeted SALF's depth assignment), cutsN (N cuts per optimizer step). "
+    "'narrowing' / 'widening' (time-varying per-row depths), 'eof-match' or 'class-rank' (budgeted "
+    "SALF's depth assignment), cutsN (N cuts per optimizer step). "
     "Examples: salf (Algorithm 3), salf:uniform:df (SALF[half]), salf:arith:df:paper, salf:geom:bf, "
     "bot50, bot:0.3, adt-high:0.25, bot50:lora, lift-star-half:cuts1"
 )
@@ -58,7 +59,7 @@ class StrategyCell:
     infill: str | None = None
     freeze_fraction: float | None = None
     lora: bool = False
-    schedule: str | None = None       # "paper" (Algorithm 4 as written); None = the config's
+    schedule: str | None = None       # "paper", "narrowing", "widening"; None = the config's
     assignment: str | None = None     # "eof-match" / "class-rank"; None = the config's
     cuts_per_step: int | None = None  # None = the config's; given, the cell runs the mixed schedule
 
@@ -143,7 +144,7 @@ def parse_strategy(text: str) -> StrategyCell:
         elif key == "lora":
             once("'lora'", lora)
             lora = True
-        elif key == "paper":
+        elif key in ("paper", "narrowing", "widening"):
             once("schedule", schedule)
             schedule = key
         elif key in ("eof-match", "class-rank"):
@@ -159,7 +160,8 @@ def parse_strategy(text: str) -> StrategyCell:
                 raise ConfigError(
                     f"unknown option {opt!r} in strategy cell {text!r}; options: budget plans "
                     f"{', '.join(_BUDGET_ALIASES)}, infilling orders {', '.join(_INFILLS)}, "
-                    "a freeze fraction in (0, 1), lora, paper, eof-match, class-rank, cutsN"
+                    "a freeze fraction in (0, 1), lora, paper, narrowing, widening, eof-match, class-rank, "
+                    "cutsN"
                 ) from None
             once("freeze fraction", fraction)
             if not (math.isfinite(value) and 0 < value < 1):

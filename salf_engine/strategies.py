@@ -58,6 +58,8 @@ __all__ = [
     "SCHEDULES",
     "ASSIGNMENTS",
     "DEFAULT_CUTS_PER_STEP",
+    "ROW_ORDERS",
+    "TIMED_SCHEDULES",
     "make_strategy",
     "pack_steps",
     "round_to_levels",
@@ -98,6 +100,10 @@ BUDGETS = ("uniform", "arith", "geom", "none")
 #: quotas: ``class-rank`` (each class spread over the depths by its samples' eof rank inside the class)
 #: or ``eof-match`` (Algorithm 4's global eof-matching).
 INFILLS, SCHEDULES, ASSIGNMENTS = _config.INFILLS, _config.DEPTH_SCHEDULES, _config.DEPTH_ASSIGNMENTS
+#: Schedules whose forwards take ``micro_size`` rows of the shuffled order, each row at its own cut.
+ROW_ORDERS = ("per-row", "narrowing", "widening")
+#: Schedules that visit a budget plan's depths in an order of time (they need a budget plan).
+TIMED_SCHEDULES = ("paper", "narrowing", "widening")
 #: Distinct cuts (micro-batches) per optimizer step of a depth-varying strategy.
 DEFAULT_CUTS_PER_STEP: int = _config.TrainConfig.cuts_per_step
 #: Optimizer steps of full training before ADT picks its frozen layers.
@@ -412,7 +418,10 @@ class SampleDepthStrategy(Strategy):
     ``"per-row"`` takes the samples in the same shuffled order as full fine-tuning and the static freezes
     (same seed, same steps) and runs every forward of ``micro_size`` rows with each row at its own depth
     (``MicroBatch.row_depths``), rounded down to at most ``cut_levels`` distinct cuts per forward when
-    that is set (see :func:`round_to_levels`).
+    that is set (see :func:`round_to_levels`). ``"narrowing"`` and ``"widening"`` take the same order
+    and rows, but a row's depth follows its position in the epoch: the epoch's depths sorted ascending
+    (the trained scope narrows from every layer to the top one, Algorithm 4's visit order) or
+    descending (it widens), every epoch again.
     ``mask``: ``"above"`` trains ``layers[depth..]``, ``"single"`` only ``layers[depth]``. Depths above m-1
     (eof m under the "frozen" boundary) are clamped to m-1 so that every sample trains at least one layer.
 
@@ -461,10 +470,15 @@ class SampleDepthStrategy(Strategy):
         if self._stale:
             self._assign()  # eofs observed during the last epoch
         m = self.num_layers
-        if self.order == "per-row":
-            for chunk in _chunks(self._shuffled(epoch), micro_size):
-                rows = round_to_levels([self.depths[i] for i in chunk], self.cut_levels)
-                yield MicroBatch(chunk, min(rows), self._mask(min(rows), m), rows)
+        if self.order in ROW_ORDERS:
+            order = self._shuffled(epoch)
+            if self.order == "per-row":
+                row_depths = [self.depths[i] for i in order]
+            else:  # the depth follows the position in the epoch, not the sample
+                row_depths = sorted(self.depths, reverse=self.order == "widening")
+            for start in range(0, len(order), micro_size):
+                rows = round_to_levels(row_depths[start:start + micro_size], self.cut_levels)
+                yield MicroBatch(order[start:start + micro_size], min(rows), self._mask(min(rows), m), rows)
             return
         rng = self._epoch_rng(epoch)
         runs = _depth_runs(self.depths, self.labels, -(-step_size // self.cuts_per_step), rng)
@@ -710,6 +724,16 @@ def _salf_depths(budget: str, infill: str, assignment: str
     return depths
 
 
+def _quota_depths(budget: str, infill: str
+                  ) -> Callable[[SampleDepthStrategy, list[int | None] | None], list[int]]:
+    """The budget plan's depths, one per quota slot (the time-varying schedules place them by position)."""
+    def depths(s: SampleDepthStrategy, eofs: list[int | None] | None) -> list[int]:
+        return fill_quotas(list(range(s.num_samples)), budget_quotas(budget, infill, s.num_layers,
+                                                                      s.num_samples))
+
+    return depths
+
+
 def _lift_depths(s: SampleDepthStrategy, eofs: list[int | None] | None) -> list[int]:
     """Uniform-budget quotas, samples placed by a seeded permutation (no semantics)."""
     perm = list(range(s.num_samples))
@@ -766,7 +790,9 @@ def make_strategy(
       ``mixed`` every optimizer step holds ``cuts_per_step`` micro-batches of one depth each. Either
       way the eofs seen in the training forward re-assign the depths at the next epoch.
       ``schedule="paper"`` (budget needed) runs Algorithm 4 as written instead: depth 0 first,
-      ascending, eofs recomputed at the visit.
+      ascending, eofs recomputed at the visit. ``"narrowing"`` / ``"widening"`` (budget needed) keep
+      the per-row forwards but give each row the budget's depth of its position in the epoch
+      (ascending / descending over the epoch); no eof is used, so nothing is profiled.
     - ``botNN``: freeze the bottom ``floor(NN% m)`` layers (depth = that count).
     - ``topNN``: freeze the top ``floor(NN% m)`` layers (depth 0).
     - ``intNN``: freeze ``floor(NN% m)`` interleaved layers, see :func:`interleaved_frozen`
@@ -805,9 +831,9 @@ def make_strategy(
             f"infilling order {infill!r} fills a budget plan's shares; give a budget (uniform, arith, geom) "
             "or drop the infilling order"
         )
-    if schedule == "paper" and not budgeted:
-        raise ConfigError("the 'paper' schedule is Algorithm 4 and needs a salf budget plan "
-                          "(uniform, arith, geom)")
+    if schedule in TIMED_SCHEDULES and not budgeted:
+        raise ConfigError(f"the {schedule!r} schedule visits a budget plan's depths in order and needs a "
+                          "salf budget plan (uniform, arith, geom)")
     if isinstance(adt_steps, bool) or not isinstance(adt_steps, int) or adt_steps < 1:
         raise ConfigError(f"adt_steps must be an integer >= 1, got {adt_steps!r}")
 
@@ -829,6 +855,11 @@ def make_strategy(
         if not budgeted:
             s = SampleDepthStrategy(name, _algorithm3_depths, order=schedule, cuts_per_step=cuts_per_step,
                                     cut_levels=cut_levels, refresh=True, boundary=boundary, **common)
+        elif schedule in ("narrowing", "widening"):  # no eof decides anything: no profile
+            s = SampleDepthStrategy(name, _quota_depths(budget, infill or "bf"), order=schedule,
+                                    cut_levels=cut_levels, **common)
+            s.label = f"salf-{budget}-{infill or 'bf'}-{schedule}"
+            return s
         elif schedule == "paper":
             s = PaperScheduleStrategy(name, budget=budget, infill=infill or "bf", boundary=boundary,
                                       **common)

@@ -476,7 +476,6 @@ def test_lora_half_mask_selects_adapter_layers(llama8):
         (lambda: make_strategy("salf", budget="geom", infill="zz"), r"unknown infilling order 'zz'.*bf, df"),
         (lambda: make_strategy("salf", boundary="middle"), r"unknown eof boundary"),
         (lambda: make_strategy("salf", infill="df"), r"infilling order 'df' fills a budget plan's shares"),
-        (lambda: make_strategy("salf", schedule="paper"), r"'paper' schedule is Algorithm 4 and needs"),
         (lambda: make_strategy("salf", schedule="fast"), r"unknown depth schedule 'fast'"),
         (lambda: make_strategy("salf", assignment="x"), r"unknown depth assignment 'x'"),
         (lambda: make_strategy("salf", cuts_per_step=0), r"cuts_per_step must be an integer >= 1"),
@@ -557,3 +556,44 @@ def test_cut_levels_bound_the_distinct_cuts_of_every_forward():
             assert all(r <= s.depths[i] for r, i in zip(mb.row_depths, mb.indices, strict=True))
     # the rounding is counted: the realized saving falls below the budget's
     assert s.realized_saving() < cost_saving_ratio(s.depths, M)
+
+
+# ------------------------------------------------------------------------- time-varying depth (issue 19)
+
+
+@pytest.mark.parametrize("schedule", ["narrowing", "widening"])
+def test_time_varying_depth_follows_the_position_in_the_epoch(schedule):
+    # m = 4, N = 8, uniform budget: two slots at each depth 0..3 (hand-computed quotas [2, 2, 2, 2])
+    s = make_strategy("salf", budget="uniform", schedule=schedule, seed=0)
+    assert not s.needs_profile and not s.needs_observe
+    s.begin(4, 8, None, 0, labels=[0, 1] * 4)
+    bot = make_strategy("bot50", seed=0)
+    bot.begin(4, 8, None, 0, labels=[0, 1] * 4)
+    for epoch in (0, 1):
+        plans = list(s.epoch_plans(epoch, 4, 2))
+        # the same samples in the same steps as the static freeze of the same seed ...
+        assert [mb.indices for p in plans for mb in p.micro_batches] == \
+            [mb.indices for p in bot.epoch_plans(epoch, 4, 2) for mb in p.micro_batches]
+        # ... and the forward k of the epoch (2 rows) at depth k (narrowing) or 3 - k (widening), every epoch
+        want = [0, 1, 2, 3] if schedule == "narrowing" else [3, 2, 1, 0]
+        got = [(mb.depth, mb.row_depths) for p in plans for mb in p.micro_batches]
+        assert got == [(d, [d, d]) for d in want]
+        assert [mb.trainable for p in plans for mb in p.micro_batches][1 if schedule == "narrowing" else 2] == \
+            [F, T, T, T]
+    assert s.realized_saving() == pytest.approx((0 + 1 + 2 + 3) / 4 / 4)
+
+
+def test_time_varying_depth_splits_a_forward_at_the_position_boundary():
+    # m = 4, N = 6, arith bf quotas for 6 samples, in depth order: the forwards of 4 rows straddle depths
+    s = make_strategy("salf", budget="arith", schedule="narrowing", seed=1)
+    s.begin(4, 6, None, 1)
+    quotas = budget_quotas("arith", "bf", 4, 6)
+    ascending = [d for d, q in enumerate(quotas) for _ in range(q)]
+    rows = [mb.row_depths for p in s.epoch_plans(0, 4, 4) for mb in p.micro_batches]
+    assert rows == [ascending[:4], ascending[4:]]
+
+
+@pytest.mark.parametrize("schedule", ["narrowing", "widening", "paper"])
+def test_time_varying_schedules_need_a_budget(schedule):
+    with pytest.raises(ConfigError, match=f"'{schedule}' schedule .* needs a salf budget plan"):
+        make_strategy("salf", schedule=schedule)

@@ -25,6 +25,7 @@ CASES = [
     ("salf", {"budget": "uniform", "assignment": "eof-match", "schedule": "mixed",
               "cuts_per_step": 2}),
     ("salf", {"budget": "uniform", "infill": "df", "cut_levels": 2}),
+    ("salf", {"budget": "uniform", "schedule": "narrowing"}), ("salf", {"budget": "geom", "schedule": "widening"}),
     ("bot25", {}), ("bot50", {}), ("bot75", {}), ("top25", {}), ("top50", {}), ("top75", {}),
     ("int25", {}), ("int50", {}), ("int75", {}), ("adt-low", {}), ("adt-high", {}),
 ]
