@@ -25,12 +25,13 @@ over seeds of macro-F1 with free decoding, backward saving, FLOPs and wall time 
 of the same dataset and seed) plus ``cells.csv`` and ``f1_vs_flops.png``.
 
     python bench/compare_repro.py [--output runs/repro] [--data-dir ../shared/data] [--ablations]
-                                  [--per-row] [--workers 2] [--report-only]
+                                  [--per-row | --study] [--workers 2] [--report-only]
 
 ``--per-row`` reruns only :data:`PER_ROW` (two seeds, every dataset) under the current default step, into
 their own directories (``runs/repro-per-row``, ``bench/results/repro-per-row``). Every finished cell's
 ``summary.json`` and ``config.json`` are kept under the results' ``cells/`` (committed), and a run puts
-them back first, so a fresh checkout resumes the grid where the last one stopped.
+them back first, so a fresh checkout resumes the grid where the last one stopped. ``--study`` does the same
+for issue 19's study of per-sample depth (:data:`STUDY_CELLS`: ``runs/study``, ``bench/results/study``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from pathlib import Path
 from salf_engine.report import cost_seconds
 
 __all__ = ["KEY", "ALTERNATIVES", "ABLATIONS", "VARIANTS", "LORA_VARIANTS", "OTHERS", "SETTINGS", "LR",
-           "cells", "report", "main"]
+           "PER_ROW", "LEVERS", "STUDY_CELLS", "cells", "report", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["trec", "sst5", "carer"]
@@ -64,7 +65,7 @@ Cell = tuple[int, str, str, str, str]  # (seed, dataset, strategy, split, varian
 #: assignment without semantics: every class spread over the depths at random (the ablation of the eof).
 VARIANTS = {"": [], "profile25": ["--profile-fraction", "0.25"],
             "random-in-class": ["--profile-fraction", "0.001"], "steps32": ["--grad-accum", "4"],
-            "lr2e-4": ["--lr", "2e-4"]}
+            "lr2e-4": ["--lr", "2e-4"], "head": ["--train-head"]}
 #: Ablations of SALF[half] (seed, dataset, strategy, split, variant), with their `full` references: on
 #: held-out TREC data, then without a profile on the test splits of SST-5 and CARER.
 ABLATIONS = [(seed, "trec", strategy, "holdout", variant) for seed, strategy, variant in [
@@ -83,6 +84,18 @@ PER_ROW = ["full", "salf:uniform:df", "bot50", "lora-half", "lift-star-half"]
 #: SALF[half] and the two it must beat first, both seeds; then LoRA[half] and LIFT*[half].
 PER_ROW_CELLS: list[Cell] = [(seed, ds, s, "test", "") for group in (PER_ROW[:3], PER_ROW[3:])
                              for seed in (0, 1) for ds in DATASETS for s in group]
+#: Issue 19's levers for per-sample depth, screened on held-out CARER (the dataset with the widest gap
+#: between full fine-tuning and BOT50) against BOT50 at the same backward saving, seed 0 of every lever
+#: first: SALF[half]'s eof rank, its time-varying depths (the trained scope narrowing from every layer
+#: to the top one over the epoch, Algorithm 4's order, and its reverse) and training the head.
+LEVERS = [("bot50", ""), ("salf:uniform:df", ""), ("salf:uniform:df:narrowing", ""),
+          ("salf:uniform:df:widening", ""), ("bot50", "head"), ("salf:uniform:df", "head")]
+STUDY_SCREEN: list[Cell] = [(0, "carer", "full", "holdout", "")] + [
+    (seed, "carer", s, "holdout", v) for seed in (0, 1) for s, v in LEVERS]
+STUDY_SCREEN.append((1, "carer", "full", "holdout", ""))
+#: The levers that survived the screen, confirmed on the test splits (two seeds, every dataset).
+STUDY_CONFIRM: list[Cell] = []
+STUDY_CELLS = STUDY_SCREEN + STUDY_CONFIRM
 #: Learning rate per group: the weights themselves, or LoRA adapters.
 LR = {"weights": "1e-4", "lora": "3e-3"}
 #: Shared by every cell.
@@ -156,7 +169,7 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell]
                           f"{'failed' if code else 'done'}; {len(todo)} cells left", flush=True)
                 if not code:
                     _keep(out, results, cell)
-                report(out, results)
+                report(out, results, only)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(workers)]
     for t in threads:
@@ -190,9 +203,9 @@ def _restore_kept(out: Path, results: Path) -> None:
                 shutil.copy2(summary.parent / name, dst / name)
 
 
-def _load(out: Path) -> dict[Cell, dict]:
+def _load(out: Path, grid: list[Cell]) -> dict[Cell, dict]:
     found = {}
-    for cell in cells():
+    for cell in grid:
         path = _cell_dir(out, *cell) / "summary.json"
         if path.is_file():
             found[cell] = json.loads(path.read_text())
@@ -207,9 +220,12 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
 
-def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro") -> Path:
-    """Write report.md, cells.csv and f1_vs_flops.png from the finished cells; returns report.md."""
-    found = _load(out)
+def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro", grid: list[Cell] | None = None
+           ) -> Path:
+    """Write report.md, cells.csv and f1_vs_flops.png from the finished cells of ``grid`` (default: the
+    whole reproduction); returns report.md."""
+    grid = cells() if grid is None else grid
+    found = _load(out, grid)
     results.mkdir(parents=True, exist_ok=True)
     rows = []
     order = sorted(found.items(), key=lambda kv: (kv[0][3], kv[0][1], kv[0][4], kv[0][2], kv[0][0]))
@@ -228,7 +244,7 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro") -> P
         writer.writeheader()
         writer.writerows(rows)
     lines = ["# Real-scale reproduction (SmolLM2-135M-Instruct, CPU)", "",
-             f"{len(found)} of {len(cells())} cells finished. 960 training examples per dataset, one "
+             f"{len(found)} of {len(grid)} cells finished. 960 training examples per dataset, one "
              "epoch, steps of 8 examples, the full test split (TREC 500, SST-5 2,210, CARER 2,000), "
              f"lr {LR['weights']} (weights) / {LR['lora']} (LoRA). Values are mean ± half the range over "
              "the seeds run (one value = one seed). F1 = macro-F1, free decoding. Time = training + "
@@ -236,10 +252,10 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro") -> P
              "script, two cells at a time on a 2-core CPU; a variant's `full` where it has one). "
              "Variants: [random-in-class] profiles 1 example (depths random inside each class), "
              "[profile25] a quarter of the examples, [steps32] takes steps of 32 examples (grad-accum 4), "
-             "[lr2e-4] twice the learning rate.",
+             "[lr2e-4] twice the learning rate, [head] trains the LM head (and so the tied embedding).",
              ""]
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
-    for ds, split in [("trec", "holdout"), *((ds, "test") for ds in DATASETS)]:
+    for split, ds in [(split, ds) for split in ("holdout", "test") for ds in DATASETS]:
         mine = [r for r in rows if r["dataset"] == ds and r["split"] == split]
         if not mine:
             continue
@@ -298,15 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-row", action="store_true",
                     help="only the cells of PER_ROW (two seeds, every dataset), into runs/repro-per-row and "
                          "bench/results/repro-per-row unless --output / --results say otherwise")
+    ap.add_argument("--study", action="store_true",
+                    help="only issue 19's study (STUDY_CELLS), into runs/study and bench/results/study")
     ap.add_argument("--results", default=None, help="where the report goes (default bench/results/repro)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     args = ap.parse_args(argv)
-    name = "repro-per-row" if args.per_row else "repro"
+    name = "repro-per-row" if args.per_row else "study" if args.study else "repro"
     out = Path(args.output or ROOT / "runs" / name)
     results = Path(args.results or ROOT / "bench" / "results" / name)
-    only = PER_ROW_CELLS if args.per_row else ABLATIONS if args.ablations else None
+    only = (PER_ROW_CELLS if args.per_row else STUDY_CELLS if args.study else ABLATIONS if args.ablations
+            else None)
     status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, only, results)
-    print(report(out, results).read_text())
+    print(report(out, results, only).read_text())
     return status
 
 
