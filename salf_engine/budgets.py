@@ -37,6 +37,7 @@ __all__ = [
     "budget_quotas",
     "assign_depths",
     "assign_depths_by_class",
+    "assign_depths_by_class_rank",
     "fill_quotas",
     "cost_saving_ratio",
 ]
@@ -261,11 +262,29 @@ def assign_depths_by_class(
     nearly one class.) Deterministic in ``(eofs, labels, plan, order, seed)``.
     """
     m = _check_positive(num_layers, "num_layers")
-    eof_list = _eof_list(eofs, m)
+    return assign_depths_by_class_rank(_eof_list(eofs, m), labels, plan, order, m, seed=seed)
+
+
+def assign_depths_by_class_rank(
+    keys: Sequence[float | None],
+    labels: Sequence[int] | torch.Tensor,
+    plan: str,
+    order: str,
+    num_layers: int,
+    *,
+    seed: int = 0,
+) -> list[int]:
+    """Freeze depth per sample under a budget plan: inside each class the samples are ranked by ``keys``
+    (ascending; ties and ``None`` at random positions) and every class is spread over the depths by that
+    rank, the lowest key at the lowest depth. :func:`assign_depths_by_class` ranks by eof; SALF's
+    ``loss-rank`` assignment by minus the sample's last training loss (the hardest trains the most layers).
+    """
+    m = _check_positive(num_layers, "num_layers")
+    key_list = list(keys)
     label_list = _as_int_list(labels, "labels")
-    n = _check_positive(len(eof_list), "the number of samples (len(eofs))")
+    n = _check_positive(len(key_list), "the number of samples")
     if len(label_list) != n:
-        raise ConfigError(f"got {len(label_list)} labels for {n} eofs")
+        raise ConfigError(f"got {len(label_list)} labels for {n} samples")
     quotas = budget_quotas(_check_plan(plan, allow_none=False), order, m, n)
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
@@ -274,9 +293,8 @@ def assign_depths_by_class(
     position = [0.0] * n
     for members in by_class.values():
         rng.shuffle(members)
-        known = sorted((i for i in members if eof_list[i] is not None), key=lambda i: eof_list[i])
-        ranked = list(known)
-        for i in (i for i in members if eof_list[i] is None):
+        ranked = sorted((i for i in members if key_list[i] is not None), key=lambda i: key_list[i])
+        for i in (i for i in members if key_list[i] is None):
             ranked.insert(rng.randint(0, len(ranked)), i)
         for j, i in enumerate(ranked):
             position[i] = (j + 0.5) / len(ranked)

@@ -23,7 +23,7 @@ DType = Literal["float32", "bf16"]
 Loss = Literal["next-token", "semantic-ce", "cosine"]
 LRSchedule = Literal["linear", "constant"]
 DepthSchedule = Literal["per-row", "mixed", "paper", "narrowing", "widening"]
-DepthAssignment = Literal["class-rank", "eof-match"]
+DepthAssignment = Literal["class-rank", "eof-match", "loss-rank"]
 Infill = Literal["bf", "df"]
 #: What a non-finite loss or gradient does: stop the run (the last good checkpoint stays), or skip the step.
 NonfiniteAction = Literal["stop", "skip"]
@@ -78,7 +78,9 @@ class TrainConfig:
                    "widening (per-row, the budget's depths ascending / descending over each epoch; "
                    "no profile)")
     depth_assignment: DepthAssignment = _opt(
-        "class-rank", "budgeted SALF: class-rank or eof-match (Algorithm 4's matching)")
+        "class-rank", "budgeted SALF: class-rank (eof rank inside each class), eof-match (Algorithm 4's "
+                      "matching) or loss-rank (last training loss inside each class, hardest deepest; no "
+                      "profile)")
     cuts_per_step: int = _opt(4, "micro-batches of different depths per optimizer step (SALF's mixed "
                                  "schedule, LIFT)")
     cut_levels: int | None = _opt(None, "per-row schedule: round each forward's depths down to at most "

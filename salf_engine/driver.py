@@ -15,7 +15,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,7 +23,16 @@ from .deviation import eof_layers
 from .distributed import gather_objects, rank_and_world
 from .errors import ConfigError
 
-__all__ = ["StrategyDriver", "histogram", "profile_subset"]
+__all__ = ["StrategyDriver", "Observation", "histogram", "profile_subset"]
+
+
+class Observation(NamedTuple):
+    """What one trained micro-batch showed: its sample ``indices``, their ``deviations`` [B, m+1] (when the
+    forward returned them) and their training ``losses`` [B] (when the loop computed them)."""
+
+    indices: Sequence[int]
+    deviations: torch.Tensor | None
+    losses: torch.Tensor | None = None
 
 
 def profile_subset(num_samples: int, fraction: float, seed: int) -> list[int]:
@@ -68,6 +77,11 @@ class StrategyDriver:
     def wants_deviations(self) -> bool:
         """Whether the training forward must return deviations (Algorithm-3 observations)."""
         return bool(getattr(self.strategy, "needs_observe", False))
+
+    @property
+    def wants_observations(self) -> bool:
+        """Whether :meth:`observe` needs the trained micro-batches (their deviations or their losses)."""
+        return self.wants_deviations or bool(getattr(self.strategy, "needs_losses", False))
 
     def _eofs_of(self, indices: Sequence[int], *, progress: bool, desc: str) -> list[int]:
         from .data import subset_split
@@ -123,22 +137,41 @@ class StrategyDriver:
         if planned == 0:
             raise ConfigError(f"strategy {self.config.strategy!r} planned no step in epoch {epoch}")
 
-    def observe(self, seen: Sequence[tuple[Sequence[int], torch.Tensor]]) -> None:
-        """The step's (indices, deviations) per micro-batch -> eofs in one pass -> ``strategy.observe``
-        (with every rank's observations, gathered, under torch.distributed)."""
-        indices = [int(i) for idx, _dev in seen for i in idx]
-        eof = []
-        if seen:
-            dev = torch.cat([dev for _idx, dev in seen])
+    def observe(self, seen: Sequence[Observation | tuple]) -> None:
+        """The step's observations (one per trained micro-batch; a plain ``(indices, deviations[, losses])``
+        tuple works too) -> eofs in one pass -> ``strategy.observe``, and the rows' losses ->
+        ``strategy.observe_losses`` when the strategy ranks by loss (with every rank's observations,
+        gathered, under torch.distributed)."""
+        wants_eofs = self.wants_deviations
+        wants_losses = bool(getattr(self.strategy, "needs_losses", False))
+        if not (wants_eofs or wants_losses):
+            return
+        seen = [Observation(*obs) for obs in seen]
+        for obs in seen:
+            if (wants_eofs and obs.deviations is None) or (wants_losses and obs.losses is None):
+                raise ConfigError(f"strategy {self.strategy.label!r} observes "
+                                  f"{'deviations' if wants_eofs else 'losses'} of every trained micro-batch; "
+                                  f"one came without (samples {list(obs.indices)[:8]})")
+        indices = [int(i) for obs in seen for i in obs.indices]
+        eof: list[int] = []
+        losses: list[float] = []
+        if seen and wants_eofs:
+            dev = torch.cat([obs.deviations for obs in seen])
             eof = eof_layers(dev, boundary=self.config.eof_boundary).tolist()
+        if seen and wants_losses:
+            losses = torch.cat([obs.losses.float() for obs in seen]).tolist()
         if rank_and_world()[1] > 1:
-            parts = gather_objects((indices, eof))
-            indices = [i for idx, _e in parts for i in idx]
-            eof = [e for _idx, es in parts for e in es]
+            parts = gather_objects((indices, eof, losses))
+            indices = [i for part in parts for i in part[0]]
+            eof = [e for part in parts for e in part[1]]
+            losses = [v for part in parts for v in part[2]]
         if not indices:
             return
-        self.strategy.observe(indices, eof)
-        self.last_seen_eofs.update(zip(indices, eof, strict=True))
+        if wants_eofs:
+            self.strategy.observe(indices, eof)
+            self.last_seen_eofs.update(zip(indices, eof, strict=True))
+        if wants_losses:
+            self.strategy.observe_losses(indices, losses)
 
     def after_step(self, step: int, layers: Any) -> None:
         """``strategy.after_step`` (ADT's weight-change masks)."""

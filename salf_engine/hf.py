@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback
 
 from .config import TrainConfig
-from .driver import StrategyDriver
+from .driver import Observation, StrategyDriver
 from .errors import ConfigError
 from .patching import patch_model, runner_of
 from .sampling import LocalMicroBatch, PlanBatchSampler
@@ -182,7 +182,7 @@ class SalfTrainerMixin:
                     deviation_impl=cfg.deviation_impl, gradient_checkpointing=cfg.gradient_checkpointing)
         self.salf_driver: StrategyDriver | None = None
         self.salf_sampler: PlanBatchSampler | None = None
-        self.salf_seen: list[tuple[list[int], torch.Tensor]] = []
+        self.salf_seen: list[Observation] = []
         self._salf_resume: dict[str, Any] | None = None  # salf_state.json of the checkpoint resumed from
         # (epoch, the strategy's state at its start): what a checkpoint needs to replay the epoch's plans
         self._salf_epoch_start: tuple[int, dict[str, Any]] | None = None
@@ -299,9 +299,23 @@ class SalfTrainerMixin:
                 loss = out.loss * meta.weight
                 self.accelerator.backward(loss)
             total += loss.detach()
-            if out.deviations is not None and meta.weight > 0:
-                self.salf_seen.append((indices, out.deviations))
+            driver = self.salf_driver
+            if (meta.weight > 0 and driver is not None and driver.wants_observations
+                    and (out.deviations is not None or not driver.wants_deviations)):
+                losses = _row_losses(out.logits, batch["labels"]) if self.salf_strategy.needs_losses else None
+                self.salf_seen.append(Observation(indices, out.deviations, losses))
         return total
+
+
+def _row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean next-token cross-entropy over its supervised labels (``-100`` ignored), detached;
+    0 for a row without one."""
+    with torch.no_grad():
+        targets = labels[:, 1:].to(logits.device)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                               ignore_index=-100, reduction="none")
+        kept = targets != -100
+        return (ce * kept).sum(1) / kept.sum(1).clamp(min=1)
 
 
 class _LabelsOnly:

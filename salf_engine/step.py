@@ -72,31 +72,33 @@ def build_scheduler(optimizer, config: TrainConfig, total_steps: int) -> torch.o
 
 def compute_loss(out, labels: torch.Tensor, label_token_ids: torch.Tensor, bases: torch.Tensor | None,
                  loss: str = "next-token", temperature: float = 0.05) -> torch.Tensor:
-    """Mean loss of a batch.
+    """The loss of each row of a batch ([B]; the training loss is its mean).
 
     next-token: cross-entropy of the full-vocabulary logits at the medium token vs the label token id.
     semantic-ce: cross-entropy over the K cosines of the final-norm state to the label bases / temperature.
     cosine: 1 - cosine of the final-norm state to the ground-truth basis.
     """
     if loss == "next-token":
-        return F.cross_entropy(out.logits.float(), label_token_ids[labels])
+        return F.cross_entropy(out.logits.float(), label_token_ids[labels], reduction="none")
     if bases is None:
         raise ConfigError(f"loss {loss!r} needs the semantic bases")
     h = F.normalize(out.last_hidden.float(), dim=-1)
     b = F.normalize(bases.to(h.device).float(), dim=-1)
     cos = h @ b.T
     if loss == "semantic-ce":
-        return F.cross_entropy(cos / temperature, labels)
+        return F.cross_entropy(cos / temperature, labels, reduction="none")
     if loss == "cosine":
-        return (1.0 - cos.gather(1, labels[:, None])).mean()
+        return 1.0 - cos.gather(1, labels[:, None])[:, 0]
     raise ConfigError(f"unknown loss {loss!r}")
 
 
 @dataclass
 class MicroBatchResult:
-    """What one micro-batch step leaves: its mean loss (detached) and its deviations (when asked)."""
+    """What one micro-batch step leaves (detached): its mean loss, each row's loss and its deviations (when
+    asked)."""
 
     loss: torch.Tensor
+    row_losses: torch.Tensor
     deviations: torch.Tensor | None
 
 
@@ -120,9 +122,10 @@ def micro_batch_step(runner, model, batch: dict[str, Any], depth: int | Sequence
         out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth,
                      last_index=batch["last_index"].to(device), labels=labels if want_deviations else None,
                      gradient_checkpointing=config.gradient_checkpointing, train_embeddings=train_embed)
-    loss = compute_loss(out, labels, label_token_ids, bases, config.loss, config.semantic_temperature)
+    rows_loss = compute_loss(out, labels, label_token_ids, bases, config.loss, config.semantic_temperature)
+    loss = rows_loss.mean()
     (loss * weight).backward()
-    return MicroBatchResult(loss=loss.detach(), deviations=out.deviations)
+    return MicroBatchResult(loss=loss.detach(), row_losses=rows_loss.detach(), deviations=out.deviations)
 
 
 def clip_or_measure(params, max_grad_norm: float | None) -> torch.Tensor:

@@ -40,7 +40,13 @@ import torch
 from torch import nn
 
 from . import config as _config
-from .budgets import assign_depths, assign_depths_by_class, budget_quotas, fill_quotas
+from .budgets import (
+    assign_depths,
+    assign_depths_by_class,
+    assign_depths_by_class_rank,
+    budget_quotas,
+    fill_quotas,
+)
 from .deviation import eof_layers
 from .deviation_contract import BOUNDARIES
 from .errors import ConfigError
@@ -97,8 +103,9 @@ BUDGETS = ("uniform", "arith", "geom", "none")
 #: depths: ``per-row`` (every row of a forward at its own cut), ``mixed`` (micro-batches of one cut each,
 #: several per optimizer step) or ``paper`` (Algorithm 4 as written: depth 0 first, ascending, each
 #: sample's eof recomputed when its depth is visited). Assignments say how budgeted SALF fills the
-#: quotas: ``class-rank`` (each class spread over the depths by its samples' eof rank inside the class)
-#: or ``eof-match`` (Algorithm 4's global eof-matching).
+#: quotas: ``class-rank`` (each class spread over the depths by its samples' eof rank inside the class),
+#: ``eof-match`` (Algorithm 4's global eof-matching) or ``loss-rank`` (by the samples' last training
+#: loss inside each class, the hardest deepest; random inside each class until a loss is seen).
 INFILLS, SCHEDULES, ASSIGNMENTS = _config.INFILLS, _config.DEPTH_SCHEDULES, _config.DEPTH_ASSIGNMENTS
 #: Schedules whose forwards take ``micro_size`` rows of the shuffled order, each row at its own cut.
 ROW_ORDERS = ("per-row", "narrowing", "widening")
@@ -228,7 +235,8 @@ class Strategy:
 
     Attributes: ``name`` (canonical strategy name), ``label`` (name plus options, for logs),
     ``needs_profile`` (wants one no-grad eof pass before epoch 0, passed as ``eofs`` to :meth:`begin`),
-    ``needs_observe`` (wants :meth:`observe` with the eofs of every trained micro-batch), ``uses_lora``
+    ``needs_observe`` (wants :meth:`observe` with the eofs of every trained micro-batch), ``needs_losses``
+    (wants ``observe_losses`` with the training loss of every trained sample), ``uses_lora``
     (False, True = LoRA on every layer, or ``"half"`` = LoRA on the top half only; the masks say which
     layers' adapters train), ``probe`` (set by the trainer for the ``paper`` schedule: a function from
     sample indices to their eofs under the current weights).
@@ -237,6 +245,7 @@ class Strategy:
     name: str = ""
     needs_profile: bool = False
     needs_observe: bool = False
+    needs_losses: bool = False
 
     def __init__(self, name: str, *, seed: int = 0, uses_lora: bool | str = False) -> None:
         self.name = name
@@ -430,7 +439,7 @@ class SampleDepthStrategy(Strategy):
     until its first training forward.
     """
 
-    _state_attrs = (*Strategy._state_attrs, "eofs", "depths", "_stale")
+    _state_attrs = (*Strategy._state_attrs, "eofs", "losses", "depths", "_stale")
 
     def __init__(
         self,
@@ -442,6 +451,7 @@ class SampleDepthStrategy(Strategy):
         cut_levels: int | None = None,
         mask: str = "above",
         refresh: bool = False,
+        by_loss: bool = False,
         boundary: str = "trainable",
         **kwargs,
     ) -> None:
@@ -452,13 +462,16 @@ class SampleDepthStrategy(Strategy):
         self.cut_levels = None if cut_levels is None else _positive_int(cut_levels, "cut_levels")
         self._mask = _mask_single if mask == "single" else _mask_above
         self.needs_observe = refresh
+        self.needs_losses = by_loss
         self.boundary = boundary
         self.eofs: list[int | None] | None = None
+        self.losses: list[float | None] = []
         self.depths: list[int] = []
         self._stale = False
 
     def _setup(self, eofs: list[int | None] | None) -> None:
         self.eofs = eofs
+        self.losses = [None] * self.num_samples
         self._assign()
 
     def _assign(self) -> None:
@@ -518,6 +531,22 @@ class SampleDepthStrategy(Strategy):
             if not 0 <= e <= self.num_layers:
                 raise ValueError(f"eof {e} outside 0..{self.num_layers}")
             self.eofs[i] = e
+        self._stale = True
+
+
+    def observe_losses(self, indices: Sequence[int], losses: Sequence[float]) -> None:
+        """Record the training loss of the given samples; under ``loss-rank`` the depths follow at the next
+        epoch."""
+        if not self.needs_losses:
+            return
+        idx = [int(i) for i in indices]
+        values = [float(v) for v in losses]
+        if len(idx) != len(values):
+            raise ValueError(f"observe_losses() got {len(idx)} indices for {len(values)} losses")
+        for i, v in zip(idx, values, strict=True):
+            if not 0 <= i < self.num_samples:
+                raise ValueError(f"sample index {i} outside 0..{self.num_samples - 1}")
+            self.losses[i] = v if math.isfinite(v) else None
         self._stale = True
 
 
@@ -716,6 +745,9 @@ class AdaptiveStrategy(Strategy):
 def _salf_depths(budget: str, infill: str, assignment: str
                  ) -> Callable[[SampleDepthStrategy, list[int | None] | None], list[int]]:
     def depths(s: SampleDepthStrategy, eofs: list[int | None] | None) -> list[int]:
+        if assignment == "loss-rank":  # the hardest sample of a class trains the most layers
+            keys = [None if v is None else -v for v in s.losses]
+            return assign_depths_by_class_rank(keys, s.labels, budget, infill, s.num_layers, seed=s.seed)
         assert eofs is not None
         if assignment == "eof-match":
             return assign_depths(eofs, budget, infill, s.num_layers, seed=s.seed)
@@ -783,8 +815,10 @@ def make_strategy(
       ``budget`` in uniform / arith / geom, Algorithm 4's quotas
       (:func:`~salf_engine.budgets.budget_quotas`, filled ``infill`` = ``bf`` (default) or ``df``)
       filled by ``assignment``: ``class-rank`` (default; every class spread over the depths by its
-      samples' eof rank inside the class, :func:`~salf_engine.budgets.assign_depths_by_class`) or
-      ``eof-match`` (:func:`~salf_engine.budgets.assign_depths`). Under the ``per-row`` schedule
+      samples' eof rank inside the class, :func:`~salf_engine.budgets.assign_depths_by_class`),
+      ``eof-match`` (:func:`~salf_engine.budgets.assign_depths`) or ``loss-rank`` (inside each class by
+      the samples' last training loss, hardest deepest: random until the first epoch has seen them,
+      re-placed at every later epoch; no profile). Under the ``per-row`` schedule
       (default) the samples come in the static strategies' shuffled order and every row of a forward
       runs at its own depth (at most ``cut_levels`` distinct cuts per forward when given); under
       ``mixed`` every optimizer step holds ``cuts_per_step`` micro-batches of one depth each. Either
@@ -834,6 +868,10 @@ def make_strategy(
     if schedule in TIMED_SCHEDULES and not budgeted:
         raise ConfigError(f"the {schedule!r} schedule visits a budget plan's depths in order and needs a "
                           "salf budget plan (uniform, arith, geom)")
+    if assignment == "loss-rank" and (not budgeted or schedule in TIMED_SCHEDULES):
+        raise ConfigError("the 'loss-rank' assignment places samples in a budget plan's quotas by their "
+                          "training loss: it needs a salf budget plan (uniform, arith, geom) and the per-row "
+                          f"or mixed schedule (got budget={budget!r}, schedule={schedule!r})")
     if isinstance(adt_steps, bool) or not isinstance(adt_steps, int) or adt_steps < 1:
         raise ConfigError(f"adt_steps must be an integer >= 1, got {adt_steps!r}")
 
@@ -864,6 +902,12 @@ def make_strategy(
             s = PaperScheduleStrategy(name, budget=budget, infill=infill or "bf", boundary=boundary,
                                       **common)
             s.label = f"salf-{budget}-{infill or 'bf'}-paper"
+        elif assignment == "loss-rank":  # no eof decides anything: no profile
+            s = SampleDepthStrategy(name, _salf_depths(budget, infill or "bf", assignment), order=schedule,
+                                    cuts_per_step=cuts_per_step, cut_levels=cut_levels, by_loss=True,
+                                    **common)
+            s.label = f"salf-{budget}-{infill or 'bf'}-loss-rank"
+            return s
         else:
             s = SampleDepthStrategy(name, _salf_depths(budget, infill or "bf", assignment), order=schedule,
                                     cuts_per_step=cuts_per_step, cut_levels=cut_levels, refresh=True,

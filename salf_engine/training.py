@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .cost import CostMeter
 from .distributed import all_reduce_grads, all_reduce_sum, init_from_env, rank_and_world
-from .driver import StrategyDriver
+from .driver import Observation, StrategyDriver
 from .errors import CheckpointError, TrainingError
 from .inputs import Prepared, _refuse_to_clear_checkpoints, check_resume, prepare
 from .rundir import RunDirectory
@@ -322,13 +322,13 @@ class _StepRunner:
     rank: int
     world: int
 
-    def __call__(self, plan) -> tuple[float, float, list[tuple[list[int], torch.Tensor]]]:
+    def __call__(self, plan) -> tuple[float, float, list[Observation]]:
         """Gradients of the step accumulated (and all-reduced), clipped; returns (mean loss over the step's
-        examples, gradient norm, (indices, deviations) per micro-batch for ``driver.observe``)."""
+        examples, gradient norm, what each micro-batch showed, for ``driver.observe``)."""
         from .data import collate
 
         loss_sum = torch.zeros((), device=self.label_token_ids.device)
-        seen: list[tuple[list[int], torch.Tensor]] = []
+        seen: list[Observation] = []
         # every example weighs 1 / (examples in the step), whatever its micro-batch and rank
         for mb in rank_slice(plan, self.rank, self.world):
             batch = collate(self.train_split, mb.indices, self.pad_id, padding_side="left")
@@ -338,8 +338,8 @@ class _StepRunner:
                                    config=self.config, want_deviations=self.driver.wants_deviations)
             if mb.weight > 0:
                 loss_sum += res.loss * len(mb.indices)
-                if res.deviations is not None:
-                    seen.append((mb.indices, res.deviations))
+                if self.driver.wants_observations:
+                    seen.append(Observation(mb.indices, res.deviations, res.row_losses))
         for mb in plan.micro_batches:
             for depth, n in Counter(mb.depths).items():
                 self.cost.add(n, depth, mb.trainable)

@@ -245,7 +245,7 @@ def test_assign_by_class_places_unprofiled_samples_inside_their_class():
     assert Counter(depths) == Counter({k: 2 for k in range(6)})
     known = [depths[i] for i in (0, 1, 2, 5)]
     assert known == sorted(known)
-    with pytest.raises(ConfigError, match="got 1 labels for 2 eofs"):
+    with pytest.raises(ConfigError, match="got 1 labels for 2 samples"):
         assign_depths_by_class([0, 1], [0], "uniform", "bf", 4)
     with pytest.raises(ConfigError, match="unknown budget plan 'none'"):
         assign_depths_by_class([0, 1], [0, 1], "none", "bf", 4)

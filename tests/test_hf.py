@@ -67,7 +67,8 @@ def _hf_run(tmp_path, strategy: str, trainer_cls=SalfTrainer, **kw):
     return p, trainer, events
 
 
-@pytest.mark.parametrize("strategy,kw", [("salf", {"budget": "uniform"}), ("full", {}), ("adt-low", {})])
+@pytest.mark.parametrize("strategy,kw", [("salf", {"budget": "uniform"}), ("full", {}), ("adt-low", {}),
+                                         ("salf", {"budget": "uniform", "depth_assignment": "loss-rank"})])
 def test_hf_trainer_equals_engine_loop(tmp_path, strategy, kw):
     cfg = _config(strategy, **kw)
     ref = _prepared("qwen2", cfg)
@@ -79,6 +80,12 @@ def test_hf_trainer_equals_engine_loop(tmp_path, strategy, kw):
         assert len({d for d, _ in events}) > 1
     for (name, a), (_, b) in zip(ref.model.named_parameters(), mine.model.named_parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+    if kw.get("depth_assignment") == "loss-rank":
+        # the engine's loss at the label token and the Trainer's masked next-token loss, row by row
+        seen = [i for i, v in enumerate(ref.strategy.losses) if v is not None]
+        assert len(seen) == STEPS * MICRO * ACCUM
+        assert [trainer.salf_strategy.losses[i] for i in seen] == pytest.approx(
+            [ref.strategy.losses[i] for i in seen], rel=1e-4)
 
 
 def test_sft_trainer_with_the_mixin(tmp_path):

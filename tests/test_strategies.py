@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from salf_engine.budgets import assign_depths, assign_depths_by_class, budget_quotas, cost_saving_ratio
+from salf_engine.budgets import (
+    assign_depths,
+    assign_depths_by_class,
+    assign_depths_by_class_rank,
+    budget_quotas,
+    cost_saving_ratio,
+)
 from salf_engine.errors import ConfigError
 from salf_engine.strategies import (
     STRATEGIES,
@@ -578,8 +584,8 @@ def test_time_varying_depth_follows_the_position_in_the_epoch(schedule):
         want = [0, 1, 2, 3] if schedule == "narrowing" else [3, 2, 1, 0]
         got = [(mb.depth, mb.row_depths) for p in plans for mb in p.micro_batches]
         assert got == [(d, [d, d]) for d in want]
-        assert [mb.trainable for p in plans for mb in p.micro_batches][1 if schedule == "narrowing" else 2] == \
-            [F, T, T, T]
+        masks = [mb.trainable for p in plans for mb in p.micro_batches]
+        assert masks[want.index(1)] == [F, T, T, T]
     assert s.realized_saving() == pytest.approx((0 + 1 + 2 + 3) / 4 / 4)
 
 
@@ -597,3 +603,45 @@ def test_time_varying_depth_splits_a_forward_at_the_position_boundary():
 def test_time_varying_schedules_need_a_budget(schedule):
     with pytest.raises(ConfigError, match=f"'{schedule}' schedule .* needs a salf budget plan"):
         make_strategy("salf", schedule=schedule)
+
+
+# ------------------------------------------------------------------------ loss-ranked depth (issue 19)
+
+
+def test_class_rank_by_key_hand_computed():
+    # m = 2, uniform: quotas [2, 2]; inside each class the lower key takes the lower depth
+    labels, keys = [0, 0, 1, 1], [0.5, 0.1, 0.9, 0.2]
+    assert assign_depths_by_class_rank(keys, labels, "uniform", "bf", 2) == [1, 0, 1, 0]
+    # ranking by eof is the same function over the eofs
+    assert assign_depths_by_class([2, 0, 2, 1], labels, "uniform", "bf", 2) == [1, 0, 1, 0]
+
+
+def test_loss_rank_trains_the_hardest_sample_of_each_class_deepest_from_the_next_epoch():
+    s = make_strategy("salf", budget="uniform", assignment="loss-rank", seed=0)
+    assert s.needs_losses and not s.needs_profile and not s.needs_observe
+    s.begin(2, 4, None, 0, labels=[0, 0, 1, 1])
+    # epoch 0: no loss seen yet, each class spread over both depths (random inside the class)
+    first = [Counter(s.depths[i] for i in (0, 1)), Counter(s.depths[i] for i in (2, 3))]
+    assert first == [Counter({0: 1, 1: 1})] * 2
+    list(s.epoch_plans(0, 4))
+    before = list(s.depths)
+    s.observe_losses([0, 1, 2, 3], [2.0, 0.5, 0.1, 3.0])
+    assert s.depths == before  # nothing moves mid-epoch
+    rows = {i: d for p in s.epoch_plans(1, 4) for mb in p.micro_batches
+            for i, d in zip(mb.indices, mb.row_depths, strict=True)}
+    # class 0: sample 0 (loss 2.0) trains from layer 0, sample 1 (0.5) from 1; class 1: sample 3, then 2
+    assert rows == {0: 0, 1: 1, 2: 1, 3: 0}
+    # a non-finite loss counts as unseen; the state survives a checkpoint
+    s.observe_losses([1], [float("nan")])
+    assert s.losses == [2.0, None, 0.1, 3.0]
+    copy = make_strategy("salf", budget="uniform", assignment="loss-rank", seed=0)
+    copy.begin(2, 4, None, 0, labels=[0, 0, 1, 1])
+    copy.load_state_dict(s.state_dict())
+    assert copy.losses == s.losses and copy.depths == s.depths
+
+
+@pytest.mark.parametrize("options", [{}, {"budget": "uniform", "schedule": "narrowing"},
+                                     {"budget": "uniform", "schedule": "paper"}], ids=str)
+def test_loss_rank_needs_a_budget_and_a_per_row_or_mixed_schedule(options):
+    with pytest.raises(ConfigError, match="'loss-rank' assignment .* needs a salf budget plan"):
+        make_strategy("salf", assignment="loss-rank", **options)

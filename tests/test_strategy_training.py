@@ -8,6 +8,8 @@ gradient. For LoRA strategies the adapters of frozen layers must stay at their z
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from test_train import _prepared
@@ -25,7 +27,9 @@ CASES = [
     ("salf", {"budget": "uniform", "assignment": "eof-match", "schedule": "mixed",
               "cuts_per_step": 2}),
     ("salf", {"budget": "uniform", "infill": "df", "cut_levels": 2}),
-    ("salf", {"budget": "uniform", "schedule": "narrowing"}), ("salf", {"budget": "geom", "schedule": "widening"}),
+    ("salf", {"budget": "uniform", "schedule": "narrowing"}),
+    ("salf", {"budget": "geom", "schedule": "widening"}),
+    ("salf", {"budget": "uniform", "assignment": "loss-rank"}),
     ("bot25", {}), ("bot50", {}), ("bot75", {}), ("top25", {}), ("top50", {}), ("top75", {}),
     ("int25", {}), ("int50", {}), ("int75", {}), ("adt-low", {}), ("adt-high", {}),
 ]
@@ -129,3 +133,21 @@ def test_lora_adapters_move_only_where_trained(name, trained):
     assert lora_b
     moved = {int(n.split(".layers.")[1].split(".")[0]) for n, prm in lora_b.items() if prm.abs().sum() > 0}
     assert moved == trained
+
+
+def test_loss_rank_observes_each_sample_s_loss_at_its_label_token():
+    """After one epoch at a negligible learning rate every sample's observed loss is the plain HF forward's
+    cross-entropy of its label token (an independent oracle: one unpadded sequence at a time)."""
+    cfg = TrainConfig(model="tiny", dataset="pattern", strategy="salf", budget="uniform",
+                      depth_assignment="loss-rank", lr=1e-30, batch_size=4, epochs=1, warmup_ratio=0.0,
+                      zero_shot_eval=False, deviation_impl="torch").validate()
+    p = _prepared("qwen2", cfg)
+    reference = copy.deepcopy(p.model).eval()
+    train(cfg, progress=False, log=None, prepared=p)
+    label_ids = p.verbalizer.label_token_ids
+    want = []
+    with torch.no_grad():
+        for ids, cls in zip(p.train_split.input_ids, p.train_split.labels, strict=True):
+            logits = reference(torch.tensor([ids])).logits[0, -1]
+            want.append(float(torch.nn.functional.cross_entropy(logits[None], label_ids[cls][None])))
+    assert p.strategy.losses == pytest.approx(want, rel=1e-4, abs=1e-6)
