@@ -65,7 +65,7 @@ Cell = tuple[int, str, str, str, str]  # (seed, dataset, strategy, split, varian
 #: assignment without semantics: every class spread over the depths at random (the ablation of the eof).
 VARIANTS = {"": [], "profile25": ["--profile-fraction", "0.25"],
             "random-in-class": ["--profile-fraction", "0.001"], "steps32": ["--grad-accum", "4"],
-            "lr2e-4": ["--lr", "2e-4"], "head": ["--train-head"]}
+            "lr2e-4": ["--lr", "2e-4"], "head": ["--train-head"], "epochs2": ["--epochs", "2"]}
 #: Ablations of SALF[half] (seed, dataset, strategy, split, variant), with their `full` references: on
 #: held-out TREC data, then without a profile on the test splits of SST-5 and CARER.
 ABLATIONS = [(seed, "trec", strategy, "holdout", variant) for seed, strategy, variant in [
@@ -95,7 +95,11 @@ STUDY_SCREEN: list[Cell] = [(0, "carer", "full", "holdout", "")] + [
 STUDY_SCREEN.append((1, "carer", "full", "holdout", ""))
 #: The levers that survived the screen, confirmed on the test splits (two seeds, every dataset).
 STUDY_CONFIRM: list[Cell] = []
-STUDY_CELLS = STUDY_SCREEN + STUDY_CONFIRM
+#: The loss lever needs a second epoch (the first one's training losses place the second one's depths):
+#: SALF[half] by loss rank against BOT50 and SALF[half] by eof rank, two epochs, held-out CARER.
+STUDY_EPOCHS2: list[Cell] = [(seed, "carer", s, "holdout", "epochs2") for seed in (0, 1)
+                             for s in ("bot50", "salf:uniform:df:loss-rank", "salf:uniform:df")]
+STUDY_CELLS = STUDY_SCREEN + STUDY_CONFIRM + STUDY_EPOCHS2
 #: Learning rate per group: the weights themselves, or LoRA adapters.
 LR = {"weights": "1e-4", "lora": "3e-3"}
 #: Shared by every cell.
@@ -252,7 +256,8 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro", grid
              "script, two cells at a time on a 2-core CPU; a variant's `full` where it has one). "
              "Variants: [random-in-class] profiles 1 example (depths random inside each class), "
              "[profile25] a quarter of the examples, [steps32] takes steps of 32 examples (grad-accum 4), "
-             "[lr2e-4] twice the learning rate, [head] trains the LM head (and so the tied embedding).",
+             "[lr2e-4] twice the learning rate, [head] trains the LM head (and so the tied embedding), "
+             "[epochs2] two epochs.",
              ""]
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     for split, ds in [(split, ds) for split in ("holdout", "test") for ds in DATASETS]:

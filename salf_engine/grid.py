@@ -39,8 +39,8 @@ CELL_SYNTAX = (
     "strategy cells: NAME[:OPTION]... with NAME one of {names}; OPTIONs: a budget plan "
     "(uniform = half, arith, geom, none; salf only), an infilling order (bf, df; with a budget), a freeze "
     "fraction in (0, 1) (bot/top/int/adt), 'lora' (LoRA adapters), 'paper' (Algorithm 4's schedule), "
-    "'narrowing' / 'widening' (time-varying per-row depths), 'eof-match' or 'class-rank' (budgeted "
-    "SALF's depth assignment), cutsN (N cuts per optimizer step). "
+    "'narrowing' / 'widening' (time-varying per-row depths), 'eof-match', 'class-rank' or 'loss-rank' "
+    "(budgeted SALF's depth assignment), cutsN (N cuts per optimizer step). "
     "Examples: salf (Algorithm 3), salf:uniform:df (SALF[half]), salf:arith:df:paper, salf:geom:bf, "
     "bot50, bot:0.3, adt-high:0.25, bot50:lora, lift-star-half:cuts1"
 )
@@ -60,7 +60,7 @@ class StrategyCell:
     freeze_fraction: float | None = None
     lora: bool = False
     schedule: str | None = None       # "paper", "narrowing", "widening"; None = the config's
-    assignment: str | None = None     # "eof-match" / "class-rank"; None = the config's
+    assignment: str | None = None     # "eof-match" / "class-rank" / "loss-rank"; None = the config's
     cuts_per_step: int | None = None  # None = the config's; given, the cell runs the mixed schedule
 
     @property
@@ -147,7 +147,7 @@ def parse_strategy(text: str) -> StrategyCell:
         elif key in ("paper", "narrowing", "widening"):
             once("schedule", schedule)
             schedule = key
-        elif key in ("eof-match", "class-rank"):
+        elif key in ("eof-match", "class-rank", "loss-rank"):
             once("depth assignment", assignment)
             assignment = key
         elif re.fullmatch(r"cuts[1-9][0-9]*", key):
@@ -161,7 +161,7 @@ def parse_strategy(text: str) -> StrategyCell:
                     f"unknown option {opt!r} in strategy cell {text!r}; options: budget plans "
                     f"{', '.join(_BUDGET_ALIASES)}, infilling orders {', '.join(_INFILLS)}, "
                     "a freeze fraction in (0, 1), lora, paper, narrowing, widening, eof-match, class-rank, "
-                    "cutsN"
+                    "loss-rank, cutsN"
                 ) from None
             once("freeze fraction", fraction)
             if not (math.isfinite(value) and 0 < value < 1):

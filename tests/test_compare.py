@@ -228,6 +228,13 @@ def test_cell_syntax():
     assert "depth_schedule" not in parse_strategy("salf:uniform:df").config_fields()  # per-row default
     with pytest.raises(ConfigError, match="needs a salf budget"):
         parse_strategy("salf:paper")
+    cell = parse_strategy("salf:uniform:df:narrowing")
+    assert cell.config_fields()["depth_schedule"] == "narrowing"
+    assert cell.dirname == "salf_uniform_df_narrowing"
+    assert parse_strategy("salf:geom:widening").label == "salf:geom:bf:widening"
+    assert parse_strategy("salf:uniform:loss-rank").config_fields()["depth_assignment"] == "loss-rank"
+    with pytest.raises(ConfigError, match="'loss-rank' assignment"):
+        parse_strategy("salf:uniform:narrowing:loss-rank")
     with pytest.raises(ConfigError, match="unknown option 'cuts0'"):
         parse_strategy("salf:uniform:cuts0")
 
