@@ -14,6 +14,8 @@ one is plain torch (CPU and GPU), and its numerics are ``F.linear`` + ``F.cross_
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,15 +23,15 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
 
-__all__ = ["linear_cross_entropy", "DEFAULT_CHUNK"]
+__all__ = ["linear_cross_entropy", "head_cross_entropy", "DEFAULT_CHUNK"]
 
 #: Supervised positions per chunk (one chunk's float32 logits: 512 x 49,152 x 4 B = 100 MB).
 DEFAULT_CHUNK = 512
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _chunk_losses(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
-    logits = F.linear(hidden, weight, bias)
+def _chunk_losses(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor) -> Tensor:
+    logits = head(hidden)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # the softmax in float32, as transformers' loss does
     return F.cross_entropy(logits, targets, reduction="none")
@@ -40,12 +42,23 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
                          chunk_size: int = DEFAULT_CHUNK) -> Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=..., reduction=...)`` (logits
     of half types in float32) without materializing more than ``chunk_size`` rows of logits, forward or
-    backward.
+    backward. ``weight``: [V, D]; ``bias``: [V] or None; the rest as :func:`head_cross_entropy`."""
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ConfigError(f"weight must be [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
+    return head_cross_entropy(hidden, lambda h: F.linear(h, weight, bias), targets,
+                              vocab_size=weight.shape[0], ignore_index=ignore_index, reduction=reduction,
+                              chunk_size=chunk_size)
+
+
+def head_cross_entropy(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, *, vocab_size: int,
+                       ignore_index: int = -100, reduction: str = "mean",
+                       chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+    """Cross-entropy of ``head(hidden)`` (any map from [N, D] states to [N, V] logits: a linear head with
+    its family's scaling or soft-capping) against ``targets``, ``chunk_size`` supervised positions at a time.
 
     Args:
         hidden: [..., D] states (the final norm's output).
-        weight: [V, D] head weight; ``bias``: [V] or None.
-        targets: [...] token ids, ``ignore_index`` where no loss is taken.
+        targets: [...] token ids in ``0..vocab_size-1``, ``ignore_index`` where no loss is taken.
         reduction: "mean" (over the supervised positions; 0 when there is none), "sum", or "none"
             (a loss per position, 0 at ignored ones, shaped like ``targets``).
     """
@@ -56,22 +69,17 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     if hidden.shape[:-1] != targets.shape:
         raise ConfigError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: "
                           "hidden must be [..., D] over the targets' positions")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ConfigError(f"weight must be [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
     flat_t = targets.reshape(-1)
     kept = (flat_t != ignore_index).nonzero().squeeze(1)
-    vocab = weight.shape[0]
-    bad = flat_t[kept]
-    if bad.numel() and (int(bad.min()) < 0 or int(bad.max()) >= vocab):
-        raise ConfigError(f"targets must be token ids in 0..{vocab - 1} (or {ignore_index}), "
-                          f"got {int(bad.min()) if int(bad.min()) < 0 else int(bad.max())}")
+    chosen = flat_t[kept]
+    if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= vocab_size):
+        raise ConfigError(f"targets must be token ids in 0..{vocab_size - 1} (or {ignore_index}), "
+                          f"got {int(chosen.min()) if int(chosen.min()) < 0 else int(chosen.max())}")
     flat_h = hidden.reshape(-1, hidden.shape[-1])
-    parts = []
-    for start in range(0, kept.numel(), chunk_size):
-        rows = kept[start:start + chunk_size]
-        parts.append(checkpoint(_chunk_losses, flat_h[rows], weight, bias, flat_t[rows], use_reentrant=False))
+    parts = [checkpoint(_chunk_losses, flat_h[rows], head, flat_t[rows], use_reentrant=False)
+             for rows in kept.split(chunk_size)]
     # no supervised position: an empty chunk keeps the graph (zero gradients of the right shapes)
-    losses = torch.cat(parts) if parts else _chunk_losses(flat_h[:0], weight, bias, flat_t[:0])
+    losses = torch.cat(parts) if parts else _chunk_losses(flat_h[:0], head, flat_t[:0])
     if reduction == "sum":
         return losses.sum()
     if reduction == "mean":

@@ -23,16 +23,17 @@ from .models.families import DecoderParts, decoder_parts
 
 __all__ = ["RunnerOutput", "TruncatedRunner", "last_token_index"]
 
-_LOGITS = ("last", "all")
+_LOGITS = ("last", "all", "none")
 
 
 @dataclass
 class RunnerOutput:
     """What one truncated forward returns."""
 
-    logits: Tensor  # [B, V] at last_index ("last") or [B, T, V] ("all")
+    logits: Tensor | None  # [B, V] at last_index ("last"), [B, T, V] ("all"), None ("none")
     deviations: Tensor | None  # [B, m+1] float32 from this same forward (needs bases + labels), detached
     last_hidden: Tensor  # [B, D] final-norm state at last_index (with autograd)
+    hidden: Tensor | None = None  # [B, T, D] final-norm states ("all", "none"; with autograd)
 
 
 def last_token_index(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor:
@@ -200,13 +201,15 @@ class TruncatedRunner:
                 trained rows, detached, at its own cut. Outputs come back in the input's row order.
             last_index: [B] medium-token position per row; default the last non-padding position.
             labels: [B] class indices into ``bases`` (deviations are computed only with bases and labels).
-            logits: "last" (head on the [B, D] medium-token states only) or "all" ([B, T, V]).
+            logits: "last" (head on the [B, D] medium-token states only), "all" ([B, T, V]) or "none"
+                (no head: the [B, T, D] final-norm states come back as ``hidden``, for a loss that
+                applies the head itself, chunk by chunk: :mod:`~salf_engine.chunked_loss`).
             gradient_checkpointing: recompute each trained layer call in backward (the frozen rows are
                 never checkpointed). Also on when the model had transformers' gradient checkpointing enabled.
             train_embeddings: with every depth 0, run the embedding with autograd as well (full fine-tuning).
         """
         if logits not in _LOGITS:
-            raise ConfigError(f"logits must be 'last' or 'all', got {logits!r}")
+            raise ConfigError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
         if input_ids.dim() != 2:
             raise ConfigError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         batch = input_ids.shape[0]
@@ -273,14 +276,15 @@ class TruncatedRunner:
             zero = 0.0 * normed[batch:].sum()
             normed, last_hidden = normed[:batch] + zero, last_hidden[:batch] + zero
             states = states[:, :batch] if states is not None else None
-        out_logits = parts.head(normed)
+        out_logits = None if logits == "none" else parts.head(normed)
 
         dev = None
         if states is not None:
             assert labels is not None
             with torch.no_grad():
                 dev = self._deviations(states, labels)
-        return RunnerOutput(logits=out_logits, deviations=dev, last_hidden=last_hidden)
+        return RunnerOutput(logits=out_logits, deviations=dev, last_hidden=last_hidden,
+                            hidden=None if logits == "last" else normed)
 
     def _layers(self, input_ids: Tensor, attention_mask: Tensor | None, last_index: Tensor,
                 frozen_at: list[int], *, want_dev: bool, gradient_checkpointing: bool,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from salf_engine.chunked_loss import linear_cross_entropy
+from salf_engine.chunked_loss import head_cross_entropy, linear_cross_entropy
 from salf_engine.errors import ConfigError
 
 
@@ -106,3 +106,16 @@ def test_bad_input_is_named(call, match):
     hidden, weight, _, targets = _inputs()
     with pytest.raises(ConfigError, match=match):
         call(hidden, weight, targets)
+
+
+def test_any_head_a_soft_capped_one_included():
+    hidden, weight, _, targets = _inputs()
+
+    def capped(h):  # Gemma-2's final soft-capping
+        return torch.tanh(F.linear(h, weight) / 3.0) * 3.0
+
+    got = head_cross_entropy(hidden, capped, targets, vocab_size=11, chunk_size=4)
+    want = F.cross_entropy(capped(hidden).reshape(-1, 11), targets.reshape(-1))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, weight)[0], torch.autograd.grad(want, weight)[0],
+                               rtol=1e-12, atol=1e-12)

@@ -1,0 +1,91 @@
+"""The response-only SFT loss through the runner: equal to the plain HF loss and its gradients, each row cut
+at its own depth (oracle: the row alone through HF with its cut's output detached), backward hooks that
+see exactly the rows trained at each layer, and the logits never materialized whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_runner_rows import _detach_output
+from tiny_models import tiny_model, tiny_tokenizer
+
+from salf_engine.data.responses import ResponseExample, collate_responses, encode_responses
+from salf_engine.errors import ConfigError
+from salf_engine.runner import TruncatedRunner
+from salf_engine.sft import response_loss
+
+EXAMPLES = [ResponseExample("how many city ?", "5 . 7 and 8"), ResponseExample("who is it ?", "he"),
+            ResponseExample("where is the river ?", "in the city of the mountain")]
+
+
+def _batch():
+    enc = encode_responses(EXAMPLES, tiny_tokenizer(), max_length=32)
+    return collate_responses(enc, [0, 1, 2], pad_id=0)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_full_depth_equals_the_plain_hf_loss_and_gradients(family):
+    model = tiny_model(family, attn="eager")
+    batch = _batch()
+    model.zero_grad(set_to_none=True)
+    want = model(**batch).loss  # HF's causal-LM loss: shifted, -100 ignored, mean over tokens
+    want.backward()
+    want_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    got = response_loss(TruncatedRunner(model), batch, 0, chunk_size=5, train_embeddings=True)
+    got.mean.backward()
+    assert got.tokens == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(got.mean.detach(), want.detach(), atol=1e-6, rtol=1e-5)
+    assert set(_grads(model)) == set(want_grads)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, want_grads[name], atol=2e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("depths", [[2, 0, 1], [4, 1, 3]])
+def test_per_row_cuts_equal_each_row_alone_cut_by_a_detach_hook(depths):
+    model = tiny_model("llama", attn="eager")
+    batch = _batch()
+    model.zero_grad(set_to_none=True)
+    want_rows = []
+    for r, depth in enumerate(depths):
+        where = model.model.embed_tokens if depth == 0 else model.model.layers[depth - 1]
+        hook = where.register_forward_hook(_detach_output)
+        n = int(batch["attention_mask"][r].sum())
+        try:
+            logits = model(batch["input_ids"][r:r + 1, :n]).logits[0, :-1]
+        finally:
+            hook.remove()
+        total = F.cross_entropy(logits, batch["labels"][r, 1:n], reduction="sum")
+        total.backward()
+        want_rows.append(total.item() / int((batch["labels"][r, 1:n] != -100).sum()))
+    want_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    got = response_loss(TruncatedRunner(model), batch, torch.tensor(depths), chunk_size=4)
+    got.total.backward()
+    assert got.rows.tolist() == pytest.approx(want_rows, rel=1e-5)
+    assert set(_grads(model)) == set(want_grads)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, want_grads[name], atol=2e-6, rtol=1e-4, msg=name)
+
+
+def test_backward_hooks_see_exactly_the_rows_trained_at_each_layer():
+    model = tiny_model("qwen2")
+    depths = [3, 0, 1]
+    seen = [0] * 4
+    for i, layer in enumerate(model.model.layers):
+        layer.register_full_backward_hook(
+            lambda mod, gi, go, i=i: seen.__setitem__(i, seen[i] + go[0].shape[0]))
+    response_loss(TruncatedRunner(model), _batch(), depths).total.backward()
+    assert seen == [sum(d <= i for d in depths) for i in range(4)]  # [1, 2, 2, 3]
+
+
+def test_missing_batch_keys_are_named():
+    batch = _batch()
+    del batch["labels"]
+    with pytest.raises(ConfigError, match=r"missing \['labels'\]"):
+        response_loss(TruncatedRunner(tiny_model("llama")), batch, 0)
