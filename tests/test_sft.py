@@ -4,6 +4,8 @@ see exactly the rows trained at each layer, and the logits never materialized wh
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from salf_engine.data.responses import ResponseExample, collate_responses, encod
 from salf_engine.errors import ConfigError
 from salf_engine.runner import TruncatedRunner
 from salf_engine.sft import response_loss
+from salf_engine.sft_evaluation import answer_loss, exact_match
 
 EXAMPLES = [ResponseExample("how many city ?", "5 . 7 and 8"), ResponseExample("who is it ?", "he"),
             ResponseExample("where is the river ?", "in the city of the mountain")]
@@ -89,3 +92,56 @@ def test_missing_batch_keys_are_named():
     del batch["labels"]
     with pytest.raises(ConfigError, match=r"missing \['labels'\]"):
         response_loss(TruncatedRunner(tiny_model("llama")), batch, 0)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def test_answer_loss_is_the_token_weighted_hf_loss_over_all_rows():
+    model = tiny_model("qwen2").train()
+    enc = encode_responses(EXAMPLES, tiny_tokenizer(), max_length=32)
+    got = answer_loss(model, enc, batch_size=2)  # batches of 2 and 1 rows
+    with torch.no_grad():
+        model.eval()
+        want = model(**collate_responses(enc, [0, 1, 2], pad_id=0)).loss.item()  # one batch, mean over tokens
+        model.train()
+    assert got.loss == pytest.approx(want, rel=1e-5)
+    assert got.tokens == sum(sum(y != -100 for y in row[1:]) for row in enc.labels) and got.rows == 3
+    assert got.perplexity == pytest.approx(math.exp(want), rel=1e-5)
+    assert model.training  # evaluated in eval mode, then restored
+
+
+class _ScriptedLM(torch.nn.Module):
+    """Stands in for ``generate``: records the prompts it is given and appends a scripted answer per row."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.answers, self.calls = answers, []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append((input_ids.clone(), attention_mask.clone(), kwargs))
+        start = sum(len(c[0]) for c in self.calls[:-1])
+        tails = [self.answers[start + r] for r in range(len(input_ids))]
+        width = max(map(len, tails))
+        tails = torch.tensor([t + [0] * (width - len(t)) for t in tails])
+        return torch.cat([input_ids, tails], dim=1)
+
+
+def test_exact_match_decodes_after_the_left_padded_prompt_and_compares_final_numbers():
+    tok = tiny_tokenizer()
+    examples = [ResponseExample("how many ?", "3 . 5"), ResponseExample("how many city ?", "7"),
+                ResponseExample("how ?", "2")]
+    enc = encode_responses(examples, tok, max_length=32)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    lm = _ScriptedLM([ids("it is 5"), ids("8"), ids("2 .")])
+    got = exact_match(lm, tok, enc, [e.response for e in examples], batch_size=2)
+    assert (got.correct, got.total) == (2, 3)  # 5 == 5, 8 != 7, 2 == 2
+    first_ids, first_mask, kwargs = lm.calls[0]
+    # the first batch: the prompts of rows 0 and 1, left-padded to the longer one
+    assert first_ids[1].tolist() == ids("how many city ?") + ids("\n")
+    assert first_mask[0].tolist() == [0] + [1] * len(ids("how many ?"))
+    assert kwargs["do_sample"] is False and len(lm.calls) == 2
+    assert got.samples[0] == ("3 . 5", "it is 5")
+    fresh = _ScriptedLM([ids("5")])
+    assert exact_match(fresh, tok, enc, [e.response for e in examples], rows=1).total == 1
