@@ -63,6 +63,10 @@ class TrainConfig:
     text_column: str | None = _opt(None, "text column of a local data file")
     text_pair_column: str | None = _opt(None, "second text column of a local data file (sentence pairs)")
     label_column: str | None = _opt(None, "label column of a local data file")
+    prompt_column: str | None = _opt(None, "prompt column of a local prompt/response file (with "
+                                           "--response-column; default 'prompt')")
+    response_column: str | None = _opt(None, "response column of a local prompt/response file: supervised "
+                                             "fine-tuning on the response tokens (the gsm8k preset is one)")
     eval_split: str = _opt("test", "the split evaluated: a split name, or 'holdout' (carved from train)")
     holdout_size: int = _opt(500, "examples held out of the training split for --eval-split holdout")
     eval_fraction: float | None = _opt(
@@ -129,6 +133,9 @@ class TrainConfig:
     eval_batch_size: int = _opt(32, "examples per evaluation forward")
     zero_shot_eval: bool = _opt(True, "evaluate the pretrained model before training too",
                                 flag="--no-zero-shot")
+    exact_match_rows: int = _opt(100, "prompt/response tasks: greedy final-number exact match on the first N "
+                                      "evaluation rows (0: answer loss only)")
+    max_new_tokens: int = _opt(256, "prompt/response tasks: tokens generated per row for the exact match")
     seed: int = _opt(0, "random seed (subsets, shuffling, initialisation)")
     # run directory
     output: str | None = _opt(None, "run directory")
@@ -138,6 +145,12 @@ class TrainConfig:
     on_nonfinite: NonfiniteAction = _opt(
         "stop", "a non-finite loss or gradient: stop the run (the last good checkpoint stays) or skip the "
                 "update and count it")
+
+    @property
+    def generative(self) -> bool:
+        """Whether the task is supervised fine-tuning on prompt/response rows (gsm8k, --response-column)."""
+        return self.response_column is not None or (isinstance(self.dataset, str)
+                                                    and self.dataset.lower() == "gsm8k")
 
     def validate(self) -> TrainConfig:
         """Check every field; return self so calls chain."""
@@ -188,6 +201,8 @@ class TrainConfig:
         if per_row_salf and self.cuts_per_step != TrainConfig.cuts_per_step:
             raise ConfigError("cuts_per_step counts the micro-batches of the 'mixed' schedule; the per-row "
                               "schedule has none: add depth_schedule 'mixed' (or use cut_levels)")
+        if self.generative:
+            self._validate_generative()
         if not _finite(self.profile_fraction) or not 0 < self.profile_fraction <= 1:
             raise ConfigError(f"profile_fraction must be in (0, 1], got {self.profile_fraction!r}")
         if self.lr is not None and (not _finite(self.lr) or self.lr <= 0):
@@ -217,6 +232,28 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return DEFAULT_LORA_LR if lora else DEFAULT_LR
+
+    def _validate_generative(self) -> None:
+        """What a prompt/response task cannot do (no classes, no label bases), named before anything loads."""
+        if isinstance(self.exact_match_rows, bool) or not isinstance(self.exact_match_rows, int) \
+                or self.exact_match_rows < 0:
+            raise ConfigError(f"exact_match_rows must be an integer >= 0, got {self.exact_match_rows!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.loss != "next-token":
+            raise ConfigError(f"loss {self.loss!r} measures against class bases; a prompt/response task "
+                              "trains with the next-token loss on its response tokens")
+        for name in ("text_column", "text_pair_column", "label_column"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{name} belongs to classification files; a prompt/response task reads "
+                                  "--prompt-column and --response-column")
+        eof_free = self.depth_schedule in ("narrowing", "widening") or self.depth_assignment == "loss-rank"
+        if self.strategy == "salf" and not eof_free:
+            raise ConfigError("strategy 'salf' places samples by their eof-layer, measured against class "
+                              "bases that a prompt/response task does not have; use a budget plan with "
+                              "--depth-assignment loss-rank or --depth-schedule narrowing / widening, or a "
+                              "static strategy (full, bot50, lora-half, lift-star-half ...)")
 
     # ---- JSON ----
     def to_dict(self) -> dict[str, Any]:

@@ -192,6 +192,9 @@ def parse_dataset(text: str, data_dir: str | None = None) -> DatasetCell:
     label, source = label.strip(), source.strip()
     if not source:
         raise ConfigError(f"dataset {text!r} names no source")
+    if source.lower() == "gsm8k":
+        raise ConfigError("salf compare tables classification scores; gsm8k is a prompt/response task: run "
+                          "its cells with salf train (answer loss, exact match)")
     if source.lower() in PRESETS:
         source = source.lower()
         label = label or source

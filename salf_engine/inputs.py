@@ -19,8 +19,8 @@ import torch
 from .config import TrainConfig
 from .errors import ConfigError
 
-__all__ = ["HOLDOUT", "HOLDOUT_SEED", "Prepared", "check_resume", "encode_task", "held_out_count", "prepare",
-           "resolve_device", "strategy_from_config"]
+__all__ = ["HOLDOUT", "HOLDOUT_SEED", "Prepared", "check_resume", "encode_response_task", "encode_task",
+           "held_out_count", "load_response_task", "prepare", "resolve_device", "strategy_from_config"]
 
 #: ``eval_split`` value that evaluates on examples held out of the training split.
 HOLDOUT = "holdout"
@@ -50,7 +50,7 @@ class Prepared:
     task: Any
     model: Any
     tokenizer: Any
-    verbalizer: Any
+    verbalizer: Any  # None for a prompt/response task
     train_split: Any
     eval_split: Any
     load_seconds: float = 0.0
@@ -120,6 +120,48 @@ def encode_task(task, tokenizer, config: TrainConfig):
     return verbalizer, train_split, eval_split
 
 
+def load_response_task(config: TrainConfig):
+    """The prompt/response task of a generative config: the gsm8k preset (from ``data_dir``) or a local file
+    or directory with ``prompt_column`` / ``response_column``."""
+    from .data.responses import load_gsm8k, load_responses
+
+    if config.dataset.lower() == "gsm8k":
+        if config.data_dir is None:
+            raise ConfigError("the gsm8k preset is read from --data-dir (the folder holding gsm8k/)")
+        return load_gsm8k(config.data_dir)
+    return load_responses(config.dataset, prompt_column=config.prompt_column or "prompt",
+                          response_column=config.response_column or "response")
+
+
+def encode_response_task(task, tokenizer, config: TrainConfig):
+    """(train split, eval split) of a prompt/response task, encoded (:func:`~salf_engine.data.responses.
+    encode_responses`) after drawing the subsets as :func:`encode_task` does, without classes: held-out rows
+    (the same for every seed), then ``limit`` / ``eval_limit`` rows drawn with the run's seed."""
+    import random
+
+    from .data.responses import encode_responses
+
+    def draw(rows: list[int], count: int | None, seed: int) -> list[int]:
+        if count is None or count >= len(rows):
+            return rows
+        return sorted(random.Random(seed).sample(rows, count))
+
+    held_count = held_out_count(task, config)
+    train_rows = list(range(len(task.splits["train"])))
+    if held_count is not None:
+        held = draw(train_rows, held_count, HOLDOUT_SEED)
+        held_set = set(held)
+        train_rows = [i for i in train_rows if i not in held_set]
+        eval_examples = [task.splits["train"][i] for i in held]
+    else:
+        eval_examples = task.splits[config.eval_split]
+    eval_examples = [eval_examples[i] for i in draw(list(range(len(eval_examples))), config.eval_limit,
+                                                     config.seed)]
+    train_examples = [task.splits["train"][i] for i in draw(train_rows, config.limit, config.seed)]
+    return (encode_responses(train_examples, tokenizer, max_length=config.max_length),
+            encode_responses(eval_examples, tokenizer, max_length=config.max_length))
+
+
 def strategy_from_config(config: TrainConfig):
     """The :class:`~salf_engine.strategies.Strategy` a config asks for (ConfigError for a bad combination)."""
     from .strategies import make_strategy
@@ -182,14 +224,21 @@ def prepare(config: TrainConfig, *, resume: bool = False) -> Prepared:
         check_writable(out_dir)  # fail before loading anything
     strategy = strategy_from_config(config)
     device = resolve_device(config.device)
-    task = load_task(config.dataset, config.data_dir, text_column=config.text_column,
-                     text_pair_column=config.text_pair_column, label_column=config.label_column)
+    if config.generative:
+        task = load_response_task(config)
+    else:
+        task = load_task(config.dataset, config.data_dir, text_column=config.text_column,
+                         text_pair_column=config.text_pair_column, label_column=config.label_column)
     held_out_count(task, config)  # a missing evaluation split fails here, before the model loads
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=torch.float32, load_in_4bit=config.load_in_4bit,
                                   device=str(device))
     load_seconds = time.perf_counter() - t0
-    verbalizer, train_split, eval_split = encode_task(task, tokenizer, config)
+    if config.generative:
+        verbalizer = None
+        train_split, eval_split = encode_response_task(task, tokenizer, config)
+    else:
+        verbalizer, train_split, eval_split = encode_task(task, tokenizer, config)
     return Prepared(config=config, strategy=strategy, device=device, task=task, model=model,
                     tokenizer=tokenizer, verbalizer=verbalizer, train_split=train_split,
                     eval_split=eval_split, load_seconds=load_seconds, out_dir=out_dir)

@@ -162,6 +162,12 @@ def _write_csv(path: Path, rows: list[list[Any]]) -> Path:
 # ----------------------------------------------------------------------------- one run, the demo
 
 def _print_scores_table(rows: list[tuple[str, dict[str, float]]], out) -> None:
+    if "answer_loss" in rows[-1][1]:  # a prompt/response task
+        print(f"{'':12s} {'answer loss':>12s} {'perplexity':>11s} {'exact match':>12s}", file=out)
+        for name, s in rows:
+            match = "-" if s["exact_match"] is None else f"{s['exact_match']:.3f} / {s['exact_match_rows']}"
+            print(f"{name:12s} {s['answer_loss']:12.4f} {s['perplexity']:11.2f} {match:>12s}", file=out)
+        return
     print(f"{'':12s} {'accuracy':>10s} {'macro-F1':>10s} {'accuracy':>10s} {'macro-F1':>10s}", file=out)
     print(f"{'':12s} {'(free)':>10s} {'(free)':>10s} {'(labels)':>10s} {'(labels)':>10s}", file=out)
     for name, s in rows:

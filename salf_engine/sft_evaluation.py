@@ -10,6 +10,7 @@ same tokens the row was trained with, chat template included) and compares
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from .data.responses import IGNORE, EncodedResponses, collate_responses, final_n
 from .runner import TruncatedRunner
 from .sft import response_loss
 
-__all__ = ["AnswerLoss", "answer_loss", "ExactMatch", "exact_match"]
+__all__ = ["AnswerLoss", "answer_loss", "ExactMatch", "exact_match", "ResponseReport", "evaluate_responses"]
 
 
 @dataclass
@@ -83,7 +84,7 @@ def exact_match(model: Any, tokenizer: Any, split: EncodedResponses, references:
     try:
         for start in range(0, count, batch_size):
             chosen = range(start, min(start + batch_size, count))
-            prompts = [[t for t, y in zip(split.input_ids[i], split.labels[i], strict=True) if y == IGNORE]
+            prompts = [[t for t, y in zip(split.input_ids[i], split.targets[i], strict=True) if y == IGNORE]
                        for i in chosen]
             width = max(map(len, prompts))
             ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -104,3 +105,49 @@ def exact_match(model: Any, tokenizer: Any, split: EncodedResponses, references:
     finally:
         model.train(was_training)
     return ExactMatch(correct=correct, total=count, samples=samples)
+
+
+@dataclass
+class ResponseReport:
+    """The evaluation of a prompt/response task: answer loss (and perplexity) on every evaluation row, exact
+    match on the first rows (None when not asked), and the seconds both took."""
+
+    answer: AnswerLoss
+    match: ExactMatch | None
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers (what ``summary.json`` and the logs carry)."""
+        return {"answer_loss": self.answer.loss, "perplexity": self.answer.perplexity,
+                "answer_tokens": self.answer.tokens, "rows": self.answer.rows,
+                "exact_match": self.match.accuracy if self.match else None,
+                "exact_match_rows": self.match.total if self.match else 0}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary plus the first decoded answers (reference, decoded)."""
+        samples = self.match.samples if self.match else []
+        return {**self.summary(), "seconds": self.seconds,
+                "samples": [{"reference": r, "decoded": d} for r, d in samples]}
+
+    def to_text(self) -> str:
+        """A short human-readable report."""
+        lines = [f"answer loss {self.answer.loss:.4f} (perplexity {self.answer.perplexity:.2f}) over "
+                 f"{self.answer.tokens} response tokens of {self.answer.rows} rows"]
+        if self.match:
+            lines.append(f"final-number exact match {self.match.correct}/{self.match.total} "
+                         f"({self.match.accuracy:.3f}), greedy decoding")
+            lines += [f"  reference: {r!r}\n  decoded:   {d!r}" for r, d in self.match.samples]
+        return "\n".join(lines)
+
+
+def evaluate_responses(model: Any, tokenizer: Any, split: EncodedResponses, *, batch_size: int = 8,
+                       exact_match_rows: int = 100, max_new_tokens: int = 256) -> ResponseReport:
+    """Answer loss over ``split`` and, with ``exact_match_rows`` > 0, greedy exact match on its first rows."""
+    t0 = time.perf_counter()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    answer = answer_loss(model, split, batch_size=batch_size, pad_id=pad_id)
+    match = None
+    if exact_match_rows > 0:
+        match = exact_match(model, tokenizer, split, split.responses, rows=exact_match_rows,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return ResponseReport(answer=answer, match=match, seconds=time.perf_counter() - t0)

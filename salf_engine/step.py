@@ -28,6 +28,7 @@ __all__ = [
     "lr_factor",
     "micro_batch_step",
     "optimizer_step",
+    "response_micro_batch_step",
 ]
 
 
@@ -126,6 +127,25 @@ def micro_batch_step(runner, model, batch: dict[str, Any], depth: int | Sequence
     loss = rows_loss.mean()
     (loss * weight).backward()
     return MicroBatchResult(loss=loss.detach(), row_losses=rows_loss.detach(), deviations=out.deviations)
+
+
+def response_micro_batch_step(runner, model, batch: dict[str, Any], depth: int | Sequence[int],
+                              trainable: Sequence[bool], *, weight: float, config: TrainConfig
+                              ) -> MicroBatchResult:
+    """:func:`micro_batch_step` for a prompt/response batch (:func:`~salf_engine.data.responses.
+    collate_responses`): the response-only loss (:func:`~salf_engine.sft.response_loss`), its token sum
+    times ``weight`` (1 / the step's supervised tokens) backward. ``loss`` is the token sum, ``row_losses``
+    each row's mean."""
+    from .sft import response_loss
+
+    rows = [depth] if isinstance(depth, int) else list(depth)
+    train_embed = model.set_trainable(min(rows), trainable) and not any(rows)
+    device = next(model.model.parameters()).device
+    with autocast_context(config.dtype, device):
+        out = response_loss(runner, batch, depth, gradient_checkpointing=config.gradient_checkpointing,
+                            train_embeddings=train_embed)
+    (out.total * weight).backward()
+    return MicroBatchResult(loss=out.total.detach(), row_losses=out.rows, deviations=None)
 
 
 def clip_or_measure(params, max_grad_norm: float | None) -> torch.Tensor:

@@ -45,6 +45,7 @@ from .step import (
     clip_or_measure,
     micro_batch_step,
     optimizer_step,
+    response_micro_batch_step,
 )
 from .wrapping import wrap_model
 
@@ -59,7 +60,6 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     the result equals an uninterrupted run's, bit for bit on the same device.
     """
     from . import checkpoint as ckpt_mod
-    from .evaluation import evaluate
     from .runner import TruncatedRunner
     from .semantics import semantic_bases
 
@@ -71,11 +71,13 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     strategy, device, model, tokenizer, verbalizer = p.strategy, p.device, p.model, p.tokenizer, p.verbalizer
     train_split, eval_split = p.train_split, p.eval_split
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    label_token_ids = torch.as_tensor(verbalizer.label_token_ids, dtype=torch.long).to(device)
-    classes = list(p.task.classes)
+    generative = verbalizer is None  # a prompt/response task: no classes, no label bases
+    label_token_ids = (None if generative else
+                       torch.as_tensor(verbalizer.label_token_ids, dtype=torch.long).to(device))
+    classes = [] if generative else list(p.task.classes)
 
     torch.manual_seed(config.seed)
-    bases = semantic_bases(model, verbalizer.label_token_ids).to(device)
+    bases = None if generative else semantic_bases(model, verbalizer.label_token_ids).to(device)
 
     init_from_env(device)
     if rank_and_world()[0] != 0:  # rank 0 reports and writes the run
@@ -95,6 +97,12 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
             "classes": classes, "load_seconds": round(p.load_seconds, 3),
             "data_rows": getattr(p.task, "row_counts", None) or None,
         }
+        if generative:
+            summary["responses"] = {split: {"truncated": enc.truncated, "dropped": enc.dropped}
+                                    for split, enc in (("train", train_split), ("eval", eval_split))}
+            say(f"data: {len(train_split)} training rows ({train_split.truncated} cut at {config.max_length} "
+                f"tokens, {train_split.dropped} left out: no room for a response token), {len(eval_split)} "
+                f"evaluation rows ({eval_split.truncated} cut, {eval_split.dropped} left out)")
         rows = getattr(p.task, "row_counts", None)
         if rows:
             say("data: " + "; ".join(f"{split} {c['read']} rows read, {c['skipped']} skipped (blank/header)"
@@ -105,9 +113,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
             zero_shot = _SavedReport.of(ckpt.meta.get("zero_shot"))
         elif config.zero_shot_eval:
             say(f"zero-shot evaluation on {len(eval_split)} {config.eval_split} examples ...")
-            zero_shot = evaluate(model, tokenizer, eval_split, verbalizer,
-                                 batch_size=config.eval_batch_size, dtype=config.dtype, classes=classes,
-                                 progress=progress, desc="zero-shot eval")
+            zero_shot = _evaluate(model, p, progress=progress, desc="zero-shot eval")
             run.log({"event": "eval", "phase": "zero-shot", **zero_shot.summary(),
                      "seconds": round(zero_shot.seconds, 3)})
             run.write_json("zero_shot_eval.json", zero_shot.to_dict())
@@ -242,8 +248,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         wrapped.model.eval()
 
         say(f"evaluating the fine-tuned model on {len(eval_split)} {config.eval_split} examples ...")
-        final = evaluate(wrapped.model, tokenizer, eval_split, verbalizer, batch_size=config.eval_batch_size,
-                         dtype=config.dtype, classes=classes, progress=progress, desc="fine-tuned eval")
+        final = _evaluate(wrapped.model, p, progress=progress, desc="fine-tuned eval")
         run.log({"event": "eval", "phase": "fine-tuned", "step": step, **final.summary(),
                  "seconds": round(final.seconds, 3)})
         say(_fmt_scores("fine-tuned", final.summary()))
@@ -317,7 +322,7 @@ class _StepRunner:
     driver: StrategyDriver
     cost: CostMeter
     config: TrainConfig
-    label_token_ids: torch.Tensor
+    label_token_ids: torch.Tensor | None  # None: a prompt/response task
     pad_id: int
     rank: int
     world: int
@@ -326,25 +331,36 @@ class _StepRunner:
         """Gradients of the step accumulated (and all-reduced), clipped; returns (mean loss over the step's
         examples, gradient norm, what each micro-batch showed, for ``driver.observe``)."""
         from .data import collate
+        from .data.responses import collate_responses
 
-        loss_sum = torch.zeros((), device=self.label_token_ids.device)
+        device = next(self.wrapped.model.parameters()).device
+        loss_sum = torch.zeros((), device=device)
         seen: list[Observation] = []
-        # every example weighs 1 / (examples in the step), whatever its micro-batch and rank
+        generative = self.label_token_ids is None
+        # classification: every example weighs 1 / (examples in the step); a prompt/response task: every
+        # supervised token weighs 1 / (supervised tokens in the step), whatever its micro-batch and rank
+        per = self.train_split.supervised(plan.indices) if generative else len(plan)
         for mb in rank_slice(plan, self.rank, self.world):
-            batch = collate(self.train_split, mb.indices, self.pad_id, padding_side="left")
-            res = micro_batch_step(self.runner, self.wrapped, batch, mb.runner_depth, mb.trainable,
-                                   weight=mb.weight,
-                                   label_token_ids=self.label_token_ids, bases=self.runner.bases,
-                                   config=self.config, want_deviations=self.driver.wants_deviations)
+            if generative:
+                batch = collate_responses(self.train_split, mb.indices, self.pad_id)
+                res = response_micro_batch_step(self.runner, self.wrapped, batch, mb.runner_depth,
+                                                mb.trainable, weight=(mb.weight > 0) / per,
+                                                config=self.config)
+            else:
+                batch = collate(self.train_split, mb.indices, self.pad_id, padding_side="left")
+                res = micro_batch_step(self.runner, self.wrapped, batch, mb.runner_depth, mb.trainable,
+                                       weight=mb.weight, label_token_ids=self.label_token_ids,
+                                       bases=self.runner.bases, config=self.config,
+                                       want_deviations=self.driver.wants_deviations)
             if mb.weight > 0:
-                loss_sum += res.loss * len(mb.indices)
+                loss_sum += res.loss if generative else res.loss * len(mb.indices)
                 if self.driver.wants_observations:
                     seen.append(Observation(mb.indices, res.deviations, res.row_losses))
         for mb in plan.micro_batches:
             for depth, n in Counter(mb.depths).items():
                 self.cost.add(n, depth, mb.trainable)
         all_reduce_grads(self.wrapped.trainable)
-        step_loss = float(all_reduce_sum(loss_sum)) / len(plan)
+        step_loss = float(all_reduce_sum(loss_sum)) / max(per, 1)
         grad_norm = float(clip_or_measure(self.wrapped.trainable, self.config.max_grad_norm))
         return step_loss, grad_norm, seen
 
@@ -415,7 +431,27 @@ class _SavedReport:
         return self._data["text"]
 
 
+def _evaluate(model, p: Prepared, *, progress: bool, desc: str):
+    """The evaluation split's report: accuracy and macro-F1 of a classification task, answer loss and exact
+    match of a prompt/response task."""
+    config = p.config
+    if p.verbalizer is None:
+        from .sft_evaluation import evaluate_responses
+
+        return evaluate_responses(model, p.tokenizer, p.eval_split, batch_size=config.eval_batch_size,
+                                  exact_match_rows=config.exact_match_rows,
+                                  max_new_tokens=config.max_new_tokens)
+    from .evaluation import evaluate
+
+    return evaluate(model, p.tokenizer, p.eval_split, p.verbalizer, batch_size=config.eval_batch_size,
+                    dtype=config.dtype, classes=list(p.task.classes), progress=progress, desc=desc)
+
+
 def _fmt_scores(phase: str, s: dict[str, float]) -> str:
+    if "answer_loss" in s:
+        match = "" if s["exact_match"] is None else (f", exact match {s['exact_match']:.3f} on "
+                                                     f"{s['exact_match_rows']} rows")
+        return f"{phase}: answer loss {s['answer_loss']:.4f} (perplexity {s['perplexity']:.2f}){match}"
     return (f"{phase}: accuracy {s['free_accuracy']:.4f} (free) / {s['restricted_accuracy']:.4f} "
             f"(label-restricted), macro-F1 {s['free_macro_f1']:.4f} / {s['restricted_macro_f1']:.4f}")
 

@@ -30,7 +30,7 @@ def test_plain_rows_supervise_the_response_and_its_eos_only():
     prompt, response = _ids(tok, "how many ?"), _ids(tok, "5 . 7")
     assert len(prompt) == 3 and len(response) == 3  # word-level: one token per word
     assert enc.input_ids == [prompt + response + [tok.eos_token_id]]
-    assert enc.labels == [[-100] * 3 + response + [tok.eos_token_id]]
+    assert enc.targets == [[-100] * 3 + response + [tok.eos_token_id]]
     assert (enc.truncated, enc.dropped, enc.source) == (0, 0, [0])
 
 
@@ -42,7 +42,7 @@ def test_chat_template_rows_put_the_turn_markup_in_the_prompt():
                          "{% if add_generation_prompt %} answer :{% endif %}")
     enc = encode_responses([ResponseExample("who is it ?", "the city")], tok, max_length=32)
     assert enc.input_ids == [_ids(tok, "<s> question : who is it ? answer : the city </s>")]
-    assert enc.labels[0] == [-100] * 9 + _ids(tok, "the city </s>")  # <s> question : who is it ? answer :
+    assert enc.targets[0] == [-100] * 9 + _ids(tok, "the city </s>")  # <s> question : who is it ? answer :
     plain = encode_responses([ResponseExample("who is it ?", "the city")], tok, max_length=32,
                              chat_template=False)
     assert plain.input_ids[0][:4] == _ids(tok, "who is it ?")
@@ -55,7 +55,7 @@ def test_long_rows_are_cut_and_counted_rows_without_room_are_dropped_and_counted
     enc = encode_responses(examples, tok, max_length=5)
     # row 0: 2 + 5 tokens -> the first 5 (response cut); row 1: its prompt fills 5 -> dropped
     assert enc.input_ids == [_ids(tok, "a b 1 2 3"), _ids(tok, "a 1") + [tok.eos_token_id]]
-    assert enc.labels[0] == [-100, -100] + _ids(tok, "1 2 3")
+    assert enc.targets[0] == [-100, -100] + _ids(tok, "1 2 3")
     assert (enc.truncated, enc.dropped, enc.source) == (1, 1, [0, 2])
     with pytest.raises(DataError, match="none of the 1 examples fits max_length=3"):
         encode_responses([ResponseExample("a b c", "1")], tok, max_length=3)

@@ -106,7 +106,7 @@ def test_answer_loss_is_the_token_weighted_hf_loss_over_all_rows():
         want = model(**collate_responses(enc, [0, 1, 2], pad_id=0)).loss.item()  # one batch, mean over tokens
         model.train()
     assert got.loss == pytest.approx(want, rel=1e-5)
-    assert got.tokens == sum(sum(y != -100 for y in row[1:]) for row in enc.labels) and got.rows == 3
+    assert got.tokens == sum(sum(y != -100 for y in row[1:]) for row in enc.targets) and got.rows == 3
     assert got.perplexity == pytest.approx(math.exp(want), rel=1e-5)
     assert model.training  # evaluated in eval mode, then restored
 

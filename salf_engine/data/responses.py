@@ -108,23 +108,36 @@ def final_number(text: str) -> str | None:
 
 @dataclass
 class EncodedResponses:
-    """Token ids of one split: ``input_ids`` per row and ``labels`` (``-100`` on the prompt), ``source[i]``
-    = the example row i came from; ``truncated`` rows lost the end of their response, ``dropped`` examples
-    had no room for any response token (left out)."""
+    """Token ids of one split: ``input_ids`` per row and ``targets`` per token (``-100`` on the prompt),
+    ``source[i]`` = the example row i came from, ``responses[i]`` its reference response; ``truncated``
+    rows lost the end of their response, ``dropped`` examples had no room for any response token (left
+    out)."""
 
     input_ids: list[list[int]]
-    labels: list[list[int]]
+    targets: list[list[int]]
     source: list[int]
     truncated: int = 0
     dropped: int = 0
+    responses: list[str] = field(default_factory=list)  # each row's reference response (the text)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @property
-    def classes(self) -> list[int]:
-        """One class for every row (strategies spread classes; a generative task has none)."""
+    def labels(self) -> list[int]:
+        """The class of every row, as strategies read it from any split: one class (a generative task has
+        none)."""
         return [0] * len(self.input_ids)
+
+    def subset(self, rows: list[int]) -> EncodedResponses:
+        """The given rows (in that order); the counts stay the whole split's."""
+        return EncodedResponses([self.input_ids[i] for i in rows], [self.targets[i] for i in rows],
+                                [self.source[i] for i in rows], self.truncated, self.dropped,
+                                [self.responses[i] for i in rows])
+
+    def supervised(self, rows: list[int]) -> int:
+        """Supervised tokens of the given rows (the targets the shifted loss sees: all but the first)."""
+        return sum(sum(t != IGNORE for t in self.targets[i][1:]) for i in rows)
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -168,8 +181,9 @@ def encode_responses(examples: list[ResponseExample], tokenizer: Any, *, max_len
         ids = (prompt + response)[:max_length]
         out.truncated += len(prompt) + len(response) > max_length
         out.input_ids.append(ids)
-        out.labels.append([IGNORE] * len(prompt) + ids[len(prompt):])
+        out.targets.append([IGNORE] * len(prompt) + ids[len(prompt):])
         out.source.append(k)
+        out.responses.append(example.response)
     if not out.input_ids:
         raise DataError(f"none of the {len(examples)} examples fits max_length={max_length} with a response "
                         "token; raise max_length")
@@ -186,6 +200,6 @@ def collate_responses(split: EncodedResponses, rows: list[int], pad_id: int) -> 
     for r, i in enumerate(rows):
         n = len(split.input_ids[i])
         ids[r, :n] = torch.tensor(split.input_ids[i])
-        labels[r, :n] = torch.tensor(split.labels[i])
+        labels[r, :n] = torch.tensor(split.targets[i])
         mask[r, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
