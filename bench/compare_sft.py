@@ -1,5 +1,5 @@
-"""Supervised fine-tuning of SmolLM2-135M on GSM8K: full, LoRA[half], BOT50, LIFT*[half] and SALF[half] by
-loss rank, the held-out answer loss against training wall time (issue 20's measurement).
+"""Supervised fine-tuning of SmolLM2-135M on GSM8K: full, LoRA[half], BOT50, LIFT*[half] and generative
+SALF[half], the held-out answer loss against training wall time (issue 20's measurement).
 
 Every cell is one ``salf train`` run (seed, strategy) into ``OUTPUT/seed<S>/<strategy>``: the first
 ``--limit`` (2,000) training problems drawn with the seed, one epoch, steps of 8, chat template, rows cut
@@ -29,14 +29,14 @@ from salf_engine.report import cost_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "sft"
-#: (label, salf train options) of every strategy; SALF[half] ranks rows by their last training loss.
+#: (label, salf train options) of every strategy; SALF[half] places rows by the eof of their answer's
+#: deviation (docs/sft.md), every row profiled (the training forward measures no answer deviation).
 STRATEGIES = {
     "full": ["--strategy", "full"],
     "lora-half": ["--strategy", "lora-half"],
     "bot50": ["--strategy", "bot50"],
     "lift-star-half": ["--strategy", "lift-star-half"],
-    "salf-half-loss-rank": ["--strategy", "salf", "--budget", "uniform", "--infill", "df",
-                            "--depth-assignment", "loss-rank"],
+    "salf-half": ["--strategy", "salf", "--budget", "uniform", "--infill", "df", "--profile-fraction", "1"],
 }
 SETTINGS = ["--model", "smollm2-135m", "--dataset", "gsm8k", "--epochs", "1", "--batch-size", "8",
             "--max-length", "384", "--eval-batch-size", "8", "--exact-match-rows", "100",

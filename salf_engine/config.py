@@ -248,12 +248,12 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 raise ConfigError(f"{name} belongs to classification files; a prompt/response task reads "
                                   "--prompt-column and --response-column")
-        eof_free = self.depth_schedule in ("narrowing", "widening") or self.depth_assignment == "loss-rank"
-        if self.strategy == "salf" and not eof_free:
-            raise ConfigError("strategy 'salf' places samples by their eof-layer, measured against class "
-                              "bases that a prompt/response task does not have; use a budget plan with "
-                              "--depth-assignment loss-rank or --depth-schedule narrowing / widening, or a "
-                              "static strategy (full, bot50, lora-half, lift-star-half ...)")
+        if self.strategy == "salf" and self.depth_schedule == "paper":
+            raise ConfigError("the 'paper' schedule probes eofs at every visit; a prompt/response task's "
+                              "answer deviation is profiled once: use the per-row or mixed schedule")
+        if self.metric != "cosine":
+            raise ConfigError(f"metric {self.metric!r} compares with the other labels' bases; an answer's "
+                              "deviation (docs/sft.md) is defined with the cosine metric")
 
     # ---- JSON ----
     def to_dict(self) -> dict[str, Any]:

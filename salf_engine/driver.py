@@ -87,9 +87,16 @@ class StrategyDriver:
         from .data import subset_split
         from .profiling import profile_deviations
 
-        dev = profile_deviations(self.runner, subset_split(self.train_split, indices), self.pad_id,
-                                 batch_size=self.config.eval_batch_size, dtype=self.config.dtype,
-                                 progress=progress, desc=desc)
+        if hasattr(self.train_split, "targets"):  # prompt/response rows: the answer's deviation
+            from .response_deviation import profile_response_deviations
+
+            dev = profile_response_deviations(self.runner.model, self.train_split.subset(list(indices)),
+                                              pad_id=self.pad_id, batch_size=self.config.eval_batch_size,
+                                              lens=self.runner.lens, impl=self.runner.deviation_impl)
+        else:
+            dev = profile_deviations(self.runner, subset_split(self.train_split, indices), self.pad_id,
+                                     batch_size=self.config.eval_batch_size, dtype=self.config.dtype,
+                                     progress=progress, desc=desc)
         return eof_layers(dev, boundary=self.config.eof_boundary).tolist()
 
     def probe(self, indices: Sequence[int]) -> list[int]:

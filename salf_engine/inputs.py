@@ -170,7 +170,7 @@ def strategy_from_config(config: TrainConfig):
                          freeze_fraction=config.freeze_fraction, seed=config.seed,
                          boundary=config.eof_boundary, lora=config.lora, schedule=config.depth_schedule,
                          assignment=config.depth_assignment, cuts_per_step=config.cuts_per_step,
-                         cut_levels=config.cut_levels)
+                         cut_levels=config.cut_levels, observe=not config.generative)
 
 
 def check_resume(config: TrainConfig) -> None:

@@ -803,6 +803,7 @@ def make_strategy(
     assignment: str = "class-rank",
     cuts_per_step: int = DEFAULT_CUTS_PER_STEP,
     cut_levels: int | None = None,
+    observe: bool = True,
 ) -> Strategy:
     """Build a strategy by name (see :data:`STRATEGIES`).
 
@@ -836,7 +837,9 @@ def make_strategy(
       ``floor(f m)`` layers with the smallest / largest mean L2 weight change (f = ``freeze_fraction``,
       default 0.5).
 
-    ``boundary`` ("trainable" | "frozen") decides how observed deviations become eofs. ``lora=True``
+    ``boundary`` ("trainable" | "frozen") decides how observed deviations become eofs; ``observe=False``
+    keeps SALF's profiled eofs for the whole run (prompt/response tasks: the training forward measures no
+    answer deviation). ``lora=True``
     asks for LoRA adapters under any strategy. A fraction that rounds to zero or all layers is rejected
     by :meth:`Strategy.begin` (when m is known).
     """
@@ -892,7 +895,7 @@ def make_strategy(
         s: Strategy
         if not budgeted:
             s = SampleDepthStrategy(name, _algorithm3_depths, order=schedule, cuts_per_step=cuts_per_step,
-                                    cut_levels=cut_levels, refresh=True, boundary=boundary, **common)
+                                    cut_levels=cut_levels, refresh=observe, boundary=boundary, **common)
         elif schedule in ("narrowing", "widening"):  # no eof decides anything: no profile
             s = SampleDepthStrategy(name, _quota_depths(budget, infill or "bf"), order=schedule,
                                     cut_levels=cut_levels, **common)
@@ -910,7 +913,7 @@ def make_strategy(
             return s
         else:
             s = SampleDepthStrategy(name, _salf_depths(budget, infill or "bf", assignment), order=schedule,
-                                    cuts_per_step=cuts_per_step, cut_levels=cut_levels, refresh=True,
+                                    cuts_per_step=cuts_per_step, cut_levels=cut_levels, refresh=observe,
                                     boundary=boundary, **common)
             s.label = f"salf-{budget}-{infill or 'bf'}"
         s.needs_profile = True

@@ -83,7 +83,8 @@ def test_full_fine_tuning_equals_a_plain_hf_loop():
 STRATEGIES = [("full", {}), ("bot50", {}), ("top50", {}), ("int50", {}), ("adt-low", {}),
               ("lift-star-half", {}), ("lora-half", {}),
               ("salf", {"budget": "uniform", "depth_assignment": "loss-rank"}),
-              ("salf", {"budget": "uniform", "depth_schedule": "narrowing"})]
+              ("salf", {"budget": "uniform", "depth_schedule": "narrowing"}),
+              ("salf", {"budget": "uniform", "infill": "df", "profile_fraction": 0.5})]
 
 
 @pytest.mark.parametrize("name,kw", STRATEGIES, ids=str)
@@ -115,7 +116,8 @@ def test_loss_rank_observes_each_row_s_response_loss():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(strategy="salf", budget="uniform"), "places samples by their eof-layer"),
+    (dict(strategy="salf", budget="uniform", depth_schedule="paper"), "answer deviation is profiled once"),
+    (dict(metric="rank"), "defined with the cosine metric"),
     (dict(loss="cosine"), "trains with the next-token loss"),
     (dict(text_column="text"), "text_column belongs to classification files"),
     (dict(exact_match_rows=-1), "exact_match_rows must be an integer >= 0"),
@@ -133,3 +135,22 @@ def test_compare_refuses_a_prompt_response_dataset_by_name(tmp_path):
                                data_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="gsm8k is a prompt/response task"):
         run_compare(settings, progress=False, log=None)
+
+
+def test_salf_on_answers_places_rows_by_the_eof_of_their_answer_deviation():
+    """The profile's eofs are those of the fp64 loop reference's deviations (test_response_deviation.py), and
+    the budget places rows by them: the lower a row's eof, the lower its depth."""
+    from test_response_deviation import _fp64_reference
+
+    from salf_engine.deviation import eof_layers
+
+    cfg = _config("salf", budget="uniform", infill="df", profile_fraction=1.0, max_steps=1)
+    p = _prepared(cfg, family="llama")
+    reference = copy.deepcopy(p.model).eval()
+    train(cfg, progress=False, log=None, prepared=p)
+    rows = list(range(len(p.train_split)))
+    want = eof_layers(_fp64_reference(reference, collate_responses(p.train_split, rows, pad_id=0)).float())
+    assert p.strategy.eofs == want.tolist()
+    assert not p.strategy.needs_observe  # the training forward measures no answer deviation
+    depth = p.strategy.depths
+    assert all(depth[i] <= depth[j] for i in rows for j in rows if want[i] < want[j])
