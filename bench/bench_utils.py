@@ -290,3 +290,45 @@ def step_compositions(runner, ids: torch.Tensor, mask: torch.Tensor, depths: lis
 
     out["salf_micro4"] = micro_batched
     return out
+
+
+def run_cells(todo: list, command: Callable[[object], list[str]], log_dir: Path, *, workers: int,
+              done: Callable[[object], None], skip: Callable[[object], bool] = lambda cell: False,
+              cwd: Path | None = None) -> list:
+    """Run one subprocess per cell of ``todo`` (taken in order), ``workers`` at a time, one thread each
+    (OMP / MKL), offline; ``done(cell)`` after each success (under a lock: keep its results, rewrite the
+    report), cells with ``skip(cell)`` passed over when their turn comes. Each worker appends its cells'
+    output to ``log_dir/worker<k>.log``. Returns the failed cells."""
+    import threading
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    todo, lock, failed = list(todo), threading.Lock(), []
+    start = time.perf_counter()
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    def worker(k: int) -> None:
+        with open(log_dir / f"worker{k}.log", "a") as log:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    cell = todo.pop(0)
+                    if skip(cell):
+                        continue
+                code = subprocess.run(command(cell), cwd=cwd, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT).returncode
+                with lock:
+                    print(f"[{time.perf_counter() - start:6.0f}s] {cell}: {'failed' if code else 'done'}; "
+                          f"{len(todo)} cells left", flush=True)
+                    if code:
+                        failed.append(cell)
+                    else:
+                        done(cell)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failed

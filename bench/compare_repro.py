@@ -39,14 +39,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+
+from bench_utils import run_cells
 
 from salf_engine.report import cost_seconds
 
@@ -145,41 +143,17 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell]
         results: Path = ROOT / "bench" / "results" / "repro") -> int:
     """Run every unfinished cell (of ``only``, if given), ``workers`` at a time, rewriting the report in
     ``results`` after each; returns 1 if any failed."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
     _restore_kept(out, results)
     todo = [c for c in (cells() if only is None else only)
             if not (_cell_dir(out, *c) / "summary.json").is_file()]
-    lock = threading.Lock()
-    failed: list[Cell] = []
-    start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
 
-    def worker(k: int) -> None:
-        with open(out / f"worker{k}.log", "a") as log:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    cell = todo.pop(0)
-                    if (_cell_dir(out, *cell) / "summary.json").is_file():
-                        continue  # finished meanwhile (by a run started earlier)
-                code = subprocess.run(_command(model, out, *cell, data_dir), cwd=ROOT, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT).returncode
-                with lock:
-                    if code:
-                        failed.append(cell)
-                    print(f"[{time.perf_counter() - start:6.0f}s] {cell}: "
-                          f"{'failed' if code else 'done'}; {len(todo)} cells left", flush=True)
-                if not code:
-                    _keep(out, results, cell)
-                report(out, results, only)
+    def done(cell: Cell) -> None:
+        _keep(out, results, cell)
+        report(out, results, only)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    failed = run_cells(todo, lambda cell: _command(model, out, *cell, data_dir), out, workers=workers,
+                       done=done, skip=lambda cell: (_cell_dir(out, *cell) / "summary.json").is_file(),
+                       cwd=ROOT)  # skip: finished meanwhile (by a run started earlier)
     return 1 if failed else 0
 
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
 from pathlib import Path
+
+from bench_utils import run_cells
 
 from salf_engine.report import cost_seconds
 
@@ -63,39 +62,20 @@ def run(out: Path, cells: list[tuple[int, str]], limit: int, data_dir: str, work
             for name in KEPT:
                 shutil.copy2(summary.parent / name, dst / name)
     todo = [c for c in cells if not (_cell(out, *c) / "summary.json").is_file()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    lock, failed = threading.Lock(), []
-    out.mkdir(parents=True, exist_ok=True)
 
-    def worker(k: int) -> None:
-        with open(out / f"worker{k}.log", "a") as log:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    seed, label = todo.pop(0)
-                cell = _cell(out, seed, label)
-                if cell.exists():
-                    shutil.rmtree(cell)  # an interrupted cell starts again
-                code = subprocess.run(_command(out, seed, label, limit, data_dir), cwd=ROOT, env=env,
-                                      stdout=log, stderr=subprocess.STDOUT).returncode
-                with lock:
-                    print(f"{(seed, label)}: {'failed' if code else 'done'}; {len(todo)} left", flush=True)
-                    if code:
-                        failed.append((seed, label))
-                        continue
-                    dst = RESULTS / "cells" / f"seed{seed}" / label
-                    dst.mkdir(parents=True, exist_ok=True)
-                    for name in KEPT:
-                        shutil.copy2(cell / name, dst / name)
-                    report(out, cells)
+    def command(cell: tuple[int, str]) -> list[str]:
+        if _cell(out, *cell).exists():
+            shutil.rmtree(_cell(out, *cell))  # an interrupted cell starts again
+        return _command(out, *cell, limit, data_dir)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return 1 if failed else 0
+    def done(cell: tuple[int, str]) -> None:
+        dst = RESULTS / "cells" / f"seed{cell[0]}" / cell[1]
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in KEPT:
+            shutil.copy2(_cell(out, *cell) / name, dst / name)
+        report(out, cells)
+
+    return 1 if run_cells(todo, command, out, workers=workers, done=done, cwd=ROOT) else 0
 
 
 def report(out: Path, cells: list[tuple[int, str]]) -> str:
