@@ -332,3 +332,12 @@ def run_cells(todo: list, command: Callable[[object], list[str]], log_dir: Path,
     for t in threads:
         t.join()
     return failed
+
+
+def mean_spread(values: Sequence[float]) -> str:
+    """``mean ± half the range`` over seeds, to three decimals ("—" for none, the value alone for one)."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{sum(values) / len(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"

@@ -40,11 +40,10 @@ import argparse
 import csv
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
-from bench_utils import run_cells
+from bench_utils import mean_spread, run_cells
 
 from salf_engine.report import cost_seconds
 
@@ -190,14 +189,6 @@ def _load(out: Path, grid: list[Cell]) -> dict[Cell, dict]:
     return found
 
 
-def _stat(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
-
-
 def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro", grid: list[Cell] | None = None
            ) -> Path:
     """Write report.md, cells.csv and f1_vs_flops.png from the finished cells of ``grid`` (default: the
@@ -247,7 +238,7 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro", grid
                 continue
 
             def col(key: str, rs=rs) -> str:
-                return _stat([r[key] for r in rs if r[key] is not None])
+                return mean_spread([r[key] for r in rs if r[key] is not None])
 
             lines.append(f"| {strat} | {len(rs)} | {col('free_macro_f1')} | {col('free_accuracy')} | "
                          f"{col('backward_saving')} | {col('flops_ratio')} | {col('time_ratio')} |")

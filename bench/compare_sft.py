@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
-from bench_utils import run_cells
+from bench_utils import mean_spread, run_cells
 
 from salf_engine.report import cost_seconds
 
@@ -89,13 +88,6 @@ def report(out: Path, cells: list[tuple[int, str]]) -> str:
              "| strategy | seeds | answer loss | perplexity | exact match | backward saving | time vs full |",
              "|---|---:|---:|---:|---:|---:|---:|"]
 
-    def stat(values: list[float]) -> str:
-        if not values:
-            return "—"
-        if len(values) == 1:
-            return f"{values[0]:.3f}"
-        return f"{statistics.fmean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
-
     for label in STRATEGIES:
         mine = [(seed, s) for (seed, lab), s in found.items() if lab == label]
         if not mine:
@@ -103,10 +95,10 @@ def report(out: Path, cells: list[tuple[int, str]]) -> str:
         ratio = [cost_seconds(s) / cost_seconds(found[(seed, "full")]) for seed, s in mine
                  if (seed, "full") in found]
         fine = [s["fine_tuned"] for _, s in mine]
-        lines.append(f"| {label} | {len(mine)} | {stat([f['answer_loss'] for f in fine])} | "
-                     f"{stat([f['perplexity'] for f in fine])} | "
-                     f"{stat([f['exact_match'] for f in fine if f['exact_match'] is not None])} | "
-                     f"{stat([s['cost_saving_ratio'] for _, s in mine])} | {stat(ratio)} |")
+        lines.append(f"| {label} | {len(mine)} | {mean_spread([f['answer_loss'] for f in fine])} | "
+                     f"{mean_spread([f['perplexity'] for f in fine])} | "
+                     f"{mean_spread([f['exact_match'] for f in fine if f['exact_match'] is not None])} | "
+                     f"{mean_spread([s['cost_saving_ratio'] for _, s in mine])} | {mean_spread(ratio)} |")
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "report.md").write_text(text)

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import DataError
 from .prompts import Example, PromptTemplate, TaskData
 
-__all__ = ["FORMATS", "GENERIC_TEMPLATE", "GENERIC_PAIR_TEMPLATE", "read_table", "load_files"]
+__all__ = ["FORMATS", "GENERIC_TEMPLATE", "GENERIC_PAIR_TEMPLATE", "data_files", "read_table", "load_files"]
 
 FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".csv": ("csv", {"keep_default_na": False, "na_values": [], "skip_blank_lines": False}),
@@ -147,6 +147,15 @@ def _split_files(directory: Path) -> dict[str, Path]:
     return found
 
 
+def data_files(path: Path) -> dict[str, Path]:
+    """Split name -> file of a dataset: one file (the "train" split) or a directory of split files."""
+    if path.is_dir():
+        return _split_files(path)
+    if path.is_file():
+        return {"train": path}
+    raise DataError(f"{path} does not exist (expected a data file or a directory of split files)")
+
+
 def _sort_classes(labels: set[str]) -> list[str]:
     try:
         return sorted(labels, key=int)
@@ -170,12 +179,7 @@ def load_files(
     path = Path(path)
     text_column = text_column or "text"
     label_column = label_column or "label"
-    if path.is_dir():
-        files = _split_files(path)
-    elif path.is_file():
-        files = {"train": path}
-    else:
-        raise DataError(f"{path} does not exist (expected a data file or a directory of split files)")
+    files = data_files(path)
     row_counts: dict[str, dict[str, int]] = {split: {} for split in files}
     splits = {
         split: _examples(file, text_column, text_pair_column, label_column, row_counts[split])

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from .files import _blank, _column, _split_files, read_table
+from .files import _blank, _column, data_files, read_table
 
 __all__ = ["ResponseExample", "ResponseTask", "EncodedResponses", "load_responses", "load_gsm8k",
            "encode_responses", "collate_responses", "final_number"]
@@ -68,12 +68,7 @@ def load_responses(path: str | Path, *, prompt_column: str = "prompt",
     """A CSV / TSV / JSONL / Parquet file (the "train" split) or a directory of ``train.<ext>`` and
     ``test.<ext>`` (optionally ``validation.<ext>``) with a prompt and a response column."""
     path = Path(path)
-    if path.is_dir():
-        files = _split_files(path)
-    elif path.is_file():
-        files = {"train": path}
-    else:
-        raise DataError(f"{path} does not exist (expected a data file or a directory of split files)")
+    files = data_files(path)
     counts: dict[str, dict[str, int]] = {split: {} for split in files}
     splits = {split: _responses(file, prompt_column, response_column, counts[split])
               for split, file in files.items()}
