@@ -289,13 +289,13 @@ class SalfTrainerMixin:
         total = torch.zeros((), device=self.args.device)
         for k, (meta, batch) in enumerate(zip(local, micro_batches, strict=True)):
             indices = batch.pop("salf_index").tolist()
-            train_embed = self.salf_wrapped.set_trainable(meta.depth, meta.trainable)
+            train_embed = self.salf_wrapped.set_trainable(meta.runner_depth, meta.trainable)
             last = k == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
             with sync:
                 with self.compute_loss_context_manager():
                     out = model(**batch, salf_depth=meta.runner_depth,
-                                salf_train_embeddings=train_embed and not any(meta.depths))
+                                salf_train_embeddings=train_embed)
                 loss = out.loss * meta.weight
                 self.accelerator.backward(loss)
             total += loss.detach()

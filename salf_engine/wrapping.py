@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import TrainConfig
@@ -122,11 +123,16 @@ class TrainableModel:
         ids = {id(q) for q in self.trainable}
         return self.full_weights and any(id(q) in ids for q in self.embed_params)
 
-    def set_trainable(self, depth: int, mask: Sequence[bool]) -> bool:
-        """``requires_grad`` from a plan's cut and mask, among the parameters trainable at the start;
-        returns whether the embedding trains (the runner's ``train_embeddings``)."""
+    def set_trainable(self, depth: int | Sequence[int] | torch.Tensor, mask: Sequence[bool]) -> bool:
+        """``requires_grad`` from a forward's cut(s) and mask, among the parameters trainable at the start:
+        ``depth`` is one cut or one per row (``MicroBatch.runner_depth``; the lowest decides which layers
+        train). Returns whether the embedding trains (the runner's ``train_embeddings``): only when every
+        row's cut is 0 and the mask trains every layer."""
+        rows = [int(d) for d in (depth.tolist() if isinstance(depth, torch.Tensor) else
+                                 [depth] if isinstance(depth, int) else depth)]
+        depth = min(rows)
         allowed: set[int] = set()
-        train_embed = self.embed_trainable and depth == 0 and all(mask)
+        train_embed = self.embed_trainable and not any(rows) and all(mask)
         if train_embed:
             allowed.update(id(q) for q in self.embed_params)
         for i in range(depth, self.num_layers):

@@ -61,14 +61,14 @@ def _loop(rank: int, world: int, fsdp: bool = False) -> dict:
         for k, mb in enumerate(local):
             batch = left_pad_collate([rows[i] for i in mb.indices], 0)
             labels = torch.tensor([rows[i]["salf_label"] for i in mb.indices])
-            embed = wrapped.set_trainable(mb.depth, mb.trainable)
+            embed = wrapped.set_trainable(mb.runner_depth, mb.trainable)
             last = k == len(local) - 1
             sync = module.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()
             if fsdp and world > 1:
                 module.set_requires_gradient_sync(last)
             with sync:
                 out = module(**batch, salf_depth=torch.tensor(mb.depths), salf_label=labels,
-                             salf_train_embeddings=embed and not any(mb.depths))
+                             salf_train_embeddings=embed)
                 (out.loss * mb.weight).backward()
             if mb.weight > 0:
                 seen.append((mb.indices, out.deviations))

@@ -57,7 +57,7 @@ def _hf_run(tmp_path, strategy: str, trainer_cls=SalfTrainer, **kw):
     set_trainable = trainer.salf_wrapped.set_trainable
 
     def tracking(depth, mask):
-        current["depth"] = depth
+        current["depth"] = min(depth) if isinstance(depth, list | tuple) else int(depth)
         return set_trainable(depth, mask)
 
     trainer.salf_wrapped.set_trainable = tracking
