@@ -17,7 +17,6 @@ precision of a class never predicted is 0.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from .step import autocast_context
 
 __all__ = [
     "ClassScores",
@@ -148,12 +149,6 @@ def score_predictions(gold: Sequence[int], pred: Sequence[int], classes: Sequenc
     )
 
 
-def _autocast(dtype: str, device: torch.device):
-    if dtype in ("bf16", "bfloat16"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def predict_medium_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """float32 [B, V] logits at the last position of a LEFT-padded batch (head on that position only)."""
@@ -221,7 +216,7 @@ def evaluate(
             batch = collate(encoded, idx, pad_id, padding_side="left")
             ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"].to(device)
-            with _autocast(dtype, device):
+            with autocast_context(dtype, device):
                 logits = predict_medium_logits(model, ids, mask)
             top = logits.argmax(dim=-1).cpu()
             restricted = logits[:, label_ids.to(logits.device)].argmax(dim=-1).cpu()
