@@ -33,6 +33,10 @@ def _task_and_source(model_or_run: str | None, run: str | None, dataset: str | N
     dataset = dataset or (run_cfg.dataset if run_cfg else None)
     if dataset is None:
         raise ConfigError("--dataset is required unless --model is a run directory")
+    if dataset.lower() == "gsm8k" or (run_cfg is not None and run_cfg.generative):
+        raise ConfigError(f"salf eval / profile score classification tasks; {dataset} is a prompt/response "
+                          "task: its run directory's eval.json holds the answer loss and exact match "
+                          "(salf train measures them, docs/sft.md)")
     if data_dir is None and run_cfg is not None and dataset == run_cfg.dataset:
         data_dir = run_cfg.data_dir
     return dataset, load_task(dataset, data_dir, **columns), run_cfg

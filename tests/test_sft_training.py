@@ -154,3 +154,12 @@ def test_salf_on_answers_places_rows_by_the_eof_of_their_answer_deviation():
     assert not p.strategy.needs_observe  # the training forward measures no answer deviation
     depth = p.strategy.depths
     assert all(depth[i] <= depth[j] for i in rows for j in rows if want[i] < want[j])
+
+
+def test_eval_and_profile_name_a_prompt_response_task():
+    from salf_engine.profiling import evaluate_model_or_run, profile_model_or_run
+
+    for call in (lambda: evaluate_model_or_run("tiny", dataset="gsm8k"),
+                 lambda: profile_model_or_run("tiny", dataset="gsm8k", output="unused")):
+        with pytest.raises(ConfigError, match="gsm8k is a prompt/response task"):
+            call()
