@@ -533,7 +533,6 @@ class SampleDepthStrategy(Strategy):
             self.eofs[i] = e
         self._stale = True
 
-
     def observe_losses(self, indices: Sequence[int], losses: Sequence[float]) -> None:
         """Record the training loss of the given samples; under ``loss-rank`` the depths follow at the next
         epoch."""
@@ -548,6 +547,10 @@ class SampleDepthStrategy(Strategy):
                 raise ValueError(f"sample index {i} outside 0..{self.num_samples - 1}")
             self.losses[i] = v if math.isfinite(v) else None
         self._stale = True
+
+    def load_state_dict(self, state: dict) -> None:
+        """As :meth:`Strategy.load_state_dict`; checkpoints from before loss rank existed hold no losses."""
+        super().load_state_dict({"losses": [None] * self.num_samples, **state})
 
 
 def _depth_runs(depths: list[int], labels: list[int], size: int, rng: random.Random) -> list[list[int]]:

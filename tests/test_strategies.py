@@ -638,6 +638,9 @@ def test_loss_rank_trains_the_hardest_sample_of_each_class_deepest_from_the_next
     copy.begin(2, 4, None, 0, labels=[0, 0, 1, 1])
     copy.load_state_dict(s.state_dict())
     assert copy.losses == s.losses and copy.depths == s.depths
+    older = {k: v for k, v in s.state_dict().items() if k != "losses"}  # a checkpoint from before loss rank
+    copy.load_state_dict(older)
+    assert copy.losses == [None] * 4 and copy.depths == s.depths
 
 
 @pytest.mark.parametrize("options", [{}, {"budget": "uniform", "schedule": "narrowing"},
