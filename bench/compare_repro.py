@@ -90,13 +90,15 @@ LEVERS = [("bot50", ""), ("salf:uniform:df", ""), ("salf:uniform:df:narrowing", 
 STUDY_SCREEN: list[Cell] = [(0, "carer", "full", "holdout", "")] + [
     (seed, "carer", s, "holdout", v) for seed in (0, 1) for s, v in LEVERS]
 STUDY_SCREEN.append((1, "carer", "full", "holdout", ""))
-#: The levers that survived the screen, confirmed on the test splits (two seeds, every dataset).
-STUDY_CONFIRM: list[Cell] = []
+#: The levers that survived the screen, confirmed on the test splits (two seeds, every dataset), beside the
+#: per-row rerun's cells (restored into the study's directory: its `full` gives their time ratios).
+STUDY_CONFIRM: list[Cell] = [(seed, ds, "salf:uniform:df:narrowing", "test", "") for seed in (0, 1)
+                             for ds in DATASETS]
 #: The loss lever needs a second epoch (the first one's training losses place the second one's depths):
 #: SALF[half] by loss rank against BOT50 and SALF[half] by eof rank, two epochs, held-out CARER.
 STUDY_EPOCHS2: list[Cell] = [(seed, "carer", s, "holdout", "epochs2") for seed in (0, 1)
                              for s in ("bot50", "salf:uniform:df:loss-rank", "salf:uniform:df")]
-STUDY_CELLS = STUDY_SCREEN + STUDY_CONFIRM + STUDY_EPOCHS2
+STUDY_CELLS = STUDY_SCREEN + STUDY_CONFIRM + STUDY_EPOCHS2 + PER_ROW_CELLS
 #: Learning rate per group: the weights themselves, or LoRA adapters.
 LR = {"weights": "1e-4", "lora": "3e-3"}
 #: Shared by every cell.
@@ -294,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results or ROOT / "bench" / "results" / name)
     only = (PER_ROW_CELLS if args.per_row else STUDY_CELLS if args.study else ABLATIONS if args.ablations
             else None)
+    if args.study:  # the per-row rerun's cells: the strategies the study's variants are compared with
+        _restore_kept(out, ROOT / "bench" / "results" / "repro-per-row")
     status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, only, results)
     print(report(out, results, only).read_text())
     return status
