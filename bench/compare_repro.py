@@ -25,7 +25,7 @@ over seeds of macro-F1 with free decoding, backward saving, FLOPs and wall time 
 of the same dataset and seed) plus ``cells.csv`` and ``f1_vs_flops.png``.
 
     python bench/compare_repro.py [--output runs/repro] [--data-dir ../shared/data] [--ablations]
-                                  [--per-row | --study] [--workers 2] [--report-only]
+                                  [--per-row | --study | --regimes] [--workers 2] [--report-only]
 
 ``--per-row`` reruns only :data:`PER_ROW` (two seeds, every dataset) under the current default step, into
 their own directories (``runs/repro-per-row``, ``bench/results/repro-per-row``). Every finished cell's
@@ -62,7 +62,8 @@ Cell = tuple[int, str, str, str, str]  # (seed, dataset, strategy, split, varian
 #: assignment without semantics: every class spread over the depths at random (the ablation of the eof).
 VARIANTS = {"": [], "profile25": ["--profile-fraction", "0.25"],
             "random-in-class": ["--profile-fraction", "0.001"], "steps32": ["--grad-accum", "4"],
-            "lr2e-4": ["--lr", "2e-4"], "head": ["--train-head"], "epochs2": ["--epochs", "2"]}
+            "lr2e-4": ["--lr", "2e-4"], "head": ["--train-head"], "epochs2": ["--epochs", "2"],
+            "data4x": ["--limit", "3840"]}
 #: Ablations of SALF[half] (seed, dataset, strategy, split, variant), with their `full` references: on
 #: held-out TREC data, then without a profile on the test splits of SST-5 and CARER.
 ABLATIONS = [(seed, "trec", strategy, "holdout", variant) for seed, strategy, variant in [
@@ -99,6 +100,13 @@ STUDY_CONFIRM: list[Cell] = [(seed, ds, "salf:uniform:df:narrowing", "test", "")
 STUDY_EPOCHS2: list[Cell] = [(seed, "carer", s, "holdout", "epochs2") for seed in (0, 1)
                              for s in ("bot50", "salf:uniform:df:loss-rank", "salf:uniform:df")]
 STUDY_CELLS = STUDY_SCREEN + STUDY_CONFIRM + STUDY_EPOCHS2 + PER_ROW_CELLS
+#: Issue 19's regimes closer to real use: 4x the data (3,840 examples) and two epochs at 960, every dataset,
+#: two seeds, the strategies a user chooses between plus the best budget plan of the first grid (geom-bf).
+#: About 60 cells of 2-8x a 960-example cell each: days on the 2-core CPU (``--regimes``).
+REGIME_STRATEGIES = ["full", "bot50", "lora-half", "salf:uniform:df", "salf:uniform:df:narrowing",
+                     "salf:geom:bf"]
+REGIME_CELLS: list[Cell] = [(seed, ds, s, "test", regime) for regime in ("data4x", "epochs2")
+                            for seed in (0, 1) for ds in DATASETS for s in REGIME_STRATEGIES]
 #: Learning rate per group: the weights themselves, or LoRA adapters.
 LR = {"weights": "1e-4", "lora": "3e-3"}
 #: Shared by every cell.
@@ -224,7 +232,7 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro", grid
              "Variants: [random-in-class] profiles 1 example (depths random inside each class), "
              "[profile25] a quarter of the examples, [steps32] takes steps of 32 examples (grad-accum 4), "
              "[lr2e-4] twice the learning rate, [head] trains the LM head (and so the tied embedding), "
-             "[epochs2] two epochs.",
+             "[epochs2] two epochs, [data4x] 3,840 training examples.",
              ""]
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     for split, ds in [(split, ds) for split in ("holdout", "test") for ds in DATASETS]:
@@ -288,14 +296,18 @@ def main(argv: list[str] | None = None) -> int:
                          "bench/results/repro-per-row unless --output / --results say otherwise")
     ap.add_argument("--study", action="store_true",
                     help="only issue 19's study (STUDY_CELLS), into runs/study and bench/results/study")
+    ap.add_argument("--regimes", action="store_true",
+                    help="only issue 19's regimes (REGIME_CELLS: 4x the data, two epochs), into runs/regimes "
+                         "and bench/results/regimes")
     ap.add_argument("--results", default=None, help="where the report goes (default bench/results/repro)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     args = ap.parse_args(argv)
-    name = "repro-per-row" if args.per_row else "study" if args.study else "repro"
+    name = ("repro-per-row" if args.per_row else "study" if args.study else "regimes" if args.regimes
+            else "repro")
     out = Path(args.output or ROOT / "runs" / name)
     results = Path(args.results or ROOT / "bench" / "results" / name)
-    only = (PER_ROW_CELLS if args.per_row else STUDY_CELLS if args.study else ABLATIONS if args.ablations
-            else None)
+    only = (PER_ROW_CELLS if args.per_row else STUDY_CELLS if args.study else REGIME_CELLS if args.regimes
+            else ABLATIONS if args.ablations else None)
     if args.study:  # the per-row rerun's cells: the strategies the study's variants are compared with
         _restore_kept(out, ROOT / "bench" / "results" / "repro-per-row")
     status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, only, results)
