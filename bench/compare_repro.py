@@ -92,14 +92,15 @@ STUDY_SCREEN: list[Cell] = [(0, "carer", "full", "holdout", "")] + [
     (seed, "carer", s, "holdout", v) for seed in (0, 1) for s, v in LEVERS]
 STUDY_SCREEN.append((1, "carer", "full", "holdout", ""))
 #: The levers that survived the screen, confirmed on the test splits (two seeds, every dataset), beside the
-#: per-row rerun's cells (restored into the study's directory: its `full` gives their time ratios).
+#: per-row rerun's cells (restored into the study's directory and reported with it: its `full` gives their
+#: time ratios).
 STUDY_CONFIRM: list[Cell] = [(seed, ds, "salf:uniform:df:narrowing", "test", "") for seed in (0, 1)
                              for ds in DATASETS]
 #: The loss lever needs a second epoch (the first one's training losses place the second one's depths):
-#: SALF[half] by loss rank against BOT50 and SALF[half] by eof rank, two epochs, held-out CARER.
+#: SALF[half] by loss rank against BOT50, two epochs, held-out CARER.
 STUDY_EPOCHS2: list[Cell] = [(seed, "carer", s, "holdout", "epochs2") for seed in (0, 1)
-                             for s in ("bot50", "salf:uniform:df:loss-rank", "salf:uniform:df")]
-STUDY_CELLS = STUDY_SCREEN + STUDY_CONFIRM + STUDY_EPOCHS2 + PER_ROW_CELLS
+                             for s in ("bot50", "salf:uniform:df:loss-rank")]
+STUDY_CELLS = STUDY_SCREEN + STUDY_CONFIRM + STUDY_EPOCHS2
 #: Issue 19's regimes closer to real use: 4x the data (3,840 examples) and two epochs at 960, every dataset,
 #: two seeds, the strategies a user chooses between plus the best budget plan of the first grid (geom-bf).
 #: About 60 cells of 2-8x a 960-example cell each: days on the 2-core CPU (``--regimes``).
@@ -149,16 +150,16 @@ def _command(model: str, out: Path, seed: int, dataset: str, strategy: str, spli
 
 
 def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell] | None = None,
-        results: Path = ROOT / "bench" / "results" / "repro") -> int:
-    """Run every unfinished cell (of ``only``, if given), ``workers`` at a time, rewriting the report in
-    ``results`` after each; returns 1 if any failed."""
+        results: Path = ROOT / "bench" / "results" / "repro", grid: list[Cell] | None = None) -> int:
+    """Run every unfinished cell (of ``only``, if given), ``workers`` at a time, rewriting the report of
+    ``grid`` (default: ``only``) in ``results`` after each; returns 1 if any failed."""
     _restore_kept(out, results)
     todo = [c for c in (cells() if only is None else only)
             if not (_cell_dir(out, *c) / "summary.json").is_file()]
 
     def done(cell: Cell) -> None:
         _keep(out, results, cell)
-        report(out, results, only)
+        report(out, results, grid or only)
 
     failed = run_cells(todo, lambda cell: _command(model, out, *cell, data_dir), out, workers=workers,
                        done=done, skip=lambda cell: (_cell_dir(out, *cell) / "summary.json").is_file(),
@@ -308,10 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results or ROOT / "bench" / "results" / name)
     only = (PER_ROW_CELLS if args.per_row else STUDY_CELLS if args.study else REGIME_CELLS if args.regimes
             else ABLATIONS if args.ablations else None)
+    grid = only
     if args.study:  # the per-row rerun's cells: the strategies the study's variants are compared with
         _restore_kept(out, ROOT / "bench" / "results" / "repro-per-row")
-    status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, only, results)
-    print(report(out, results, only).read_text())
+        grid = STUDY_CELLS + PER_ROW_CELLS
+    status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, only, results, grid)
+    print(report(out, results, grid).read_text())
     return status
 
 
