@@ -1,9 +1,10 @@
 """`salf demo`: SmolLM2-135M on the embedded TREC, zero-shot against SALF[half], BOT50 and full fine-tuning.
 
-SALF[half] (uniform budget, every row at its own cut), the static freeze of the bottom half it must beat
-(BOT50) and full fine-tuning of the same 960 questions (one epoch, steps of 8, the same shuffled order),
-every model evaluated on all 500 test questions: a three-cell `salf compare` grid, sized to finish in
-about 15 minutes on a 2-core CPU.
+SALF[half] (uniform budget, every row at its own cut, placed by its eof rank), the same budget with the
+trained scope narrowing over the epoch (no profile: the fastest SALF variant of issue 19's study), the
+static freeze of the bottom half they must beat (BOT50) and full fine-tuning of the same 960 questions
+(one epoch, steps of 8, the same shuffled order), every model evaluated on all 500 test questions: a
+four-cell `salf compare` grid, sized to finish in about 17 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from .errors import SalfError
 __all__ = ["DEMO_DEFAULTS", "run_demo"]
 
 DEMO_DEFAULTS: dict[str, Any] = dict(
-    model="smollm2-135m", dataset="trec", strategies=("salf:uniform:df", "bot50", "full"), limit=960,
-    epochs=1, batch_size=8, max_length=128, eval_batch_size=64, seed=0,
+    model="smollm2-135m", dataset="trec",
+    strategies=("salf:uniform:df", "salf:uniform:df:narrowing", "bot50", "full"),
+    limit=960, epochs=1, batch_size=8, max_length=128, eval_batch_size=64, seed=0,
 )
 
 

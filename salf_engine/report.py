@@ -214,13 +214,14 @@ def print_demo_table(zero: dict[str, float], runs: list[tuple[str, dict[str, Any
     """The demo's table: zero-shot, then each run (the last one is ``full``) with its cost against full."""
     out = out if out is not None else sys.stdout
     full = runs[-1][1]
+    w = max(18, *(len(label) for label, _ in runs))
     print("", file=out)
-    print(f"{'':18s} {'accuracy':>9s} {'macro-F1':>9s} {'train+profile':>14s} {'backward':>9s} {'FLOPs':>7s}",
-          file=out)
-    print(f"{'':18s} {'(free)':>9s} {'(free)':>9s} {'seconds':>14s} {'saving':>9s} {'/ full':>7s}", file=out)
-    print(f"{'zero-shot':18s} {zero['free_accuracy']:9.4f} {zero['free_macro_f1']:9.4f}", file=out)
+    print(f"{'':{w}s} {'accuracy':>9s} {'macro-F1':>9s} {'train+profile':>14s} {'backward':>9s} "
+          f"{'FLOPs':>7s}", file=out)
+    print(f"{'':{w}s} {'(free)':>9s} {'(free)':>9s} {'seconds':>14s} {'saving':>9s} {'/ full':>7s}", file=out)
+    print(f"{'zero-shot':{w}s} {zero['free_accuracy']:9.4f} {zero['free_macro_f1']:9.4f}", file=out)
     for label, s in runs:
         seconds = cost_seconds(s)
-        print(f"{label:18s} {s['fine_tuned']['free_accuracy']:9.4f} {s['fine_tuned']['free_macro_f1']:9.4f} "
+        print(f"{label:{w}s} {s['fine_tuned']['free_accuracy']:9.4f} {s['fine_tuned']['free_macro_f1']:9.4f} "
               f"{seconds:8.1f} ({seconds / cost_seconds(full):.2f}x) "
               f"{s['cost_saving_ratio']:9.3f} {s['flops_ratio']:7.2f}", file=out)

@@ -102,8 +102,8 @@ def test_demo_code_path_on_tiny_model(tiny_dir, tmp_path, capsys):
                      "--output", str(out), "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (
-        ["zero-shot"], ["salf:uniform:df"], ["bot50"], ["full"])}
-    assert set(rows) == {"zero-shot", "salf:uniform:df", "bot50", "full"}
+        ["zero-shot"], ["salf:uniform:df"], ["salf:uniform:df:narrowing"], ["bot50"], ["full"])}
+    assert set(rows) == {"zero-shot", "salf:uniform:df", "salf:uniform:df:narrowing", "bot50", "full"}
     assert float(rows["bot50"][5]) == pytest.approx(0.5)  # the static freeze the demo sets SALF against
     salf = json.loads((out / "cells" / "trec" / "salf_uniform_df" / "summary.json").read_text())
     full = json.loads((out / "cells" / "trec" / "full" / "summary.json").read_text())
@@ -111,6 +111,11 @@ def test_demo_code_path_on_tiny_model(tiny_dir, tmp_path, capsys):
     assert float(rows["salf:uniform:df"][1]) == pytest.approx(salf["fine_tuned"]["free_accuracy"], abs=1e-4)
     assert float(rows["full"][5]) == pytest.approx(0.0) and float(rows["full"][6]) == pytest.approx(1.0)
     assert 0.2 < float(rows["salf:uniform:df"][5]) < 0.6  # backward saving of the uniform budget
+    # narrowing: the same budget (the same saving), no profile (the FLOPs of training alone)
+    assert float(rows["salf:uniform:df:narrowing"][5]) == pytest.approx(float(rows["salf:uniform:df"][5]))
+    cells = out / "cells" / "trec"
+    narrowing = json.loads((cells / "salf_uniform_df_narrowing" / "summary.json").read_text())
+    assert narrowing["profiled_examples"] == 0 < salf["profiled_examples"]
 
 
 @pytest.mark.parametrize(
