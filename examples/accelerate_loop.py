@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 batch = {key: t.to(accelerator.device)
                          for key, t in left_pad_collate([rows[i] for i in mb.indices], pad_id).items()}
                 labels = torch.tensor([rows[i]["salf_label"] for i in mb.indices], device=accelerator.device)
-                embed = wrapped.set_trainable(mb.runner_depth, mb.trainable)
+                embed = wrapped.set_trainable(mb.depth, mb.trainable, mb.depths)
                 last = k == len(local) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(module):
                     out = module(**batch, salf_depth=mb.runner_depth, salf_label=labels,

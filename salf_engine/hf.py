@@ -289,7 +289,7 @@ class SalfTrainerMixin:
         total = torch.zeros((), device=self.args.device)
         for k, (meta, batch) in enumerate(zip(local, micro_batches, strict=True)):
             indices = batch.pop("salf_index").tolist()
-            train_embed = self.salf_wrapped.set_trainable(meta.runner_depth, meta.trainable)
+            train_embed = self.salf_wrapped.set_trainable(meta.depth, meta.trainable, meta.depths)
             last = k == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
             with sync:

@@ -117,7 +117,8 @@ def micro_batch_step(runner, model, batch: dict[str, Any], depth: int | Sequence
     """
     device = label_token_ids.device
     labels = batch["labels"].to(device)
-    train_embed = model.set_trainable(depth, trainable)
+    rows = [depth] if isinstance(depth, int) else list(depth)
+    train_embed = model.set_trainable(min(rows), trainable, rows)
     with autocast_context(config.dtype, device):
         out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth,
                      last_index=batch["last_index"].to(device), labels=labels if want_deviations else None,
@@ -137,7 +138,8 @@ def response_micro_batch_step(runner, model, batch: dict[str, Any], depth: int |
     each row's mean."""
     from .sft import response_loss
 
-    train_embed = model.set_trainable(depth, trainable)
+    rows = [depth] if isinstance(depth, int) else list(depth)
+    train_embed = model.set_trainable(min(rows), trainable, rows)
     device = next(model.model.parameters()).device
     with autocast_context(config.dtype, device):
         out = response_loss(runner, batch, depth, gradient_checkpointing=config.gradient_checkpointing,

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from .config import TrainConfig
@@ -123,16 +122,14 @@ class TrainableModel:
         ids = {id(q) for q in self.trainable}
         return self.full_weights and any(id(q) in ids for q in self.embed_params)
 
-    def set_trainable(self, depth: int | Sequence[int] | torch.Tensor, mask: Sequence[bool]) -> bool:
-        """``requires_grad`` from a forward's cut(s) and mask, among the parameters trainable at the start:
-        ``depth`` is one cut or one per row (``MicroBatch.runner_depth``; the lowest decides which layers
-        train). Returns whether the embedding trains (the runner's ``train_embeddings``): only when every
-        row's cut is 0 and the mask trains every layer."""
-        rows = [int(d) for d in (depth.tolist() if isinstance(depth, torch.Tensor) else
-                                 [depth] if isinstance(depth, int) else depth)]
-        depth = min(rows)
+    def set_trainable(self, depth: int, mask: Sequence[bool], rows: Sequence[int] | None = None) -> bool:
+        """``requires_grad`` from a forward's lowest cut ``depth`` and ``mask``, among the parameters
+        trainable at the start (under DDP / FSDP pass the cut every rank shares, ``MicroBatch.depth``, so
+        every rank sets the same flags). Returns whether the embedding runs with autograd (the runner's
+        ``train_embeddings``): when it may train (cut 0, every layer trained) and every one of this
+        forward's ``rows`` (its per-row cuts; default: all at ``depth``) is cut at 0."""
         allowed: set[int] = set()
-        train_embed = self.embed_trainable and not any(rows) and all(mask)
+        train_embed = self.embed_trainable and depth == 0 and all(mask)
         if train_embed:
             allowed.update(id(q) for q in self.embed_params)
         for i in range(depth, self.num_layers):
@@ -141,7 +138,7 @@ class TrainableModel:
         allowed.update(id(q) for q in self.rest_params)
         for q in self.trainable:
             q.requires_grad_(id(q) in allowed)
-        return train_embed
+        return train_embed and not any(rows or ())
 
     def refresh(self) -> None:
         """Re-read the parameters after something replaced them (FSDP2's ``fully_shard``): the groups, and

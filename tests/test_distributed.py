@@ -61,7 +61,7 @@ def _loop(rank: int, world: int, fsdp: bool = False) -> dict:
         for k, mb in enumerate(local):
             batch = left_pad_collate([rows[i] for i in mb.indices], 0)
             labels = torch.tensor([rows[i]["salf_label"] for i in mb.indices])
-            embed = wrapped.set_trainable(mb.runner_depth, mb.trainable)
+            embed = wrapped.set_trainable(mb.depth, mb.trainable, mb.depths)
             last = k == len(local) - 1
             sync = module.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()
             if fsdp and world > 1:

@@ -56,9 +56,9 @@ def _hf_run(tmp_path, strategy: str, trainer_cls=SalfTrainer, **kw):
     current = {"depth": None}
     set_trainable = trainer.salf_wrapped.set_trainable
 
-    def tracking(depth, mask):
-        current["depth"] = min(depth) if isinstance(depth, list | tuple) else int(depth)
-        return set_trainable(depth, mask)
+    def tracking(depth, mask, rows=None):
+        current["depth"] = depth
+        return set_trainable(depth, mask, rows)
 
     trainer.salf_wrapped.set_trainable = tracking
     for i, layer in enumerate(trainer.salf_wrapped.parts.layers):
