@@ -12,7 +12,8 @@ fine-tuning of the same seed, from these grids:
 
 Two picks per dataset: for accuracy, the fastest strategy whose macro-F1 is within 0.01 of the best one's;
 for speed, the most accurate one at no more than 0.65 of full fine-tuning's time. Writes
-``bench/results/which_strategy.md``.
+``bench/results/which_strategy.md`` and ``bench/results/f1_vs_time.png`` (macro-F1 against wall time, one
+point per strategy and seed).
 
     python bench/which_strategy.py
 """
@@ -81,8 +82,33 @@ def table(cells: dict[tuple[str, str], dict[int, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(cells: dict[tuple[str, str], dict[int, dict]], path: Path) -> None:
+    """macro-F1 against training + profiling time relative to full, one point per strategy and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DATASETS), figsize=(5.5 * len(DATASETS), 4.5), squeeze=False)
+    for ax, ds in zip(axes[0], DATASETS, strict=True):
+        for (d, strategy), seeds in sorted(cells.items()):
+            rows = [r for r in seeds.values() if d == ds and r["time_ratio"]]
+            if rows:
+                ax.scatter([float(r["time_ratio"]) for r in rows], [float(r["free_macro_f1"]) for r in rows],
+                           label=NAMES.get(strategy, strategy), s=22)
+        ax.set(title=ds, xlabel="training + profiling time / full fine-tuning (same grid and seed)",
+               ylabel="macro-F1 (free decoding)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
-    text = table(load())
+    cells = load()
+    plot(cells, RESULTS / "f1_vs_time.png")
+    text = table(cells)
     (RESULTS / "which_strategy.md").write_text(
         "# Which strategy to use (SmolLM2-135M, 960 examples, one epoch, test splits)\n\n"
         "Written by `python bench/which_strategy.py` from the committed cells. Accuracy pick: the fastest "
