@@ -341,3 +341,53 @@ def mean_spread(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{sum(values) / len(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+#: What of a finished grid cell is committed beside the report, so a fresh checkout resumes the grid.
+KEPT = ("summary.json", "config.json")
+
+
+def keep_cell(out: Path, results: Path, cell_dir: Path) -> None:
+    """Copy a finished cell's summary and config from ``out/...`` to ``results/cells/...`` (runs/ is not
+    committed)."""
+    import shutil
+
+    dst = results / "cells" / cell_dir.relative_to(out)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in KEPT:
+        shutil.copy2(cell_dir / name, dst / name)
+
+
+def restore_kept(out: Path, results: Path) -> None:
+    """Put the kept cells of an earlier checkout (``results/cells``) back under ``out`` (those not there)."""
+    import shutil
+
+    kept = results / "cells"
+    for summary in kept.rglob("summary.json") if kept.is_dir() else []:
+        dst = out / summary.parent.relative_to(kept)
+        if not (dst / "summary.json").is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in KEPT:
+                shutil.copy2(summary.parent / name, dst / name)
+
+
+def scatter_by_dataset(points: dict[str, dict[str, list[tuple[float, float]]]], path: Path,
+                       xlabel: str) -> None:
+    """One panel per dataset (``points[dataset][label]`` = (x, macro-F1) per seed), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not points:
+        return
+    fig, axes = plt.subplots(1, len(points), figsize=(5.5 * len(points), 4.5), squeeze=False)
+    for ax, (ds, series) in zip(axes[0], points.items(), strict=True):
+        for label, xy in series.items():
+            ax.scatter([x for x, _ in xy], [y for _, y in xy], label=label, s=20)
+        ax.set(title=ds, xlabel=xlabel, ylabel="macro-F1 (free decoding)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

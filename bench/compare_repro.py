@@ -39,11 +39,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from bench_utils import mean_spread, run_cells
+from bench_utils import keep_cell, mean_spread, restore_kept, run_cells, scatter_by_dataset
 
 from salf_engine.report import cost_seconds
 
@@ -153,7 +152,7 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell]
         results: Path = ROOT / "bench" / "results" / "repro", grid: list[Cell] | None = None) -> int:
     """Run every unfinished cell (of ``only``, if given), ``workers`` at a time, rewriting the report of
     ``grid`` (default: ``only``) in ``results`` after each; returns 1 if any failed."""
-    _restore_kept(out, results)
+    restore_kept(out, results)
     todo = [c for c in (cells() if only is None else only)
             if not (_cell_dir(out, *c) / "summary.json").is_file()]
 
@@ -167,28 +166,8 @@ def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell]
     return 1 if failed else 0
 
 
-#: What of a finished cell is committed beside the report, so a fresh checkout resumes the grid.
-KEPT = ("summary.json", "config.json")
-
-
 def _keep(out: Path, results: Path, cell: Cell) -> None:
-    """Copy a finished cell's summary and config under ``results/cells`` (runs/ is not committed)."""
-    src = _cell_dir(out, *cell)
-    dst = results / "cells" / src.relative_to(out)
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in KEPT:
-        shutil.copy2(src / name, dst / name)
-
-
-def _restore_kept(out: Path, results: Path) -> None:
-    """Put the kept cells of an earlier checkout back under ``out`` (those not there yet)."""
-    kept = results / "cells"
-    for summary in kept.rglob("summary.json") if kept.is_dir() else []:
-        dst = out / summary.parent.relative_to(kept)
-        if not (dst / "summary.json").is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            for name in KEPT:
-                shutil.copy2(summary.parent / name, dst / name)
+    keep_cell(out, results, _cell_dir(out, *cell))
 
 
 def _load(out: Path, grid: list[Cell]) -> dict[Cell, dict]:
@@ -261,27 +240,13 @@ def report(out: Path, results: Path = ROOT / "bench" / "results" / "repro", grid
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r["split"] == "test"]
-    sets = [ds for ds in DATASETS if any(r["dataset"] == ds for r in rows)]
-    if not sets:
-        return
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.5), squeeze=False)
-    for ax, ds in zip(axes[0], sets, strict=True):
-        for strat in dict.fromkeys(r["strategy"] for r in rows if r["dataset"] == ds):
-            rs = [r for r in rows if r["dataset"] == ds and r["strategy"] == strat]
-            ax.scatter([r["flops_ratio"] for r in rs], [r["free_macro_f1"] for r in rs], label=strat, s=18)
-        ax.set(title=ds, xlabel="training FLOPs / full fine-tuning (profiling included)",
-               ylabel="macro-F1 (free decoding)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    points: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for r in rows:
+        if r["split"] == "test":
+            points.setdefault(r["dataset"], {}).setdefault(r["strategy"], []).append(
+                (r["flops_ratio"], r["free_macro_f1"]))
+    ordered = {ds: points[ds] for ds in DATASETS if ds in points}
+    scatter_by_dataset(ordered, path, "training FLOPs / full fine-tuning (profiling included)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             else ABLATIONS if args.ablations else None)
     grid = only
     if args.study:  # the per-row rerun's cells: the strategies the study's variants are compared with
-        _restore_kept(out, ROOT / "bench" / "results" / "repro-per-row")
+        restore_kept(out, ROOT / "bench" / "results" / "repro-per-row")
         grid = STUDY_CELLS + PER_ROW_CELLS
     status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, only, results, grid)
     print(report(out, results, grid).read_text())

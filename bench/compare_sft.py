@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench_utils import mean_spread, run_cells
+from bench_utils import keep_cell, mean_spread, restore_kept, run_cells
 
 from salf_engine.report import cost_seconds
 
@@ -39,7 +39,6 @@ STRATEGIES = {
 SETTINGS = ["--model", "smollm2-135m", "--dataset", "gsm8k", "--epochs", "1", "--batch-size", "8",
             "--max-length", "384", "--eval-batch-size", "8", "--exact-match-rows", "100",
             "--max-new-tokens", "256", "--quiet"]
-KEPT = ("summary.json", "config.json")
 
 
 def _cell(out: Path, seed: int, label: str) -> Path:
@@ -54,12 +53,7 @@ def _command(out: Path, seed: int, label: str, limit: int, data_dir: str) -> lis
 
 def run(out: Path, cells: list[tuple[int, str]], limit: int, data_dir: str, workers: int) -> int:
     """Run the unfinished cells, ``workers`` at a time; keep each finished one; 1 if any failed."""
-    for summary in RESULTS.glob("cells/*/*/summary.json"):  # put the committed cells back
-        dst = out / summary.parent.relative_to(RESULTS / "cells")
-        if not (dst / "summary.json").is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            for name in KEPT:
-                shutil.copy2(summary.parent / name, dst / name)
+    restore_kept(out, RESULTS)  # the committed cells
     todo = [c for c in cells if not (_cell(out, *c) / "summary.json").is_file()]
 
     def command(cell: tuple[int, str]) -> list[str]:
@@ -68,10 +62,7 @@ def run(out: Path, cells: list[tuple[int, str]], limit: int, data_dir: str, work
         return _command(out, *cell, limit, data_dir)
 
     def done(cell: tuple[int, str]) -> None:
-        dst = RESULTS / "cells" / f"seed{cell[0]}" / cell[1]
-        dst.mkdir(parents=True, exist_ok=True)
-        for name in KEPT:
-            shutil.copy2(_cell(out, *cell) / name, dst / name)
+        keep_cell(out, RESULTS, _cell(out, *cell))
         report(out, cells)
 
     return 1 if run_cells(todo, command, out, workers=workers, done=done, cwd=ROOT) else 0

@@ -25,6 +25,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from bench_utils import scatter_by_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DATASETS = ["trec", "sst5", "carer"]
@@ -84,25 +86,11 @@ def table(cells: dict[tuple[str, str], dict[int, dict]]) -> str:
 
 def plot(cells: dict[tuple[str, str], dict[int, dict]], path: Path) -> None:
     """macro-F1 against training + profiling time relative to full, one point per strategy and seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(DATASETS), figsize=(5.5 * len(DATASETS), 4.5), squeeze=False)
-    for ax, ds in zip(axes[0], DATASETS, strict=True):
-        for (d, strategy), seeds in sorted(cells.items()):
-            rows = [r for r in seeds.values() if d == ds and r["time_ratio"]]
-            if rows:
-                ax.scatter([float(r["time_ratio"]) for r in rows], [float(r["free_macro_f1"]) for r in rows],
-                           label=NAMES.get(strategy, strategy), s=22)
-        ax.set(title=ds, xlabel="training + profiling time / full fine-tuning (same grid and seed)",
-               ylabel="macro-F1 (free decoding)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    points = {ds: {NAMES.get(strategy, strategy): [(float(r["time_ratio"]), float(r["free_macro_f1"]))
+                                                   for r in seeds.values() if r["time_ratio"]]
+                   for (d, strategy), seeds in sorted(cells.items()) if d == ds}
+              for ds in DATASETS}
+    scatter_by_dataset(points, path, "training + profiling time / full fine-tuning (same grid and seed)")
 
 
 def main() -> int:
