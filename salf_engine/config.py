@@ -16,7 +16,8 @@ from .errors import ConfigError
 
 __all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES", "EOF_BOUNDARIES",
            "DEVIATION_IMPLS", "DEPTH_SCHEDULES", "DEPTH_ASSIGNMENTS", "INFILLS", "DEFAULT_LORA_TARGETS",
-           "DEFAULT_LR", "DEFAULT_LORA_LR", "NONFINITE_ACTIONS", "load_config_file"]
+           "DEFAULT_LR", "DEFAULT_LORA_LR", "NONFINITE_ACTIONS", "GENERATIVE_PRESETS", "is_generative_preset",
+           "load_config_file"]
 
 # The allowed names of every choice field, defined once (as the field types); the tuples are read off them.
 DType = Literal["float32", "bf16"]
@@ -41,6 +42,15 @@ DEVIATION_IMPLS = IMPLS
 DEFAULT_LR = 1e-4
 DEFAULT_LORA_LR = 3e-3
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+#: Dataset presets that are prompt/response tasks (supervised fine-tuning) rather than classification.
+GENERATIVE_PRESETS = ("gsm8k",)
+
+
+def is_generative_preset(dataset: object) -> bool:
+    """Whether ``dataset`` names a prompt/response preset (:data:`GENERATIVE_PRESETS`)."""
+    return isinstance(dataset, str) and dataset.lower() in GENERATIVE_PRESETS
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -149,8 +159,7 @@ class TrainConfig:
     @property
     def generative(self) -> bool:
         """Whether the task is supervised fine-tuning on prompt/response rows (gsm8k, --response-column)."""
-        return self.response_column is not None or (isinstance(self.dataset, str)
-                                                    and self.dataset.lower() == "gsm8k")
+        return self.response_column is not None or is_generative_preset(self.dataset)
 
     def validate(self) -> TrainConfig:
         """Check every field; return self so calls chain."""
@@ -176,7 +185,7 @@ class TrainConfig:
             if not (optional and value is None):
                 choice(name.replace("_", " "), value, options)
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "lora_r",
-                     "holdout_size"):
+                     "holdout_size", "max_new_tokens"):
             positive(name, getattr(self, name))
         for name in ("max_steps", "limit", "eval_limit", "save_every", "save_total_limit"):
             positive(name, getattr(self, name), allow_none=True)
@@ -238,9 +247,6 @@ class TrainConfig:
         if isinstance(self.exact_match_rows, bool) or not isinstance(self.exact_match_rows, int) \
                 or self.exact_match_rows < 0:
             raise ConfigError(f"exact_match_rows must be an integer >= 0, got {self.exact_match_rows!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.loss != "next-token":
             raise ConfigError(f"loss {self.loss!r} measures against class bases; a prompt/response task "
                               "trains with the next-token loss on its response tokens")

@@ -4,7 +4,7 @@ SALF[half] (uniform budget, every row at its own cut, placed by its eof rank), t
 trained scope narrowing over the epoch (no profile: the fastest SALF variant of issue 19's study), the
 static freeze of the bottom half they must beat (BOT50) and full fine-tuning of the same 960 questions
 (one epoch, steps of 8, the same shuffled order), every model evaluated on all 500 test questions: a
-four-cell `salf compare` grid, sized to finish in about 17 minutes on a 2-core CPU.
+four-cell `salf compare` grid that took 13 minutes on an idle 2-core CPU.
 """
 
 from __future__ import annotations

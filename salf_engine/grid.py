@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import INFILLS as _INFILLS
+from .config import is_generative_preset
 from .errors import ConfigError
 
 __all__ = [
@@ -192,9 +193,9 @@ def parse_dataset(text: str, data_dir: str | None = None) -> DatasetCell:
     label, source = label.strip(), source.strip()
     if not source:
         raise ConfigError(f"dataset {text!r} names no source")
-    if source.lower() == "gsm8k":
-        raise ConfigError("salf compare tables classification scores; gsm8k is a prompt/response task: run "
-                          "its cells with salf train (answer loss, exact match)")
+    if is_generative_preset(source):
+        raise ConfigError(f"salf compare tables classification scores; {source.lower()} is a prompt/response "
+                          "task: run its cells with salf train (answer loss, exact match)")
     if source.lower() in PRESETS:
         source = source.lower()
         label = label or source

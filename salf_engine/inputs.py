@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, is_generative_preset
 from .errors import ConfigError
 
 __all__ = ["HOLDOUT", "HOLDOUT_SEED", "Prepared", "check_resume", "encode_response_task", "encode_task",
@@ -125,7 +125,7 @@ def load_response_task(config: TrainConfig):
     or directory with ``prompt_column`` / ``response_column``."""
     from .data.responses import load_gsm8k, load_responses
 
-    if config.dataset.lower() == "gsm8k":
+    if is_generative_preset(config.dataset):
         if config.data_dir is None:
             raise ConfigError("the gsm8k preset is read from --data-dir (the folder holding gsm8k/)")
         return load_gsm8k(config.data_dir)

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainConfig as _C  # the defaults of the options these functions take
+from .config import is_generative_preset
 from .errors import ConfigError
 from .patching import is_patched
 from .rundir import is_run_dir, load_for_eval, read_run_config
@@ -33,7 +34,7 @@ def _task_and_source(model_or_run: str | None, run: str | None, dataset: str | N
     dataset = dataset or (run_cfg.dataset if run_cfg else None)
     if dataset is None:
         raise ConfigError("--dataset is required unless --model is a run directory")
-    if dataset.lower() == "gsm8k" or (run_cfg is not None and run_cfg.generative):
+    if is_generative_preset(dataset) or (run_cfg is not None and run_cfg.generative):
         raise ConfigError(f"salf eval / profile score classification tasks; {dataset} is a prompt/response "
                           "task: its run directory's eval.json holds the answer loss and exact match "
                           "(salf train measures them, docs/sft.md)")
