@@ -105,8 +105,10 @@ STUDY_CELLS = STUDY_SCREEN + STUDY_CONFIRM + STUDY_EPOCHS2
 #: About 60 cells of 2-8x a 960-example cell each: days on the 2-core CPU (``--regimes``).
 REGIME_STRATEGIES = ["full", "bot50", "lora-half", "salf:uniform:df", "salf:uniform:df:narrowing",
                      "salf:geom:bf"]
-REGIME_CELLS: list[Cell] = [(seed, ds, s, "test", regime) for regime in ("data4x", "epochs2")
-                            for seed in (0, 1) for ds in DATASETS for s in REGIME_STRATEGIES]
+#: Cheapest regime first, and each (regime, dataset) with both seeds before the next, so that a grid
+#: stopped part-way leaves whole answers: two seeds of every strategy on the datasets it reached.
+REGIME_CELLS: list[Cell] = [(seed, ds, s, "test", regime) for regime in ("epochs2", "data4x")
+                            for ds in DATASETS for seed in (0, 1) for s in REGIME_STRATEGIES]
 #: Learning rate per group: the weights themselves, or LoRA adapters.
 LR = {"weights": "1e-4", "lora": "3e-3"}
 #: Shared by every cell.
