@@ -1,12 +1,12 @@
 """Benchmark of the fused deviation computation (m+1 spaces x B samples x K labels).
 
 Providers:
-  torch          salf_engine.deviation.deviations_reference (plain torch, eager; the baseline)
+  torch          salf_engine.deviation.compute.deviations_reference (plain torch, eager; the baseline)
   torch_lean     the same math as a minimal eager function (gather, lens, cosine; no input checks)
   torch_compile  torch.compile(torch_lean)
   triton         salf_engine.kernels.deviation.deviations_triton (GPU only: the interpreter is no timing)
-  cuda           salf_engine.ops.deviations_cpp on CUDA tensors (the CUDA C++ op)
-  cpp            salf_engine.ops.deviations_cpp on CPU tensors (the C++ CPU op)
+  cuda           salf_engine.deviation.cpp_op.deviations_cpp on CUDA tensors (the CUDA C++ op)
+  cpp            salf_engine.deviation.cpp_op.deviations_cpp on CPU tensors (the C++ CPU op)
 
 Shapes come from real configs (layers m, hidden size D); K = 6 labels; T = 128 tokens on GPU. On CPU the
 default is T = 16 and B in {8, 32}: each kernel reads exactly one row per (sample, space) whatever T is,
@@ -122,7 +122,7 @@ class Case:
 
 def _lens_spec(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
     try:
-        from salf_engine.semantics import LensSpec
+        from salf_engine.deviation.semantics import LensSpec
 
         return LensSpec(kind=kind, weight=weight, bias=bias, eps=eps)
     except ImportError:  # pragma: no cover - semantics.py is part of the package
@@ -184,7 +184,7 @@ def provider_fn(name: str, case: Case) -> tuple[Callable[[], object] | None, str
     c = case
     on_gpu = c.device.type == "cuda"
     if name == "torch":
-        from salf_engine.deviation import deviations_reference
+        from salf_engine.deviation.compute import deviations_reference
 
         return (
             lambda: deviations_reference(
@@ -208,7 +208,7 @@ def provider_fn(name: str, case: Case) -> tuple[Callable[[], object] | None, str
             ),
             "",
         )
-    from salf_engine import ops
+    from salf_engine.deviation import cpp_op as ops
 
     if name == "cuda":
         if not on_gpu:

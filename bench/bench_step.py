@@ -157,7 +157,7 @@ def run_step(
 def time_deviations(runner: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, impl: str,
                     reps: int) -> list[float]:
     """Seconds of ``reps`` ``deviations`` calls on the m+1 gathered medium-token states of this batch."""
-    from salf_engine.deviation import deviations
+    from salf_engine.deviation.compute import deviations
 
     m = runner.num_layers
     with torch.no_grad():
@@ -174,7 +174,8 @@ def time_deviations(runner: Any, ids: torch.Tensor, mask: torch.Tensor, labels: 
 
 def git_commit() -> str:
     """HEAD, "-dirty" when the runner, the families or this script have uncommitted changes."""
-    return _git_commit(["salf_engine/runner.py", "salf_engine/models/families.py", "bench/bench_step.py"])
+    return _git_commit(["salf_engine/runner/truncated.py", "salf_engine/models/families.py",
+                        "bench/bench_step.py"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         regenerate(args.out)
         return
 
-    from salf_engine.runner import TruncatedRunner
-    from salf_engine.semantics import semantic_bases
+    from salf_engine.deviation.semantics import semantic_bases
+    from salf_engine.runner.truncated import TruncatedRunner
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         assert out.deviations is not None and out.deviations.shape == (args.batch, m + 1)
         resolved[impl] = impl
         if impl == "auto":
-            from salf_engine import ops
+            from salf_engine.deviation import cpp_op as ops
 
             resolved[impl] = "cpp" if ops.cpp_available() else "torch"
 

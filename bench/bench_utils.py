@@ -268,7 +268,7 @@ def step_compositions(runner, ids: torch.Tensor, mask: torch.Tensor, depths: lis
     ``salf_rows`` (one forward, every row at its own cut: the default), ``salf_rows_levels{4,2}`` (the
     depths rounded down to 4 or 2 cut levels), ``salf_micro4`` (the former default: 4 micro-batches of
     rows in depth order, each at its lowest cut)."""
-    from salf_engine.strategies import round_to_levels
+    from salf_engine.schedule.strategies import round_to_levels
 
     batch = len(depths)
     out: dict[str, Callable[[], torch.Tensor]] = {

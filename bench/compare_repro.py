@@ -44,7 +44,7 @@ from pathlib import Path
 
 from bench_utils import keep_cell, mean_spread, restore_kept, run_cells, scatter_by_dataset
 
-from salf_engine.report import cost_seconds
+from salf_engine.experiments.report import cost_seconds
 
 __all__ = ["KEY", "ALTERNATIVES", "ABLATIONS", "VARIANTS", "LORA_VARIANTS", "OTHERS", "SETTINGS", "LR",
            "PER_ROW", "LEVERS", "STUDY_CELLS", "cells", "report", "main"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench_utils import keep_cell, mean_spread, restore_kept, run_cells
 
-from salf_engine.report import cost_seconds
+from salf_engine.experiments.report import cost_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "sft"

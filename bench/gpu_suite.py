@@ -273,7 +273,7 @@ def run_step(device: torch.device, dry: bool, budget: Budget, *, rounds: int, wa
 def _bench_model(name: str, spec: StepModel, device: torch.device, dtype: torch.dtype, budget: Budget, *,
                  rounds: int, warmup: int) -> list[dict]:
     from salf_engine.models.families import decoder_parts
-    from salf_engine.runner import TruncatedRunner
+    from salf_engine.runner.truncated import TruncatedRunner
 
     t_build = time.perf_counter()
     model = build_model(spec, device, dtype)

@@ -17,13 +17,13 @@ from accelerate.utils import DistributedDataParallelKwargs
 sys.path.insert(0, str(Path(__file__).parent))
 from common import evaluate_model, load, parser  # noqa: E402
 
-from salf_engine.driver import StrategyDriver  # noqa: E402
-from salf_engine.hf import classification_rows, left_pad_collate  # noqa: E402
-from salf_engine.inputs import strategy_from_config  # noqa: E402
-from salf_engine.patching import patch_model, runner_of  # noqa: E402
-from salf_engine.sampling import rank_slice  # noqa: E402
-from salf_engine.step import build_optimizer, build_scheduler  # noqa: E402
-from salf_engine.wrapping import wrap_model  # noqa: E402
+from salf_engine.integrations.hf import classification_rows, left_pad_collate  # noqa: E402
+from salf_engine.integrations.patching import patch_model, runner_of  # noqa: E402
+from salf_engine.schedule.driver import StrategyDriver  # noqa: E402
+from salf_engine.schedule.sampling import rank_slice  # noqa: E402
+from salf_engine.training.inputs import strategy_from_config  # noqa: E402
+from salf_engine.training.step import build_optimizer, build_scheduler  # noqa: E402
+from salf_engine.training.wrapping import wrap_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from salf_engine.cli.options import add_config_options, fields_from_args
 from salf_engine.config import TrainConfig
 from salf_engine.data import load_task
-from salf_engine.evaluation import evaluate
-from salf_engine.inputs import encode_task
+from salf_engine.deviation.semantics import semantic_bases
+from salf_engine.evaluation.classification import evaluate
 from salf_engine.models.loading import load_model
-from salf_engine.options import add_config_options, fields_from_args
-from salf_engine.semantics import semantic_bases
+from salf_engine.training.inputs import encode_task
 
 __all__ = ["evaluate_model", "load", "parser"]
 

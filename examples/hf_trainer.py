@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 sys.path.insert(0, str(Path(__file__).parent))
 from common import evaluate_model, load, parser  # noqa: E402
 
-from salf_engine.hf import SalfTrainer, classification_rows  # noqa: E402
+from salf_engine.integrations.hf import SalfTrainer, classification_rows  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -17,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 sys.path.insert(0, str(Path(__file__).parent))
 from common import evaluate_model, load, parser  # noqa: E402
 
-from salf_engine.hf import SalfTrainerMixin, classification_rows  # noqa: E402
+from salf_engine.integrations.hf import SalfTrainerMixin, classification_rows  # noqa: E402
 
 
 class SalfSFTTrainer(SalfTrainerMixin, SFTTrainer):

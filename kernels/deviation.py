@@ -70,7 +70,7 @@ except ImportError:  # torch < 2.6: no triton_op either, the op is registered as
         return kernel
 
 
-from salf_engine.deviation_contract import METRIC_CODES, KernelInputError, check_deviation_inputs
+from salf_engine.deviation.contract import METRIC_CODES, KernelInputError, check_deviation_inputs
 
 __all__ = ["deviations_triton", "deviations_triton_stacked", "deviation_kernel", "TRITON_OP", "OP_KIND"]
 

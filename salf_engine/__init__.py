@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import (
+from salf_engine import _moved
+from salf_engine.errors import (
     CheckpointError,
     ConfigError,
     DataError,
@@ -21,35 +22,37 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+_moved.install()  # the 0.1 flat import paths, for one release
+
 _LAZY = {
-    "semantic_bases": "salf_engine.semantics",
-    "lens_spec": "salf_engine.semantics",
-    "LensSpec": "salf_engine.semantics",
-    "deviations": "salf_engine.deviation",
-    "deviations_reference": "salf_engine.deviation",
-    "gains": "salf_engine.deviation",
-    "eof_layers": "salf_engine.deviation",
-    "TruncatedRunner": "salf_engine.runner",
-    "RunnerOutput": "salf_engine.runner",
-    "DepthBucketSampler": "salf_engine.sampling",
-    "budget_quotas": "salf_engine.budgets",
-    "assign_depths": "salf_engine.budgets",
-    "cost_saving_ratio": "salf_engine.budgets",
-    "make_strategy": "salf_engine.strategies",
-    "Strategy": "salf_engine.strategies",
-    "StepPlan": "salf_engine.strategies",
+    "semantic_bases": "salf_engine.deviation.semantics",
+    "lens_spec": "salf_engine.deviation.semantics",
+    "LensSpec": "salf_engine.deviation.semantics",
+    "deviations": "salf_engine.deviation.compute",
+    "deviations_reference": "salf_engine.deviation.compute",
+    "gains": "salf_engine.deviation.compute",
+    "eof_layers": "salf_engine.deviation.compute",
+    "TruncatedRunner": "salf_engine.runner.truncated",
+    "RunnerOutput": "salf_engine.runner.truncated",
+    "DepthBucketSampler": "salf_engine.schedule.sampling",
+    "budget_quotas": "salf_engine.schedule.budgets",
+    "assign_depths": "salf_engine.schedule.budgets",
+    "cost_saving_ratio": "salf_engine.schedule.budgets",
+    "make_strategy": "salf_engine.schedule.strategies",
+    "Strategy": "salf_engine.schedule.strategies",
+    "StepPlan": "salf_engine.schedule.strategies",
     "TrainConfig": "salf_engine.config",
-    "train": "salf_engine.training",
-    "prepare": "salf_engine.inputs",
-    "Prepared": "salf_engine.inputs",
-    "patch_model": "salf_engine.patching",
-    "SalfTrainer": "salf_engine.hf",
-    "SalfTrainerMixin": "salf_engine.hf",
-    "evaluate": "salf_engine.evaluation",
+    "train": "salf_engine.training.recipe",
+    "prepare": "salf_engine.training.inputs",
+    "Prepared": "salf_engine.training.inputs",
+    "patch_model": "salf_engine.integrations.patching",
+    "SalfTrainer": "salf_engine.integrations.hf",
+    "SalfTrainerMixin": "salf_engine.integrations.hf",
+    "evaluate": "salf_engine.evaluation.classification",
     "load_model": "salf_engine.models.loading",
     "load_task": "salf_engine.data",
-    "load_latest": "salf_engine.checkpoint",
-    "verify_checkpoint": "salf_engine.checkpoint",
+    "load_latest": "salf_engine.training.checkpoint",
+    "verify_checkpoint": "salf_engine.training.checkpoint",
 }
 
 __all__ = [

@@ -11,8 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .deviation_contract import BOUNDARIES, IMPLS, LENSES, METRICS, Boundary, DeviationImpl, LensName, Metric
-from .errors import ConfigError
+from salf_engine.deviation.contract import (
+    BOUNDARIES,
+    IMPLS,
+    LENSES,
+    METRICS,
+    Boundary,
+    DeviationImpl,
+    LensName,
+    Metric,
+)
+from salf_engine.errors import ConfigError
 
 __all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES", "EOF_BOUNDARIES",
            "DEVIATION_IMPLS", "DEPTH_SCHEDULES", "DEPTH_ASSIGNMENTS", "INFILLS", "DEFAULT_LORA_TARGETS",
@@ -62,7 +71,7 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     """Settings of one run; `validate()` raises ConfigError naming the first bad field.
 
-    Every field is a command-line option of ``salf train`` (``--field-name``; see `salf_engine.options`),
+    Every field is a command-line option of ``salf train`` (``--field-name``; see `salf_engine.cli.options`),
     with the help text of its metadata; ``config.json`` of a run directory holds them all.
     """
 

@@ -2,7 +2,7 @@
 
 The reference is deliberately naive: per-sample, per-space Python loops that
 apply the norm math explicitly (no shared code with the kernels or with
-``salf_engine.deviation``).
+``salf_engine.deviation.compute``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 try:  # the real LensSpec when semantics.py exists; the kernels only read these four fields
-    from salf_engine.semantics import LensSpec as Lens  # type: ignore[attr-defined]
+    from salf_engine.deviation.semantics import LensSpec as Lens  # type: ignore[attr-defined]
 except Exception:  # pragma: no cover - depends on what else is in the tree
 
     @dataclass(frozen=True)

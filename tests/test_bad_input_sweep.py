@@ -17,7 +17,7 @@ pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from salf_engine import cli  # noqa: E402
+from salf_engine.cli import commands as cli  # noqa: E402
 from salf_engine.data import Example, load_task  # noqa: E402
 from salf_engine.data.presets import (  # noqa: E402
     CARER_CLASSES,

@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from salf_engine.budgets import (
+from salf_engine.errors import ConfigError
+from salf_engine.schedule.budgets import (
     assign_depths,
     assign_depths_by_class,
     budget_quotas,
@@ -17,7 +18,6 @@ from salf_engine.budgets import (
     share_schedule,
     share_size,
 )
-from salf_engine.errors import ConfigError
 
 
 def saving(plan: str, order: str, m: int, n: int) -> float:

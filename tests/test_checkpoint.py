@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from salf_engine import cli
-from salf_engine.checkpoint import (
+from salf_engine.cli import commands as cli
+from salf_engine.config import TrainConfig
+from salf_engine.errors import CheckpointError, ConfigError, TrainingError
+from salf_engine.training.checkpoint import (
     list_checkpoints,
     load_latest,
     save_checkpoint,
     verify_checkpoint,
 )
-from salf_engine.config import TrainConfig
-from salf_engine.errors import CheckpointError, ConfigError, TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +37,7 @@ def _config(out: Path, **overrides) -> TrainConfig:
 def _train(cfg: TrainConfig, family: str = "llama", **kwargs):
     from test_train import _prepared
 
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     p = _prepared(family, cfg)
     return p, train(cfg, progress=False, log=None, prepared=p, **kwargs)
@@ -45,7 +45,7 @@ def _train(cfg: TrainConfig, family: str = "llama", **kwargs):
 
 def _interrupted(cfg: TrainConfig, interrupt_after, after_steps: int) -> None:
     """Train until ``after_steps`` optimizer steps ran, then die (KeyboardInterrupt) inside the next one."""
-    import salf_engine.training as train_module
+    import salf_engine.training.recipe as train_module
 
     with interrupt_after(train_module, "optimizer_step", after_steps):
         _train(cfg)
@@ -83,7 +83,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, interrupt_after, overrides, s
     messages: list[str] = []
     from test_train import _prepared
 
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     p = _prepared("llama", cfg)
     got = train(cfg, progress=False, log=messages.append, prepared=p, resume=True)
@@ -100,7 +100,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, interrupt_after, overrides, s
 
 def test_resume_after_the_last_step(tmp_path, interrupt_after):
     """Killed in the final evaluation: the checkpoint of the last step finishes the run without training."""
-    import salf_engine.evaluation as evaluate_module
+    import salf_engine.evaluation.classification as evaluate_module
 
     ref_p, ref = _train(_config(tmp_path / "ref", strategy="full", max_steps=4, save_every=2))
     cfg = _config(tmp_path / "run", strategy="full", max_steps=4, save_every=2)
@@ -193,7 +193,7 @@ def _poisoned(cfg: TrainConfig, victim: int):
 
 def _steps_holding(victim: int, num_samples: int, labels, steps: int) -> list[int]:
     """1-based steps whose plan holds ``victim`` (full strategy, steps of 4, seed 0), computed afresh."""
-    from salf_engine.strategies import make_strategy
+    from salf_engine.schedule.strategies import make_strategy
 
     s = make_strategy("full", seed=0)
     s.begin(4, num_samples, None, 0, labels=labels)
@@ -210,7 +210,7 @@ def _steps_holding(victim: int, num_samples: int, labels, steps: int) -> list[in
 
 
 def test_nan_stops_naming_step_and_batch_keeping_checkpoint(tmp_path):
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     victim = 17
     cfg = _config(tmp_path / "run", strategy="full", max_steps=30, save_every=1, zero_shot_eval=False)
@@ -233,7 +233,7 @@ def test_nan_stops_naming_step_and_batch_keeping_checkpoint(tmp_path):
 
 
 def test_nan_skip_counts_and_skips_exactly_those_steps(tmp_path):
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     victim = 5
     cfg = _config(tmp_path / "run", strategy="full", max_steps=30, on_nonfinite="skip", zero_shot_eval=False)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from salf_engine.chunked_loss import head_cross_entropy, linear_cross_entropy
 from salf_engine.errors import ConfigError
+from salf_engine.training.chunked_loss import head_cross_entropy, linear_cross_entropy
 
 
 def _inputs(shape=(3, 7), d=5, v=11, dtype=torch.float64, bias=False, seed=0):

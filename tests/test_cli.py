@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from salf_engine import cli
+from salf_engine.cli import commands as cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

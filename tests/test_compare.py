@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from salf_engine.cli import main
-from salf_engine.compare import CompareSettings, parse_strategy, run_compare
+from salf_engine.cli.commands import main
 from salf_engine.errors import ConfigError
+from salf_engine.experiments.compare import CompareSettings, parse_strategy, run_compare
 
 STRATEGIES = "bot50,full,salf:uniform:df"
 CELL_DIRS = {"bot50": "bot50", "full": "full", "salf:uniform:df": "salf_uniform_df"}
@@ -133,7 +133,7 @@ def test_every_cell_starts_from_pristine_weights(grid, tmp_path):
 
 
 def test_resume_runs_only_missing_cells(tiny_dir, tmp_path, monkeypatch):
-    import salf_engine.training as train_module
+    import salf_engine.training.recipe as train_module
 
     model, emo, out = tiny_dir("llama"), _emotion_dir(tmp_path), tmp_path / "out"
     real = train_module.train
@@ -189,7 +189,7 @@ def test_resume_runs_only_missing_cells(tiny_dir, tmp_path, monkeypatch):
 )
 def test_bad_input_fails_before_anything_runs(tmp_path, monkeypatch, capsys, datasets, strategies, message):
     import salf_engine.models.loading as loading
-    import salf_engine.training as train_module
+    import salf_engine.training.recipe as train_module
 
     def boom(*_a, **_k):
         raise AssertionError("nothing may run for a bad grid")
@@ -256,8 +256,8 @@ def _settings(model: Path, out: Path) -> CompareSettings:
 @pytest.mark.usefixtures("one_thread")
 def test_interrupted_cell_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch, interrupt_after):
     """A cell killed mid-training goes on from its checkpoint on the next run (not from step 0)."""
-    import salf_engine.compare as compare_module
-    import salf_engine.training as train_module
+    import salf_engine.experiments.compare as compare_module
+    import salf_engine.training.recipe as train_module
 
     monkeypatch.setattr(compare_module, "_finish", lambda *_a: None)  # no tables / plots: not under test
     model, out = tiny_dir("llama"), tmp_path / "out"

@@ -22,9 +22,9 @@ pytest.importorskip("triton")
 from salf_engine.kernels import deviation as kdev  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
-from salf_engine.deviation import deviations  # noqa: E402
-from salf_engine.runner import TruncatedRunner  # noqa: E402
-from salf_engine.semantics import semantic_bases  # noqa: E402
+from salf_engine.deviation.compute import deviations  # noqa: E402
+from salf_engine.deviation.semantics import semantic_bases  # noqa: E402
+from salf_engine.runner.truncated import TruncatedRunner  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -180,8 +180,8 @@ sys.path.insert(0, sys.argv[1])
 from kernel_cases import make_case, make_lens, reference_deviations
 from tiny_models import tiny_model
 from salf_engine.kernels import deviation as kdev
-from salf_engine.runner import TruncatedRunner
-from salf_engine.semantics import semantic_bases
+from salf_engine.runner.truncated import TruncatedRunner
+from salf_engine.deviation.semantics import semantic_bases
 assert kdev.OP_KIND == "triton_op", kdev.OP_KIND
 states, li, y, bases = make_case(5, 6, 7, 1000, 6, dtype=torch.bfloat16, seed=3)
 lens = make_lens("rms", 1000)

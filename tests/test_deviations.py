@@ -17,12 +17,12 @@ from torch import nn
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from salf_engine.deviation import deviations, deviations_reference, eof_layers, gains
+from salf_engine.deviation.compute import deviations, deviations_reference, eof_layers, gains
+from salf_engine.deviation.semantics import LensSpec, lens_spec, semantic_bases
 from salf_engine.errors import SalfError
-from salf_engine.semantics import LensSpec, lens_spec, semantic_bases
 
 METRICS = ("cosine", "ce", "rank")
-dev_mod = importlib.import_module("salf_engine.deviation")
+dev_mod = importlib.import_module("salf_engine.deviation.compute")
 
 # --------------------------------------------------------------------------- independent loop reference
 
@@ -339,7 +339,7 @@ def _fake_module(name: str, attr: str, calls: list, *, cpp_available: bool | Non
 
 def _install(monkeypatch, *, triton=None, ops=None):
     monkeypatch.setitem(sys.modules, "salf_engine.kernels.deviation", triton)
-    monkeypatch.setitem(sys.modules, "salf_engine.ops", ops)
+    monkeypatch.setitem(sys.modules, "salf_engine.deviation.cpp_op", ops)
 
 
 def test_auto_falls_back_to_torch_when_kernels_are_missing(monkeypatch, fresh_warnings):
@@ -363,7 +363,7 @@ def test_auto_picks_triton_under_the_interpreter(monkeypatch, fresh_warnings):
     _install(
         monkeypatch,
         triton=_fake_module("salf_engine.kernels.deviation", "deviations_triton", calls),
-        ops=_fake_module("salf_engine.ops", "deviations_cpp", calls, cpp_available=True),
+        ops=_fake_module("salf_engine.deviation.cpp_op", "deviations_cpp", calls, cpp_available=True),
     )
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     states, last, labels, bases = _good()
@@ -389,17 +389,17 @@ def test_auto_picks_cpp_without_interpreter_then_torch(monkeypatch, fresh_warnin
     _install(
         monkeypatch,
         triton=triton_mod,
-        ops=_fake_module("salf_engine.ops", "deviations_cpp", calls, cpp_available=True),
+        ops=_fake_module("salf_engine.deviation.cpp_op", "deviations_cpp", calls, cpp_available=True),
     )
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     states, last, labels, bases = _good()
     deviations(states, last, labels, bases)
-    assert calls[-1][0] == "salf_engine.ops" and calls[-1][5].kind == "none"
+    assert calls[-1][0] == "salf_engine.deviation.cpp_op" and calls[-1][5].kind == "none"
     # the C++ op not built: auto silently uses torch, an explicit request is an error
     _install(
         monkeypatch,
         triton=triton_mod,
-        ops=_fake_module("salf_engine.ops", "deviations_cpp", calls, cpp_available=False),
+        ops=_fake_module("salf_engine.deviation.cpp_op", "deviations_cpp", calls, cpp_available=False),
     )
     n_calls = len(calls)
     with warnings.catch_warnings():
@@ -438,7 +438,7 @@ def test_explicit_torch_never_touches_kernels(monkeypatch, fresh_warnings):
     _install(
         monkeypatch,
         triton=_fake_module("salf_engine.kernels.deviation", "deviations_triton", calls),
-        ops=_fake_module("salf_engine.ops", "deviations_cpp", calls, cpp_available=True),
+        ops=_fake_module("salf_engine.deviation.cpp_op", "deviations_cpp", calls, cpp_available=True),
     )
     states, last, labels, bases = _good()
     out = deviations(states, last, labels, bases, impl="torch", metric="rank")
@@ -453,7 +453,7 @@ def test_real_kernels_through_the_dispatcher(impl, metric, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     try:
         module = importlib.import_module(
-            "salf_engine.kernels.deviation" if impl == "triton" else "salf_engine.ops"
+            "salf_engine.kernels.deviation" if impl == "triton" else "salf_engine.deviation.cpp_op"
         )
     except ImportError as exc:
         pytest.skip(f"{impl} kernel not importable: {exc}")
@@ -542,7 +542,7 @@ def test_auto_falls_back_once_for_inputs_no_kernel_takes(monkeypatch, fresh_warn
     _install(
         monkeypatch,
         triton=_fake_module("salf_engine.kernels.deviation", "deviations_triton", calls),
-        ops=_fake_module("salf_engine.ops", "deviations_cpp", calls, cpp_available=True),
+        ops=_fake_module("salf_engine.deviation.cpp_op", "deviations_cpp", calls, cpp_available=True),
     )
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     states, last, labels, bases = _good()

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from salf_engine.sampling import rank_slice
+from salf_engine.schedule.sampling import rank_slice
 
 STEPS, MICRO, ACCUM, LR = 3, 4, 2, 1e-2
 
@@ -23,12 +23,12 @@ def _loop(rank: int, world: int, fsdp: bool = False) -> dict:
     from test_hf import _config, hf_rows
     from test_train import _prepared
 
-    from salf_engine.driver import StrategyDriver
-    from salf_engine.hf import left_pad_collate
-    from salf_engine.patching import patch_model, runner_of
-    from salf_engine.semantics import semantic_bases
-    from salf_engine.step import build_optimizer, build_scheduler, optimizer_step
-    from salf_engine.wrapping import wrap_model
+    from salf_engine.deviation.semantics import semantic_bases
+    from salf_engine.integrations.hf import left_pad_collate
+    from salf_engine.integrations.patching import patch_model, runner_of
+    from salf_engine.schedule.driver import StrategyDriver
+    from salf_engine.training.step import build_optimizer, build_scheduler, optimizer_step
+    from salf_engine.training.wrapping import wrap_model
 
     cfg = _config("salf", budget="uniform", max_steps=STEPS)
     p = _prepared("qwen2", cfg)
@@ -93,7 +93,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fsdp: bool = Fa
 
 
 def test_rank_slice_weights_and_cuts():
-    from salf_engine.strategies import MicroBatch, StepPlan
+    from salf_engine.schedule.strategies import MicroBatch, StepPlan
 
     plan = StepPlan([MicroBatch([0, 1, 2], 1, [False, True]), MicroBatch([3], 0, [True, True])])
     parts = [rank_slice(plan, r, 2) for r in range(2)]
@@ -134,7 +134,7 @@ def _engine_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from test_train import _prepared
 
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -164,7 +164,7 @@ def test_engine_train_under_two_ranks_equals_one_process(tmp_path):
 
     from test_train import _prepared
 
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_tokenizer
 
-from salf_engine import cli
+from salf_engine.cli import commands as cli
 from salf_engine.config import TrainConfig
 from salf_engine.data import load_task
 from salf_engine.errors import ConfigError
-from salf_engine.inputs import encode_task
+from salf_engine.training.inputs import encode_task
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = {"joy": "i feel happy", "sadness": "i am sad", "anger": "they are angry"}
@@ -94,7 +94,7 @@ def test_no_4bit_note_without_4bit_loading():
     shadow the hub's ``kernels`` package)."""
     pytest.importorskip("peft")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    code = "from salf_engine.wrapping import import_peft; import_peft(); import bitsandbytes"
+    code = "from salf_engine.training.wrapping import import_peft; import_peft(); import bitsandbytes"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr

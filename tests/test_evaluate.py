@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from salf_engine.evaluation import confusion_matrix, evaluate, score_predictions
+from salf_engine.evaluation.classification import confusion_matrix, evaluate, score_predictions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

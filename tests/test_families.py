@@ -15,7 +15,7 @@ from salf_engine.models.families import (
     family_of,
     unwrap_peft,
 )
-from salf_engine.runner import TruncatedRunner
+from salf_engine.runner.truncated import TruncatedRunner
 
 # family, tiny_model overrides: the sliding variants make T > sliding_window matter
 CASES = {

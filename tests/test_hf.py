@@ -9,11 +9,11 @@ from test_train import _prepared
 from transformers import Trainer, TrainingArguments
 
 from salf_engine.config import TrainConfig
+from salf_engine.deviation.semantics import semantic_bases
 from salf_engine.errors import ConfigError
-from salf_engine.hf import SalfTrainer, SalfTrainerMixin
-from salf_engine.patching import is_patched, patch_model, unpatch_model
-from salf_engine.semantics import semantic_bases
-from salf_engine.training import train
+from salf_engine.integrations.hf import SalfTrainer, SalfTrainerMixin
+from salf_engine.integrations.patching import is_patched, patch_model, unpatch_model
+from salf_engine.training.recipe import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
@@ -167,7 +167,7 @@ def test_trainer_refuses_arguments_that_cannot_work(tmp_path, bad, match):
 
 
 def test_trainer_refuses_deepspeed_and_packing():
-    from salf_engine.hf import _check_args
+    from salf_engine.integrations.hf import _check_args
 
     class Args:
         deepspeed = "ds.json"
@@ -197,7 +197,7 @@ def test_trainer_resume_restores_the_engine_state(tmp_path, strategy, kw):
     """Trainer checkpoints hold salf_state.json; resuming from one ends with the uninterrupted weights."""
     import json
 
-    from salf_engine.hf import SALF_STATE
+    from salf_engine.integrations.hf import SALF_STATE
 
     def run(out, resume=None):
         cfg = _config(strategy, max_steps=8, batch_size=2, **kw)

@@ -142,7 +142,7 @@ def test_bad_input_raises_salf_error(mutate, match):
 
 
 def test_dispatcher_uses_the_kernel():
-    from salf_engine import deviation as deviations_mod
+    from salf_engine.deviation import compute as deviations_mod
     states, li, y, bases = make_case(2, 2, 3, 40, 3, layouts=LAYOUTS, seed=8)
     lens = make_lens("rms", 40)
     ref = reference_deviations(states, li, y, bases, lens, "ce")

@@ -48,7 +48,7 @@ def _on_gpu(states, li, y, bases):
 
 @pytest.fixture(scope="module")
 def cuda_op():
-    from salf_engine import ops
+    from salf_engine.deviation import cpp_op as ops
 
     assert ops.cuda_op_available(), f"the CUDA C++ op was not built: {ops.cpp_unavailable_reason()}"
     return ops
@@ -162,9 +162,9 @@ def test_compiled_triton_odd_shapes_strides_and_eof_ordering(tmp_path):
 def test_runner_on_cuda_bf16(family):
     from tiny_models import tiny_model
 
-    from salf_engine.deviation import deviations_reference
-    from salf_engine.runner import TruncatedRunner, last_token_index
-    from salf_engine.semantics import semantic_bases
+    from salf_engine.deviation.compute import deviations_reference
+    from salf_engine.deviation.semantics import semantic_bases
+    from salf_engine.runner.truncated import TruncatedRunner, last_token_index
 
     model = tiny_model(family, num_layers=4).cuda().to(torch.bfloat16).train()
     label_ids = torch.tensor([10, 11, 12], device="cuda")
@@ -202,6 +202,6 @@ def test_runner_on_cuda_bf16(family):
 
 
 def _cuda_op_built() -> bool:
-    from salf_engine import ops
+    from salf_engine.deviation import cpp_op as ops
 
     return ops.cuda_op_available()

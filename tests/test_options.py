@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from salf_engine import cli
+from salf_engine.cli import commands as cli
+from salf_engine.cli.options import config_fields, field_option, fields_from_args
 from salf_engine.config import TrainConfig, field_choices
 from salf_engine.errors import ConfigError
-from salf_engine.options import config_fields, field_option, fields_from_args
 
 # Defaults a command sets on purpose (documented in cli.py): eval / profile read the dataset (and profile
 # the model) from a run directory when they are not given; required fields have no default.
@@ -131,10 +131,12 @@ def test_required_field_missing_everywhere_is_an_argument_error(capsys):
 
 @pytest.mark.parametrize("first", ["api", "module"])
 def test_public_functions_do_not_shadow_submodules(first):
-    """`salf_engine.train` (the function) and `salf_engine.training` (the module) resolve in any order."""
-    steps = ["assert callable(salf_engine.train) and salf_engine.train.__module__ == 'salf_engine.training'",
+    """`salf_engine.train` (the function) and `salf_engine.training` (the package) resolve in any order."""
+    steps = ["assert callable(salf_engine.train) and "
+             "salf_engine.train.__module__ == 'salf_engine.training.recipe'",
              "import salf_engine.training as t, salf_engine.evaluation as e; "
-             "assert t.__name__ == 'salf_engine.training' and e.__name__ == 'salf_engine.evaluation'"]
+             "assert t.__name__ == 'salf_engine.training' and e.__name__ == 'salf_engine.evaluation'; "
+             "assert t.train is salf_engine.train and e.evaluate is salf_engine.evaluate"]
     if first == "module":
         steps.reverse()
     code = "import salf_engine; " + "; ".join(steps) + "; assert callable(salf_engine.evaluate)"

@@ -8,13 +8,13 @@ from test_train import _prepared
 
 from salf_engine.config import TrainConfig
 from salf_engine.data import collate
-from salf_engine.driver import StrategyDriver
-from salf_engine.rundir import RUN_FILES, RunDirectory
-from salf_engine.runner import TruncatedRunner
-from salf_engine.semantics import semantic_bases
-from salf_engine.step import build_optimizer, build_scheduler, micro_batch_step, optimizer_step
-from salf_engine.training import train
-from salf_engine.wrapping import wrap_model
+from salf_engine.deviation.semantics import semantic_bases
+from salf_engine.runner.truncated import TruncatedRunner
+from salf_engine.schedule.driver import StrategyDriver
+from salf_engine.training.recipe import train
+from salf_engine.training.rundir import RUN_FILES, RunDirectory
+from salf_engine.training.step import build_optimizer, build_scheduler, micro_batch_step, optimizer_step
+from salf_engine.training.wrapping import wrap_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
-from salf_engine import ops
 from salf_engine.data.responses import ResponseExample, collate_responses, encode_responses
+from salf_engine.deviation import cpp_op as ops
+from salf_engine.deviation.responses import profile_response_deviations, response_deviations
 from salf_engine.errors import ConfigError
-from salf_engine.response_deviation import profile_response_deviations, response_deviations
 
 EXAMPLES = [ResponseExample("how many city ?", "5 . 7 and 8"), ResponseExample("who is it ?", "he"),
             ResponseExample("where is the river ?", "in the city of the mountain")]

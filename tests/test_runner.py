@@ -11,7 +11,7 @@ from test_families import CASES, _batch
 from tiny_models import tiny_model
 
 from salf_engine.errors import ConfigError, UnsupportedArchitectureError
-from salf_engine.runner import RunnerOutput, TruncatedRunner, last_token_index
+from salf_engine.runner.truncated import RunnerOutput, TruncatedRunner, last_token_index
 
 M = 4  # tiny models have 4 decoder layers
 ATTN_CASES = [
@@ -446,7 +446,7 @@ def test_deviations_do_not_change_gradients():
 
 @pytest.mark.parametrize("metric", ["ce", "rank"])
 def test_deviation_metric_and_default_impl_pass_through(metric):
-    dev = importlib.import_module("salf_engine.deviation")
+    dev = importlib.import_module("salf_engine.deviation.compute")
     model = _model("gemma3_text")
     ids, mask = _batch("right")
     bases = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))

@@ -13,7 +13,7 @@ from test_families import CASES, _batch
 from tiny_models import tiny_model
 
 from salf_engine.errors import ConfigError
-from salf_engine.runner import TruncatedRunner, last_token_index
+from salf_engine.runner.truncated import TruncatedRunner, last_token_index
 
 M = 4
 TARGETS = torch.tensor([7, 11, 23])

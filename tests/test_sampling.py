@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from salf_engine.errors import ConfigError
-from salf_engine.sampling import DepthBucketSampler
+from salf_engine.schedule.sampling import DepthBucketSampler
 
 
 def _depths(n: int = 103, m: int = 6, seed: int = 0) -> list[int]:

@@ -14,8 +14,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from salf_engine.deviation.semantics import LensSpec, lens_spec, semantic_bases
 from salf_engine.errors import ModelError, SalfError
-from salf_engine.semantics import LensSpec, lens_spec, semantic_bases
 
 
 def pinv_columns(weight: torch.Tensor, ids: list[int], rcond: float = 1e-10) -> torch.Tensor:

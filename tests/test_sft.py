@@ -14,9 +14,9 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 from salf_engine.data.responses import ResponseExample, collate_responses, encode_responses
 from salf_engine.errors import ConfigError
-from salf_engine.runner import TruncatedRunner
-from salf_engine.sft import response_loss
-from salf_engine.sft_evaluation import answer_loss, exact_match
+from salf_engine.evaluation.responses import answer_loss, exact_match
+from salf_engine.runner.truncated import TruncatedRunner
+from salf_engine.training.sft import response_loss
 
 EXAMPLES = [ResponseExample("how many city ?", "5 . 7 and 8"), ResponseExample("who is it ?", "he"),
             ResponseExample("where is the river ?", "in the city of the mountain")]

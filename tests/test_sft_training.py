@@ -15,9 +15,9 @@ from tiny_models import tiny_model, tiny_tokenizer
 from salf_engine.config import TrainConfig
 from salf_engine.data.responses import ResponseExample, ResponseTask, collate_responses, encode_responses
 from salf_engine.errors import ConfigError
-from salf_engine.inputs import Prepared, strategy_from_config
-from salf_engine.report import print_summary
-from salf_engine.training import train
+from salf_engine.experiments.report import print_summary
+from salf_engine.training.inputs import Prepared, strategy_from_config
+from salf_engine.training.recipe import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
@@ -128,8 +128,8 @@ def test_what_a_prompt_response_task_cannot_do_is_named(kw, match):
 
 
 def test_compare_refuses_a_prompt_response_dataset_by_name(tmp_path):
-    from salf_engine.compare import run_compare
-    from salf_engine.grid import CompareSettings
+    from salf_engine.experiments.compare import run_compare
+    from salf_engine.experiments.grid import CompareSettings
 
     settings = CompareSettings(model="tiny", datasets=["gsm8k"], strategies=["full"], output=str(tmp_path),
                                data_dir=str(tmp_path))
@@ -142,7 +142,7 @@ def test_salf_on_answers_places_rows_by_the_eof_of_their_answer_deviation():
     the budget places rows by them: the lower a row's eof, the lower its depth."""
     from test_response_deviation import _fp64_reference
 
-    from salf_engine.deviation import eof_layers
+    from salf_engine.deviation.compute import eof_layers
 
     cfg = _config("salf", budget="uniform", infill="df", profile_fraction=1.0, max_steps=1)
     p = _prepared(cfg, family="llama")
@@ -157,7 +157,7 @@ def test_salf_on_answers_places_rows_by_the_eof_of_their_answer_deviation():
 
 
 def test_eval_and_profile_name_a_prompt_response_task():
-    from salf_engine.profiling import evaluate_model_or_run, profile_model_or_run
+    from salf_engine.evaluation.profiling import evaluate_model_or_run, profile_model_or_run
 
     for call in (lambda: evaluate_model_or_run("tiny", dataset="gsm8k"),
                  lambda: profile_model_or_run("tiny", dataset="gsm8k", output="unused")):

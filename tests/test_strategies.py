@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from salf_engine.budgets import (
+from salf_engine.errors import ConfigError
+from salf_engine.schedule.budgets import (
     assign_depths,
     assign_depths_by_class,
     assign_depths_by_class_rank,
     budget_quotas,
     cost_saving_ratio,
 )
-from salf_engine.errors import ConfigError
-from salf_engine.strategies import (
+from salf_engine.schedule.strategies import (
     STRATEGIES,
     AdaptiveStrategy,
     MicroBatch,

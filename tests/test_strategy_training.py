@@ -15,8 +15,8 @@ import torch
 from test_train import _prepared
 
 from salf_engine.config import TrainConfig
-from salf_engine.strategies import make_strategy
-from salf_engine.training import train
+from salf_engine.schedule.strategies import make_strategy
+from salf_engine.training.recipe import train
 
 M = 4  # tiny_model's default depth
 

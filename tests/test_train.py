@@ -41,7 +41,7 @@ def _prepared(family: str, config: TrainConfig, *, seed: int = 0):
     from tiny_models import tiny_model, tiny_tokenizer
 
     from salf_engine.data import Verbalizer, encode_split
-    from salf_engine.inputs import Prepared, strategy_from_config
+    from salf_engine.training.inputs import Prepared, strategy_from_config
 
     tok = tiny_tokenizer()
     model = tiny_model(family, seed=seed)
@@ -56,7 +56,7 @@ def _prepared(family: str, config: TrainConfig, *, seed: int = 0):
 
 
 def _run(family="llama", **overrides):
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     cfg = TrainConfig(model="tiny", dataset="pattern", **{
         "strategy": "full", "lr": 1e-3, "batch_size": 4, "max_steps": 12, "warmup_ratio": 0.0,
@@ -92,7 +92,7 @@ def test_grad_accum_matches_bigger_batch():
 
 def test_grad_accum_updates_like_bigger_batch():
     """The weights after one accumulated step equal the weights after one step on the whole batch."""
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     weights = []
     for bs, acc in ((4, 1), (2, 2)):
@@ -107,7 +107,7 @@ def test_grad_accum_updates_like_bigger_batch():
 
 def test_every_step_learns_and_steps_count_examples(tmp_path):
     """Step 1 has lr > 0 (warm-up (s+1)/(w+1)); every strategy gets ceil(N / step) steps of `step`."""
-    from salf_engine.step import lr_factor
+    from salf_engine.training.step import lr_factor
 
     assert [lr_factor(s, 3, 10) for s in range(10)] == pytest.approx(
         [0.25, 0.5, 0.75, 1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7])
@@ -124,7 +124,7 @@ def test_every_step_learns_and_steps_count_examples(tmp_path):
 
 
 def test_cost_meter_reference_values():
-    from salf_engine.cost import CostMeter
+    from salf_engine.training.cost import CostMeter
 
     full = CostMeter(4, lora=False)
     full.add(10, 0, [True] * 4)
@@ -145,7 +145,7 @@ def test_cost_meter_reference_values():
 def test_holdout_split_is_carved_from_train_and_disjoint():
     from tiny_models import tiny_tokenizer
 
-    from salf_engine.inputs import encode_task
+    from salf_engine.training.inputs import encode_task
 
     task = _pattern_task(n_train=60)
     cfg = TrainConfig(eval_split="holdout", holdout_size=12, limit=30, seed=3).validate()
@@ -191,7 +191,7 @@ def test_salf_strategy_reports_eofs_and_saving():
 
 def test_frozen_prefix_is_not_updated():
     """bot50 on a 4-layer model: layers 0-1 and the embedding keep their weights, layer 3 moves."""
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", lr=1e-2, batch_size=4, max_steps=3,
                       zero_shot_eval=False).validate()
@@ -208,7 +208,7 @@ def test_frozen_prefix_is_not_updated():
 
 
 def test_lora_trains_only_adapters(tmp_path):
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     cfg = TrainConfig(model="tiny", dataset="pattern", strategy="full", lora=True, lr=5e-3, batch_size=4,
                       max_steps=4, zero_shot_eval=False, output=str(tmp_path / "run")).validate()
@@ -226,7 +226,7 @@ def test_lora_trains_only_adapters(tmp_path):
 def test_lora_half_restricts_layers():
     from tiny_models import tiny_model
 
-    from salf_engine.wrapping import apply_lora
+    from salf_engine.training.wrapping import apply_lora
 
     cfg = TrainConfig()
     model = apply_lora(tiny_model("llama"), cfg, range(2, 4))
@@ -261,7 +261,7 @@ def test_qlora_4bit_with_a_freezing_strategy(tiny_dir):
     """4-bit (bitsandbytes NF4) base + LoRA + bot50 through the runner: only the top half's adapters move."""
     pytest.importorskip("bitsandbytes")
     from salf_engine.models import load_model
-    from salf_engine.training import train
+    from salf_engine.training.recipe import train
 
     cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", lora=True, load_in_4bit=True,
                       lr=1e-2, batch_size=4, max_steps=3, zero_shot_eval=False).validate()

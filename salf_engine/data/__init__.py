@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .files import load_files
-from .presets import PRESETS, Preset, load_preset, load_task
-from .prompts import (
+from salf_engine.data.files import load_files
+from salf_engine.data.presets import PRESETS, Preset, load_preset, load_task
+from salf_engine.data.prompts import (
     EncodedSplit,
     Example,
     PromptTemplate,

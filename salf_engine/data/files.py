@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from .prompts import Example, PromptTemplate, TaskData
+from salf_engine.data.prompts import Example, PromptTemplate, TaskData
+from salf_engine.errors import DataError
 
 __all__ = ["FORMATS", "GENERIC_TEMPLATE", "GENERIC_PAIR_TEMPLATE", "data_files", "read_table", "load_files"]
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
-from .files import load_files
-from .prompts import Example, PromptTemplate, TaskData
+from salf_engine.data.files import load_files
+from salf_engine.data.prompts import Example, PromptTemplate, TaskData
+from salf_engine.errors import DataError
 
 __all__ = [
     "Preset",

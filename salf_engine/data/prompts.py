@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError, DataError
+from salf_engine.errors import ConfigError, DataError
 
 __all__ = [
     "Example",

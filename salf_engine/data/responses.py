@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..errors import DataError
-from .files import _blank, _column, data_files, read_table
+from salf_engine.data.files import _blank, _column, data_files, read_table
+from salf_engine.errors import DataError
 
 __all__ = ["ResponseExample", "ResponseTask", "EncodedResponses", "load_responses", "load_gsm8k",
            "encode_responses", "collate_responses", "final_number"]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UnsupportedArchitectureError
+from salf_engine.errors import UnsupportedArchitectureError
 
 __all__ = [
     "SUPPORTED_FAMILIES",

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelError, UnsupportedArchitectureError
+from salf_engine.errors import ModelError, UnsupportedArchitectureError
 
 __all__ = [
     "PackagedModel",
@@ -309,7 +309,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], *, root: str | os.PathLike[s
 def _check_supported(config: Any) -> str:
     """The family name of `config`; UnsupportedArchitectureError otherwise."""
     try:
-        from .families import family_of
+        from salf_engine.models.families import family_of
     except ImportError:
         model_type = getattr(config, "model_type", None)
         if model_type not in FALLBACK_SUPPORTED:
