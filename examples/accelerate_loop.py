@@ -21,7 +21,7 @@ from salf_engine.integrations.hf import classification_rows, left_pad_collate  #
 from salf_engine.integrations.patching import patch_model, runner_of  # noqa: E402
 from salf_engine.schedule.driver import StrategyDriver  # noqa: E402
 from salf_engine.schedule.sampling import rank_slice  # noqa: E402
-from salf_engine.training.inputs import strategy_from_config  # noqa: E402
+from salf_engine.schedule.strategies import strategy_from_config  # noqa: E402
 from salf_engine.training.step import build_optimizer, build_scheduler  # noqa: E402
 from salf_engine.training.wrapping import wrap_model  # noqa: E402
 

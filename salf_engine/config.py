@@ -21,7 +21,7 @@ from salf_engine.deviation.contract import (
     LensName,
     Metric,
 )
-from salf_engine.errors import ConfigError
+from salf_engine.errors import ConfigError, positive_int
 
 __all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES", "EOF_BOUNDARIES",
            "DEVIATION_IMPLS", "DEPTH_SCHEDULES", "DEPTH_ASSIGNMENTS", "INFILLS", "DEFAULT_LORA_TARGETS",
@@ -113,6 +113,8 @@ class TrainConfig:
     train_head: bool = _opt(False, "train the LM head under layer-freezing strategies too "
                                    "(full always trains it)")
     freeze_fraction: float | None = _opt(None, "frozen share of the layers for bot / top / int / adt")
+    adt_steps: int = _opt(5, "adt-low / adt-high: optimizer steps of full training before the frozen layers "
+                             "are chosen")
     metric: Metric = _opt("cosine", "deviation metric of the eof-layer")
     lens: LensName = _opt("final_norm", "lens for intermediate spaces")
     eof_boundary: Boundary = _opt(
@@ -174,10 +176,8 @@ class TrainConfig:
         """Check every field; return self so calls chain."""
 
         def positive(name: str, value: Any, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if not (value is None and allow_none):
+                positive_int(value, name)
 
         def choice(name: str, value: Any, options: tuple[str, ...]) -> None:
             if value not in options:
@@ -209,16 +209,6 @@ class TrainConfig:
         if self.save_every is not None and self.depth_schedule == "paper":
             raise ConfigError("save_every is not supported with the 'paper' depth schedule: its plans "
                               "probe the weights while they are made, so a resumed epoch cannot replay them")
-        positive("cuts_per_step", self.cuts_per_step)
-        positive("cut_levels", self.cut_levels, allow_none=True)
-        per_row_salf = self.strategy == "salf" and self.depth_schedule in ("per-row", "narrowing", "widening")
-        if self.cut_levels is not None and not per_row_salf:
-            raise ConfigError("cut_levels rounds the per-row schedule's depths: it needs strategy 'salf' "
-                              "with depth_schedule 'per-row', 'narrowing' or 'widening' "
-                              f"(got {self.strategy!r}, {self.depth_schedule!r})")
-        if per_row_salf and self.cuts_per_step != TrainConfig.cuts_per_step:
-            raise ConfigError("cuts_per_step counts the micro-batches of the 'mixed' schedule; the per-row "
-                              "schedule has none: add depth_schedule 'mixed' (or use cut_levels)")
         if self.generative:
             self._validate_generative()
         if not _finite(self.profile_fraction) or not 0 < self.profile_fraction <= 1:
@@ -243,6 +233,9 @@ class TrainConfig:
             raise ConfigError("load_in_4bit needs lora: 4-bit weights cannot be fine-tuned directly")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        from salf_engine.schedule.strategies import strategy_from_config
+
+        strategy_from_config(self)  # the strategy's own options and how they combine, checked in one place
         return self
 
     def resolved_lr(self, lora: bool) -> float:

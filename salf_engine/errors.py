@@ -7,7 +7,7 @@ else that escapes is a bug in the engine.
 from __future__ import annotations
 
 __all__ = ["SalfError", "DataError", "ModelError", "UnsupportedArchitectureError", "ConfigError",
-           "CheckpointError", "TrainingError"]
+           "CheckpointError", "TrainingError", "positive_int"]
 
 
 class SalfError(Exception):
@@ -36,3 +36,11 @@ class CheckpointError(SalfError):
 
 class TrainingError(SalfError):
     """Training cannot go on: a non-finite loss or gradient (the message names the step and batch)."""
+
+
+def positive_int(value: object, what: str) -> int:
+    """``value`` when it is an integer >= 1 (bools are not), else ConfigError naming ``what``: the one check
+    of every count setting (config fields, strategy options, budget sizes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value

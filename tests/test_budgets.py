@@ -268,8 +268,8 @@ def test_cost_saving_ratio():
     [
         (lambda: budget_quotas("linear", "bf", 4, 10), r"unknown budget plan 'linear'.*uniform, arith, geom"),
         (lambda: budget_quotas("geom", "zigzag", 4, 10), r"unknown infilling order 'zigzag'.*bf, df"),
-        (lambda: budget_quotas("geom", "bf", 0, 10), r"num_layers must be an integer >= 1"),
-        (lambda: budget_quotas("geom", "bf", 4, 0), r"num_samples must be an integer >= 1"),
+        (lambda: budget_quotas("geom", "bf", 0, 10), r"num_layers must be a positive integer"),
+        (lambda: budget_quotas("geom", "bf", 4, 0), r"num_samples must be a positive integer"),
         (lambda: budget_quotas("none", "bf", 4, 10), r"'none'.*no shares"),
         (lambda: assign_depths([0, 5], "geom", "bf", 4), r"eofs must lie in 0\.\.4"),
         (lambda: assign_depths([0, -1], "none", "bf", 4), r"eofs must lie in 0\.\.4"),

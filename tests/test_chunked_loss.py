@@ -97,7 +97,7 @@ def test_at_most_one_chunk_of_logits_is_ever_alive():
 
 @pytest.mark.parametrize("call,match", [
     (lambda h, w, t: linear_cross_entropy(h, w, t, reduction="avg"), "reduction must be one of"),
-    (lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=0), "chunk_size must be an integer"),
+    (lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=0), "chunk_size must be a positive integer"),
     (lambda h, w, t: linear_cross_entropy(h[:, :3], w, t), r"hidden \(3, 3, 5\) and targets \(3, 7\)"),
     (lambda h, w, t: linear_cross_entropy(h, w[:, :4], t), r"weight must be \[V, 5\]"),
     (lambda h, w, t: linear_cross_entropy(h, w, t + 11), r"token ids in 0\.\.10"),

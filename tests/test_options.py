@@ -206,3 +206,12 @@ def test_step_layout_options_that_would_do_nothing_are_refused(fields, needle):
     TrainConfig(strategy="salf", depth_schedule="mixed", cuts_per_step=2).validate()
     TrainConfig(strategy="salf", cut_levels=2).validate()
     TrainConfig(strategy="lift-star-half", cuts_per_step=2).validate()  # LIFT's rotation has micro-batches
+
+
+def test_adt_steps_is_a_config_field_that_reaches_the_strategy():
+    from salf_engine.schedule.strategies import strategy_from_config
+
+    assert strategy_from_config(TrainConfig(strategy="adt-high", adt_steps=3)).warmup_steps == 3
+    assert strategy_from_config(TrainConfig(strategy="adt-low")).warmup_steps == 5  # the paper's 5
+    with pytest.raises(ConfigError, match="adt_steps must be a positive integer, got 0"):
+        TrainConfig(strategy="adt-low", adt_steps=0).validate()

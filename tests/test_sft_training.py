@@ -16,7 +16,8 @@ from salf_engine.config import TrainConfig
 from salf_engine.data.responses import ResponseExample, ResponseTask, collate_responses, encode_responses
 from salf_engine.errors import ConfigError
 from salf_engine.experiments.report import print_summary
-from salf_engine.training.inputs import Prepared, strategy_from_config
+from salf_engine.schedule.strategies import strategy_from_config
+from salf_engine.training.inputs import Prepared
 from salf_engine.training.recipe import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),

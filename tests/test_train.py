@@ -41,7 +41,8 @@ def _prepared(family: str, config: TrainConfig, *, seed: int = 0):
     from tiny_models import tiny_model, tiny_tokenizer
 
     from salf_engine.data import Verbalizer, encode_split
-    from salf_engine.training.inputs import Prepared, strategy_from_config
+    from salf_engine.schedule.strategies import strategy_from_config
+    from salf_engine.training.inputs import Prepared
 
     tok = tiny_tokenizer()
     model = tiny_model(family, seed=seed)

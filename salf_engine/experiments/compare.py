@@ -173,7 +173,8 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
 
     from salf_engine.evaluation.classification import evaluate
     from salf_engine.models.loading import load_model
-    from salf_engine.training.inputs import Prepared, encode_task, resolve_device, strategy_from_config
+    from salf_engine.schedule.strategies import strategy_from_config
+    from salf_engine.training.inputs import Prepared, encode_task, resolve_device
 
     train_module = importlib.import_module("salf_engine.training.recipe")
     any_cfg = next(iter(configs.values()))

@@ -155,7 +155,7 @@ class SalfTrainerMixin:
     def __init__(self, model: Any = None, args: Any = None, *args_rest: Any, salf_strategy: Any = None,
                  salf_config: TrainConfig | None = None, salf_bases: torch.Tensor | None = None,
                  salf_grad_accum: int = 1, **kwargs: Any) -> None:
-        from salf_engine.training.inputs import strategy_from_config
+        from salf_engine.schedule.strategies import strategy_from_config
 
         if args is None:
             raise ConfigError("SalfTrainer needs its TrainingArguments (args=...)")

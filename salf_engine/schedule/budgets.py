@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from salf_engine.errors import ConfigError
+from salf_engine.errors import ConfigError, positive_int
 
 __all__ = [
     "PLANS",
@@ -66,18 +66,12 @@ def _check_order(order: str) -> str:
     return name
 
 
-def _check_positive(value: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def share_counts(plan: str, num_layers: int) -> list[int]:
     """Shares ``g_k`` per depth k = 0..m-1 for a quota plan (``"uniform"``, ``"arith"``, ``"geom"``)."""
     name = _check_plan(plan)
     if name == "none":
         raise ConfigError("budget plan 'none' (Algorithm 3) has no shares: depths follow the eof-layers")
-    m = _check_positive(num_layers, "num_layers")
+    m = positive_int(num_layers, "num_layers")
     if name == "uniform":
         return [1] * m
     if name == "arith":
@@ -88,7 +82,7 @@ def share_counts(plan: str, num_layers: int) -> list[int]:
 def share_size(plan: str, num_layers: int, num_samples: int) -> int:
     """Samples per share: ``u = max(1, ceil(N / sum(g)))``."""
     g = share_counts(plan, num_layers)
-    n = _check_positive(num_samples, "num_samples")
+    n = positive_int(num_samples, "num_samples")
     return max(1, -(-n // sum(g)))
 
 
@@ -115,7 +109,7 @@ def share_schedule(plan: str, order: str, num_layers: int, num_samples: int) -> 
     """
     g = share_counts(plan, num_layers)
     o = _check_order(order)
-    n = _check_positive(num_samples, "num_samples")
+    n = positive_int(num_samples, "num_samples")
     u = max(1, -(-n // sum(g)))
     schedule: list[tuple[int, int]] = []
     left = n
@@ -136,7 +130,7 @@ def budget_quotas(plan: str, order: str, num_layers: int, num_samples: int) -> l
     >>> budget_quotas("geom", "df", 4, 16)
     [2, 4, 6, 4]
     """
-    quotas = [0] * _check_positive(num_layers, "num_layers")
+    quotas = [0] * positive_int(num_layers, "num_layers")
     for k, size in share_schedule(plan, order, num_layers, num_samples):
         quotas[k] += size
     return quotas
@@ -189,9 +183,9 @@ def assign_depths(
     from ``random.Random(seed)``: the result depends only on ``eofs``, the plan and ``seed``.
     The per-depth counts always equal :func:`budget_quotas`.
     """
-    m = _check_positive(num_layers, "num_layers")
+    m = positive_int(num_layers, "num_layers")
     eof_list = _eof_list(eofs, m)
-    n = _check_positive(len(eof_list), "the number of samples (len(eofs))")
+    n = positive_int(len(eof_list), "the number of samples (len(eofs))")
     name = _check_plan(plan)
     if name == "none":
         _check_order(order)
@@ -261,7 +255,7 @@ def assign_depths_by_class(
     template the eof-layer largely follows the class, so global eof-matching would give each depth
     nearly one class.) Deterministic in ``(eofs, labels, plan, order, seed)``.
     """
-    m = _check_positive(num_layers, "num_layers")
+    m = positive_int(num_layers, "num_layers")
     return assign_depths_by_class_rank(_eof_list(eofs, m), labels, plan, order, m, seed=seed)
 
 
@@ -279,10 +273,10 @@ def assign_depths_by_class_rank(
     rank, the lowest key at the lowest depth. :func:`assign_depths_by_class` ranks by eof; SALF's
     ``loss-rank`` assignment by minus the sample's last training loss (the hardest trains the most layers).
     """
-    m = _check_positive(num_layers, "num_layers")
+    m = positive_int(num_layers, "num_layers")
     key_list = list(keys)
     label_list = _as_int_list(labels, "labels")
-    n = _check_positive(len(key_list), "the number of samples")
+    n = positive_int(len(key_list), "the number of samples")
     if len(label_list) != n:
         raise ConfigError(f"got {len(label_list)} labels for {n} samples")
     quotas = budget_quotas(_check_plan(plan, allow_none=False), order, m, n)
@@ -321,7 +315,7 @@ def fill_quotas(order: Sequence[int], quotas: Sequence[int]) -> list[int]:
 
 def cost_saving_ratio(depths: Sequence[int] | torch.Tensor, num_layers: int) -> float:
     """Backprop cost-saving ratio: the mean of ``depth / m`` over the trained samples (paper table 5)."""
-    m = _check_positive(num_layers, "num_layers")
+    m = positive_int(num_layers, "num_layers")
     values = _as_int_list(depths, "depths")
     if not values:
         raise ConfigError("cost_saving_ratio needs at least one depth")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from salf_engine.errors import ConfigError
+from salf_engine.errors import ConfigError, positive_int
 
 __all__ = ["linear_cross_entropy", "head_cross_entropy", "DEFAULT_CHUNK"]
 
@@ -64,8 +64,7 @@ def head_cross_entropy(hidden: Tensor, head: Callable[[Tensor], Tensor], targets
     """
     if reduction not in _REDUCTIONS:
         raise ConfigError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    positive_int(chunk_size, "chunk_size")
     if hidden.shape[:-1] != targets.shape:
         raise ConfigError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: "
                           "hidden must be [..., D] over the targets' positions")

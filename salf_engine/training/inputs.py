@@ -18,9 +18,10 @@ import torch
 
 from salf_engine.config import TrainConfig, is_generative_preset
 from salf_engine.errors import ConfigError
+from salf_engine.schedule.strategies import strategy_from_config
 
 __all__ = ["HOLDOUT", "HOLDOUT_SEED", "Prepared", "check_resume", "encode_response_task", "encode_task",
-           "held_out_count", "load_response_task", "prepare", "resolve_device", "strategy_from_config"]
+           "held_out_count", "load_response_task", "prepare", "resolve_device"]
 
 #: ``eval_split`` value that evaluates on examples held out of the training split.
 HOLDOUT = "holdout"
@@ -160,18 +161,6 @@ def encode_response_task(task, tokenizer, config: TrainConfig):
     train_examples = [task.splits["train"][i] for i in draw(train_rows, config.limit, config.seed)]
     return (encode_responses(train_examples, tokenizer, max_length=config.max_length),
             encode_responses(eval_examples, tokenizer, max_length=config.max_length))
-
-
-def strategy_from_config(config: TrainConfig):
-    """The :class:`~salf_engine.schedule.strategies.Strategy` a config asks for (ConfigError for a bad
-    combination)."""
-    from salf_engine.schedule.strategies import make_strategy
-
-    return make_strategy(config.strategy, budget=config.budget, infill=config.infill,
-                         freeze_fraction=config.freeze_fraction, seed=config.seed,
-                         boundary=config.eof_boundary, lora=config.lora, schedule=config.depth_schedule,
-                         assignment=config.depth_assignment, cuts_per_step=config.cuts_per_step,
-                         cut_levels=config.cut_levels, observe=not config.generative)
 
 
 def check_resume(config: TrainConfig) -> None:

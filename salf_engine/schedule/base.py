@@ -1,0 +1,213 @@
+"""The strategy interface: which layers train, and at which runner cut, for every micro-batch of every step.
+
+A :class:`Strategy` turns ``(num_layers, num_samples, eofs, labels)`` into a stream of :class:`StepPlan` s,
+one per optimizer step. A step holds exactly ``step_size`` examples (the last step of an epoch aside),
+split into :class:`MicroBatch` es, one forward each. A micro-batch has a lowest runner cut ``depth``
+(``layers[0..depth-1]`` run without autograd and never see backward) and a per-layer ``trainable`` mask;
+under SALF's default ``per-row`` schedule it also carries ``row_depths``, each sample's own cut, which
+the runner applies row by row. Layers at or above the cut whose mask is False (TOP, INT, LIFT, ADT) get
+``requires_grad=False`` but still run in the forward and pass gradients through. Gradients of a step's
+micro-batches accumulate.
+
+The trainer drives a strategy like this (see :class:`Strategy` for each hook)::
+
+    strategy = make_strategy("salf", budget="uniform", infill="df")
+    eofs = profile(...) if strategy.needs_profile else None      # one no-grad pass before epoch 0
+    strategy.begin(num_layers, num_samples, eofs, seed, labels=labels)
+    strategy.on_train_start(parts.layers)                         # after LoRA / requires_grad setup
+    for epoch in range(epochs):
+        for plan in strategy.epoch_plans(epoch, step_size, micro_batch_size):  # lazily, one per step
+            for mb in plan.micro_batches:
+                set requires_grad of layers[i] (or its LoRA adapters) to mb.trainable[i]
+                out = runner(batch(mb.indices), depth=mb.runner_depth, ...); loss.backward()
+                strategy.observe(mb.indices, eofs of out.deviations)  # if strategy.needs_observe
+            optimizer.step(); step += 1
+            strategy.after_step(step, parts.layers)
+    strategy.realized_saving()                                    # mean depth / m over trained samples
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from salf_engine.errors import ConfigError, positive_int
+from salf_engine.schedule.plans import MicroBatch, StepPlan, pack_steps
+
+__all__ = ["Strategy", "as_layers"]
+
+
+def as_layers(layers: object) -> Sequence[nn.Module]:
+    """Accept a DecoderParts-like object (``.layers``) or a sequence of layer modules."""
+    return getattr(layers, "layers", layers)  # type: ignore[return-value]
+
+
+class Strategy:
+    """Base class: per-micro-batch depth + trainable-layer mask, and the hooks the trainer calls.
+
+    Attributes: ``name`` (canonical strategy name), ``label`` (name plus options, for logs),
+    ``needs_profile`` (wants one no-grad eof pass before epoch 0, passed as ``eofs`` to :meth:`begin`),
+    ``needs_observe`` (wants :meth:`observe` with the eofs of every trained micro-batch), ``needs_losses``
+    (wants ``observe_losses`` with the training loss of every trained sample), ``uses_lora``
+    (False, True = LoRA on every layer, or ``"half"`` = LoRA on the top half only; the masks say which
+    layers' adapters train), ``probe`` (set by the trainer for the ``paper`` schedule: a function from
+    sample indices to their eofs under the current weights).
+    """
+
+    name: str = ""
+    needs_profile: bool = False
+    needs_observe: bool = False
+    needs_losses: bool = False
+
+    def __init__(self, name: str, *, seed: int = 0, uses_lora: bool | str = False) -> None:
+        self.name = name
+        self.label = name
+        self.seed = seed
+        self.uses_lora = uses_lora
+        self.num_layers = 0
+        self.num_samples = 0
+        self.labels: list[int] = []
+        self.probe: Callable[[list[int]], list[int]] | None = None
+        self._begun = False
+        self._tally_samples = 0
+        self._tally_depth = 0
+        self._tally_frozen = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def begin(
+        self,
+        num_layers: int,
+        num_samples: int,
+        eofs: Sequence[int | None] | torch.Tensor | None = None,
+        seed: int | None = None,
+        *,
+        labels: Sequence[int] | torch.Tensor | None = None,
+    ) -> None:
+        """Fix the model depth m, the training-set size N, the profiled eof per sample (SALF; ``None``
+        for a sample that was not profiled) and the class label per sample (for class-mixed steps).
+
+        ``seed`` overrides the seed given to :func:`make_strategy`. Resets the realized-saving tally.
+        """
+        self.num_layers = positive_int(num_layers, "num_layers")
+        self.num_samples = positive_int(num_samples, "num_samples")
+        if seed is not None:
+            self.seed = seed
+        if labels is None:
+            self.labels = [0] * num_samples
+        else:
+            self.labels = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+            if len(self.labels) != num_samples:
+                raise ConfigError(f"got {len(self.labels)} labels for {num_samples} samples")
+        self._tally_samples = self._tally_depth = self._tally_frozen = 0
+        self._setup(self._check_eofs(eofs))
+        self._begun = True
+
+    def _check_eofs(self, eofs: Sequence[int | None] | torch.Tensor | None) -> list[int | None] | None:
+        if eofs is None:
+            if self.needs_profile:
+                raise ConfigError(f"strategy {self.label!r} needs per-sample eofs from a profiling pass")
+            return None
+        raw = eofs.tolist() if isinstance(eofs, torch.Tensor) else list(eofs)
+        values = [None if v is None else int(v) for v in raw]
+        if len(values) != self.num_samples:
+            raise ConfigError(f"got {len(values)} eofs for {self.num_samples} samples")
+        bad = [v for v in values if v is not None and not 0 <= v <= self.num_layers]
+        if bad:
+            raise ConfigError(f"eofs must lie in 0..{self.num_layers} (num_layers), got {bad[0]}")
+        if self.needs_profile and all(v is None for v in values):
+            raise ConfigError(f"strategy {self.label!r} got no profiled eof at all")
+        return values
+
+    def _setup(self, eofs: list[int | None] | None) -> None:
+        """Subclass hook run by :meth:`begin`."""
+
+    def on_train_start(self, layers: Sequence[nn.Module] | object) -> None:
+        """Called once before the first step, after LoRA / requires_grad setup (ADT snapshots weights)."""
+
+    def epoch_plans(self, epoch: int, step_size: int, micro_batch_size: int | None = None
+                    ) -> Iterator[StepPlan]:
+        """The steps of one epoch: every sample exactly once, ``step_size`` examples per step (the last
+        aside), micro-batches of at most ``micro_batch_size`` (default ``step_size``) at one cut each.
+
+        Consume lazily (one plan per optimizer step): ADT's masks change after its warm-up steps and the
+        ``paper`` schedule picks a depth's samples when training reaches that depth.
+        """
+        if not self._begun:
+            raise RuntimeError(f"strategy {self.label!r}: call begin() before epoch_plans()")
+        size = positive_int(step_size, "step_size (batch_size)")
+        micro = size if micro_batch_size is None else positive_int(micro_batch_size, "micro_batch_size")
+        micro = min(micro, size)
+        return self._tallied(pack_steps(self._micro_batches(epoch, size, micro), size, micro))
+
+    def _micro_batches(self, epoch: int, step_size: int, micro_size: int) -> Iterator[MicroBatch]:
+        raise NotImplementedError
+
+    def _tallied(self, plans: Iterator[StepPlan]) -> Iterator[StepPlan]:
+        m = self.num_layers
+        for plan in plans:
+            for mb in plan.micro_batches:
+                n = len(mb.indices)
+                self._tally_samples += n
+                self._tally_depth += sum(mb.depths)
+                # a row trains no layer below its own cut, whatever the forward's mask says
+                self._tally_frozen += sum(m - sum(mb.trainable[d:]) for d in mb.depths)
+            yield plan
+
+    def _epoch_rng(self, epoch: int) -> random.Random:
+        return random.Random(self.seed * 1_000_003 + epoch)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(self.num_samples))
+        self._epoch_rng(epoch).shuffle(order)
+        return order
+
+    def observe(self, indices: Sequence[int] | torch.Tensor, values: torch.Tensor | Sequence[int]) -> None:
+        """Per-sample eof refresh from the training forward (SALF uses it for its next epoch).
+
+        ``values``: deviations ``[B, m+1]`` of the micro-batch, or eof-layers ``[B]``.
+        """
+
+    def after_step(self, step: int, layers: Sequence[nn.Module] | object) -> None:
+        """Called after every optimizer step; ``step`` = steps completed so far (1 after the first)."""
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    #: Attributes that change after :meth:`begin` (observations, ADT's choice, the tallies); together
+    #: with ``begin``'s deterministic setup they are the strategy's whole state.
+    _state_attrs: tuple[str, ...] = ("_tally_samples", "_tally_depth", "_tally_frozen")
+
+    def state_dict(self) -> dict:
+        """The strategy's mutable state as JSON-able values (a copy), for a checkpoint."""
+        if not self._begun:
+            raise RuntimeError(f"strategy {self.label!r}: call begin() before state_dict()")
+        return {name: copy.deepcopy(getattr(self, name)) for name in self._state_attrs}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` after :meth:`begin` with the same inputs (ValueError on a mismatch)."""
+        missing = [name for name in self._state_attrs if name not in state]
+        if missing:
+            raise ValueError(f"strategy {self.label!r}: state lacks {', '.join(missing)}")
+        for name in self._state_attrs:
+            setattr(self, name, copy.deepcopy(state[name]))
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def realized_saving(self) -> float:
+        """Backprop cost-saving ratio of the plans yielded so far: mean over trained samples of depth / m."""
+        if self._tally_samples == 0:
+            return 0.0
+        return self._tally_depth / (self._tally_samples * self.num_layers)
+
+    def realized_frozen_fraction(self) -> float:
+        """Mean over trained samples of the fraction of layers not trained (counts TOP/INT/LIFT/ADT too)."""
+        if self._tally_samples == 0:
+            return 0.0
+        return self._tally_frozen / (self._tally_samples * self.num_layers)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label!r})"
