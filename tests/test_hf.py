@@ -197,7 +197,7 @@ def test_trainer_resume_restores_the_engine_state(tmp_path, strategy, kw):
     """Trainer checkpoints hold salf_state.json; resuming from one ends with the uninterrupted weights."""
     import json
 
-    from salf_engine.integrations.hf import SALF_STATE
+    from salf_engine.training.checkpoint import TRAINER_STATE as SALF_STATE
 
     def run(out, resume=None):
         cfg = _config(strategy, max_steps=8, batch_size=2, **kw)

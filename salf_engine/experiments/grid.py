@@ -178,8 +178,9 @@ def parse_strategy(text: str) -> StrategyCell:
         infill = "bf"
     # make_strategy checks the combination (a budget on a non-salf strategy, a fraction that clashes ...)
     make_strategy(name, budget=budget, infill=infill, freeze_fraction=fraction, lora=lora,
-                  schedule=schedule or "mixed", assignment=assignment or "class-rank",
-                  cuts_per_step=cuts or 1)
+                  schedule=schedule or ("mixed" if cuts else "per-row"),
+                  assignment=assignment or "class-rank",
+                  **({"cuts_per_step": cuts} if cuts else {}))
     return StrategyCell(name, budget, infill, fraction, lora, schedule, assignment, cuts)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,8 +27,9 @@ from transformers import Trainer, TrainerCallback
 from salf_engine.config import TrainConfig
 from salf_engine.errors import ConfigError
 from salf_engine.integrations.patching import patch_model, runner_of
-from salf_engine.schedule.driver import Observation, StrategyDriver
+from salf_engine.schedule.driver import Observation, ResumePoint, StrategyDriver
 from salf_engine.schedule.sampling import LocalMicroBatch, PlanBatchSampler
+from salf_engine.training.checkpoint import load_trainer_state, save_trainer_state
 from salf_engine.training.wrapping import TrainableModel, wrap_model
 
 __all__ = [
@@ -36,10 +38,6 @@ __all__ = [
 ]
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
-#: The engine's state in a Trainer checkpoint folder (next to trainer_state.json).
-SALF_STATE = "salf_state.json"
-#: Tensors of the engine's state (ADT's warm-up reference weights), next to it when there are any.
-SALF_TENSORS = "salf_state.pt"
 
 
 class PlanDataset(Dataset):
@@ -222,22 +220,20 @@ class SalfTrainerMixin:
                           pin_memory=self.args.dataloader_pin_memory)
 
     def _salf_plans(self, epoch: int, step_size: int, micro: int):
-        """The epoch's plans; in the epoch a checkpoint was taken in, the plans the Trainer skips are made
-        from the strategy state at the epoch's start, then the checkpoint's state takes over."""
-        strategy, resume = self.salf_strategy, self._salf_resume
-        resuming = resume is not None and int(resume["epoch"]) == epoch
-        if resuming:
-            strategy.load_state_dict(resume["epoch_start_strategy"])
-        self._salf_epoch_start = (epoch, strategy.state_dict())
-        plans = iter(self.salf_driver.epoch_plans(epoch, step_size, micro))  # type: ignore[union-attr]
-        if resuming:
+        """The epoch's plans (``StrategyDriver.resumable_epoch``); in the epoch a checkpoint was taken in,
+        the plans before it come first, for the Trainer's ``skip_first_batches`` to drop."""
+        resume = self._salf_resume
+        point = None
+        if resume is not None and int(resume["epoch"]) == epoch:
             self._salf_resume = None
-            skip = int(resume["plans_done"]) if not self.args.ignore_data_skip else 0
-            for _ in range(skip):
-                yield next(plans)  # the Trainer's skip_first_batches drops these batches
-            if skip and self.salf_sampler is not None:
-                del self.salf_sampler.pending[:skip]  # nobody trains them
-            strategy.load_state_dict(resume["strategy"])
+            point = ResumePoint.of({**resume, "plans_done": 0 if self.args.ignore_data_skip
+                                    else resume["plans_done"]})
+        start, replayed, plans = self.salf_driver.resumable_epoch(  # type: ignore[union-attr]
+            epoch, step_size, micro, point)
+        self._salf_epoch_start = (epoch, start)
+        yield from replayed
+        if replayed and self.salf_sampler is not None:
+            del self.salf_sampler.pending[:len(replayed)]  # nobody trains them
         yield from plans
 
     def salf_state(self, global_step: int) -> dict[str, Any]:
@@ -254,9 +250,6 @@ class SalfTrainerMixin:
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any):
         """``Trainer.train``; resuming from a checkpoint also restores the engine's state saved in it
         (``salf_state.json``: eof profile, strategy state, position in the epoch's plan)."""
-        import json
-        import os
-
         self._salf_resume = None
         path = resume_from_checkpoint
         if path is not None and path is not False:
@@ -264,15 +257,9 @@ class SalfTrainerMixin:
                 from transformers.trainer_utils import get_last_checkpoint
 
                 path = get_last_checkpoint(self.args.output_dir)
-            state_file = os.path.join(str(path), SALF_STATE) if path else None
-            if state_file is None or not os.path.isfile(state_file):
-                raise ConfigError(f"cannot resume SALF from {path}: it holds no {SALF_STATE} (was it saved "
-                                  "by a SalfTrainer?)")
-            with open(state_file) as fh:
-                self._salf_resume = json.load(fh)
-            tensors = os.path.join(str(path), SALF_TENSORS)
-            self._salf_resume["tensors"] = (torch.load(tensors, map_location="cpu", weights_only=True)
-                                            if os.path.isfile(tensors) else {})
+            if not path:
+                raise ConfigError(f"cannot resume SALF: {self.args.output_dir} holds no checkpoint")
+            self._salf_resume = load_trainer_state(path)
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     # ---- one step
@@ -356,24 +343,14 @@ class SalfCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         """The engine's state into the Trainer's checkpoint folder (``checkpoint-N/salf_state.json``)."""
-        import json
-        import os
-
         t = self.trainer
         if t.salf_driver is None or not state.is_world_process_zero:
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
-            from pathlib import Path
-
-            from salf_engine.training.rundir import atomic_write
-
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
             reference = getattr(t.salf_strategy, "reference_weights", lambda: None)()
-            if reference is not None:
-                tmp = Path(folder) / f".{SALF_TENSORS}.tmp"
-                torch.save({"reference_weights": reference}, tmp)
-                os.replace(tmp, Path(folder) / SALF_TENSORS)
-            atomic_write(Path(folder) / SALF_STATE, json.dumps(t.salf_state(state.global_step)) + "\n")
+            save_trainer_state(folder, t.salf_state(state.global_step),
+                               {"reference_weights": reference} if reference is not None else None)
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer

@@ -24,7 +24,22 @@ from salf_engine.deviation.compute import eof_layers
 from salf_engine.errors import ConfigError
 from salf_engine.integrations.distributed import gather_objects, rank_and_world
 
-__all__ = ["StrategyDriver", "Observation", "histogram", "profile_subset"]
+__all__ = ["StrategyDriver", "Observation", "ResumePoint", "histogram", "profile_subset"]
+
+
+class ResumePoint(NamedTuple):
+    """Where a checkpoint was taken inside an epoch: what replaying that epoch needs (the engine's own
+    checkpoints and the HF Trainer's ``salf_state.json`` both hold these keys)."""
+
+    epoch: int
+    plans_done: int
+    epoch_start_strategy: dict
+    strategy: dict
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> ResumePoint:
+        return cls(int(state["epoch"]), int(state["plans_done"]), state["epoch_start_strategy"],
+                   state["strategy"])
 
 
 class Observation(NamedTuple):
@@ -145,6 +160,26 @@ class StrategyDriver:
             yield plan
         if planned == 0:
             raise ConfigError(f"strategy {self.config.strategy!r} planned no step in epoch {epoch}")
+
+    def resumable_epoch(self, epoch: int, step_size: int, micro_batch_size: int,
+                        resume: ResumePoint | None = None) -> tuple[dict, list[Any], Iterator[Any]]:
+        """(the strategy's state at the epoch's start, for this epoch's checkpoints; the plans replayed; the
+        rest of the epoch's plans, lazily).
+
+        Resumed in the epoch a checkpoint was taken in, the ``resume.plans_done`` plans before it are made
+        again from the state at the epoch's start, so every later plan is the uninterrupted run's; then
+        the checkpoint's strategy state takes over. The one home of epoch replay: the engine's loop drops
+        the replayed plans, the HF Trainer skips them as batches.
+        """
+        if resume is not None:
+            self.strategy.load_state_dict(resume.epoch_start_strategy)
+        start = self.strategy.state_dict()
+        plans = self.epoch_plans(epoch, step_size, micro_batch_size)
+        replayed = []
+        if resume is not None:
+            replayed = [next(plans) for _ in range(resume.plans_done)]
+            self.strategy.load_state_dict(resume.strategy)
+        return start, replayed, plans
 
     def observe(self, seen: Sequence[Observation | tuple]) -> None:
         """The step's observations (one per trained micro-batch; a plain ``(indices, deviations[, losses])``

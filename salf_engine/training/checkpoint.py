@@ -181,6 +181,45 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], meta:
     return final
 
 
+#: The engine's state in an HF Trainer checkpoint folder (next to trainer_state.json).
+TRAINER_STATE = "salf_state.json"
+#: Tensors of that state (ADT's warm-up reference weights), next to it when there are any.
+TRAINER_TENSORS = "salf_state.pt"
+
+
+def save_trainer_state(folder: str | Path, state: dict[str, Any], tensors: dict[str, Any] | None = None
+                       ) -> None:
+    """The engine's state inside an HF Trainer checkpoint folder, each file written atomically (tensors
+    first, so a state file never names tensors that are missing)."""
+    folder = Path(folder)
+    try:
+        if tensors:
+            tmp = folder / f".{TRAINER_TENSORS}.tmp{os.getpid()}"
+            torch.save(tensors, tmp)
+            os.replace(tmp, folder / TRAINER_TENSORS)
+        tmp = folder / f".{TRAINER_STATE}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(state) + "\n")
+        os.replace(tmp, folder / TRAINER_STATE)
+    except OSError as exc:
+        what = exc.strerror or exc
+        raise CheckpointError(f"could not write the SALF state into {folder}: {what}") from None
+
+
+def load_trainer_state(folder: str | Path) -> dict[str, Any]:
+    """:func:`save_trainer_state`'s state, with its tensors under ``"tensors"`` ({} when none were saved);
+    ConfigError when the folder holds none (a checkpoint not saved by a SalfTrainer)."""
+    from salf_engine.errors import ConfigError
+
+    folder = Path(folder)
+    if not (folder / TRAINER_STATE).is_file():
+        raise ConfigError(f"cannot resume SALF from {folder}: it holds no {TRAINER_STATE} (was it saved by a "
+                          "SalfTrainer?)")
+    state = json.loads((folder / TRAINER_STATE).read_text())
+    tensors = folder / TRAINER_TENSORS
+    state["tensors"] = torch.load(tensors, map_location="cpu", weights_only=True) if tensors.is_file() else {}
+    return state
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """The checkpoint directories of a run, newest (highest step) first; temporary dirs are not listed."""
     root = Path(run_dir) / CHECKPOINTS

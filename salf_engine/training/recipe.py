@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from salf_engine.config import TrainConfig
+from salf_engine.deviation.semantics import semantic_bases
 from salf_engine.errors import CheckpointError, TrainingError
 from salf_engine.integrations.distributed import (
     all_reduce_grads,
@@ -39,8 +40,10 @@ from salf_engine.integrations.distributed import (
     init_from_env,
     rank_and_world,
 )
-from salf_engine.schedule.driver import Observation, StrategyDriver
+from salf_engine.runner.truncated import TruncatedRunner
+from salf_engine.schedule.driver import Observation, ResumePoint, StrategyDriver
 from salf_engine.schedule.sampling import rank_slice
+from salf_engine.training import checkpoint as ckpt_mod
 from salf_engine.training.cost import CostMeter
 from salf_engine.training.inputs import Prepared, _refuse_to_clear_checkpoints, check_resume, prepare
 from salf_engine.training.rundir import RunDirectory
@@ -64,244 +67,288 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     config is required, see :func:`check_resume`; without any checkpoint it starts again from step 0);
     the result equals an uninterrupted run's, bit for bit on the same device.
     """
-    from salf_engine.deviation.semantics import semantic_bases
-    from salf_engine.runner.truncated import TruncatedRunner
-    from salf_engine.training import checkpoint as ckpt_mod
+    return TrainingRecipe(config, progress=progress, log=log, prepared=prepared, resume=resume).run()
 
-    say = log or (lambda _msg: None)
-    t_start = time.perf_counter()
-    if resume and prepared is not None:
-        check_resume(config)
-    p = prepared if prepared is not None else prepare(config, resume=resume)
-    strategy, device, model, tokenizer, verbalizer = p.strategy, p.device, p.model, p.tokenizer, p.verbalizer
-    train_split, eval_split = p.train_split, p.eval_split
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    generative = verbalizer is None  # a prompt/response task: no classes, no label bases
-    label_token_ids = (None if generative else
-                       torch.as_tensor(verbalizer.label_token_ids, dtype=torch.long).to(device))
-    classes = [] if generative else list(p.task.classes)
 
-    torch.manual_seed(config.seed)
-    bases = None if generative else semantic_bases(model, verbalizer.label_token_ids).to(device)
+class TrainingRecipe:
+    """The engine's loop, one method per phase: :meth:`setup` (inputs, guards, run directory), :meth:`build`
+    (zero-shot evaluation, model, strategy, optimizer, restore), :meth:`epoch` (its plans, replayed after a
+    resume), :meth:`step` (one optimizer step and the non-finite policy), :meth:`checkpoint` and
+    :meth:`report` (final evaluation, artefacts, summary). :meth:`run` calls them in that order."""
 
-    init_from_env(device)
-    if rank_and_world()[0] != 0:  # rank 0 reports and writes the run
-        say = lambda _msg: None  # noqa: E731
-    ckpt = None
-    if not resume and p.out_dir is not None and rank_and_world()[0] == 0:
-        _refuse_to_clear_checkpoints(p.out_dir, config)
-    if resume and p.out_dir is not None:
-        ckpt = _open_checkpoint(p.out_dir, say)
-    run = RunDirectory(p.out_dir if rank_and_world()[0] == 0 else None,
-                       resume_metrics_bytes=ckpt.meta["metrics_bytes"] if ckpt is not None else None)
-    try:
+    def __init__(self, config: TrainConfig, *, progress: bool = True,
+                 log: Callable[[str], None] | None = print, prepared: Prepared | None = None,
+                 resume: bool = False) -> None:
+        self.config, self.progress, self.resume = config, progress, resume
+        self.say = log or (lambda _msg: None)
+        self._given = prepared
+        self.t_start = time.perf_counter()
+        self.step_count = self.epoch_count = self.skipped = 0
+        self.losses: list[float] = []
+        self.last_checkpoint: Path | None = None
+        self.resume_point: ResumePoint | None = None
+        self.zero_shot = None
+
+    def run(self) -> dict[str, Any]:
+        """Every phase; the summary."""
+        self.setup()
+        try:
+            self.build()
+            t_train = time.perf_counter()
+            self.bar = tqdm(total=self.total_steps, initial=self.step_count, desc="train", unit="step",
+                            disable=not self.progress)
+            try:
+                while self.step_count < self.total_steps and self.epoch():
+                    pass
+            finally:
+                self.bar.close()
+            return self.report(time.perf_counter() - t_train)
+        finally:
+            self.run_dir.close()
+
+    # ---- phases
+    def setup(self) -> None:
+        """Inputs checked and loaded, the label bases, torch.distributed, the checkpoint guards and the run
+        directory (rank 0 writes it)."""
+        config = self.config
+        if self.resume and self._given is not None:
+            check_resume(config)
+        p = self.p = self._given if self._given is not None else prepare(config, resume=self.resume)
+        self.generative = p.verbalizer is None  # a prompt/response task: no classes, no label bases
+        self.label_token_ids = (None if self.generative else
+                                torch.as_tensor(p.verbalizer.label_token_ids, dtype=torch.long).to(p.device))
+        torch.manual_seed(config.seed)
+        self.bases = None if self.generative else semantic_bases(p.model, p.verbalizer.label_token_ids).to(
+            p.device)
+        init_from_env(p.device)
+        if rank_and_world()[0] != 0:  # rank 0 reports and writes the run
+            self.say = lambda _msg: None
+        self.ckpt = None
+        if not self.resume and p.out_dir is not None and rank_and_world()[0] == 0:
+            _refuse_to_clear_checkpoints(p.out_dir, config)
+        if self.resume and p.out_dir is not None:
+            self.ckpt = _open_checkpoint(p.out_dir, self.say)
+        metrics_bytes = self.ckpt.meta["metrics_bytes"] if self.ckpt is not None else None
+        self.run_dir = RunDirectory(p.out_dir if rank_and_world()[0] == 0 else None,
+                                    resume_metrics_bytes=metrics_bytes)
+
+    def build(self) -> None:
+        """config.json, the data counts, the zero-shot evaluation (or the checkpoint's), the trainable model,
+        runner, driver (profiled or restored), optimizer and schedule; a checkpoint's state restored."""
+        config, p, run = self.config, self.p, self.run_dir
         run.write_json("config.json", config.to_dict())
-        summary: dict[str, Any] = {
-            "model": config.model, "dataset": config.dataset, "strategy": config.strategy,
-            "num_train_examples": len(train_split), "num_eval_examples": len(eval_split),
-            "classes": classes, "load_seconds": round(p.load_seconds, 3),
-            "data_rows": getattr(p.task, "row_counts", None) or None,
-        }
-        if generative:
-            summary["responses"] = {split: {"truncated": enc.truncated, "dropped": enc.dropped}
-                                    for split, enc in (("train", train_split), ("eval", eval_split))}
-            say(f"data: {len(train_split)} training rows ({train_split.truncated} cut at {config.max_length} "
-                f"tokens, {train_split.dropped} left out: no room for a response token), {len(eval_split)} "
-                f"evaluation rows ({eval_split.truncated} cut, {eval_split.dropped} left out)")
-        rows = getattr(p.task, "row_counts", None)
-        if rows:
-            say("data: " + "; ".join(f"{split} {c['read']} rows read, {c['skipped']} skipped (blank/header)"
-                                     for split, c in rows.items() if c))
-
-        zero_shot = None
-        if ckpt is not None:
-            zero_shot = _SavedReport.of(ckpt.meta.get("zero_shot"))
-        elif config.zero_shot_eval:
-            say(f"zero-shot evaluation on {len(eval_split)} {config.eval_split} examples ...")
-            zero_shot = _evaluate(model, p, progress=progress, desc="zero-shot eval")
-            run.log({"event": "eval", "phase": "zero-shot", **zero_shot.summary(),
-                     "seconds": round(zero_shot.seconds, 3)})
-            run.write_json("zero_shot_eval.json", zero_shot.to_dict())
-            say(_fmt_scores("zero-shot", zero_shot.summary()))
-
-        wrapped = wrap_model(model, strategy, config)
-        runner = TruncatedRunner(wrapped.model, bases=bases, lens=config.lens, metric=config.metric,
-                                 deviation_impl=config.deviation_impl)
-        m = runner.num_layers
-        lr = config.resolved_lr(wrapped.lora)
-        driver = StrategyDriver(strategy, runner, train_split, config, pad_id=pad_id)
-        if ckpt is not None:
-            driver.load_state_dict(ckpt.meta["driver"])  # the profile of the interrupted run
+        self._log_data()
+        self._zero_shot()
+        self.wrapped = wrap_model(p.model, p.strategy, config)
+        self.runner = TruncatedRunner(self.wrapped.model, bases=self.bases, lens=config.lens,
+                                      metric=config.metric, deviation_impl=config.deviation_impl)
+        self.lr = config.resolved_lr(self.wrapped.lora)
+        pad_id = p.tokenizer.pad_token_id if p.tokenizer.pad_token_id is not None else 0
+        self.driver = StrategyDriver(p.strategy, self.runner, p.train_split, config, pad_id=pad_id)
+        if self.ckpt is not None:
+            self.driver.load_state_dict(self.ckpt.meta["driver"])  # the profile of the interrupted run
         else:
-            driver.profile(progress=progress, say=say)
-        driver.begin(wrapped.parts.layers)
+            self.driver.profile(progress=self.progress, say=self.say)
+        self.driver.begin(self.wrapped.parts.layers)
         rank, world = rank_and_world()
-        step_size = config.batch_size * config.grad_accum * world
-        total_steps = config.max_steps or math.ceil(len(train_split) / step_size) * config.epochs
-        optimizer = build_optimizer(wrapped.trainable, config, lr)
-        scheduler = build_scheduler(optimizer, config, total_steps)
-        if run.path is not None and ckpt is None:
+        self.step_size = config.batch_size * config.grad_accum * world
+        self.micro_size = world * config.batch_size
+        self.total_steps = config.max_steps or math.ceil(len(p.train_split) / self.step_size) * config.epochs
+        self.optimizer = build_optimizer(self.wrapped.trainable, config, self.lr)
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        if run.path is not None and self.ckpt is None:
             # the final model and (with save_every) two checkpoints must fit: fail before training
-            trainable_bytes = sum(q.numel() * q.element_size() for q in wrapped.trainable)
+            trainable_bytes = sum(q.numel() * q.element_size() for q in self.wrapped.trainable)
             ckpt_mod.check_free_space(run.path, trainable_bytes * (1 + (6 if config.save_every else 0)),
                                       "the model and its checkpoints")
-        param_names = {id(q): n for n, q in wrapped.model.named_parameters()}
+        self.param_names = {id(q): n for n, q in self.wrapped.model.named_parameters()}
+        self.say(f"training: strategy {getattr(p.strategy, 'label', config.strategy)}, "
+                 f"{self.runner.num_layers} layers, {len(p.train_split)} examples, {self.total_steps} "
+                 f"steps of {self.step_size} examples (micro-batches <= {config.batch_size}"
+                 f"{f' per rank, {world} ranks' if world > 1 else ''}), lr {self.lr:g}"
+                 + (" (LoRA)" if self.wrapped.lora else ""))
+        self.wrapped.model.train()
+        self.cost = CostMeter(self.runner.num_layers, lora=self.wrapped.lora)
+        self.run_step = _StepRunner(self.runner, self.wrapped, p.train_split, self.driver, self.cost, config,
+                                    self.label_token_ids, pad_id, rank, world)
+        if self.ckpt is not None:
+            self._restore()
 
-        say(f"training: strategy {getattr(strategy, 'label', config.strategy)}, {m} layers, "
-            f"{len(train_split)} examples, {total_steps} steps of {step_size} examples "
-            f"(micro-batches <= {config.batch_size}{f' per rank, {world} ranks' if world > 1 else ''}), "
-            f"lr {lr:g}" + (" (LoRA)" if wrapped.lora else ""))
-        wrapped.model.train()
-        losses: list[float] = []
-        cost = CostMeter(m, lora=wrapped.lora)
-        run_step = _StepRunner(runner, wrapped, train_split, driver, cost, config, label_token_ids, pad_id,
-                               rank, world)
-        step = epoch = skipped = 0
-        resume_plans = 0  # plans of the resumed epoch that ran before the checkpoint
-        last_checkpoint: Path | None = None
-        if ckpt is not None:
-            _restore_weights(wrapped, param_names, ckpt)
-            optimizer.load_state_dict(ckpt.state["optimizer"])
-            scheduler.load_state_dict(ckpt.state["scheduler"])
-            if ckpt.state.get("bases") is not None:
-                runner.set_bases(ckpt.state["bases"].to(device))
-            cost.load_state_dict(ckpt.meta["cost"])
-            losses = list(ckpt.meta["losses"])
-            step, epoch, skipped = ckpt.step, int(ckpt.meta["epoch"]), int(ckpt.meta["skipped_steps"])
-            resume_plans = int(ckpt.meta["plans_done"])
-            last_checkpoint = ckpt.path
-            if step >= total_steps:  # checkpoint of the last step: the loop would have closed the epoch
-                epoch += 1
-        t_train = time.perf_counter()
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
-        try:
-            while step < total_steps:
-                resuming = ckpt is not None and resume_plans >= 0
-                if config.train_head and epoch > 0 and strategy.needs_profile and not resuming:
-                    # the head moved: recompute the label bases the deviations are measured against
-                    runner.set_bases(semantic_bases(wrapped.model, verbalizer.label_token_ids).to(device))
-                if resuming:  # replay the epoch's plans from the state at its start, up to the checkpoint
-                    strategy.load_state_dict(ckpt.meta["epoch_start_strategy"])
-                epoch_start = strategy.state_dict() if config.save_every else None
-                # plans are consumed lazily: a strategy may change its masks after a step (ADT)
-                plans = driver.epoch_plans(epoch, step_size, world * config.batch_size)
-                plans_done = 0
-                if resuming:
-                    for _ in range(resume_plans):
-                        next(plans)
-                    plans_done, resume_plans = resume_plans, -1
-                    strategy.load_state_dict(ckpt.meta["strategy"])
-                    ckpt_mod.set_rng_state(ckpt.state["rng"])
-                for plan in plans:
-                    t_step = time.perf_counter()
-                    step_loss, grad_norm, seen = run_step(plan)
-                    shown = plan.depths[0] if len(plan.micro_batches) == 1 else plan.depths
-                    plans_done += 1
-                    if math.isfinite(step_loss) and math.isfinite(grad_norm):
-                        step_lr = optimizer_step(optimizer, scheduler, wrapped.trainable, None)  # clipped
-                        step += 1
-                        driver.observe(seen)  # the step's eofs in one pass (one host sync), after the update
-                        driver.after_step(step, wrapped.parts.layers)
-                        losses.append(step_loss)
-                        run.log({"step": step, "epoch": epoch, "loss": step_loss, "lr": step_lr,
-                                 "depth": shown, "batch_size": len(plan),
-                                 "seconds": round(time.perf_counter() - t_step, 4)})
-                    else:
-                        what = "loss" if not math.isfinite(step_loss) else "gradient norm"
-                        where = (f"non-finite {what} at step {step + 1} (epoch {epoch}, "
-                                 f"depths {plan.depths}, examples {_shorten(plan.indices)})")
-                        if config.on_nonfinite == "stop":
-                            kept = (f"the run directory keeps the last good checkpoint {last_checkpoint}"
-                                    if last_checkpoint is not None else "no checkpoint was written")
-                            raise TrainingError(f"{where}; training stopped, {kept}; "
-                                                "on_nonfinite='skip' (--on-nonfinite skip) skips such steps")
-                        # skip: no update; the step still counts, so the schedule and run length stay
-                        step_lr = scheduler.get_last_lr()[0]
-                        optimizer.zero_grad(set_to_none=True)
-                        scheduler.step()
-                        step += 1
-                        skipped += 1
-                        driver.after_step(step, wrapped.parts.layers)
-                        say(f"warning: {where}; step skipped ({skipped} so far)")
-                        run.log({"step": step, "epoch": epoch, "loss": None, "lr": step_lr, "depth": shown,
-                                 "batch_size": len(plan), "skipped": what,
-                                 "seconds": round(time.perf_counter() - t_step, 4)})
-                    if config.save_every and step % config.save_every == 0 and run.path is not None:
-                        tensors = {"weights": {param_names[id(q)]: q.detach().cpu().clone()
-                                               for q in wrapped.trainable},
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "bases": runner.bases.detach().cpu() if runner.bases is not None else None,
-                                   "rng": ckpt_mod.rng_state()}
-                        meta = {"epoch": epoch, "plans_done": plans_done, "skipped_steps": skipped,
-                                "losses": losses, "cost": cost.state_dict(), "driver": driver.state_dict(),
-                                "strategy": strategy.state_dict(), "epoch_start_strategy": epoch_start,
-                                "metrics_bytes": run.metrics_bytes(),
-                                "zero_shot": _SavedReport.dump(zero_shot)}
-                        last_checkpoint = ckpt_mod.save_checkpoint(run.path, step, tensors, meta,
-                                                                   total_limit=config.save_total_limit)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", depth=shown)
-                    if step >= total_steps:
-                        break
-                epoch += 1
-                if config.max_steps is None and epoch >= config.epochs:
-                    break
-        finally:
-            bar.close()
-        train_seconds = time.perf_counter() - t_train
-        wrapped.restore()
-        wrapped.model.eval()
+    def epoch(self) -> bool:
+        """One epoch's plans, each an optimizer step (a resumed epoch replays its plans up to the checkpoint);
+        False when training is over."""
+        config, strategy = self.config, self.p.strategy
+        resume, self.resume_point = self.resume_point, None
+        if config.train_head and self.epoch_count > 0 and strategy.needs_profile and resume is None:
+            # the head moved: recompute the label bases the deviations are measured against
+            labels = self.p.verbalizer.label_token_ids
+            self.runner.set_bases(semantic_bases(self.wrapped.model, labels).to(self.p.device))
+        self.epoch_start, replayed, plans = self.driver.resumable_epoch(
+            self.epoch_count, self.step_size, self.micro_size, resume)
+        self.plans_done = len(replayed)
+        if resume is not None:
+            ckpt_mod.set_rng_state(self.ckpt.state["rng"])
+        for plan in plans:  # lazily: a strategy may change its masks after a step (ADT)
+            self.step(plan)
+            if config.save_every and self.step_count % config.save_every == 0 and self.run_dir.path:
+                self.checkpoint()
+            if self.step_count >= self.total_steps:
+                break
+        self.epoch_count += 1
+        return config.max_steps is not None or self.epoch_count < config.epochs
 
-        say(f"evaluating the fine-tuned model on {len(eval_split)} {config.eval_split} examples ...")
-        final = _evaluate(wrapped.model, p, progress=progress, desc="fine-tuned eval")
-        run.log({"event": "eval", "phase": "fine-tuned", "step": step, **final.summary(),
+    def step(self, plan) -> None:
+        """Forward and backward of the plan's micro-batches, then the update; a non-finite loss or gradient
+        stops the run or skips the step, as ``on_nonfinite`` says."""
+        t_step = time.perf_counter()
+        step_loss, grad_norm, seen = self.run_step(plan)
+        shown = plan.depths[0] if len(plan.micro_batches) == 1 else plan.depths
+        self.plans_done += 1
+        row = {"depth": shown, "batch_size": len(plan)}
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            step_lr = optimizer_step(self.optimizer, self.scheduler, self.wrapped.trainable, None)  # clipped
+            self.step_count += 1
+            self.driver.observe(seen)  # the step's eofs in one pass (one host sync), after the update
+            self.driver.after_step(self.step_count, self.wrapped.parts.layers)
+            self.losses.append(step_loss)
+            row["loss"] = step_loss
+        else:
+            what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+            where = (f"non-finite {what} at step {self.step_count + 1} (epoch {self.epoch_count}, "
+                     f"depths {plan.depths}, examples {_shorten(plan.indices)})")
+            if self.config.on_nonfinite == "stop":
+                kept = (f"the run directory keeps the last good checkpoint {self.last_checkpoint}"
+                        if self.last_checkpoint is not None else "no checkpoint was written")
+                raise TrainingError(f"{where}; training stopped, {kept}; "
+                                    "on_nonfinite='skip' (--on-nonfinite skip) skips such steps")
+            # skip: no update; the step still counts, so the schedule and run length stay
+            step_lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step_count += 1
+            self.skipped += 1
+            self.driver.after_step(self.step_count, self.wrapped.parts.layers)
+            self.say(f"warning: {where}; step skipped ({self.skipped} so far)")
+            row.update(loss=None, skipped=what)
+        self.run_dir.log({"step": self.step_count, "epoch": self.epoch_count, "loss": row.pop("loss"),
+                          "lr": step_lr, **row, "seconds": round(time.perf_counter() - t_step, 4)})
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{step_loss:.4f}", depth=shown)
+
+    def checkpoint(self) -> None:
+        """The whole training state after this step (checkpoint.py writes it atomically)."""
+        w, runner = self.wrapped, self.runner
+        tensors = {"weights": {self.param_names[id(q)]: q.detach().cpu().clone() for q in w.trainable},
+                   "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "bases": runner.bases.detach().cpu() if runner.bases is not None else None,
+                   "rng": ckpt_mod.rng_state()}
+        meta = {"epoch": self.epoch_count, "plans_done": self.plans_done, "skipped_steps": self.skipped,
+                "losses": self.losses, "cost": self.cost.state_dict(), "driver": self.driver.state_dict(),
+                "strategy": self.p.strategy.state_dict(), "epoch_start_strategy": self.epoch_start,
+                "metrics_bytes": self.run_dir.metrics_bytes(), "zero_shot": _SavedReport.dump(self.zero_shot)}
+        self.last_checkpoint = ckpt_mod.save_checkpoint(self.run_dir.path, self.step_count, tensors, meta,
+                                                        total_limit=self.config.save_total_limit)
+
+    def report(self, train_seconds: float) -> dict[str, Any]:
+        """The fine-tuned evaluation, the artefacts and summary.json (last); returns the summary."""
+        config, p, run, w = self.config, self.p, self.run_dir, self.wrapped
+        w.restore()
+        w.model.eval()
+        self.say(f"evaluating the fine-tuned model on {len(p.eval_split)} {config.eval_split} examples ...")
+        final = _evaluate(w.model, p, progress=self.progress, desc="fine-tuned eval")
+        run.log({"event": "eval", "phase": "fine-tuned", "step": self.step_count, **final.summary(),
                  "seconds": round(final.seconds, 3)})
-        say(_fmt_scores("fine-tuned", final.summary()))
-
+        self.say(_fmt_scores("fine-tuned", final.summary()))
         if run.path is not None:  # the artefacts; summary.json last
-            _write_artifacts(run, wrapped.model, tokenizer, zero_shot, final, driver, config.metric, m)
+            _write_artifacts(run, w.model, p.tokenizer, self.zero_shot, final, self.driver, config.metric,
+                             self.runner.num_layers)
+        summary = self._summary(final, train_seconds)
+        run.write_json("summary.json", summary)
+        return summary
 
+    # ---- pieces of the phases
+    def _log_data(self) -> None:
+        p, config = self.p, self.config
+        if self.generative:
+            tr, ev = p.train_split, p.eval_split
+            self.say(f"data: {len(tr)} training rows ({tr.truncated} cut at {config.max_length} tokens, "
+                     f"{tr.dropped} left out: no room for a response token), {len(ev)} evaluation rows "
+                     f"({ev.truncated} cut, {ev.dropped} left out)")
+        rows = getattr(p.task, "row_counts", None)
+        if rows:
+            self.say("data: " + "; ".join(f"{split} {c['read']} rows read, {c['skipped']} skipped "
+                                          "(blank/header)" for split, c in rows.items() if c))
+
+    def _zero_shot(self) -> None:
+        p, run = self.p, self.run_dir
+        if self.ckpt is not None:
+            self.zero_shot = _SavedReport.of(self.ckpt.meta.get("zero_shot"))
+        elif self.config.zero_shot_eval:
+            self.say(f"zero-shot evaluation on {len(p.eval_split)} {self.config.eval_split} examples ...")
+            self.zero_shot = _evaluate(p.model, p, progress=self.progress, desc="zero-shot eval")
+            run.log({"event": "eval", "phase": "zero-shot", **self.zero_shot.summary(),
+                     "seconds": round(self.zero_shot.seconds, 3)})
+            run.write_json("zero_shot_eval.json", self.zero_shot.to_dict())
+            self.say(_fmt_scores("zero-shot", self.zero_shot.summary()))
+
+    def _restore(self) -> None:
+        ckpt = self.ckpt
+        _restore_weights(self.wrapped, self.param_names, ckpt)
+        self.optimizer.load_state_dict(ckpt.state["optimizer"])
+        self.scheduler.load_state_dict(ckpt.state["scheduler"])
+        if ckpt.state.get("bases") is not None:
+            self.runner.set_bases(ckpt.state["bases"].to(self.p.device))
+        self.cost.load_state_dict(ckpt.meta["cost"])
+        self.losses = list(ckpt.meta["losses"])
+        self.step_count, self.skipped = ckpt.step, int(ckpt.meta["skipped_steps"])
+        self.epoch_count = int(ckpt.meta["epoch"])
+        self.last_checkpoint = ckpt.path
+        if self.step_count >= self.total_steps:  # the last step's checkpoint: its epoch is over
+            self.epoch_count += 1
+        else:
+            self.resume_point = ResumePoint.of(ckpt.meta)
+
+    def _summary(self, final, train_seconds: float) -> dict[str, Any]:
+        config, p, driver, cost, w = self.config, self.p, self.driver, self.cost, self.wrapped
         profiled = driver.profiled + driver.probe_examples
+        losses = self.losses
+        summary: dict[str, Any] = {
+            "model": config.model, "dataset": config.dataset, "strategy": config.strategy,
+            "num_train_examples": len(p.train_split), "num_eval_examples": len(p.eval_split),
+            "classes": [] if self.generative else list(p.task.classes),
+            "load_seconds": round(p.load_seconds, 3),
+            "data_rows": getattr(p.task, "row_counts", None) or None,
+        }
+        if self.generative:
+            summary["responses"] = {split: {"truncated": enc.truncated, "dropped": enc.dropped}
+                                    for split, enc in (("train", p.train_split), ("eval", p.eval_split))}
+        zero_shot = self.zero_shot
         summary.update({
-            "finished": True,
-            "num_layers": m,
-            "steps": step,
-            "skipped_steps": skipped,
-            "epochs_run": epoch,
-            "examples_trained": cost.examples,
-            "lr": lr,
-            "trainable_parameters": int(sum(q.numel() for q in wrapped.trainable)),
-            "lora": wrapped.lora,
-            "head_trained": wrapped.head_trains,
-            "frozen_fraction": float(strategy.realized_frozen_fraction()),
+            "finished": True, "num_layers": self.runner.num_layers, "steps": self.step_count,
+            "skipped_steps": self.skipped, "epochs_run": self.epoch_count, "examples_trained": cost.examples,
+            "lr": self.lr, "trainable_parameters": int(sum(q.numel() for q in w.trainable)), "lora": w.lora,
+            "head_trained": w.head_trains, "frozen_fraction": float(p.strategy.realized_frozen_fraction()),
             "profiled_examples": profiled,
             "profile_seconds": round(driver.profile_seconds + driver.probe_seconds, 3),
             "train_seconds": round(train_seconds - driver.probe_seconds, 3),
             "examples_per_second": cost.examples / train_seconds if train_seconds > 0 else None,
             "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-            "loss_history": losses,
-            "cost_saving_ratio": cost.saving(),
+            "loss_history": losses, "cost_saving_ratio": cost.saving(),
             "flops_ratio": cost.flops_ratio(profiled),
-            "depth_histogram": cost.depth_histogram(),
-            "eof_histogram": driver.eof_histograms(),
-            "zero_shot": zero_shot.summary() if zero_shot else None,
-            "fine_tuned": final.summary(),
+            "depth_histogram": cost.depth_histogram(), "eof_histogram": driver.eof_histograms(),
+            "zero_shot": zero_shot.summary() if zero_shot else None, "fine_tuned": final.summary(),
             "zero_shot_eval_seconds": round(zero_shot.seconds, 3) if zero_shot else None,
             "fine_tuned_eval_seconds": round(final.seconds, 3),
-            "total_seconds": round(time.perf_counter() - t_start + (p.load_seconds if prepared else 0), 3),
+            "total_seconds": round(time.perf_counter() - self.t_start
+                                   + (p.load_seconds if self._given else 0), 3),
         })
-        run.write_json("summary.json", summary)
         return summary
-    finally:
-        run.close()
 
 
 def _open_checkpoint(out_dir: Path, say: Callable[[str], None]):
     """The newest whole checkpoint of the run in ``out_dir`` (None: start again from step 0), after
     checking that metrics.jsonl still holds what the checkpoint recorded."""
-    from salf_engine.training import checkpoint as ckpt_mod
-
     ckpt_mod.clean_temporary(out_dir)
     ckpt = ckpt_mod.load_latest(out_dir, say=say)  # on the CPU: RNG states must stay there
     if ckpt is None:
