@@ -34,7 +34,6 @@ _LAZY = {
     "eof_layers": "salf_engine.deviation.compute",
     "TruncatedRunner": "salf_engine.runner.truncated",
     "RunnerOutput": "salf_engine.runner.truncated",
-    "DepthBucketSampler": "salf_engine.schedule.sampling",
     "budget_quotas": "salf_engine.schedule.budgets",
     "assign_depths": "salf_engine.schedule.budgets",
     "cost_saving_ratio": "salf_engine.schedule.budgets",

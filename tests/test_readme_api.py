@@ -29,7 +29,7 @@ def test_library_api_block_trains_each_row_above_its_cut_only():
     model, strategy, embedding = scope["model"], scope["strategy"], scope["embedding"]
     reference, _ = scope["se"].load_model("smollm2-135m")  # the pretrained weights, untouched
     lowest = min(strategy.depths)
-    assert 0 < lowest and strategy.realized_saving() > 0  # some layers were below every row's cut
+    assert 0 < lowest  # some layers were below every row's cut
     moved = {}
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         moved[name] = not torch.equal(p, q)

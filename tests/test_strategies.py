@@ -26,6 +26,7 @@ from salf_engine.schedule.strategies import (
     pack_steps,
     round_to_levels,
 )
+from salf_engine.training.cost import CostMeter
 
 T, F = True, False
 M = 8
@@ -44,6 +45,18 @@ def started(name: str, n: int = 64, m: int = M, labels=None, **options):
 
 def all_plans(s, epoch: int = 0, batch_size: int = 4, micro: int | None = None) -> list[StepPlan]:
     return list(s.epoch_plans(epoch, batch_size, micro))
+
+
+def metered(plans: list[StepPlan], m: int = M) -> CostMeter:
+    """What the training loop counts of these plans: every row at its own cut, with its forward's mask."""
+    meter = CostMeter(m, lora=False)
+    for plan in plans:
+        meter.add_plan(plan)
+    return meter
+
+
+def saving(plans: list[StepPlan], m: int = M) -> float:
+    return metered(plans, m).saving()
 
 
 def micro_batches(s, epoch: int = 0, batch_size: int = 4) -> list[MicroBatch]:
@@ -170,8 +183,8 @@ def test_budgeted_salf_depths_cost_and_mixed_steps(budget, infill):
             assert mb.trainable == [i >= mb.depth for i in range(M)]
             assert all(s.depths[i] >= mb.depth for i in mb.indices)  # a run's cut is its lowest depth
     # the cost is the budget's, up to the runs that straddle two depths
-    assert s.realized_saving() <= cost_saving_ratio(s.depths, M) + 1e-9
-    assert s.realized_saving() == pytest.approx(cost_saving_ratio(s.depths, M), abs=0.02)
+    assert saving(plans) <= cost_saving_ratio(s.depths, M) + 1e-9
+    assert saving(plans) == pytest.approx(cost_saving_ratio(s.depths, M), abs=0.02)
 
 
 def test_eof_match_assignment_option():
@@ -331,24 +344,17 @@ def test_every_sample_once_per_epoch_and_one_cut_per_micro_batch(options):
     assert [p.indices for p in all_plans(s, 0, 5)] != [p.indices for p in all_plans(s, 1, 5)]
 
 
-def test_realized_saving():
-    assert started("full").realized_saving() == 0.0  # nothing yielded yet
-    s = started("bot75")
-    all_plans(s)
-    assert s.realized_saving() == pytest.approx(6 / 8)
-    s = started("top50")
-    all_plans(s)
-    assert s.realized_saving() == 0.0 and s.realized_frozen_fraction() == pytest.approx(0.5)
-    s = started("lift-half", n=64)
-    all_plans(s)
-    assert s.realized_saving() == pytest.approx(3.5 / 8)
-    assert s.realized_frozen_fraction() == pytest.approx(7 / 8)
-    s = started("salf", n=16000, m=32, budget="geom", infill="df", cuts_per_step=1,
-                schedule="mixed")
-    all_plans(s, batch_size=64)
-    assert 0.612 < s.realized_saving() <= 0.616  # runs of 64 straddling two depths cost a little
-    s.begin(32, 16000, eofs_for(16000, 32), 0)
-    assert s.realized_saving() == 0.0  # begin resets the tally
+def test_realized_saving_and_frozen_fraction_of_the_plans():
+    assert CostMeter(M, lora=False).saving() == 0.0  # nothing trained yet
+    assert saving(all_plans(started("bot75"))) == pytest.approx(6 / 8)
+    top = metered(all_plans(started("top50")))
+    assert top.saving() == 0.0 and top.frozen_fraction() == pytest.approx(0.5)
+    lift = metered(all_plans(started("lift-half", n=64)))
+    assert lift.saving() == pytest.approx(3.5 / 8)  # depths 0..7, 8 samples each
+    assert lift.frozen_fraction() == pytest.approx(7 / 8)  # one layer trains
+    s = started("salf", n=16000, m=32, budget="geom", infill="df", cuts_per_step=1, schedule="mixed")
+    # runs of 64 straddling two depths cost a little of geom-df's 0.616
+    assert 0.612 < saving(all_plans(s, batch_size=64), m=32) <= 0.616
 
 
 # ---------------------------------------------------------------- ADT
@@ -539,7 +545,7 @@ def test_per_row_steps_take_the_static_order_with_each_row_at_its_depth():
             assert mb.row_depths == [salf.depths[i] for i in mb.indices]
             assert mb.depth == min(mb.row_depths) and mb.trainable == [i >= mb.depth for i in range(M)]
     # one epoch trains every sample once at its own depth: the saving is the budget's, exactly
-    assert salf.realized_saving() == pytest.approx(cost_saving_ratio(salf.depths, M), abs=1e-12)
+    assert saving(plans) == pytest.approx(cost_saving_ratio(salf.depths, M), abs=1e-12)
 
 
 def test_round_to_levels_hand_computed():
@@ -562,7 +568,7 @@ def test_cut_levels_bound_the_distinct_cuts_of_every_forward():
             assert len(set(mb.row_depths)) <= 2
             assert all(r <= s.depths[i] for r, i in zip(mb.row_depths, mb.indices, strict=True))
     # the rounding is counted: the realized saving falls below the budget's
-    assert s.realized_saving() < cost_saving_ratio(s.depths, M)
+    assert saving(plans) < cost_saving_ratio(s.depths, M)
 
 
 # ------------------------------------------------------------------------- time-varying depth (issue 19)
@@ -576,8 +582,10 @@ def test_time_varying_depth_follows_the_position_in_the_epoch(schedule):
     s.begin(4, 8, None, 0, labels=[0, 1] * 4)
     bot = make_strategy("bot50", seed=0)
     bot.begin(4, 8, None, 0, labels=[0, 1] * 4)
+    trained = []
     for epoch in (0, 1):
         plans = list(s.epoch_plans(epoch, 4, 2))
+        trained += plans
         # the same samples in the same steps as the static freeze of the same seed ...
         assert [mb.indices for p in plans for mb in p.micro_batches] == \
             [mb.indices for p in bot.epoch_plans(epoch, 4, 2) for mb in p.micro_batches]
@@ -587,7 +595,7 @@ def test_time_varying_depth_follows_the_position_in_the_epoch(schedule):
         assert got == [(d, [d, d]) for d in want]
         masks = [mb.trainable for p in plans for mb in p.micro_batches]
         assert masks[want.index(1)] == [F, T, T, T]
-    assert s.realized_saving() == pytest.approx((0 + 1 + 2 + 3) / 4 / 4)
+    assert saving(trained, m=4) == pytest.approx((0 + 1 + 2 + 3) / 4 / 4)
 
 
 def test_time_varying_depth_splits_a_forward_at_the_position_boundary():

@@ -28,7 +28,8 @@ from salf_engine.config import TrainConfig
 from salf_engine.errors import ConfigError
 from salf_engine.integrations.patching import patch_model, runner_of
 from salf_engine.schedule.driver import Observation, ResumePoint, StrategyDriver
-from salf_engine.schedule.sampling import LocalMicroBatch, PlanBatchSampler
+from salf_engine.schedule.plans import MicroBatch
+from salf_engine.schedule.sampling import PlanBatchSampler
 from salf_engine.training.checkpoint import load_trainer_state, save_trainer_state
 from salf_engine.training.wrapping import TrainableModel, wrap_model
 
@@ -267,7 +268,7 @@ class SalfTrainerMixin:
                       num_items_in_batch: Any = None) -> torch.Tensor:
         """Every micro-batch of the step at its cut: set its trainable layers, forward, weighted backward."""
         assert self.salf_sampler is not None
-        local: list[LocalMicroBatch] = self.salf_sampler.pending.pop(0)
+        local: list[MicroBatch] = self.salf_sampler.pending.pop(0)
         model.train()
         inputs = self._prepare_inputs(inputs)
         micro_batches = inputs["salf_micro_batches"]

@@ -23,7 +23,7 @@ The trainer drives a strategy like this (see :class:`Strategy` for each hook)::
                 strategy.observe(mb.indices, eofs of out.deviations)  # if strategy.needs_observe
             optimizer.step(); step += 1
             strategy.after_step(step, parts.layers)
-    strategy.realized_saving()                                    # mean depth / m over trained samples
+    cost.add_plan(plan) for every plan; cost.saving()            # mean depth / m over trained rows
 """
 
 from __future__ import annotations
@@ -73,9 +73,6 @@ class Strategy:
         self.labels: list[int] = []
         self.probe: Callable[[list[int]], list[int]] | None = None
         self._begun = False
-        self._tally_samples = 0
-        self._tally_depth = 0
-        self._tally_frozen = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -91,7 +88,7 @@ class Strategy:
         """Fix the model depth m, the training-set size N, the profiled eof per sample (SALF; ``None``
         for a sample that was not profiled) and the class label per sample (for class-mixed steps).
 
-        ``seed`` overrides the seed given to :func:`make_strategy`. Resets the realized-saving tally.
+        ``seed`` overrides the seed given to :func:`make_strategy`.
         """
         self.num_layers = positive_int(num_layers, "num_layers")
         self.num_samples = positive_int(num_samples, "num_samples")
@@ -103,7 +100,6 @@ class Strategy:
             self.labels = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
             if len(self.labels) != num_samples:
                 raise ConfigError(f"got {len(self.labels)} labels for {num_samples} samples")
-        self._tally_samples = self._tally_depth = self._tally_frozen = 0
         self._setup(self._check_eofs(eofs))
         self._begun = True
 
@@ -142,21 +138,10 @@ class Strategy:
         size = positive_int(step_size, "step_size (batch_size)")
         micro = size if micro_batch_size is None else positive_int(micro_batch_size, "micro_batch_size")
         micro = min(micro, size)
-        return self._tallied(pack_steps(self._micro_batches(epoch, size, micro), size, micro))
+        return pack_steps(self._micro_batches(epoch, size, micro), size, micro)
 
     def _micro_batches(self, epoch: int, step_size: int, micro_size: int) -> Iterator[MicroBatch]:
         raise NotImplementedError
-
-    def _tallied(self, plans: Iterator[StepPlan]) -> Iterator[StepPlan]:
-        m = self.num_layers
-        for plan in plans:
-            for mb in plan.micro_batches:
-                n = len(mb.indices)
-                self._tally_samples += n
-                self._tally_depth += sum(mb.depths)
-                # a row trains no layer below its own cut, whatever the forward's mask says
-                self._tally_frozen += sum(m - sum(mb.trainable[d:]) for d in mb.depths)
-            yield plan
 
     def _epoch_rng(self, epoch: int) -> random.Random:
         return random.Random(self.seed * 1_000_003 + epoch)
@@ -177,9 +162,9 @@ class Strategy:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    #: Attributes that change after :meth:`begin` (observations, ADT's choice, the tallies); together
+    #: Attributes that change after :meth:`begin` (observations, ADT's choice); together
     #: with ``begin``'s deterministic setup they are the strategy's whole state.
-    _state_attrs: tuple[str, ...] = ("_tally_samples", "_tally_depth", "_tally_frozen")
+    _state_attrs: tuple[str, ...] = ()
 
     def state_dict(self) -> dict:
         """The strategy's mutable state as JSON-able values (a copy), for a checkpoint."""
@@ -194,20 +179,6 @@ class Strategy:
             raise ValueError(f"strategy {self.label!r}: state lacks {', '.join(missing)}")
         for name in self._state_attrs:
             setattr(self, name, copy.deepcopy(state[name]))
-
-    # -- bookkeeping ---------------------------------------------------------------------------
-
-    def realized_saving(self) -> float:
-        """Backprop cost-saving ratio of the plans yielded so far: mean over trained samples of depth / m."""
-        if self._tally_samples == 0:
-            return 0.0
-        return self._tally_depth / (self._tally_samples * self.num_layers)
-
-    def realized_frozen_fraction(self) -> float:
-        """Mean over trained samples of the fraction of layers not trained (counts TOP/INT/LIFT/ADT too)."""
-        if self._tally_samples == 0:
-            return 0.0
-        return self._tally_frozen / (self._tally_samples * self.num_layers)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label!r})"

@@ -14,12 +14,15 @@ class MicroBatch:
     """Samples of one forward: ``indices``, the lowest cut ``depth`` (nothing below it runs backward), the
     per-layer ``trainable`` mask (length m, False below ``depth``, True at ``depth``) and, under the
     per-row schedule, ``row_depths``: each sample's own cut (>= ``depth``), which the runner applies row
-    by row. Without ``row_depths`` every sample is cut at ``depth``."""
+    by row. Without ``row_depths`` every sample is cut at ``depth``. ``weight``: the loss weight of the
+    forward; 1 in a plan, set by :func:`~salf_engine.schedule.sampling.rank_slice` for one rank's share so
+    that the averaged gradient of all ranks equals one process's."""
 
     indices: list[int]
     depth: int
     trainable: list[bool]
     row_depths: list[int] | None = None
+    weight: float = 1.0
 
     @property
     def depths(self) -> list[int]:

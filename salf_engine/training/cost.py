@@ -1,9 +1,14 @@
-"""Training cost accounting in decoder-layer forward units (the backward saving and a FLOPs estimate)."""
+"""Training cost accounting in decoder-layer forward units: the one home of a run's realized backward
+saving, frozen fraction and FLOPs estimate (``budgets.cost_saving_ratio`` is the formula, for a planned
+assignment)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
+
+from salf_engine.schedule.budgets import cost_saving_ratio
 
 __all__ = ["CostMeter"]
 
@@ -22,7 +27,7 @@ class CostMeter:
         self.m = num_layers
         self.lora = lora
         self.examples = 0
-        self._depth_sum = 0
+        self._frozen = 0
         self._units = 0
         self._depths: Counter[int] = Counter()
 
@@ -31,25 +36,37 @@ class CostMeter:
         above = self.m - depth
         weights = 0 if self.lora else sum(trainable[depth:])
         self.examples += n
-        self._depth_sum += n * depth
+        self._frozen += n * (self.m - sum(trainable[depth:]))  # a row trains nothing below its own cut
         self._units += n * (self.m + above + weights)
         self._depths[depth] += n
 
+    def add_plan(self, plan: Any) -> None:
+        """Count every row of a step plan at its own cut (``MicroBatch.depths``) with its forward's mask."""
+        for mb in plan.micro_batches:
+            for depth, n in Counter(mb.depths).items():
+                self.add(n, depth, mb.trainable)
+
     def state_dict(self) -> dict:
         """The counts so far (JSON-able), for a checkpoint."""
-        return {"examples": self.examples, "depth_sum": self._depth_sum, "units": self._units,
+        return {"examples": self.examples, "frozen": self._frozen, "units": self._units,
                 "depths": [[int(k), int(v)] for k, v in sorted(self._depths.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
         self.examples = int(state["examples"])
-        self._depth_sum = int(state["depth_sum"])
+        self._frozen = int(state.get("frozen", 0))  # checkpoints of 0.1 did not count it
         self._units = int(state["units"])
         self._depths = Counter({int(k): int(v) for k, v in state["depths"]})
 
     def saving(self) -> float:
-        """The paper's backward cost-saving ratio: mean over trained examples of depth / m."""
-        return self._depth_sum / (self.examples * self.m) if self.examples else 0.0
+        """The paper's backward cost-saving ratio of the rows trained: mean of depth / m."""
+        if not self.examples:
+            return 0.0
+        return cost_saving_ratio([d for d, n in sorted(self._depths.items()) for _ in range(n)], self.m)
+
+    def frozen_fraction(self) -> float:
+        """Mean over trained rows of the share of layers not trained (TOP / INT / LIFT / ADT masks too)."""
+        return self._frozen / (self.examples * self.m) if self.examples else 0.0
 
     def flops_ratio(self, profiled: int = 0) -> float:
         """Estimated training FLOPs (``profiled`` forward-only examples included) relative to full

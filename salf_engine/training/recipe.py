@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,7 +326,7 @@ class TrainingRecipe:
             "finished": True, "num_layers": self.runner.num_layers, "steps": self.step_count,
             "skipped_steps": self.skipped, "epochs_run": self.epoch_count, "examples_trained": cost.examples,
             "lr": self.lr, "trainable_parameters": int(sum(q.numel() for q in w.trainable)), "lora": w.lora,
-            "head_trained": w.head_trains, "frozen_fraction": float(p.strategy.realized_frozen_fraction()),
+            "head_trained": w.head_trains, "frozen_fraction": cost.frozen_fraction(),
             "profiled_examples": profiled,
             "profile_seconds": round(driver.profile_seconds + driver.probe_seconds, 3),
             "train_seconds": round(train_seconds - driver.probe_seconds, 3),
@@ -408,9 +407,7 @@ class _StepRunner:
                 loss_sum += res.loss if generative else res.loss * len(mb.indices)
                 if self.driver.wants_observations:
                     seen.append(Observation(mb.indices, res.deviations, res.row_losses))
-        for mb in plan.micro_batches:
-            for depth, n in Counter(mb.depths).items():
-                self.cost.add(n, depth, mb.trainable)
+        self.cost.add_plan(plan)
         all_reduce_grads(self.wrapped.trainable)
         step_loss = float(all_reduce_sum(loss_sum)) / max(per, 1)
         grad_norm = float(clip_or_measure(self.wrapped.trainable, self.config.max_grad_norm))

@@ -19,7 +19,7 @@ from salf_engine.config import TrainConfig
 from salf_engine.errors import ConfigError
 
 __all__ = [
-    "MicroBatchResult",
+    "StepOutput",
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
@@ -94,7 +94,7 @@ def compute_loss(out, labels: torch.Tensor, label_token_ids: torch.Tensor, bases
 
 
 @dataclass
-class MicroBatchResult:
+class StepOutput:
     """What one micro-batch step leaves (detached): its mean loss, each row's loss and its deviations (when
     asked)."""
 
@@ -106,7 +106,7 @@ class MicroBatchResult:
 def micro_batch_step(runner, model, batch: dict[str, Any], depth: int | Sequence[int],
                      trainable: Sequence[bool], *, weight: float, label_token_ids: torch.Tensor,
                      bases: torch.Tensor | None, config: TrainConfig,
-                     want_deviations: bool = False) -> MicroBatchResult:
+                     want_deviations: bool = False) -> StepOutput:
     """Forward a collated micro-batch at cut ``depth`` (one int, or one per row: ``MicroBatch.runner_depth``)
     with the plan's ``trainable`` mask, backward its loss times ``weight`` (its share of the step's
     examples); gradients accumulate in the parameters.
@@ -127,12 +127,12 @@ def micro_batch_step(runner, model, batch: dict[str, Any], depth: int | Sequence
     rows_loss = compute_loss(out, labels, label_token_ids, bases, config.loss, config.semantic_temperature)
     loss = rows_loss.mean()
     (loss * weight).backward()
-    return MicroBatchResult(loss=loss.detach(), row_losses=rows_loss.detach(), deviations=out.deviations)
+    return StepOutput(loss=loss.detach(), row_losses=rows_loss.detach(), deviations=out.deviations)
 
 
 def response_micro_batch_step(runner, model, batch: dict[str, Any], depth: int | Sequence[int],
                               trainable: Sequence[bool], *, weight: float, config: TrainConfig
-                              ) -> MicroBatchResult:
+                              ) -> StepOutput:
     """:func:`micro_batch_step` for a prompt/response batch (:func:`~salf_engine.data.responses.
     collate_responses`): the response-only loss (:func:`~salf_engine.training.sft.response_loss`), its token
     sum
@@ -147,7 +147,7 @@ def response_micro_batch_step(runner, model, batch: dict[str, Any], depth: int |
         out = response_loss(runner, batch, depth, gradient_checkpointing=config.gradient_checkpointing,
                             train_embeddings=train_embed)
     (out.total * weight).backward()
-    return MicroBatchResult(loss=out.total.detach(), row_losses=out.rows, deviations=None)
+    return StepOutput(loss=out.total.detach(), row_losses=out.rows, deviations=None)
 
 
 def clip_or_measure(params, max_grad_norm: float | None) -> torch.Tensor:
