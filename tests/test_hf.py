@@ -140,7 +140,7 @@ def test_patched_forward_matches_model_and_keeps_signature():
     with torch.no_grad():  # a salf_depth column: every row at its own cut, same values
         rows = model(input_ids=ids, labels=labels, salf_depth=torch.tensor([1, 4, 0]))
     torch.testing.assert_close(rows.logits, ref.logits, atol=1e-5, rtol=0)
-    with pytest.raises(ConfigError, match="salf_depth must hold integers"):
+    with pytest.raises(ConfigError, match=r"salf_depth must be an int or a \[B\] integer tensor"):
         model(input_ids=ids, salf_depth=torch.tensor([1.0, 2.0, 2.0]))
     with pytest.raises(ConfigError, match="position_ids"):
         model(input_ids=ids, salf_depth=1, position_ids=torch.arange(9)[None])

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from salf_engine.errors import ConfigError
 from salf_engine.models.families import unwrap_peft
-from salf_engine.runner.truncated import TruncatedRunner, last_token_index
+from salf_engine.runner.truncated import TruncatedRunner, last_token_index, plain_depth
 
 __all__ = [
     "SALF_KEYS", "SalfCausalLMOutput", "is_patched", "medium_index", "patch_model", "runner_of",
@@ -57,19 +57,6 @@ def medium_index(labels: Tensor | None, attention_mask: Tensor | None, input_ids
     supervised = labels != -100
     first = torch.argmax(supervised.int(), dim=-1)
     return torch.where(supervised.any(dim=-1) & (first > 0), first - 1, fallback)
-
-
-def _batch_depth(depth: Any) -> int | list[int]:
-    """``salf_depth`` as the runner takes it: one int, or one int per row (a [B] tensor or a list)."""
-    if isinstance(depth, Tensor):
-        flat = depth.reshape(-1)
-        if flat.numel() == 0:
-            raise ConfigError("salf_depth is empty")
-        if flat.dtype.is_floating_point or flat.dtype == torch.bool:
-            raise ConfigError(f"salf_depth must hold integers, got {flat.dtype}")
-        values = flat.tolist()
-        return values[0] if depth.dim() == 0 else values
-    return depth
 
 
 def _foreign_patch(causal_lm: nn.Module) -> str | None:
@@ -106,7 +93,7 @@ def patch_model(model: nn.Module, *, bases: Tensor | None = None, lens: str = "f
             return original(*args, **kwargs)
         if args:
             raise ConfigError("the SALF-patched forward takes keyword arguments only (forward(**batch))")
-        depth = _batch_depth(salf_depth)
+        depth = plain_depth(salf_depth, "salf_depth")
         if salf_train_embeddings is None:
             embed = runner.parts.embed.parameters()
             rows = depth if isinstance(depth, list) else [depth]

@@ -45,6 +45,35 @@ def last_token_index(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor
     return (attention_mask.to(torch.bool) * positions).amax(dim=-1).long()
 
 
+def plain_depth(depth: Any, name: str = "depth") -> int | list[int]:
+    """A cut as plain Python: one int, or one int per row (a list; a [B] tensor becomes one); ConfigError
+    for anything else. The one normalization of a depth argument (the runner, the patched HF forward)."""
+    if isinstance(depth, Tensor):
+        if depth.dim() > 1 or depth.numel() == 0 or depth.dtype.is_floating_point \
+                or depth.dtype == torch.bool:
+            raise ConfigError(f"{name} must be an int or a [B] integer tensor, got {depth.dtype} "
+                              f"of shape {tuple(depth.shape)}")
+        return int(depth.item()) if depth.dim() == 0 else depth.tolist()
+    if isinstance(depth, int) and not isinstance(depth, bool):
+        return depth
+    if isinstance(depth, list | tuple) and all(isinstance(d, int) and not isinstance(d, bool) for d in depth):
+        return list(depth)
+    raise ConfigError(f"{name} must be an int or one such int per row, got {depth!r}")
+
+
+def row_depths(depth: Any, batch: int, num_layers: int) -> list[int]:
+    """``depth`` (see :func:`plain_depth`) as B ints in 0..m."""
+    plain = plain_depth(depth)
+    depths = [plain] * batch if isinstance(plain, int) else plain
+    if len(depths) != batch:
+        raise ConfigError(f"depth has {len(depths)} entries for a batch of {batch} rows")
+    bad = [d for d in depths if not 0 <= d <= num_layers]
+    if bad:
+        raise ConfigError(f"depth {bad[0]} is out of range: the model has {num_layers} decoder layers, "
+                          f"so depth must be in 0..{num_layers}")
+    return depths
+
+
 def _call_layer(layer: nn.Module, hidden: Tensor, **kwargs: Any) -> Tensor:
     """Call a decoder layer with transformers' own per-layer checkpointing switched off for the call.
 
@@ -106,6 +135,29 @@ def _hf_checkpointing_on(layers: list[nn.Module]) -> bool:
     return any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in layers)
 
 
+def _with_ghosts(x: Tensor | None) -> Tensor | None:
+    """``x`` with two copies of its row 0 appended (FSDP2's ghost rows)."""
+    if x is None:
+        return None
+    return torch.cat([x, x[:1].expand(2, *x.shape[1:])])
+
+
+def _input_rows(normed: Tensor, last_hidden: Tensor, states: Tensor | None, perm: Tensor | None,
+                batch: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The outputs back in the input's row order, without ghost rows (the trained ghost joins the loss with
+    weight 0, so every rank runs backward through it)."""
+    if perm is not None:
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        normed, last_hidden = normed[inverse], last_hidden[inverse]
+        states = states[:, inverse] if states is not None else None
+    if normed.shape[0] > batch:
+        zero = 0.0 * normed[batch:].sum()
+        normed, last_hidden = normed[:batch] + zero, last_hidden[:batch] + zero
+        states = states[:, :batch] if states is not None else None
+    return normed, last_hidden, states
+
+
 class TruncatedRunner:
     """Run a causal LM with its bottom ``depth`` decoder layers outside autograd.
 
@@ -153,31 +205,6 @@ class TruncatedRunner:
             raise ConfigError(f"bases must be [K, {self._hidden_size()}], got {tuple(bases.shape)}")
         self.bases = bases
 
-    def _check_depths(self, depth: Any, batch: int) -> list[int]:
-        """``depth`` (an int, or one int per row as a list or [B] tensor) as a list of B ints in 0..m."""
-        m = self.num_layers
-        if isinstance(depth, Tensor):
-            if depth.dim() > 1 or depth.dtype.is_floating_point or depth.dtype == torch.bool:
-                raise ConfigError(f"depth must be an int or a [B] integer tensor, got {depth.dtype} "
-                                  f"of shape {tuple(depth.shape)}")
-            depth = int(depth.item()) if depth.dim() == 0 else depth.tolist()
-        if isinstance(depth, int) and not isinstance(depth, bool):
-            depths = [depth] * batch
-        elif isinstance(depth, list | tuple) and all(
-                isinstance(d, int) and not isinstance(d, bool) for d in depth):
-            depths = list(depth)
-            if len(depths) != batch:
-                raise ConfigError(f"depth has {len(depths)} entries for a batch of {batch} rows")
-        else:
-            raise ConfigError(f"depth must be an int in 0..{m} or one such int per row, got {depth!r}")
-        bad = [d for d in depths if not 0 <= d <= m]
-        if bad:
-            raise ConfigError(
-                f"depth {bad[0]} is out of range: the model has {m} decoder layers, "
-                f"so depth must be in 0..{m}"
-            )
-        return depths
-
     def __call__(
         self,
         input_ids: Tensor,
@@ -208,83 +235,66 @@ class TruncatedRunner:
                 never checkpointed). Also on when the model had transformers' gradient checkpointing enabled.
             train_embeddings: with every depth 0, run the embedding with autograd as well (full fine-tuning).
         """
+        batch = input_ids.shape[0]
+        depths, last_index = self._check_call(input_ids, attention_mask, depth, last_index, logits,
+                                              train_embeddings)
+        want_dev = self.bases is not None and labels is not None
+        # FSDP2 gathers a layer's weights at every call and reduces its gradients after its backward, so every
+        # rank must make the same calls although its rows sit at other cuts: two ghost copies of row 0, one
+        # frozen everywhere and one trained everywhere, give every layer both calls on every rank. One int
+        # depth is one cut for every rank (as the planners hand it out): no ghost is needed there.
+        per_row = not isinstance(plain_depth(depth), int)
+        if per_row and _fsdp_sharded(list(self.parts.layers)):
+            input_ids, attention_mask, last_index = (_with_ghosts(x) for x in (input_ids, attention_mask,
+                                                                                last_index))
+            depths = [*depths, self.num_layers, 0]
+        # deepest first (stable): the rows frozen at layer i are rows [0, frozen_at[i])
+        order = sorted(range(len(depths)), key=lambda r: -depths[r])
+        perm = torch.tensor(order, device=input_ids.device) if order != sorted(order) else None
+        if perm is not None:
+            input_ids, last_index = input_ids[perm], last_index[perm]
+            attention_mask = attention_mask[perm] if attention_mask is not None else None
+        frozen_at = [sum(d > i for d in depths) for i in range(self.num_layers + 1)]
+        hidden, states = self._layers(input_ids, attention_mask, last_index, frozen_at, want_dev=want_dev,
+                                      gradient_checkpointing=gradient_checkpointing,
+                                      train_embeddings=train_embeddings)
+        rows = torch.arange(len(depths), device=input_ids.device)
+        if logits == "last":
+            normed = last_hidden = self.parts.final_norm(hidden[rows, last_index])
+        else:
+            normed = self.parts.final_norm(hidden)
+            last_hidden = normed[rows, last_index]
+        if states is not None:
+            states[self.num_layers] = last_hidden.detach()
+        normed, last_hidden, states = _input_rows(normed, last_hidden, states, perm, batch)
+        dev = None
+        if states is not None:
+            with torch.no_grad():
+                dev = self._deviations(states, labels)
+        return RunnerOutput(logits=None if logits == "none" else self.parts.head(normed), deviations=dev,
+                            last_hidden=last_hidden, hidden=None if logits == "last" else normed)
+
+    def _check_call(self, input_ids: Tensor, attention_mask: Tensor | None, depth: Any,
+                    last_index: Tensor | None, logits: str, train_embeddings: bool
+                    ) -> tuple[list[int], Tensor]:
+        """The call's arguments checked: (each row's depth, each row's medium-token position)."""
         if logits not in _LOGITS:
             raise ConfigError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
         if input_ids.dim() != 2:
             raise ConfigError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         batch = input_ids.shape[0]
-        depths = self._check_depths(depth, batch)
+        depths = row_depths(depth, batch, self.num_layers)
         if train_embeddings and any(depths):
             raise ConfigError("train_embeddings needs depth 0 (the embedding is below every frozen layer)")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ConfigError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != "
-                f"input_ids shape {tuple(input_ids.shape)}"
-            )
+            raise ConfigError(f"attention_mask shape {tuple(attention_mask.shape)} != "
+                              f"input_ids shape {tuple(input_ids.shape)}")
         if last_index is None:
-            last_index = last_token_index(attention_mask, input_ids)
-        else:
-            last_index = torch.as_tensor(last_index, device=input_ids.device).long().reshape(-1)
-            if last_index.numel() != batch:
-                raise ConfigError(
-                    f"last_index must have one entry per row ({batch}), got {last_index.numel()}"
-                )
-        want_dev = self.bases is not None and labels is not None
-
-        # FSDP2 gathers a layer's weights at every call and reduces its gradients after its backward, so every
-        # rank must make the same calls although its rows sit at other cuts: two ghost copies of row 0, one
-        # frozen everywhere and one trained everywhere, give every layer both calls on every rank. One int
-        # depth is one cut for every rank (as the planners hand it out): no ghost is needed there.
-        per_row = isinstance(depth, list | tuple) or isinstance(depth, Tensor) and depth.dim() == 1
-        ghosts = 2 if per_row and _fsdp_sharded(list(self.parts.layers)) else 0
-        if ghosts:
-            input_ids = torch.cat([input_ids, input_ids[:1].expand(ghosts, -1)])
-            attention_mask = (torch.cat([attention_mask, attention_mask[:1].expand(ghosts, -1)])
-                              if attention_mask is not None else None)
-            last_index = torch.cat([last_index, last_index[:1].expand(ghosts)])
-            depths = [*depths, self.num_layers, 0]
-            batch += ghosts
-        # deepest first (stable): the rows frozen at layer i are rows [0, frozen_at[i])
-        order = sorted(range(batch), key=lambda r: -depths[r])
-        permuted = order != list(range(batch))
-        if permuted:
-            perm = torch.tensor(order, device=input_ids.device)
-            input_ids, last_index = input_ids[perm], last_index[perm]
-            attention_mask = attention_mask[perm] if attention_mask is not None else None
-        frozen_at = [sum(d > i for d in depths) for i in range(self.num_layers + 1)]
-
-        hidden, states = self._layers(input_ids, attention_mask, last_index, frozen_at, want_dev=want_dev,
-                                      gradient_checkpointing=gradient_checkpointing,
-                                      train_embeddings=train_embeddings)
-        parts = self.parts
-        rows = torch.arange(batch, device=input_ids.device)
-        if logits == "last":
-            last_hidden = parts.final_norm(hidden[rows, last_index])
-            normed = last_hidden
-        else:
-            normed = parts.final_norm(hidden)
-            last_hidden = normed[rows, last_index]
-        if states is not None:
-            states[self.num_layers] = last_hidden.detach()
-        if permuted:
-            inverse = torch.empty_like(perm)
-            inverse[perm] = rows
-            normed, last_hidden = normed[inverse], last_hidden[inverse]
-            states = states[:, inverse] if states is not None else None
-        if ghosts:  # the trained ghost joins the loss with weight 0: every rank runs backward through it
-            batch -= ghosts
-            zero = 0.0 * normed[batch:].sum()
-            normed, last_hidden = normed[:batch] + zero, last_hidden[:batch] + zero
-            states = states[:, :batch] if states is not None else None
-        out_logits = None if logits == "none" else parts.head(normed)
-
-        dev = None
-        if states is not None:
-            assert labels is not None
-            with torch.no_grad():
-                dev = self._deviations(states, labels)
-        return RunnerOutput(logits=out_logits, deviations=dev, last_hidden=last_hidden,
-                            hidden=None if logits == "last" else normed)
+            return depths, last_token_index(attention_mask, input_ids)
+        last_index = torch.as_tensor(last_index, device=input_ids.device).long().reshape(-1)
+        if last_index.numel() != batch:
+            raise ConfigError(f"last_index must have one entry per row ({batch}), got {last_index.numel()}")
+        return depths, last_index
 
     def _layers(self, input_ids: Tensor, attention_mask: Tensor | None, last_index: Tensor,
                 frozen_at: list[int], *, want_dev: bool, gradient_checkpointing: bool,
