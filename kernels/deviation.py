@@ -70,9 +70,14 @@ except ImportError:  # torch < 2.6: no triton_op either, the op is registered as
         return kernel
 
 
-from salf_engine.deviation.contract import METRIC_CODES, KernelInputError, check_deviation_inputs
+from salf_engine.deviation.contract import (
+    DeviationInputs,
+    KernelInputError,
+    check_deviation_inputs,
+)
 
-__all__ = ["deviations_triton", "deviations_triton_stacked", "deviation_kernel", "TRITON_OP", "OP_KIND"]
+__all__ = ["deviations_triton", "deviations_triton_stacked", "deviation_kernel", "launch_deviations",
+           "TRITON_OP", "OP_KIND"]
 
 _TILE_ELEMENTS = 8192  # register budget of the [BLOCK_K, BLOCK_D] bases tile (fp32 elements)
 
@@ -284,6 +289,14 @@ def deviations_triton(
             devices, ranges or names.
     """
     inp = check_deviation_inputs(states, last_index, labels, bases, lens, metric, validate=validate)
+    return launch_deviations(inp, with_eof, group_size=group_size)
+
+
+def launch_deviations(inp: DeviationInputs, with_eof: bool = False, *, group_size: int | None = None
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The kernel over inputs already checked (``check_deviation_inputs``, gathered, the lens as parts):
+    what ``deviations_triton`` runs after its check, and what the dispatcher calls, so inputs are
+    checked once per call."""
     device, B, S, D, K = inp.device, inp.batch, inp.n_spaces, inp.hidden, inp.n_labels
     out = torch.empty(B, S, dtype=torch.float32, device=device)
     eof = torch.empty(B, dtype=torch.int64, device=device)
@@ -333,7 +346,7 @@ def deviations_triton(
         STACKED=False,
         LENS_KIND=inp.lens_kind,
         HAS_BIAS=inp.bias is not None,
-        METRIC=METRIC_CODES[metric],
+        METRIC=inp.metric,
         WITH_EOF=with_eof,
         BLOCK_D=block_d,
         BLOCK_K=block_k,

@@ -18,6 +18,7 @@ from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from salf_engine.deviation.compute import deviations, deviations_reference, eof_layers, gains
+from salf_engine.deviation.contract import LENS_CODES, METRIC_CODES
 from salf_engine.deviation.semantics import LensSpec, lens_spec, semantic_bases
 from salf_engine.errors import SalfError
 
@@ -325,11 +326,14 @@ def fresh_warnings(monkeypatch):
 
 
 def _fake_module(name: str, attr: str, calls: list, *, cpp_available: bool | None = None):
+    """A stand-in kernel module whose entry point (over checked inputs) records what the dispatcher hands
+    it: (module, states, last_index, labels, bases, lens kind, lens weight, metric code)."""
     module = types.ModuleType(name)
 
-    def kernel(states, last_index, labels, bases, lens, metric, **kwargs):
-        calls.append((name, states, last_index, labels, bases, lens, metric))
-        return torch.full((states[0].shape[0], len(states)), 7.0)
+    def kernel(inp, *args, **kwargs):
+        calls.append((name, inp.views, inp.last_index, inp.labels, inp.bases, inp.lens_kind, inp.weight,
+                      inp.metric))
+        return torch.full((inp.batch, inp.n_spaces), 7.0)
 
     setattr(module, attr, kernel)
     if cpp_available is not None:
@@ -362,16 +366,16 @@ def test_auto_picks_triton_under_the_interpreter(monkeypatch, fresh_warnings):
     calls: list = []
     _install(
         monkeypatch,
-        triton=_fake_module("salf_engine.kernels.deviation", "deviations_triton", calls),
-        ops=_fake_module("salf_engine.deviation.cpp_op", "deviations_cpp", calls, cpp_available=True),
+        triton=_fake_module("salf_engine.kernels.deviation", "launch_deviations", calls),
+        ops=_fake_module("salf_engine.deviation.cpp_op", "run_checked", calls, cpp_available=True),
     )
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     states, last, labels, bases = _good()
     norm = make_norm("gemma2", 6)
     out = deviations(states, last.int(), labels.tolist(), bases.double(), lens=norm, metric="rank")
     assert torch.equal(out, torch.full((2, 3), 7.0))
-    name, k_states, k_last, k_labels, k_bases, k_lens, k_metric = calls[-1]
-    assert name == "salf_engine.kernels.deviation" and k_metric == "rank"
+    name, k_states, k_last, k_labels, k_bases, k_lens, k_weight, k_metric = calls[-1]
+    assert name == "salf_engine.kernels.deviation" and k_metric == METRIC_CODES["rank"]
     assert len(k_states) == 3 and all(
         a is b or torch.equal(a, b) for a, b in zip(k_states, states, strict=True)
     )
@@ -379,27 +383,27 @@ def test_auto_picks_triton_under_the_interpreter(monkeypatch, fresh_warnings):
         k_last.dtype == torch.long and k_labels.dtype == torch.long and k_labels.tolist() == labels.tolist()
     )
     assert k_bases.dtype == torch.float32 and k_bases.is_contiguous()
-    assert isinstance(k_lens, LensSpec) and k_lens.kind == "rms"
-    torch.testing.assert_close(k_lens.weight, norm.weight.detach() + 1.0)
+    assert k_lens == LENS_CODES["rms"]  # gemma2's norm scales by 1 + w
+    torch.testing.assert_close(k_weight, norm.weight.detach() + 1.0)
 
 
 def test_auto_picks_cpp_without_interpreter_then_torch(monkeypatch, fresh_warnings):
     calls: list = []
-    triton_mod = _fake_module("salf_engine.kernels.deviation", "deviations_triton", calls)
+    triton_mod = _fake_module("salf_engine.kernels.deviation", "launch_deviations", calls)
     _install(
         monkeypatch,
         triton=triton_mod,
-        ops=_fake_module("salf_engine.deviation.cpp_op", "deviations_cpp", calls, cpp_available=True),
+        ops=_fake_module("salf_engine.deviation.cpp_op", "run_checked", calls, cpp_available=True),
     )
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     states, last, labels, bases = _good()
     deviations(states, last, labels, bases)
-    assert calls[-1][0] == "salf_engine.deviation.cpp_op" and calls[-1][5].kind == "none"
+    assert calls[-1][0] == "salf_engine.deviation.cpp_op" and calls[-1][5] == LENS_CODES["none"]
     # the C++ op not built: auto silently uses torch, an explicit request is an error
     _install(
         monkeypatch,
         triton=triton_mod,
-        ops=_fake_module("salf_engine.deviation.cpp_op", "deviations_cpp", calls, cpp_available=False),
+        ops=_fake_module("salf_engine.deviation.cpp_op", "run_checked", calls, cpp_available=False),
     )
     n_calls = len(calls)
     with warnings.catch_warnings():
@@ -419,7 +423,7 @@ def test_auto_uses_torch_for_a_norm_kernels_cannot_fold(monkeypatch, fresh_warni
     calls: list = []
     _install(
         monkeypatch,
-        triton=_fake_module("salf_engine.kernels.deviation", "deviations_triton", calls),
+        triton=_fake_module("salf_engine.kernels.deviation", "launch_deviations", calls),
         ops=None,
     )
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -437,8 +441,8 @@ def test_explicit_torch_never_touches_kernels(monkeypatch, fresh_warnings):
     calls: list = []
     _install(
         monkeypatch,
-        triton=_fake_module("salf_engine.kernels.deviation", "deviations_triton", calls),
-        ops=_fake_module("salf_engine.deviation.cpp_op", "deviations_cpp", calls, cpp_available=True),
+        triton=_fake_module("salf_engine.kernels.deviation", "launch_deviations", calls),
+        ops=_fake_module("salf_engine.deviation.cpp_op", "run_checked", calls, cpp_available=True),
     )
     states, last, labels, bases = _good()
     out = deviations(states, last, labels, bases, impl="torch", metric="rank")
@@ -541,8 +545,8 @@ def test_auto_falls_back_once_for_inputs_no_kernel_takes(monkeypatch, fresh_warn
     calls: list = []
     _install(
         monkeypatch,
-        triton=_fake_module("salf_engine.kernels.deviation", "deviations_triton", calls),
-        ops=_fake_module("salf_engine.deviation.cpp_op", "deviations_cpp", calls, cpp_available=True),
+        triton=_fake_module("salf_engine.kernels.deviation", "launch_deviations", calls),
+        ops=_fake_module("salf_engine.deviation.cpp_op", "run_checked", calls, cpp_available=True),
     )
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     states, last, labels, bases = _good()
@@ -557,3 +561,33 @@ def test_auto_falls_back_once_for_inputs_no_kernel_takes(monkeypatch, fresh_warn
         deviations(states64, last, labels, bases)
     with pytest.raises(SalfError, match="impl='cpp' was requested but the kernels take float32"):
         deviations(states64, last, labels, bases, impl="cpp")
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpp"])
+def test_the_dispatcher_checks_the_inputs_once(impl, monkeypatch):
+    """One deviations() call runs the input check once, whichever kernel runs (the kernel gets the checked
+    inputs through contract.for_kernel, never its own public entry)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = importlib.import_module("salf_engine.kernels.deviation" if impl == "triton"
+                                     else "salf_engine.deviation.cpp_op")
+    if impl == "cpp":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not module.cpp_available():
+                pytest.skip("C++ op not built")
+    import salf_engine.deviation.contract as contract
+
+    calls = []
+    real = contract.check_deviation_inputs
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("kernel", True))
+        return real(*args, **kwargs)
+
+    for mod in (dev_mod, module):
+        monkeypatch.setattr(mod, "check_deviation_inputs", counted)
+    states, last, labels, bases = make_inputs(2, 3, 16, 2, 3, layout="transposed")
+    norm = make_norm("llama", 16)
+    out = deviations(states, last, labels, bases, lens=norm, impl=impl)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, loop_deviations(states, last, labels, bases, norm, "cosine"))

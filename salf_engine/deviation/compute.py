@@ -28,15 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from salf_engine.deviation import cpp_op as _ops
+from salf_engine.deviation import cpp_op
 from salf_engine.deviation.contract import (
     BOUNDARIES,
     IMPLS,
-    LENS_CODES,
-    METRIC_CODES,
     METRICS,
     DeviationInputs,
     check_deviation_inputs,
+    for_kernel,
     kernel_limits,
 )
 from salf_engine.deviation.semantics import LensSpec, lens_spec
@@ -201,9 +200,12 @@ class Backend:
 
     name: str
     module: str | None
-    attr: str
+    attr: str  # the entry point over checked inputs (``contract.for_kernel``)
     device_problem: Callable[[torch.device], str | None]
     ready: Callable[[object], None] | None = None
+    gather: bool = True  # the kernel reads spaces with feature stride 1 only: gather the others' rows
+    #: under torch.compile: the traceable call over kernel-ready inputs, or None where it cannot run
+    traced: Callable[[DeviationInputs, LensSpec, str], Tensor | None] | None = None
 
     def entry(self, device: torch.device) -> Callable[..., Tensor] | None:
         """The kernel function for tensors on `device` (None: the torch reference); raises _Unavailable."""
@@ -221,32 +223,56 @@ class Backend:
         return getattr(module, self.attr)
 
 
-#: The deviation backends by name; ``auto`` tries :data:`AUTO_ORDER` and takes the first that can run.
+def _traced_triton(inp: DeviationInputs, lens: LensSpec, metric: str) -> Tensor | None:
+    """The registered Triton op over the gathered medium-token rows ([S, B, D]); CUDA only (the
+    interpreter cannot trace)."""
+    if inp.device.type != "cuda":
+        return None
+    from salf_engine.kernels.deviation import deviations_triton_stacked
+
+    rows = torch.arange(inp.batch, device=inp.device)
+    stacked = torch.stack([h[rows, inp.last_index] for h in inp.states])
+    return deviations_triton_stacked(stacked, None, inp.labels, inp.bases, lens, metric, validate=False)
+
+
+def _traced_cpp(inp: DeviationInputs, lens: LensSpec, metric: str) -> Tensor | None:
+    """``torch.ops.salf`` (it has a fake kernel), when it was built for the device before tracing."""
+    if not cpp_op.built_for(inp.device):
+        return None
+    inp = for_kernel(inp, lens, gather=False)
+    return torch.ops.salf.deviations(inp.views, inp.last_index, inp.labels, inp.bases, inp.weight, inp.bias,
+                                     inp.lens_kind, float(inp.eps), inp.metric)
+
+
+#: The deviation backends by name; ``auto`` tries :data:`AUTO_ORDER` and takes the first that can run. The
+#: one home of the backend choice, eager and traced.
 BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", "salf_engine.kernels.deviation", "deviations_triton", _triton_device),
-    "cpp": Backend("cpp", "salf_engine.deviation.cpp_op", "deviations_cpp", _cpp_device,
-                   lambda m: _cpp_ready(m, with_cuda=False)),
-    "cuda": Backend("cuda", "salf_engine.deviation.cpp_op", "deviations_cpp", _cuda_device,
-                    lambda m: _cpp_ready(m, with_cuda=True)),
+    "triton": Backend("triton", "salf_engine.kernels.deviation", "launch_deviations", _triton_device,
+                      traced=_traced_triton),
+    "cpp": Backend("cpp", "salf_engine.deviation.cpp_op", "run_checked", _cpp_device,
+                   lambda m: _cpp_ready(m, with_cuda=False), gather=False, traced=_traced_cpp),
+    "cuda": Backend("cuda", "salf_engine.deviation.cpp_op", "run_checked", _cuda_device,
+                    lambda m: _cpp_ready(m, with_cuda=True), gather=False, traced=_traced_cpp),
     "torch": Backend("torch", None, "", lambda _device: None),
 }
 AUTO_ORDER = ("triton", "cpp", "torch")
 
 
 def _choose(impl: str, inputs: DeviationInputs, lens: Lens
-            ) -> tuple[Callable[..., Tensor] | None, LensSpec | None]:
-    """(kernel function or None for torch, the lens as a LensSpec for a kernel) for `impl` and the inputs.
+            ) -> tuple[Backend | None, Callable[..., Tensor] | None, LensSpec | None]:
+    """(the backend, its kernel function, the lens as a LensSpec for a kernel) for `impl` and the inputs;
+    (None, None, None) for the torch reference.
 
     ``auto``: the first backend of AUTO_ORDER that runs here, saying once why one was skipped. An explicit
     impl that cannot run raises a SalfError with the reason.
     """
     device = inputs.device
     if impl == "torch":
-        return None, None
+        return None, None, None
     names = AUTO_ORDER if impl == "auto" else (impl,)
     for name in names:
         if name == "torch":
-            return None, None
+            return None, None, None
         try:
             fn = BACKENDS[name].entry(device)
             too_big = kernel_limits(inputs)
@@ -264,11 +290,11 @@ def _choose(impl: str, inputs: DeviationInputs, lens: Lens
                 spec = lens_spec(lens)
             except SalfError as exc:
                 _warn_once(f"lens:{type(lens).__name__}", f"deviations: using torch because {exc}")
-                return None, None
+                return None, None, None
         else:
             spec = lens_spec(lens)
-        return fn, spec
-    return None, None
+        return BACKENDS[name], fn, spec
+    return None, None, None
 
 
 def deviations(
@@ -301,15 +327,14 @@ def deviations(
         return _deviations_compiling(hidden_states, last_index, labels, bases, lens, metric, impl)
     inputs = _check(hidden_states, last_index, labels, bases, metric, validate=check_ranges)
     _check_lens(lens, inputs.hidden)
-    fn, spec = _choose(impl, inputs, lens)
-    if fn is None:
+    backend, fn, spec = _choose(impl, inputs, lens)
+    if backend is None:
         with torch.no_grad():
             return _reference(inputs, lens, metric)
     if spec.dim is not None and spec.dim != inputs.hidden:
         raise SalfError(f"the lens has dimension {spec.dim} but the hidden states have D = {inputs.hidden}")
-    # checked once, above: the kernel skips its range check (validate=False)
-    return fn(inputs.states, inputs.last_index, inputs.labels, inputs.bases, spec.to(inputs.bases.device),
-              metric, validate=False)
+    # checked once, above: the kernel gets the checked inputs, made ready for it
+    return fn(for_kernel(inputs, spec.to(inputs.device), gather=backend.gather))
 
 
 def _deviations_compiling(
@@ -346,37 +371,18 @@ def _deviations_compiling(
         spec = None
     if spec is not None and spec.dim is not None and spec.dim != dim:
         raise SalfError(f"the lens has dimension {spec.dim} but the hidden states have D = {dim}")
+    names = AUTO_ORDER if impl == "auto" else (impl,)
     with torch.no_grad():
-        if spec is not None and impl in ("auto", "triton") and device.type == "cuda":
-            from salf_engine.kernels.deviation import deviations_triton_stacked
-
-            rows = torch.arange(inputs.last_index.shape[0], device=device)
-            stacked = torch.stack([h.detach()[rows, inputs.last_index] for h in inputs.states])  # [S, B, D]
-            return deviations_triton_stacked(
-                stacked, None, inputs.labels, inputs.bases, spec.to(device), metric, validate=False
-            )
-        if spec is not None and impl in ("auto", "cpp", "cuda") and _cpp_built(device):
-            spec = spec.to(device)
-            return torch.ops.salf.deviations(
-                [h.detach() for h in inputs.states],
-                inputs.last_index,
-                inputs.labels,
-                inputs.bases,
-                spec.weight,
-                spec.bias,
-                LENS_CODES[spec.kind],
-                float(spec.eps),
-                METRIC_CODES[metric],
-            )
+        for name in names:
+            traced = BACKENDS[name].traced
+            if spec is None or traced is None:
+                break
+            out = traced(inputs, spec.to(device), metric)
+            if out is not None:
+                return out
         if impl in ("cpp", "cuda"):
             raise SalfError(f"impl={impl!r} under torch.compile needs the C++ op built before tracing")
         return _reference(inputs, lens, metric)
-
-
-def _cpp_built(device: torch.device) -> bool:
-    """Whether torch.ops.salf was already built (for `device`); never builds it (not while tracing)."""
-    state = _ops._BUILD
-    return bool(state["ok"]) and (device.type == "cpu" or bool(state["cuda"]))
 
 
 # --------------------------------------------------------------------------- gains / eof

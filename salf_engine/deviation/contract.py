@@ -9,6 +9,7 @@ nor a compiler.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
@@ -33,6 +34,7 @@ __all__ = [
     "KernelInputError",
     "DeviationInputs",
     "check_deviation_inputs",
+    "for_kernel",
     "kernel_limits",
     "lens_parts",
 ]
@@ -147,9 +149,10 @@ def check_deviation_inputs(
 ) -> DeviationInputs:
     """Check the inputs of a deviation computation; raise ``KernelInputError`` naming the problem.
 
-    The one input check of every path: the dispatcher (`salf_engine.deviation.compute.deviations`), the torch
-    reference, the Triton kernels and the C++ op's Python entry. (The C++ op's ``prepare`` keeps its own
-    ``TORCH_CHECK``s, the guard of a raw ``torch.ops.salf`` call; the CPU fast path relies on them.)
+    The one input check of every path: the dispatcher (`salf_engine.deviation.compute.deviations`, which
+    hands the checked inputs to a kernel through :func:`for_kernel`), the torch reference, and the Triton
+    kernels' and the C++ op's own Python entries when called directly. (The C++ op's ``prepare`` keeps
+    its own ``TORCH_CHECK``s, the guard of a raw ``torch.ops.salf`` call; the CPU fast path relies on them.)
 
     ``last_index`` and ``labels``: [B] integer tensors or sequences of ints. A space whose feature stride is
     not 1 is gathered to contiguous ``[B, D]`` rows (the only copy); every other space is read in place.
@@ -162,6 +165,37 @@ def check_deviation_inputs(
 
     if metric not in METRIC_CODES:
         raise KernelInputError(f"unknown deviation metric {metric!r}: expected one of {', '.join(METRICS)}")
+    batch, hidden, device, dtype = _check_states(states, kernel)
+    li = _index_tensor(last_index, "last_index", batch, device)
+    lab = _index_tensor(labels, "labels", batch, device)
+    n_labels = _check_bases(bases, hidden, device, kernel)
+    lens_kind, weight, bias, eps = lens_parts(lens, hidden, device)
+    detached = [s.detach() for s in states]
+    if validate and batch > 0:
+        _check_ranges(lab, li, n_labels, min(s.shape[1] for s in detached))
+    inputs = DeviationInputs(
+        views=detached, batch_strides=[s.stride(0) for s in detached],
+        time_strides=[s.stride(1) for s in detached], time_lengths=[s.shape[1] for s in detached],
+        last_index=li, labels=lab, bases=bases.detach().to(torch.float32).contiguous(), weight=weight,
+        bias=bias, lens_kind=lens_kind, eps=eps, metric=METRIC_CODES[metric], device=device, dtype=dtype,
+        batch=batch, n_spaces=len(states), hidden=hidden, n_labels=n_labels, states=detached,
+    )
+    return _gathered(inputs) if gather else inputs
+
+
+def for_kernel(inputs: DeviationInputs, lens, *, gather: bool) -> DeviationInputs:
+    """Inputs the dispatcher checked (``check_deviation_inputs(..., gather=False)``) made ready for a kernel:
+    the lens as its parts and, with ``gather``, the medium-token rows of spaces whose feature stride is
+    not 1; nothing is checked again but the lens's own shape."""
+    kind, weight, bias, eps = lens_parts(lens, inputs.hidden, inputs.device)
+    ready = dataclasses.replace(inputs, lens_kind=kind, weight=weight, bias=bias, eps=eps)
+    return _gathered(ready) if gather else ready
+
+
+def _check_states(states, kernel: bool):
+    """(B, D, device, dtype) of m+1 [B, T, D] states that fit together."""
+    import torch
+
     if isinstance(states, torch.Tensor) or not isinstance(states, Sequence):
         raise KernelInputError("states must be a list of m+1 tensors [B, T, D]")
     if len(states) < 2:
@@ -173,8 +207,6 @@ def check_deviation_inputs(
     device, dtype = first.device, first.dtype
     if kernel and dtype not in _kernel_dtypes():
         raise KernelInputError(f"states must be float32, bfloat16 or float16, got {dtype}")
-    views, sb, st, tl_ = [], [], [], []
-    li = _index_tensor(last_index, "last_index", batch, device)
     for k, s in enumerate(states):
         if not isinstance(s, torch.Tensor) or s.dim() != 3:
             raise KernelInputError(f"state {k} must be a [B, T, D] tensor")
@@ -192,20 +224,13 @@ def check_deviation_inputs(
             raise KernelInputError(f"state {k} is on {s.device} but state 0 is on {device}")
         if s.shape[1] == 0:
             raise KernelInputError(f"state {k} has no time steps")
-        s = s.detach()
-        if gather and s.stride(2) != 1 and hidden > 1:
-            # Fallback: gather only the medium-token rows (B x D), never the whole tensor.
-            idx = li.clamp(0, s.shape[1] - 1)
-            rows = s[torch.arange(batch, device=device), idx].contiguous()
-            views.append(rows)
-            sb.append(hidden)
-            st.append(0)
-        else:
-            views.append(s)
-            sb.append(s.stride(0))
-            st.append(s.stride(1))
-        tl_.append(s.shape[1])
-    lab = _index_tensor(labels, "labels", batch, device)
+    return batch, hidden, device, dtype
+
+
+def _check_bases(bases, hidden: int, device, kernel: bool) -> int:
+    """K, the number of label bases of a [K, D] tensor that fits the states."""
+    import torch
+
     if not isinstance(bases, torch.Tensor) or bases.dim() != 2:
         raise KernelInputError("bases must be a [K, D] tensor")
     if bases.shape[1] != hidden:
@@ -217,37 +242,37 @@ def check_deviation_inputs(
     n_labels = bases.shape[0]
     if n_labels < 1 or (kernel and n_labels > MAX_LABELS):
         raise KernelInputError(f"bases must hold 1..{MAX_LABELS} labels, got K = {n_labels}")
-    lens_kind, weight, bias, eps = lens_parts(lens, hidden, device)
-    if validate and batch > 0:
-        lo_y, hi_y, lo_t, hi_t = torch.stack([lab.min(), lab.max(), li.min(), li.max()]).tolist()
-        if lo_y < 0 or hi_y >= n_labels:
-            bad = lo_y if lo_y < 0 else hi_y
-            raise KernelInputError(f"label index {bad} is outside 0..K-1 = 0..{n_labels - 1}")
-        t_min = min(tl_)
-        if lo_t < 0 or hi_t >= t_min:
-            bad = lo_t if lo_t < 0 else hi_t
-            raise KernelInputError(f"last_index {bad} is outside 0..T-1 = 0..{t_min - 1}")
-    return DeviationInputs(
-        views=views,
-        batch_strides=sb,
-        time_strides=st,
-        time_lengths=tl_,
-        last_index=li,
-        labels=lab,
-        bases=bases.detach().to(torch.float32).contiguous(),
-        weight=weight,
-        bias=bias,
-        lens_kind=lens_kind,
-        eps=eps,
-        metric=METRIC_CODES[metric],
-        device=device,
-        dtype=dtype,
-        batch=batch,
-        n_spaces=len(states),
-        hidden=hidden,
-        n_labels=n_labels,
-        states=[s.detach() for s in states],
-    )
+    return n_labels
+
+
+def _check_ranges(labels, last_index, n_labels: int, time_steps: int) -> None:
+    """Label and position ranges, read on the host (one device sync)."""
+    import torch
+
+    lo_y, hi_y, lo_t, hi_t = torch.stack([labels.min(), labels.max(), last_index.min(),
+                                          last_index.max()]).tolist()
+    if lo_y < 0 or hi_y >= n_labels:
+        bad = lo_y if lo_y < 0 else hi_y
+        raise KernelInputError(f"label index {bad} is outside 0..K-1 = 0..{n_labels - 1}")
+    if lo_t < 0 or hi_t >= time_steps:
+        bad = lo_t if lo_t < 0 else hi_t
+        raise KernelInputError(f"last_index {bad} is outside 0..T-1 = 0..{time_steps - 1}")
+
+
+def _gathered(inputs: DeviationInputs) -> DeviationInputs:
+    """Spaces whose feature stride is not 1 replaced by their contiguous medium-token rows ([B, D], time
+    stride 0): only those rows are copied, never a whole tensor."""
+    import torch
+
+    if inputs.hidden <= 1 or all(v.stride(2) == 1 for v in inputs.views):
+        return inputs
+    views, sb, st = list(inputs.views), list(inputs.batch_strides), list(inputs.time_strides)
+    rows = torch.arange(inputs.batch, device=inputs.device)
+    for k, v in enumerate(views):
+        if v.stride(2) != 1:
+            views[k] = v[rows, inputs.last_index.clamp(0, v.shape[1] - 1)].contiguous()
+            sb[k], st[k] = inputs.hidden, 0
+    return dataclasses.replace(inputs, views=views, batch_strides=sb, time_strides=st)
 
 
 def _kernel_dtypes():

@@ -29,13 +29,21 @@ from pathlib import Path
 
 import torch
 
-from salf_engine.deviation.contract import METRIC_CODES, KernelInputError, check_deviation_inputs, lens_parts
+from salf_engine.deviation.contract import (
+    METRIC_CODES,
+    DeviationInputs,
+    KernelInputError,
+    check_deviation_inputs,
+    lens_parts,
+)
 
 __all__ = [
     "cpp_available",
     "cpp_unavailable_reason",
     "cuda_op_available",
+    "built_for",
     "deviations_cpp",
+    "run_checked",
 ]
 
 # --------------------------------------------------------------------------- the C++ / CUDA op
@@ -230,27 +238,37 @@ def deviations_cpp(
         # the metric name are translated here, which keeps the Python overhead at a few microseconds.
         lens_kind, weight, bias, eps = lens_parts(lens, first.shape[2], first.device)
         args = (list(states), last_index, labels, bases, weight, bias, lens_kind, eps, METRIC_CODES[metric])
-    else:
-        inp = check_deviation_inputs(
-            states, last_index, labels, bases, lens, metric, validate=validate, gather=False
-        )
-        if inp.device.type == "cuda" and not _BUILD["cuda"]:
-            raise KernelInputError(
-                "the CUDA C++ deviation op was not built (no CUDA device or nvcc at build time)"
-            )
-        if inp.device.type not in ("cpu", "cuda"):
-            raise KernelInputError(f"the C++ deviation op runs on CPU or CUDA tensors, not {inp.device.type}")
-        args = (
-            inp.views,
-            inp.last_index,
-            inp.labels,
-            inp.bases,
-            inp.weight,
-            inp.bias,
-            inp.lens_kind,
-            inp.eps,
-            inp.metric,
-        )
+        return _call(op, args)
+    inp = check_deviation_inputs(states, last_index, labels, bases, lens, metric, validate=validate,
+                                 gather=False)
+    return run_checked(inp, with_eof)
+
+
+def run_checked(inp: DeviationInputs, with_eof: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The op over inputs already checked (``check_deviation_inputs(..., gather=False)``, the lens as
+    parts): what ``deviations_cpp`` runs after its check, and what the dispatcher calls, so inputs are
+    checked once per call."""
+    if not cpp_available():
+        raise KernelInputError(f"the C++ deviation op is unavailable: {cpp_unavailable_reason()}")
+    if inp.device.type == "cuda" and not _BUILD["cuda"]:
+        raise KernelInputError("the CUDA C++ deviation op was not built (no CUDA device or nvcc at build "
+                               "time)")
+    if inp.device.type not in ("cpu", "cuda"):
+        raise KernelInputError(f"the C++ deviation op runs on CPU or CUDA tensors, not {inp.device.type}")
+    op = torch.ops.salf.deviations_eof if with_eof else torch.ops.salf.deviations
+    return _call(op, (inp.views, inp.last_index, inp.labels, inp.bases, inp.weight, inp.bias, inp.lens_kind,
+                      inp.eps, inp.metric))
+
+
+def built_for(device: torch.device) -> bool:
+    """Whether ``torch.ops.salf`` is already built for tensors on ``device``; never builds it (safe while
+    torch.compile traces)."""
+    return bool(_BUILD["ok"]) and (device.type == "cpu" or bool(_BUILD["cuda"]))
+
+
+def _call(op, args) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``op(*args)`` without autograd; the op's own input errors as KernelInputError."""
     try:
         with torch.no_grad():
             return op(*args)

@@ -347,3 +347,20 @@ def check_free_space(directory: str | Path, needed: int, what: str = "a checkpoi
     if free < needed:
         raise ConfigError(f"not enough free space in {directory} for {what}: {free / 2**20:.1f} MiB free, "
                           f"about {needed / 2**20:.1f} MiB needed")
+
+
+def restore_weights(wrapped, names: dict[int, str], ckpt: Checkpoint) -> None:
+    """Copy a checkpoint's trainable weights into the model (``names``: parameter id -> name); CheckpointError
+    when the checkpoint holds other parameters or shapes."""
+    weights = ckpt.state["weights"]
+    want = {names[id(q)] for q in wrapped.trainable}
+    if set(weights) != want:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds other trainable parameters than this run "
+                              f"({len(weights)} saved, {len(want)} here)")
+    with torch.no_grad():
+        for q in wrapped.trainable:
+            saved = weights[names[id(q)]]
+            if saved.shape != q.shape:
+                raise CheckpointError(f"checkpoint {ckpt.path}: {names[id(q)]} has shape "
+                                      f"{tuple(saved.shape)}, the model's is {tuple(q.shape)}")
+            q.copy_(saved)

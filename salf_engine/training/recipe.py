@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +32,22 @@ from tqdm.auto import tqdm
 from salf_engine.config import TrainConfig
 from salf_engine.deviation.semantics import semantic_bases
 from salf_engine.errors import CheckpointError, TrainingError
+from salf_engine.evaluation.task import SavedReport, evaluate_task, format_scores
 from salf_engine.integrations.distributed import (
-    all_reduce_grads,
-    all_reduce_sum,
     init_from_env,
     rank_and_world,
 )
 from salf_engine.runner.truncated import TruncatedRunner
-from salf_engine.schedule.driver import Observation, ResumePoint, StrategyDriver
-from salf_engine.schedule.sampling import rank_slice
+from salf_engine.schedule.driver import ResumePoint, StrategyDriver
 from salf_engine.training import checkpoint as ckpt_mod
 from salf_engine.training.cost import CostMeter
 from salf_engine.training.inputs import Prepared, _refuse_to_clear_checkpoints, check_resume, prepare
 from salf_engine.training.rundir import RunDirectory
 from salf_engine.training.step import (
+    StepRunner,
     build_optimizer,
     build_scheduler,
-    clip_or_measure,
-    micro_batch_step,
     optimizer_step,
-    response_micro_batch_step,
 )
 from salf_engine.training.wrapping import wrap_model
 
@@ -168,7 +163,7 @@ class TrainingRecipe:
                  + (" (LoRA)" if self.wrapped.lora else ""))
         self.wrapped.model.train()
         self.cost = CostMeter(self.runner.num_layers, lora=self.wrapped.lora)
-        self.run_step = _StepRunner(self.runner, self.wrapped, p.train_split, self.driver, self.cost, config,
+        self.run_step = StepRunner(self.runner, self.wrapped, p.train_split, self.driver, self.cost, config,
                                     self.label_token_ids, pad_id, rank, world)
         if self.ckpt is not None:
             self._restore()
@@ -244,7 +239,7 @@ class TrainingRecipe:
         meta = {"epoch": self.epoch_count, "plans_done": self.plans_done, "skipped_steps": self.skipped,
                 "losses": self.losses, "cost": self.cost.state_dict(), "driver": self.driver.state_dict(),
                 "strategy": self.p.strategy.state_dict(), "epoch_start_strategy": self.epoch_start,
-                "metrics_bytes": self.run_dir.metrics_bytes(), "zero_shot": _SavedReport.dump(self.zero_shot)}
+                "metrics_bytes": self.run_dir.metrics_bytes(), "zero_shot": SavedReport.dump(self.zero_shot)}
         self.last_checkpoint = ckpt_mod.save_checkpoint(self.run_dir.path, self.step_count, tensors, meta,
                                                         total_limit=self.config.save_total_limit)
 
@@ -254,10 +249,10 @@ class TrainingRecipe:
         w.restore()
         w.model.eval()
         self.say(f"evaluating the fine-tuned model on {len(p.eval_split)} {config.eval_split} examples ...")
-        final = _evaluate(w.model, p, progress=self.progress, desc="fine-tuned eval")
+        final = evaluate_task(w.model, p, progress=self.progress, desc="fine-tuned eval")
         run.log({"event": "eval", "phase": "fine-tuned", "step": self.step_count, **final.summary(),
                  "seconds": round(final.seconds, 3)})
-        self.say(_fmt_scores("fine-tuned", final.summary()))
+        self.say(format_scores("fine-tuned", final.summary()))
         if run.path is not None:  # the artefacts; summary.json last
             _write_artifacts(run, w.model, p.tokenizer, self.zero_shot, final, self.driver, config.metric,
                              self.runner.num_layers)
@@ -281,18 +276,18 @@ class TrainingRecipe:
     def _zero_shot(self) -> None:
         p, run = self.p, self.run_dir
         if self.ckpt is not None:
-            self.zero_shot = _SavedReport.of(self.ckpt.meta.get("zero_shot"))
+            self.zero_shot = SavedReport.of(self.ckpt.meta.get("zero_shot"))
         elif self.config.zero_shot_eval:
             self.say(f"zero-shot evaluation on {len(p.eval_split)} {self.config.eval_split} examples ...")
-            self.zero_shot = _evaluate(p.model, p, progress=self.progress, desc="zero-shot eval")
+            self.zero_shot = evaluate_task(p.model, p, progress=self.progress, desc="zero-shot eval")
             run.log({"event": "eval", "phase": "zero-shot", **self.zero_shot.summary(),
                      "seconds": round(self.zero_shot.seconds, 3)})
             run.write_json("zero_shot_eval.json", self.zero_shot.to_dict())
-            self.say(_fmt_scores("zero-shot", self.zero_shot.summary()))
+            self.say(format_scores("zero-shot", self.zero_shot.summary()))
 
     def _restore(self) -> None:
         ckpt = self.ckpt
-        _restore_weights(self.wrapped, self.param_names, ckpt)
+        ckpt_mod.restore_weights(self.wrapped, self.param_names, ckpt)
         self.optimizer.load_state_dict(ckpt.state["optimizer"])
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         if ckpt.state.get("bases") is not None:
@@ -362,58 +357,6 @@ def _open_checkpoint(out_dir: Path, say: Callable[[str], None]):
     return ckpt
 
 
-@dataclass
-class _StepRunner:
-    """Forward and backward of one optimizer step's micro-batches (this rank's share of each); the semantic
-    losses measure against the runner's current bases (recomputed every epoch with ``train_head``)."""
-
-    runner: Any
-    wrapped: Any
-    train_split: Any
-    driver: StrategyDriver
-    cost: CostMeter
-    config: TrainConfig
-    label_token_ids: torch.Tensor | None  # None: a prompt/response task
-    pad_id: int
-    rank: int
-    world: int
-
-    def __call__(self, plan) -> tuple[float, float, list[Observation]]:
-        """Gradients of the step accumulated (and all-reduced), clipped; returns (mean loss over the step's
-        examples, gradient norm, what each micro-batch showed, for ``driver.observe``)."""
-        from salf_engine.data import collate
-        from salf_engine.data.responses import collate_responses
-
-        device = next(self.wrapped.model.parameters()).device
-        loss_sum = torch.zeros((), device=device)
-        seen: list[Observation] = []
-        generative = self.label_token_ids is None
-        # classification: every example weighs 1 / (examples in the step); a prompt/response task: every
-        # supervised token weighs 1 / (supervised tokens in the step), whatever its micro-batch and rank
-        per = self.train_split.supervised(plan.indices) if generative else len(plan)
-        for mb in rank_slice(plan, self.rank, self.world):
-            if generative:
-                batch = collate_responses(self.train_split, mb.indices, self.pad_id)
-                res = response_micro_batch_step(self.runner, self.wrapped, batch, mb.runner_depth,
-                                                mb.trainable, weight=(mb.weight > 0) / per,
-                                                config=self.config)
-            else:
-                batch = collate(self.train_split, mb.indices, self.pad_id, padding_side="left")
-                res = micro_batch_step(self.runner, self.wrapped, batch, mb.runner_depth, mb.trainable,
-                                       weight=mb.weight, label_token_ids=self.label_token_ids,
-                                       bases=self.runner.bases, config=self.config,
-                                       want_deviations=self.driver.wants_deviations)
-            if mb.weight > 0:
-                loss_sum += res.loss if generative else res.loss * len(mb.indices)
-                if self.driver.wants_observations:
-                    seen.append(Observation(mb.indices, res.deviations, res.row_losses))
-        self.cost.add_plan(plan)
-        all_reduce_grads(self.wrapped.trainable)
-        step_loss = float(all_reduce_sum(loss_sum)) / max(per, 1)
-        grad_norm = float(clip_or_measure(self.wrapped.trainable, self.config.max_grad_norm))
-        return step_loss, grad_norm, seen
-
-
 def _write_artifacts(run: RunDirectory, model, tokenizer, zero_shot, final, driver: StrategyDriver,
                      metric: str, num_layers: int) -> None:
     """The fine-tuned model, eval.json / eval.txt and (with a profile) eof_hist.png in the run directory."""
@@ -435,73 +378,3 @@ def _write_artifacts(run: RunDirectory, model, tokenizer, zero_shot, final, driv
 def _shorten(indices: list[int], limit: int = 32) -> str:
     shown = ", ".join(str(i) for i in indices[:limit])
     return f"[{shown}{', ...' if len(indices) > limit else ''}]"
-
-
-def _restore_weights(wrapped, names: dict[int, str], ckpt) -> None:
-    weights = ckpt.state["weights"]
-    want = {names[id(q)] for q in wrapped.trainable}
-    if set(weights) != want:
-        raise CheckpointError(f"checkpoint {ckpt.path} holds other trainable parameters than this run "
-                              f"({len(weights)} saved, {len(want)} here)")
-    with torch.no_grad():
-        for q in wrapped.trainable:
-            saved = weights[names[id(q)]]
-            if saved.shape != q.shape:
-                raise CheckpointError(f"checkpoint {ckpt.path}: {names[id(q)]} has shape "
-                                      f"{tuple(saved.shape)}, the model's is {tuple(q.shape)}")
-            q.copy_(saved)
-
-
-class _SavedReport:
-    """The zero-shot evaluation of an interrupted run, as its checkpoint kept it."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self._data = data
-        self.seconds = float(data["seconds"])
-
-    @classmethod
-    def of(cls, data: dict[str, Any] | None) -> _SavedReport | None:
-        return cls(data) if data is not None else None
-
-    @staticmethod
-    def dump(report) -> dict[str, Any] | None:
-        if report is None:
-            return None
-        return {"summary": report.summary(), "dict": report.to_dict(), "text": report.to_text(),
-                "seconds": report.seconds}
-
-    def summary(self) -> dict[str, float]:
-        return self._data["summary"]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self._data["dict"]
-
-    def to_text(self) -> str:
-        return self._data["text"]
-
-
-def _evaluate(model, p: Prepared, *, progress: bool, desc: str):
-    """The evaluation split's report: accuracy and macro-F1 of a classification task, answer loss and exact
-    match of a prompt/response task."""
-    config = p.config
-    if p.verbalizer is None:
-        from salf_engine.evaluation.responses import evaluate_responses
-
-        return evaluate_responses(model, p.tokenizer, p.eval_split, batch_size=config.eval_batch_size,
-                                  exact_match_rows=config.exact_match_rows,
-                                  max_new_tokens=config.max_new_tokens)
-    from salf_engine.evaluation.classification import evaluate
-
-    return evaluate(model, p.tokenizer, p.eval_split, p.verbalizer, batch_size=config.eval_batch_size,
-                    dtype=config.dtype, classes=list(p.task.classes), progress=progress, desc=desc)
-
-
-def _fmt_scores(phase: str, s: dict[str, float]) -> str:
-    if "answer_loss" in s:
-        match = "" if s["exact_match"] is None else (f", exact match {s['exact_match']:.3f} on "
-                                                     f"{s['exact_match_rows']} rows")
-        return f"{phase}: answer loss {s['answer_loss']:.4f} (perplexity {s['perplexity']:.2f}){match}"
-    return (f"{phase}: accuracy {s['free_accuracy']:.4f} (free) / {s['restricted_accuracy']:.4f} "
-            f"(label-restricted), macro-F1 {s['free_macro_f1']:.4f} / {s['restricted_macro_f1']:.4f}")
-
-

@@ -16,10 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from salf_engine.config import TrainConfig
+from salf_engine.data import collate
+from salf_engine.data.responses import collate_responses
 from salf_engine.errors import ConfigError
+from salf_engine.integrations.distributed import all_reduce_grads, all_reduce_sum
+from salf_engine.schedule.driver import Observation, StrategyDriver
+from salf_engine.schedule.sampling import rank_slice
+from salf_engine.training.cost import CostMeter
 
 __all__ = [
     "StepOutput",
+    "StepRunner",
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
@@ -171,3 +178,52 @@ def optimizer_step(optimizer, scheduler, params: Sequence[torch.nn.Parameter],
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return lr
+
+
+@dataclass
+class StepRunner:
+    """Forward and backward of one optimizer step's micro-batches (this rank's share of each); the semantic
+    losses measure against the runner's current bases (recomputed every epoch with ``train_head``)."""
+
+    runner: Any
+    wrapped: Any
+    train_split: Any
+    driver: StrategyDriver
+    cost: CostMeter
+    config: TrainConfig
+    label_token_ids: torch.Tensor | None  # None: a prompt/response task
+    pad_id: int
+    rank: int
+    world: int
+
+    def __call__(self, plan) -> tuple[float, float, list[Observation]]:
+        """Gradients of the step accumulated (and all-reduced), clipped; returns (mean loss over the step's
+        examples, gradient norm, what each micro-batch showed, for ``driver.observe``)."""
+        device = next(self.wrapped.model.parameters()).device
+        loss_sum = torch.zeros((), device=device)
+        seen: list[Observation] = []
+        generative = self.label_token_ids is None
+        # classification: every example weighs 1 / (examples in the step); a prompt/response task: every
+        # supervised token weighs 1 / (supervised tokens in the step), whatever its micro-batch and rank
+        per = self.train_split.supervised(plan.indices) if generative else len(plan)
+        for mb in rank_slice(plan, self.rank, self.world):
+            if generative:
+                batch = collate_responses(self.train_split, mb.indices, self.pad_id)
+                res = response_micro_batch_step(self.runner, self.wrapped, batch, mb.runner_depth,
+                                                mb.trainable, weight=(mb.weight > 0) / per,
+                                                config=self.config)
+            else:
+                batch = collate(self.train_split, mb.indices, self.pad_id, padding_side="left")
+                res = micro_batch_step(self.runner, self.wrapped, batch, mb.runner_depth, mb.trainable,
+                                       weight=mb.weight, label_token_ids=self.label_token_ids,
+                                       bases=self.runner.bases, config=self.config,
+                                       want_deviations=self.driver.wants_deviations)
+            if mb.weight > 0:
+                loss_sum += res.loss if generative else res.loss * len(mb.indices)
+                if self.driver.wants_observations:
+                    seen.append(Observation(mb.indices, res.deviations, res.row_losses))
+        self.cost.add_plan(plan)
+        all_reduce_grads(self.wrapped.trainable)
+        step_loss = float(all_reduce_sum(loss_sum)) / max(per, 1)
+        grad_norm = float(clip_or_measure(self.wrapped.trainable, self.config.max_grad_norm))
+        return step_loss, grad_norm, seen
