@@ -35,6 +35,7 @@ __all__ = [
     "read_csv",
     "markdown_table",
     "SavedActivations",
+    "timed_step",
     "quantiles",
     "time_samples",
 ]
@@ -232,9 +233,9 @@ class SavedActivations:
     """Context manager counting the bytes autograd saves for backward, the model's parameters excluded
     (``.bytes`` after the block); with ``enabled=False`` it does nothing."""
 
-    def __init__(self, model: torch.nn.Module, enabled: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module | None, enabled: bool = True) -> None:
         self.bytes = 0
-        self._params = {p.data_ptr() for p in model.parameters()}
+        self._params = {p.data_ptr() for p in model.parameters()} if enabled and model is not None else set()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t) if enabled else None
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -250,6 +251,39 @@ class SavedActivations:
     def __exit__(self, *exc: object) -> None:
         if self._hooks is not None:
             self._hooks.__exit__(*exc)
+
+
+def timed_step(forward: Callable[[], torch.Tensor], targets: torch.Tensor,
+               frozen: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+               device: torch.device | str, *, model: torch.nn.Module | None = None
+               ) -> tuple[dict[str, float], int, int]:
+    """One training step (forward + cross-entropy, backward, optimizer step) with ``frozen`` parameters out
+    of autograd: (seconds per phase: step / fwd / bwd / opt; with ``model``, the bytes of activations saved
+    for backward and of the gradients before the update, else 0, 0). The one step timer of bench_step and
+    gpu_suite; the device is synchronized at every phase boundary."""
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        hooks = SavedActivations(model, enabled=model is not None)
+        sync(device)
+        t0 = time.perf_counter()
+        with hooks:
+            loss = torch.nn.functional.cross_entropy(forward().float(), targets)
+        sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        unique = {id(q): q for q in model.parameters()}.values() if model is not None else ()
+        grads = sum(q.grad.numel() * q.grad.element_size() for q in unique if q.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        t3 = time.perf_counter()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return {"step": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2}, hooks.bytes, grads
 
 
 def salf_half_depths(batch: int, num_layers: int, seed: int = 1) -> list[int]:

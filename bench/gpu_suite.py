@@ -34,13 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_deviation import MODELS, bytes_read, make_case, provider_fn, torch_lean  # noqa: E402
 from bench_utils import (  # noqa: E402
-    SavedActivations,
     env_info,
     markdown_table,
     measure_bandwidth,
@@ -50,6 +48,7 @@ from bench_utils import (  # noqa: E402
     sync,
     time_cpu,
     time_gpu,
+    timed_step,
     write_csv,
 )
 
@@ -221,35 +220,17 @@ def _mib(nbytes: float) -> float:
 
 
 def _one_step(cfg: StepConfig, model, targets, opt, device, *, measure_saved: bool = False) -> None:
-    for p in cfg.frozen:
-        p.requires_grad_(False)
     gpu = device.type == "cuda"
-    try:
-        hooks = SavedActivations(model, enabled=measure_saved)
+    if gpu:
         sync(device)
-        if gpu:
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        t0 = time.perf_counter()
-        with hooks:
-            logits = cfg.forward()
-            loss = F.cross_entropy(logits.float(), targets)
-        sync(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        sync(device)
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        t3 = time.perf_counter()
-    finally:
-        for p in cfg.frozen:
-            p.requires_grad_(True)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times, saved, _grads = timed_step(cfg.forward, targets, cfg.frozen, opt, device,
+                                      model=model if measure_saved else None)
     if measure_saved:
-        cfg.saved = _mib(hooks.bytes)
+        cfg.saved = _mib(saved)
         return
-    for key, value in (("step", t3 - t0), ("fwd", t1 - t0), ("bwd", t2 - t1), ("opt", t3 - t2)):
+    for key, value in times.items():
         cfg.times[key].append(value)
     if gpu:
         peak = torch.cuda.max_memory_allocated(device)

@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 from salf_engine.deviation.contract import (
     BOUNDARIES,
     IMPLS,
+    LENS_ALIASES,
     LENSES,
     METRICS,
     Boundary,
@@ -171,6 +172,10 @@ class TrainConfig:
     def generative(self) -> bool:
         """Whether the task is supervised fine-tuning on prompt/response rows (gsm8k, --response-column)."""
         return self.response_column is not None or is_generative_preset(self.dataset)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lens, str):  # "raw", the 0.1 spelling of "none", for one release
+            self.lens = LENS_ALIASES.get(self.lens, self.lens)
 
     def validate(self) -> TrainConfig:
         """Check every field; return self so calls chain."""

@@ -83,7 +83,7 @@ def make_case(B, m, T, D, K, *, dtype=torch.float32, layouts=("contiguous",), pa
 
 
 def _lens_apply(h: torch.Tensor, lens: Lens | None, dt: torch.dtype) -> torch.Tensor:
-    if lens is None or lens.kind in ("none", "raw"):
+    if lens is None or lens.kind == "none":
         return h
     w = lens.weight.to(dt) if lens.weight is not None else torch.ones_like(h)
     if lens.kind == "rms":

@@ -170,7 +170,7 @@ def test_lens_spec_and_module_and_raw_agree():
         by_module = deviations_reference(states, last_index, labels, bases, lens=norm, metric="ce")
         by_spec = deviations_reference(states, last_index, labels, bases, lens=lens_spec(norm), metric="ce")
         torch.testing.assert_close(by_spec, by_module)
-    raw = deviations_reference(states, last_index, labels, bases, lens="raw")
+    raw = deviations_reference(states, last_index, labels, bases, lens="none")
     torch.testing.assert_close(raw, deviations_reference(states, last_index, labels, bases, lens=None))
     torch.testing.assert_close(raw, loop_deviations(states, last_index, labels, bases, None, "cosine"))
 

@@ -215,3 +215,12 @@ def test_adt_steps_is_a_config_field_that_reaches_the_strategy():
     assert strategy_from_config(TrainConfig(strategy="adt-low")).warmup_steps == 5  # the paper's 5
     with pytest.raises(ConfigError, match="adt_steps must be a positive integer, got 0"):
         TrainConfig(strategy="adt-low", adt_steps=0).validate()
+
+
+def test_lens_names_one_vocabulary():
+    """The lens is "final_norm" or "none" everywhere; "raw", the 0.1 spelling of "none", still reads."""
+    assert TrainConfig(lens="raw").lens == "none"
+    assert TrainConfig.from_dict({"model": "m", "dataset": "trec", "lens": "raw"}).lens == "none"
+    assert field_choices()["lens"] == (("final_norm", "none"), False)
+    with pytest.raises(ConfigError, match="unknown lens 'final'"):
+        TrainConfig(lens="final").validate()

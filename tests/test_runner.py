@@ -404,7 +404,7 @@ def test_saved_activations_drop_with_the_cut(case):
 # ------------------------------------------------------------------------------------------ deviations
 
 
-@pytest.mark.parametrize("lens", ["final_norm", "raw"])
+@pytest.mark.parametrize("lens", ["final_norm", "none", "raw"])  # raw: the 0.1 spelling of none
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("case", ["llama", "gemma2", "gemma3_text", "qwen2"])
 def test_deviations_equal_independent_hidden_states_computation(case, padding_side, lens):

@@ -132,7 +132,7 @@ def deviations_reference(
 
     hidden_states: m+1 tensors [B, T, D] (any strides/dtypes; the last one already normed);
     last_index: [B] medium-token positions; labels: [B] indices into bases [K, D];
-    lens: the final norm module (applied as is, in float32), a LensSpec, or None/"raw" (no lens).
+    lens: the final norm module (applied as is, in float32), a LensSpec, or None/"none" (no lens).
     """
     inputs = _check(hidden_states, last_index, labels, bases, metric, validate=True)
     _check_lens(lens, inputs.hidden)

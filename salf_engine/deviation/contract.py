@@ -26,6 +26,7 @@ __all__ = [
     "DeviationImpl",
     "METRICS",
     "LENSES",
+    "LENS_ALIASES",
     "BOUNDARIES",
     "IMPLS",
     "METRIC_CODES",
@@ -42,7 +43,7 @@ __all__ = [
 #: Names of the deviation metrics, lenses, eof boundaries and implementations (the one definition;
 #: `TrainConfig`, the dispatcher and the kernels all read them from here).
 Metric = Literal["cosine", "ce", "rank"]
-LensName = Literal["final_norm", "raw"]
+LensName = Literal["final_norm", "none"]
 Boundary = Literal["trainable", "frozen"]
 DeviationImpl = Literal["auto", "torch", "triton", "cpp", "cuda"]
 METRICS: tuple[str, ...] = get_args(Metric)
@@ -52,7 +53,9 @@ IMPLS: tuple[str, ...] = get_args(DeviationImpl)
 #: Integer codes the kernels take for a metric (``METRIC`` in Triton, ``metric`` in the C++ op).
 METRIC_CODES = {name: code for code, name in enumerate(METRICS)}
 #: Integer codes of the lens kinds of a `LensSpec` (``lens_kind`` in the C++ op).
-LENS_CODES = {"none": 0, "raw": 0, "rms": 1, "layernorm": 2}
+LENS_CODES = {"none": 0, "rms": 1, "layernorm": 2}
+#: The 0.1 spelling of the identity lens, accepted for one release.
+LENS_ALIASES = {"raw": "none"}
 MAX_LABELS = 1024
 
 

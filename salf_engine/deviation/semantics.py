@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from salf_engine.deviation.contract import LENS_ALIASES
 from salf_engine.errors import ModelError, SalfError
 
 __all__ = ["semantic_bases", "LensSpec", "lens_spec", "LENS_KINDS"]
@@ -255,16 +256,16 @@ def _type_names(module: nn.Module) -> set[str]:
 def lens_spec(norm: nn.Module | LensSpec | str | None) -> LensSpec:
     """`LensSpec` of a final-norm module (Llama/Qwen2/Mistral/Gemma* RMSNorm, nn.RMSNorm, nn.LayerNorm).
 
-    None or "raw"/"none" gives the identity lens; a LensSpec is returned as is.
+    None or "none" gives the identity lens; a LensSpec is returned as is.
     """
     if norm is None:
         return LensSpec("none")
     if isinstance(norm, LensSpec):
         return norm
     if isinstance(norm, str):
-        if norm in ("raw", "none"):
+        if LENS_ALIASES.get(norm, norm) == "none":
             return LensSpec("none")
-        raise SalfError(f"unknown lens {norm!r}: pass a norm module, a LensSpec, None or 'raw'")
+        raise SalfError(f"unknown lens {norm!r}: pass a norm module, a LensSpec, None or 'none'")
     if not isinstance(norm, nn.Module):
         raise SalfError(
             f"cannot use a {type(norm).__name__} as a lens: pass a norm module, a LensSpec or None"

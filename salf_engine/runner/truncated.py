@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from salf_engine.deviation.contract import LENS_ALIASES
 from salf_engine.deviation.contract import LENSES as _LENSES
 from salf_engine.deviation.contract import METRICS as _METRICS
 from salf_engine.errors import ConfigError
@@ -165,7 +166,7 @@ class TruncatedRunner:
         model: a standard-layout ``*ForCausalLM`` (see ``models.families``), PEFT-wrapped or not.
         bases: float32 [K, D] semantic bases of the K label tokens (``semantics.semantic_bases``); with
             ``labels`` at call time the runner returns per-sample deviations of all m+1 spaces.
-        lens: "final_norm" (apply the model's final norm to spaces 0..m-1, logit-lens view) or "raw".
+        lens: "final_norm" (apply the model's final norm to spaces 0..m-1, logit-lens view) or "none".
         metric: deviation metric, "cosine" | "ce" | "rank".
         deviation_impl: ``impl`` passed to ``salf_engine.deviation.compute.deviations``.
     """
@@ -179,6 +180,7 @@ class TruncatedRunner:
         metric: str = "cosine",
         deviation_impl: str = "auto",
     ) -> None:
+        lens = LENS_ALIASES.get(lens, lens)
         if lens not in _LENSES:
             raise ConfigError(f"unknown lens {lens!r}; expected one of {', '.join(_LENSES)}")
         if metric not in _METRICS:
