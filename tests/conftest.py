@@ -3,13 +3,30 @@ import os
 import sys
 from pathlib import Path
 
-# The Triton interpreter must be chosen before any @triton.jit function runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def _interpreted_triton_kernels() -> None:
+    """Import the Triton kernels once with TRITON_INTERPRET=1 (triton reads it when @triton.jit runs, so the
+    kernels become interpreted functions that run on the CPU), then unset it again unless the session was
+    started with it: the engine's "auto" backend then picks what users get on this machine (the C++ op on a
+    CPU), and only the tests whose subject is the Triton kernel run it, directly or through the
+    ``triton_interpreter`` fixture."""
+    given = os.environ.get("TRITON_INTERPRET")
+    if given is None and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import salf_engine.kernels.deviation  # noqa: F401
+    finally:
+        if given is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+
+
+_interpreted_triton_kernels()
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -19,6 +36,12 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """The dispatcher may choose the Triton kernel on a CPU (under the interpreter) for this test."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

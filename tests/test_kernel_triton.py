@@ -1,7 +1,7 @@
 """The fused Triton deviation kernel against the independent loop reference.
 
-Runs under the Triton interpreter on CPU (tests/conftest.py sets
-TRITON_INTERPRET=1 before anything imports triton), so every grid is tiny.
+Runs under the Triton interpreter on CPU (tests/conftest.py imports the kernels with
+TRITON_INTERPRET=1), so every grid is tiny.
 """
 
 from __future__ import annotations

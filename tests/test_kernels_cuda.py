@@ -179,7 +179,7 @@ def test_runner_on_cuda_bf16(family):
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, output_hidden_states=True)
     # "auto" is the compiled Triton kernel unless this session runs Triton interpreted
-    impls = ["torch"] + (["auto"] if os.environ.get("TRITON_INTERPRET") != "1" else [])
+    impls = ["torch"] + (["auto"] if os.environ.get("TRITON_INTERPRET") != "1" else [])  # gpu_suite.sh: 0
     impls += ["cuda"] if _cuda_op_built() else []
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     dev_ref = deviations_reference(list(ref.hidden_states), last, labels, bases, lens=model.model.norm)

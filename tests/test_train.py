@@ -177,17 +177,23 @@ def test_default_lr_per_training_mode():
     assert TrainConfig(lr=2e-4).resolved_lr(True) == 2e-4
 
 
-def test_bf16_autocast_runs():
-    s = _run(max_steps=4, dtype="bf16")
-    assert all(torch.isfinite(torch.tensor(s["loss_history"])))
-    assert s["fine_tuned"]["restricted_accuracy"] >= 0.0
+def test_bf16_autocast_trains_in_bf16():
+    """dtype=bf16 really autocasts (the first loss moves off the fp32 run's by bf16 rounding) and still
+    trains the same thing (within bf16's precision, and the loss falls as in fp32)."""
+    fp32, bf16 = _run(max_steps=4), _run(max_steps=4, dtype="bf16")
+    first32, first16 = fp32["loss_history"][0], bf16["loss_history"][0]
+    assert first16 != first32 and first16 == pytest.approx(first32, rel=0.02)
+    assert bf16["loss_history"][-1] < first16 and fp32["loss_history"][-1] < first32
 
 
 def test_salf_strategy_reports_eofs_and_saving():
     s = _run(max_steps=6, strategy="salf", profile_fraction=1.0)
     assert s["eof_histogram"] is not None and sum(s["eof_histogram"]["profile"]) == 48
-    assert 0.0 <= s["cost_saving_ratio"] < 1.0
-    assert sum(s["depth_histogram"]) == s["examples_trained"]
+    # the saving is the mean cut over the trained rows: hand-computed from the depth histogram
+    hist, m = s["depth_histogram"], s["num_layers"]
+    assert sum(hist) == s["examples_trained"] == 6 * 4  # 6 steps of 4
+    assert s["cost_saving_ratio"] == pytest.approx(sum(d * n for d, n in enumerate(hist)) / (sum(hist) * m))
+    assert s["cost_saving_ratio"] > 0  # Algorithm 3 froze some rows below their eof
 
 
 def test_frozen_prefix_is_not_updated():
