@@ -1,4 +1,4 @@
-// salf::deviations / salf::deviations_eof: op schemas, input checks and the CPU kernel.
+// salf::deviations: the op schema, input checks and the CPU kernel.
 //
 // Math: see deviation.h. CPU strategy: the lens weight is folded into the bases once per call
 // (<g*h, b_j> = <h, g*b_j>, |g*h|^2 = <h^2, g^2>; layernorm adds the row <h - mu, g*beta>), so a row
@@ -333,27 +333,6 @@ void check_ranges_cpu(const Prepared& p) {
   }
 }
 
-at::Tensor eof_from(const at::Tensor& out) {
-  const int64_t B = out.size(0), S = out.size(1);
-  auto eof = at::empty({B}, out.options().dtype(at::kLong));
-  const float* d = out.data_ptr<float>();
-  int64_t* e = eof.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = d + b * S;
-    int64_t best = 0;
-    float best_gain = row[0] - row[1];
-    for (int64_t k = 1; k < S - 1; ++k) {
-      const float gk = row[k] - row[k + 1];
-      if (gk > best_gain) {
-        best_gain = gk;
-        best = k;
-      }
-    }
-    e[b] = best;
-  }
-  return eof;
-}
-
 at::Tensor deviations_cpu(const std::vector<at::Tensor>& states, const at::Tensor& last_index,
                           const at::Tensor& labels, const at::Tensor& bases, const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias, int64_t lens_kind, double eps, int64_t metric) {
@@ -366,15 +345,6 @@ at::Tensor deviations_cpu(const std::vector<at::Tensor>& states, const at::Tenso
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> deviations_eof_cpu(const std::vector<at::Tensor>& states,
-                                                      const at::Tensor& last_index, const at::Tensor& labels,
-                                                      const at::Tensor& bases, const c10::optional<at::Tensor>& weight,
-                                                      const c10::optional<at::Tensor>& bias, int64_t lens_kind,
-                                                      double eps, int64_t metric) {
-  auto out = deviations_cpu(states, last_index, labels, bases, weight, bias, lens_kind, eps, metric);
-  return {out, eof_from(out)};
-}
-
 }  // namespace
 
 }  // namespace salf
@@ -383,12 +353,8 @@ TORCH_LIBRARY(salf, m) {
   m.def(
       "deviations(Tensor[] states, Tensor last_index, Tensor labels, Tensor bases, Tensor? lens_weight, "
       "Tensor? lens_bias, int lens_kind, float eps, int metric) -> Tensor");
-  m.def(
-      "deviations_eof(Tensor[] states, Tensor last_index, Tensor labels, Tensor bases, Tensor? lens_weight, "
-      "Tensor? lens_bias, int lens_kind, float eps, int metric) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(salf, CPU, m) {
   m.impl("deviations", &salf::deviations_cpu);
-  m.impl("deviations_eof", &salf::deviations_eof_cpu);
 }

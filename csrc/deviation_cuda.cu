@@ -1,13 +1,11 @@
-// salf::deviations / salf::deviations_eof on CUDA tensors (math in deviation.h).
+// salf::deviations on CUDA tensors (math in deviation.h).
 //
 // One launch, grid (S, B): block (s, b) reads the medium-token row of sample b in space s through a
 // device table [4, S] (data pointer, batch stride, time stride, T; elements), so no state is stacked or
 // copied. Each thread walks the features d = tid, tid + blockDim, ... (coalesced), applies the lens in
 // fp32 and accumulates the K dot products in chunks of kLabelChunk registers together with |x|^2,
 // |b_j|^2 and the layernorm terms; block reductions (warp shuffles + shared memory) finish the sums and
-// thread 0 writes the metric. With eof, thread 0 then publishes its store (__threadfence) and bumps the
-// sample's arrival counter; the block that arrives last reads the whole row back and writes the first
-// argmax of the gains (the classic threadFenceReduction pattern), so eof costs no second launch.
+// thread 0 writes the metric.
 // Positions or labels out of range give NaN (the Python wrapper validates them before the launch).
 #include "deviation.h"
 
@@ -70,8 +68,6 @@ __global__ void __launch_bounds__(kThreads) deviation_kernel(
     const float* __restrict__ weight,        // [D] lens weight g, or nullptr (kind none)
     const float* __restrict__ bias,          // [D] layernorm bias beta, or nullptr
     float* __restrict__ out,                 // [B, S] metric
-    int64_t* __restrict__ eof,               // [B] eof-layer, or nullptr
-    int* __restrict__ counters,              // [B] zeroed arrival counters, or nullptr
     int64_t S, int64_t D, int64_t K, float eps, int lens_kind, int metric) {
   extern __shared__ float smem[];  // cos/dot [K] | |b|^2 [K] | <beta,b> [K] | scratch | totals
   float* s_dot = smem;
@@ -177,39 +173,17 @@ __global__ void __launch_bounds__(kThreads) deviation_kernel(
       dval = 1.f + static_cast<float>(larger);
     }
     out[b * S + s] = valid ? dval : NAN;
-
-    if (eof != nullptr) {
-      __threadfence();  // publish this block's store before announcing it
-      const int arrived = atomicAdd(counters + b, 1);
-      if (arrived == S - 1) {  // the last block of sample b: every d_k is visible now
-        __threadfence();
-        const volatile float* drow = out + b * S;
-        int64_t best = 0;
-        float best_gain = drow[0] - drow[1];
-        for (int64_t k = 1; k < S - 1; ++k) {
-          const float g = drow[k] - drow[k + 1];
-          if (g > best_gain) {
-            best_gain = g;
-            best = k;
-          }
-        }
-        eof[b] = best;
-        counters[b] = 0;
-      }
-    }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> run_cuda(const std::vector<at::Tensor>& states, const at::Tensor& last_index,
-                                            const at::Tensor& labels, const at::Tensor& bases,
-                                            const c10::optional<at::Tensor>& lens_weight,
-                                            const c10::optional<at::Tensor>& lens_bias, int64_t lens_kind, double eps,
-                                            int64_t metric, bool with_eof) {
+at::Tensor deviations_cuda(const std::vector<at::Tensor>& states, const at::Tensor& last_index,
+                           const at::Tensor& labels, const at::Tensor& bases,
+                           const c10::optional<at::Tensor>& lens_weight, const c10::optional<at::Tensor>& lens_bias,
+                           int64_t lens_kind, double eps, int64_t metric) {
   Prepared p = prepare(states, last_index, labels, bases, lens_weight, lens_bias, lens_kind, eps, metric);
   const c10::cuda::CUDAGuard guard(p.bases.device());
   auto out = at::empty({p.B, p.S}, p.bases.options());
-  auto eof = at::empty({with_eof ? p.B : 0}, p.bases.options().dtype(at::kLong));
-  if (p.B == 0) return {out, eof};
+  if (p.B == 0) return out;
   TORCH_CHECK(p.S <= 65535, "salf::deviations: at most 65535 spaces on CUDA, got ", p.S);
   std::vector<int64_t> host(4 * p.S);
   for (int64_t s = 0; s < p.S; ++s) {
@@ -219,8 +193,6 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const std::vector<at::Tensor>& state
     host[3 * p.S + s] = p.time_len[s];
   }
   auto table = at::tensor(host, at::TensorOptions().dtype(at::kLong)).to(p.bases.device(), /*non_blocking=*/false);
-  at::Tensor counters;
-  if (with_eof) counters = at::zeros({p.B}, p.bases.options().dtype(at::kInt));
   const size_t shmem = sizeof(float) * (3 * p.K + kWarps * kMaxReduce + kMaxReduce);
   const dim3 grid(static_cast<unsigned>(p.S), static_cast<unsigned>(p.B));
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -228,26 +200,11 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const std::vector<at::Tensor>& state
     deviation_kernel<scalar_t><<<grid, kThreads, shmem, stream>>>(
         table.data_ptr<int64_t>(), p.last_index.data_ptr<int64_t>(), p.labels.data_ptr<int64_t>(),
         p.bases.data_ptr<float>(), p.weight.defined() ? p.weight.data_ptr<float>() : nullptr,
-        p.bias.defined() ? p.bias.data_ptr<float>() : nullptr, out.data_ptr<float>(),
-        with_eof ? eof.data_ptr<int64_t>() : nullptr, with_eof ? counters.data_ptr<int>() : nullptr, p.S, p.D, p.K,
+        p.bias.defined() ? p.bias.data_ptr<float>() : nullptr, out.data_ptr<float>(), p.S, p.D, p.K,
         static_cast<float>(p.eps), static_cast<int>(p.lens_kind), static_cast<int>(p.metric));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, eof};
-}
-
-at::Tensor deviations_cuda(const std::vector<at::Tensor>& states, const at::Tensor& last_index,
-                           const at::Tensor& labels, const at::Tensor& bases, const c10::optional<at::Tensor>& weight,
-                           const c10::optional<at::Tensor>& bias, int64_t lens_kind, double eps, int64_t metric) {
-  return std::get<0>(run_cuda(states, last_index, labels, bases, weight, bias, lens_kind, eps, metric, false));
-}
-
-std::tuple<at::Tensor, at::Tensor> deviations_eof_cuda(const std::vector<at::Tensor>& states,
-                                                       const at::Tensor& last_index, const at::Tensor& labels,
-                                                       const at::Tensor& bases, const c10::optional<at::Tensor>& weight,
-                                                       const c10::optional<at::Tensor>& bias, int64_t lens_kind,
-                                                       double eps, int64_t metric) {
-  return run_cuda(states, last_index, labels, bases, weight, bias, lens_kind, eps, metric, true);
+  return out;
 }
 
 }  // namespace
@@ -255,5 +212,4 @@ std::tuple<at::Tensor, at::Tensor> deviations_eof_cuda(const std::vector<at::Ten
 
 TORCH_LIBRARY_IMPL(salf, CUDA, m) {
   m.impl("deviations", &salf::deviations_cuda);
-  m.impl("deviations_eof", &salf::deviations_eof_cuda);
 }

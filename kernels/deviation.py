@@ -19,10 +19,6 @@ The layernorm case is evaluated exactly without materializing ``x``: with
 ``<x, b_j> = r <c, b_j> + <beta, b_j>`` and ``|x|^2 = r^2 |c|^2 + 2 r <c, beta> + |beta|^2``.
 Without a bias ``r`` cancels, as it does for RMSNorm.
 
-Optionally (``with_eof``) the same launch writes the eof-layer of every sample:
-``gain[k] = d_k - d_{k+1}`` (k = 0..m-1) and ``eof = argmax_k gain[k]``, first index
-on ties (the "trainable" boundary of Algorithm 3: freeze ``layers[0..eof-1]``).
-
 Launch design (one launch, no stacking copy):
 
 * The ``m+1`` state tensors are read where they lie through a device table
@@ -45,12 +41,10 @@ Launch design (one launch, no stacking copy):
   ``wrap_triton`` cannot trace an interpreted kernel, so the same body is registered as an opaque
   ``torch.library.custom_op`` with a shape-only fake instead: still no graph break, the kernel runs
   at run time (``OP_KIND`` says which registration is live).
-* eof needs all ``m+1`` values of a sample: every program of sample ``b``
-  increments an arrival counter after its stores (CTA barrier + acq_rel
-  atomic at gpu scope, the classic "last block" pattern); the program that
-  arrives last reads the row back (``.cg``, bypassing L1), writes the argmax
-  of the gains and resets the counter to zero for the next launch. The
-  counters live in a per-(device, stream) workspace that is zeroed once.
+* The eof-layer (the argmax of the gains) is not fused: it reads ``m+1`` floats per sample that
+  ``salf_engine.deviation.compute.eof_layers`` reads from the output in one small pass, and every
+  caller needs the deviations themselves too. (An earlier version fused it with a last-block arrival
+  counter; no caller used it, and it saved nothing measurable.)
 """
 
 from __future__ import annotations
@@ -92,8 +86,6 @@ def deviation_kernel(
     weight_ptr,  # float32 [D]: lens weight g (read only when LENS_KIND > 0)
     bias_ptr,  # float32 [D]: layernorm bias beta (read only when HAS_BIAS)
     out_ptr,  # float32 [B, S] contiguous: the metric of every (sample, space)
-    eof_ptr,  # int64 [B]: eof-layer of every sample (written only when WITH_EOF)
-    counter_ptr,  # int32 [B]: arrival counters, zero on entry and left zero (used only when WITH_EOF)
     n_spaces,  # S = m + 1
     group_size,  # spaces per program
     n_groups,  # programs per sample = cdiv(S, group_size)
@@ -108,10 +100,8 @@ def deviation_kernel(
     LENS_KIND: tl.constexpr,  # 0 none, 1 rms, 2 layernorm
     HAS_BIAS: tl.constexpr,  # layernorm bias present
     METRIC: tl.constexpr,  # 0 cosine, 1 ce, 2 rank
-    WITH_EOF: tl.constexpr,  # also write eof
     BLOCK_D: tl.constexpr,  # chunk of the hidden dimension
     BLOCK_K: tl.constexpr,  # next_pow2(K)
-    BLOCK_S: tl.constexpr,  # next_pow2(S) (eof read-back)
 ):
     """d[b, s] for the spaces of one group of one sample (math in the module docstring)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -208,34 +198,6 @@ def deviation_kernel(
         d = tl.where(valid, d, float("nan"))
         tl.store(out_ptr + b * n_spaces + s, d)
 
-    if WITH_EOF:
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + b, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_groups - 1:
-            offs_s = tl.arange(0, BLOCK_S)
-            m_s = offs_s < n_spaces - 1
-            row = out_ptr + b * n_spaces + offs_s
-            d_k = tl.load(row, mask=m_s, other=0.0, cache_modifier=".cg")
-            d_next = tl.load(row + 1, mask=m_s, other=0.0, cache_modifier=".cg")
-            gain = tl.where(m_s, d_k - d_next, float("-inf"))
-            eof = tl.argmax(gain, axis=0, tie_break_left=True)
-            tl.store(eof_ptr + b, eof.to(tl.int64))
-            tl.store(counter_ptr + b, 0)
-
-
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _counter_workspace(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, reused across launches (the kernel leaves them zero)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
 
 def _group_size(device: torch.device, batch: int, n_spaces: int) -> int:
     if device.type != "cuda":  # interpreter: one program per sample keeps the interpreted grid small
@@ -260,11 +222,10 @@ def deviations_triton(
     bases: torch.Tensor,
     lens=None,
     metric: str = "cosine",
-    with_eof: bool = False,
     *,
     validate: bool = True,
     group_size: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Deviations of all ``m+1`` spaces in one Triton launch.
 
     Args:
@@ -276,32 +237,29 @@ def deviations_triton(
         lens: a ``LensSpec`` (``kind`` "none" | "rms" | "layernorm", ``weight``,
             ``bias``, ``eps``) applied to spaces ``0..m-1``, or None.
         metric: "cosine" | "ce" | "rank".
-        with_eof: also return the eof-layer (int64 ``[B]``, argmax of the gains).
         validate: check label/position ranges on the host (one device sync);
-            without it an out-of-range entry yields NaN (eof then undefined).
+            without it an out-of-range entry yields NaN.
         group_size: spaces per program (default: chosen from the SM count).
 
     Returns:
-        float32 ``[B, m+1]``, and int64 ``[B]`` eof when ``with_eof``.
+        float32 ``[B, m+1]``.
 
     Raises:
         KernelInputError: (a ``SalfError``) on inconsistent shapes, dtypes,
             devices, ranges or names.
     """
     inp = check_deviation_inputs(states, last_index, labels, bases, lens, metric, validate=validate)
-    return launch_deviations(inp, with_eof, group_size=group_size)
+    return launch_deviations(inp, group_size=group_size)
 
 
-def launch_deviations(inp: DeviationInputs, with_eof: bool = False, *, group_size: int | None = None
-                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def launch_deviations(inp: DeviationInputs, *, group_size: int | None = None) -> torch.Tensor:
     """The kernel over inputs already checked (``check_deviation_inputs``, gathered, the lens as parts):
     what ``deviations_triton`` runs after its check, and what the dispatcher calls, so inputs are
     checked once per call."""
     device, B, S, D, K = inp.device, inp.batch, inp.n_spaces, inp.hidden, inp.n_labels
     out = torch.empty(B, S, dtype=torch.float32, device=device)
-    eof = torch.empty(B, dtype=torch.int64, device=device)
     if B == 0:
-        return (out, eof) if with_eof else out
+        return out
 
     table = torch.tensor(
         [[v.data_ptr() for v in inp.views], inp.batch_strides, inp.time_strides, inp.time_lengths],
@@ -317,10 +275,8 @@ def launch_deviations(inp: DeviationInputs, with_eof: bool = False, *, group_siz
     elem = inp.views[0].element_size()
     block_k = max(2, triton.next_power_of_2(K))
     block_d = min(65536 // elem, triton.next_power_of_2(D), max(16, _TILE_ELEMENTS // block_k))
-    block_s = max(2, triton.next_power_of_2(S))
     weight = inp.weight if inp.weight is not None else out
     bias = inp.bias if inp.bias is not None else out
-    counters = _counter_workspace(device, B) if with_eof else out
 
     deviation_kernel[(B * n_groups,)](
         table,
@@ -331,8 +287,6 @@ def launch_deviations(inp: DeviationInputs, with_eof: bool = False, *, group_siz
         weight,
         bias,
         out,
-        eof,
-        counters,
         S,
         group_size,
         n_groups,
@@ -347,13 +301,11 @@ def launch_deviations(inp: DeviationInputs, with_eof: bool = False, *, group_siz
         LENS_KIND=inp.lens_kind,
         HAS_BIAS=inp.bias is not None,
         METRIC=inp.metric,
-        WITH_EOF=with_eof,
         BLOCK_D=block_d,
         BLOCK_K=block_k,
-        BLOCK_S=block_s,
         num_warps=_num_warps(block_k * block_d),
     )
-    return (out, eof) if with_eof else out
+    return out
 
 
 # --------------------------------------------------------------------------- the registered torch op
@@ -379,17 +331,14 @@ def _deviations_stacked_impl(
     lens_kind: int,
     eps: float,
     metric: int,
-    with_eof: bool,
     group_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """One launch over a stacked ``[S, B, T, D]`` states tensor (checked by the caller)."""
     S, B, T, D = states.shape
     K = bases.shape[0]
     out = torch.empty((B, S), dtype=torch.float32, device=states.device)
-    eof = torch.empty((B,), dtype=torch.int64, device=states.device)
     if B == 0:
-        return out, eof
-    counters = torch.zeros((B,), dtype=torch.int32, device=states.device)  # fresh: nothing global to mutate
+        return out
     group_size = max(1, min(group_size, S))
     n_groups = triton.cdiv(S, group_size)
     block_k = max(2, triton.next_power_of_2(K))
@@ -405,8 +354,6 @@ def _deviations_stacked_impl(
         bases if weight is None else weight,  # never read without a lens weight
         bases if bias is None else bias,  # never read without a bias
         out,
-        eof,
-        counters,
         S,
         group_size,
         n_groups,
@@ -421,13 +368,11 @@ def _deviations_stacked_impl(
         LENS_KIND=lens_kind,
         HAS_BIAS=bias is not None,
         METRIC=metric,
-        WITH_EOF=with_eof,
         BLOCK_D=block_d,
         BLOCK_K=block_k,
-        BLOCK_S=max(2, triton.next_power_of_2(S)),
         num_warps=_num_warps(block_k * block_d),
     )
-    return out, eof
+    return out
 
 
 def _register_op():
@@ -445,11 +390,8 @@ def _register_op():
     op = torch.library.custom_op(OP_NAME, mutates_args=())(_deviations_stacked_impl)
 
     @op.register_fake
-    def _(states, last_index, labels, bases, weight, bias, lens_kind, eps, metric, with_eof, group_size):
-        b = states.shape[1]
-        return states.new_empty((b, states.shape[0]), dtype=torch.float32), states.new_empty(
-            (b,), dtype=torch.int64
-        )
+    def _(states, last_index, labels, bases, weight, bias, lens_kind, eps, metric, group_size):
+        return states.new_empty((states.shape[1], states.shape[0]), dtype=torch.float32)
 
     return getattr(ops_ns, name), kind
 
@@ -472,11 +414,10 @@ def deviations_triton_stacked(
     bases: torch.Tensor,
     lens=None,
     metric: str = "cosine",
-    with_eof: bool = False,
     *,
     validate: bool = True,
     group_size: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """``deviations_triton`` for spaces stacked in one tensor, through the registered torch op.
 
     Args:
@@ -486,7 +427,7 @@ def deviations_triton_stacked(
         is skipped (it would need a device sync); an out-of-range entry then yields NaN.
 
     Returns:
-        float32 ``[B, S]``, and int64 ``[B]`` eof when ``with_eof``.
+        float32 ``[B, S]``.
     """
     states = _stacked_view(states)
     S, B = states.shape[0], states.shape[1]
@@ -500,7 +441,7 @@ def deviations_triton_stacked(
         group_size = _group_size(inp.device, B, S)
     if group_size < 1:
         raise KernelInputError(f"group_size must be >= 1, got {group_size}")
-    out, eof = TRITON_OP(
+    return TRITON_OP(
         states,
         inp.last_index,
         inp.labels,
@@ -510,10 +451,8 @@ def deviations_triton_stacked(
         inp.lens_kind,
         float(inp.eps),
         inp.metric,
-        bool(with_eof),
         int(group_size),
     )
-    return (out, eof) if with_eof else out
 
 
 TRITON_OP, OP_KIND = _register_op()

@@ -21,6 +21,10 @@ def _interpreted_triton_kernels() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
         import salf_engine.kernels.deviation  # noqa: F401
+        try:  # triton imports gluon at the first launch and checks the mode again there
+            import triton.experimental.gluon  # noqa: F401
+        except ImportError:
+            pass
     finally:
         if given is None:
             os.environ.pop("TRITON_INTERPRET", None)

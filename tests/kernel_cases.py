@@ -16,7 +16,6 @@ __all__ = [
     "make_lens",
     "make_case",
     "reference_deviations",
-    "reference_eof",
     "assert_three_way",
     "LAYOUTS",
 ]
@@ -125,19 +124,6 @@ def reference_deviations(states, last_index, labels, bases, lens, metric, *, com
                 raise ValueError(metric)
             out[b, s] = float(d)
     return out
-
-
-def reference_eof(dev: torch.Tensor) -> torch.Tensor:
-    """First index of the largest gain d_k - d_{k+1}, per sample."""
-    eof = []
-    for row in dev.tolist():
-        gains = [row[k] - row[k + 1] for k in range(len(row) - 1)]
-        best = 0
-        for k, gk in enumerate(gains):
-            if gk > gains[best]:
-                best = k
-        eof.append(best)
-    return torch.tensor(eof, dtype=torch.int64)
 
 
 def assert_three_way(out, ref, out_pt, *, atol: float, what: str = ""):

@@ -23,7 +23,6 @@ from kernel_cases import (
     make_lens,
     named_lens,
     reference_deviations,
-    reference_eof,
 )
 
 from salf_engine.deviation import cpp_op as ops
@@ -80,37 +79,21 @@ def test_layernorm_with_large_mean():
     check_kernel_output(states, li, y, bases, lens, "cosine", out, "layernorm large mean")
 
 
-@pytest.mark.parametrize("metric", METRICS)
-def test_eof_fused(metric):
-    B, m, T, D, K = 6, 8, 4, 40, 3
-    states, li, y, bases = make_case(B, m, T, D, K, layouts=("contiguous", "time_major"), seed=3)
-    lens = make_lens("rms", D)
-    out, eof = ops.deviations_cpp(states, li, y, bases, lens, metric, with_eof=True)
-    ref = check_kernel_output(states, li, y, bases, lens, metric, out, f"eof {metric}")
-    assert eof.dtype == torch.int64 and eof.shape == (B,)
-    assert torch.equal(eof, reference_eof(out))
-    if metric != "rank":  # rank values tie by design; the exact tie test is below
-        assert torch.equal(eof, reference_eof(ref))
-
-
-def test_eof_first_index_on_ties():
+def test_rank_metric_hand_computed():
     D, K = 40, 3
     e = torch.eye(D)[:K]
     rows0 = [e[1], 2 * e[2] + e[1] - e[0], e[1], e[0]]
     rows1 = [2 * e[2] + e[1] - e[0], e[1], e[0], e[0]]
     states = [torch.stack([rows0[s], rows1[s]])[:, None, :].clone() for s in range(4)]
     zeros = torch.zeros(2, dtype=torch.int64)
-    out, eof = ops.deviations_cpp(states, zeros, zeros, e.clone(), None, "rank", with_eof=True)
+    out = ops.deviations_cpp(states, zeros, zeros, e.clone(), None, "rank")
     assert out.tolist() == [[2.0, 3.0, 2.0, 1.0], [3.0, 2.0, 1.0, 1.0]]
-    assert eof.tolist() == [1, 0]
 
 
 def test_registered_torch_ops():
     states, li, y, bases = make_case(2, 2, 3, 40, 3, seed=6)
     lens = make_lens("layernorm", 40)
     out = torch.ops.salf.deviations(states, li, y, bases, lens.weight, lens.bias, 2, lens.eps, 1)
-    out2, eof = torch.ops.salf.deviations_eof(states, li, y, bases, lens.weight, lens.bias, 2, lens.eps, 1)
-    assert torch.equal(out, out2) and torch.equal(eof, reference_eof(out))
     check_kernel_output(states, li, y, bases, lens, "ce", out, "torch.ops.salf")
     with pytest.raises(RuntimeError, match=r"salf::deviations: label index 7 of sample 0 is outside 0..K-1"):
         torch.ops.salf.deviations(states, li, torch.tensor([7, 0]), bases, None, None, 0, 0.0, 0)
@@ -120,10 +103,8 @@ def test_registered_torch_ops():
 
 def test_empty_batch():
     states, li, y, bases = make_case(1, 2, 3, 40, 2)
-    out, eof = ops.deviations_cpp(
-        [s[:0] for s in states], li[:0], y[:0], bases, None, "cosine", with_eof=True
-    )
-    assert out.shape == (0, 3) and eof.shape == (0,)
+    out = ops.deviations_cpp([s[:0] for s in states], li[:0], y[:0], bases, None, "cosine")
+    assert out.shape == (0, 3)
 
 
 def test_threads_agree():
@@ -193,9 +174,6 @@ def test_cuda_op_matches_reference(dtype, lens_name):
         eps=lens.eps,
     )
     for metric in METRICS:
-        out, eof = ops.deviations_cpp(
-            dev, li.cuda(), y.cuda(), bases.cuda(), lens_cuda, metric, with_eof=True
-        )
+        out = ops.deviations_cpp(dev, li.cuda(), y.cuda(), bases.cuda(), lens_cuda, metric)
         what = f"cuda {dtype} {lens_name} {metric}"
         check_kernel_output(states, li, y, bases, lens, metric, out.cpu(), what)
-        assert torch.equal(eof.cpu(), reference_eof(out.cpu()))

@@ -4,12 +4,11 @@
 ``torch.cuda.is_available()`` and ``nvcc`` exists) are compiled once with
 ``torch.utils.cpp_extension.load`` (ninja) into
 ``$SALF_CACHE_DIR/torch_ext`` (default ``~/.cache/salf-engine/torch_ext``) and
-register two real torch ops with CPU and CUDA dispatch keys::
+register a real torch op with CPU and CUDA dispatch keys::
 
     salf::deviations(Tensor[] states, Tensor last_index, Tensor labels, Tensor bases,
                      Tensor? lens_weight, Tensor? lens_bias, int lens_kind, float eps,
                      int metric) -> Tensor
-    salf::deviations_eof(... same ...) -> (Tensor, Tensor)
 
 ``lens_kind``: 0 none, 1 rms, 2 layernorm; ``metric``: 0 cosine, 1 ce, 2 rank
 (the codes and the input check are in ``salf_engine.deviation.contract``, shared with the Triton
@@ -155,20 +154,12 @@ def _has_cuda_kernel() -> bool:
 
 
 def _register_fake() -> None:
-    """Shape-only implementations so torch.compile / FakeTensor can trace through the ops."""
+    """A shape-only implementation so torch.compile / FakeTensor can trace through the op."""
     try:
 
         @torch.library.register_fake("salf::deviations")
         def _(states, last_index, labels, bases, lens_weight, lens_bias, lens_kind, eps, metric):
             return states[0].new_empty((states[0].shape[0], len(states)), dtype=torch.float32)
-
-        @torch.library.register_fake("salf::deviations_eof")
-        def _(states, last_index, labels, bases, lens_weight, lens_bias, lens_kind, eps, metric):
-            b = states[0].shape[0]
-            return (
-                states[0].new_empty((b, len(states)), dtype=torch.float32),
-                states[0].new_empty((b,), dtype=torch.int64),
-            )
     except Exception:  # already registered (a second load) or an older torch
         pass
 
@@ -209,21 +200,20 @@ def deviations_cpp(
     bases: torch.Tensor,
     lens=None,
     metric: str = "cosine",
-    with_eof: bool = False,
     *,
     validate: bool = True,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Deviations of all ``m+1`` spaces by the C++ op (CPU tensors) or the CUDA C++ op (CUDA tensors).
 
     Same arguments and results as ``salf_engine.kernels.deviation.deviations_triton``: float32
-    ``[B, m+1]``, and the int64 ``[B]`` eof-layer (first argmax of the gains) when ``with_eof``.
+    ``[B, m+1]``.
 
     Raises:
         KernelInputError: inputs that do not fit together, or no op for the inputs' device.
     """
     if not cpp_available():
         raise KernelInputError(f"the C++ deviation op is unavailable: {cpp_unavailable_reason()}")
-    op = torch.ops.salf.deviations_eof if with_eof else torch.ops.salf.deviations
+    op = torch.ops.salf.deviations
     first = states[0] if isinstance(states, (list, tuple)) and len(states) > 0 else None
     fast = (
         isinstance(first, torch.Tensor)
@@ -241,11 +231,10 @@ def deviations_cpp(
         return _call(op, args)
     inp = check_deviation_inputs(states, last_index, labels, bases, lens, metric, validate=validate,
                                  gather=False)
-    return run_checked(inp, with_eof)
+    return run_checked(inp)
 
 
-def run_checked(inp: DeviationInputs, with_eof: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def run_checked(inp: DeviationInputs) -> torch.Tensor:
     """The op over inputs already checked (``check_deviation_inputs(..., gather=False)``, the lens as
     parts): what ``deviations_cpp`` runs after its check, and what the dispatcher calls, so inputs are
     checked once per call."""
@@ -256,9 +245,8 @@ def run_checked(inp: DeviationInputs, with_eof: bool = False
                                "time)")
     if inp.device.type not in ("cpu", "cuda"):
         raise KernelInputError(f"the C++ deviation op runs on CPU or CUDA tensors, not {inp.device.type}")
-    op = torch.ops.salf.deviations_eof if with_eof else torch.ops.salf.deviations
-    return _call(op, (inp.views, inp.last_index, inp.labels, inp.bases, inp.weight, inp.bias, inp.lens_kind,
-                      inp.eps, inp.metric))
+    return _call(torch.ops.salf.deviations, (inp.views, inp.last_index, inp.labels, inp.bases, inp.weight,
+                                             inp.bias, inp.lens_kind, inp.eps, inp.metric))
 
 
 def built_for(device: torch.device) -> bool:
@@ -267,7 +255,7 @@ def built_for(device: torch.device) -> bool:
     return bool(_BUILD["ok"]) and (device.type == "cpu" or bool(_BUILD["cuda"]))
 
 
-def _call(op, args) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def _call(op, args) -> torch.Tensor:
     """``op(*args)`` without autograd; the op's own input errors as KernelInputError."""
     try:
         with torch.no_grad():
