@@ -36,6 +36,12 @@ LRSchedule = Literal["linear", "constant"]
 DepthSchedule = Literal["per-row", "mixed", "paper", "narrowing", "widening"]
 DepthAssignment = Literal["class-rank", "eof-match", "loss-rank"]
 Infill = Literal["bf", "df"]
+#: Every strategy name (``bot`` / ``top`` / ``int`` take ``freeze_fraction``).
+StrategyName = Literal["full", "lora-full", "lora-half", "lift-half", "lift-star-half", "salf", "bot25",
+                       "bot50", "bot75", "top25", "top50", "top75", "int25", "int50", "int75", "bot", "top",
+                       "int", "adt-low", "adt-high"]
+#: SALF budget plans ("none" = Algorithm 3, each sample at its eof).
+Budget = Literal["uniform", "arith", "geom", "none"]
 #: What a non-finite loss or gradient does: stop the run (the last good checkpoint stays), or skip the step.
 NonfiniteAction = Literal["stop", "skip"]
 DTYPES: tuple[str, ...] = get_args(DType)
@@ -93,8 +99,8 @@ class TrainConfig:
         None, "a local file with only a training split: hold out this class-stratified fraction for "
               "evaluation (0 < f < 1)")
     # which layers to train
-    strategy: str = _opt("salf", "full, salf, lora-full, lora-half, bot50 ... (see README)")
-    budget: str | None = _opt(None, "SALF budget plan: uniform, arith, geom (default: none)")
+    strategy: StrategyName = _opt("salf", "what trains where (see README)")
+    budget: Budget | None = _opt(None, "SALF budget plan (default: none, each sample at its eof)")
     infill: Infill | None = _opt(None, "budget infilling order (sets the quotas, not the visit order)")
     depth_schedule: DepthSchedule = _opt(
         "per-row", "per-row (every row of a forward at its own cut), mixed (cuts-per-step micro-batches "

@@ -23,9 +23,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator, Sequence
+from typing import get_args
 
 import torch
 
+from salf_engine.config import Budget
 from salf_engine.errors import ConfigError, positive_int
 
 __all__ = [
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 #: Budget plans with quotas, plus ``"none"`` (Algorithm 3, each sample at its own eof).
-PLANS = ("uniform", "arith", "geom", "none")
+PLANS: tuple[str, ...] = get_args(Budget)
 #: Infilling orders.
 ORDERS = ("bf", "df")
 

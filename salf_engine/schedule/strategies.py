@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import get_args
 
 from salf_engine import config as _config
 from salf_engine.deviation.contract import BOUNDARIES
@@ -55,30 +56,9 @@ __all__ = [
 ]
 
 #: Every strategy name :func:`make_strategy` accepts (``bot``/``top``/``int`` need ``freeze_fraction``).
-STRATEGIES = (
-    "full",
-    "lora-full",
-    "lora-half",
-    "lift-half",
-    "lift-star-half",
-    "salf",
-    "bot25",
-    "bot50",
-    "bot75",
-    "top25",
-    "top50",
-    "top75",
-    "int25",
-    "int50",
-    "int75",
-    "bot",
-    "top",
-    "int",
-    "adt-low",
-    "adt-high",
-)
+STRATEGIES: tuple[str, ...] = get_args(_config.StrategyName)
 #: Budget plans a ``salf`` strategy accepts (``None`` / ``"none"`` = Algorithm 3, each sample at its eof).
-BUDGETS = ("uniform", "arith", "geom", "none")
+BUDGETS: tuple[str, ...] = get_args(_config.Budget)
 #: The names are defined in `config`. Infilling orders of budgeted ``salf`` (bf / df) decide the
 #: per-depth quotas, never the visit order. Schedules say how a depth-varying strategy visits its
 #: depths: ``per-row`` (every row of a forward at its own cut), ``mixed`` (micro-batches of one cut each,
