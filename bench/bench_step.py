@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -152,6 +153,31 @@ def git_commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    if args.markdown_only:
+        regenerate(args.out)
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    model, source = load_smollm2()
+    model.train()
+    inp = _inputs(model, args)
+    configs, dev_runners = _configs(model, inp, args)
+    resolved = _resolve_auto(dev_runners, inp, args.batch)
+    print(f"model: {source}; m={inp.m}; tied head={inp.tied}; threads={torch.get_num_threads()}; "
+          f"setup {time.perf_counter() - t_start:.0f}s", flush=True)
+    _measure(configs, model, inp.targets, args)
+    rows = _rows(configs, model, inp, resolved, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = append_csv(args.out / "step.csv", CSV_FIELDS, rows)
+    meta = {"source": source, "note": args.note, "total_s": time.perf_counter() - t_start, "m": inp.m}
+    (args.out / "step.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_markdown(args.out / "step.md", rows, **meta)
+    print(f"wrote {csv_path} and {args.out / 'step.md'} in {time.perf_counter() - t_start:.0f}s")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
@@ -165,34 +191,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--note", default="shared 2-core CPU (6 other engineers running tests at the same time)")
     ap.add_argument("--only", default="", help="comma-separated config names to run (full always runs)")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite step.md from step.csv's last run")
-    args = ap.parse_args(argv)
-    if args.markdown_only:
-        regenerate(args.out)
-        return
+    return ap.parse_args(argv)
 
+
+def _inputs(model: torch.nn.Module, args: argparse.Namespace) -> SimpleNamespace:
+    """The batch every configuration trains on: random token ids, K = 6 label tokens, their bases."""
     from salf_engine.deviation.semantics import semantic_bases
-    from salf_engine.runner.truncated import TruncatedRunner
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    t_start = time.perf_counter()
-    model, source = load_smollm2()
-    model.train()
     m = model.config.num_hidden_layers
-    quarter, half, three_q = m // 4, m // 2, (3 * m) // 4
-    vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, vocab, (args.batch, args.seq), generator=gen)
-    mask = torch.ones_like(ids)
+    ids = torch.randint(100, model.config.vocab_size, (args.batch, args.seq), generator=gen)
     label_tokens = torch.arange(1000, 1006)  # K = 6 "label" tokens
     labels = torch.randint(0, len(label_tokens), (args.batch,), generator=gen)
-    targets = label_tokens[labels]
-    bases = semantic_bases(model, label_tokens)
+    return SimpleNamespace(ids=ids, mask=torch.ones_like(ids), labels=labels, targets=label_tokens[labels],
+                           bases=semantic_bases(model, label_tokens), m=m, half=m // 2,
+                           tied=model.lm_head.weight is model.get_input_embeddings().weight)
 
+
+def _configs(model: torch.nn.Module, inp: SimpleNamespace, args: argparse.Namespace
+             ) -> tuple[list[Config], dict[str, Any]]:
+    """The configurations to time (full, the runner at several cuts, static freezing, SALF[half]'s rows,
+    the runner returning deviations), each with its own AdamW."""
+    from salf_engine.runner.truncated import TruncatedRunner
+
+    ids, mask, labels, m, half = inp.ids, inp.mask, inp.labels, inp.m, inp.half
+    quarter, three_q = m // 4, (3 * m) // 4
     runner = TruncatedRunner(model)
     embed = model.get_input_embeddings()
     layers = model.model.layers
-    tied = model.lm_head.weight is embed.weight
+    tied = inp.tied
+    bases = inp.bases
 
     def prefix_params(k: int) -> list[torch.nn.Parameter]:
         return [p for layer in layers[:k] for p in layer.parameters()]
@@ -231,20 +259,28 @@ def main(argv: list[str] | None = None) -> None:
         # one optimizer per config over every parameter; AdamW skips params without .grad (the frozen ones)
         cfg.optimizer = torch.optim.AdamW(_unique_params(model), lr=1e-7)
 
-    # resolve "auto" once (a kernel may need building) before anything is timed
+    return configs, dev_runners
+
+
+def _resolve_auto(dev_runners: dict[str, Any], inp: SimpleNamespace, batch: int) -> dict[str, str]:
+    """What each deviation impl runs as ("auto" resolved once, a kernel may need building) before timing."""
+    ids, mask, labels, m = inp.ids, inp.mask, inp.labels, inp.m
     resolved = {}
     for impl, r in dev_runners.items():
         out = r(ids, mask, depth=m, labels=labels)
-        assert out.deviations is not None and out.deviations.shape == (args.batch, m + 1)
+        assert out.deviations is not None and out.deviations.shape == (batch, m + 1)
         resolved[impl] = impl
         if impl == "auto":
             from salf_engine.deviation import cpp_op as ops
 
             resolved[impl] = "cpp" if ops.cpp_available() else "torch"
 
-    t_load = time.perf_counter() - t_start
-    print(f"model: {source}; m={m}; tied head={tied}; threads={torch.get_num_threads()}; setup {t_load:.0f}s",
-          flush=True)
+    return resolved
+
+
+def _measure(configs: list[Config], model: torch.nn.Module, targets: torch.Tensor,
+             args: argparse.Namespace) -> None:
+    """A memory pass, the warm-up rounds, then the measured rounds in a fresh order each round."""
     for cfg in configs:  # memory pass (also the first warm-up step)
         run_step(cfg, model, targets, measure_memory=True)
     for _ in range(args.warmup):
@@ -260,6 +296,14 @@ def main(argv: list[str] | None = None) -> None:
         summary = " ".join(f"{c.name}={c.times['step'][-1]:.2f}s" for c in configs)
         print(f"round {r + 1}/{args.rounds}: {summary}", flush=True)
 
+
+
+def _rows(configs: list[Config], model: torch.nn.Module, inp: SimpleNamespace, resolved: dict[str, str],
+          args: argparse.Namespace) -> list[dict]:
+    """One CSV row per configuration, and one per single deviations call."""
+    from salf_engine.runner.truncated import TruncatedRunner
+
+    half = inp.half
     commit = git_commit()
     date = utc_now()
     device = f"{cpu_name()} ({platform.machine()}), CPU fp32, {torch.get_num_threads()} thread(s)"
@@ -284,8 +328,8 @@ def main(argv: list[str] | None = None) -> None:
             "steps": len(t["step"]),
         })
     for impl in [s for s in args.dev_call_impls.split(",") if s]:
-        probe = TruncatedRunner(model, bases=bases, deviation_impl=impl)
-        times = time_deviations(probe, ids, mask, labels, impl, reps=30)
+        probe = TruncatedRunner(model, bases=inp.bases, deviation_impl=impl)
+        times = time_deviations(probe, inp.ids, inp.mask, inp.labels, impl, reps=30)
         ran = impl if impl != "auto" else ("cpp" if resolved.get("auto") == "cpp" else "torch")
         med, p20, p80 = quantiles(times)
         rows.append({
@@ -293,12 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             "median_s": f"{med:.6f}", "p20_s": f"{p20:.6f}", "p80_s": f"{p80:.6f}",
             "ratio_to_full": f"{med / full_median:.6f}", "steps": len(times),
         })
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = append_csv(args.out / "step.csv", CSV_FIELDS, rows)
-    meta = {"source": source, "note": args.note, "total_s": time.perf_counter() - t_start, "m": m}
-    (args.out / "step.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    write_markdown(args.out / "step.md", rows, **meta)
-    print(f"wrote {csv_path} and {args.out / 'step.md'} in {time.perf_counter() - t_start:.0f}s")
+    return rows
 
 
 def last_run_rows(csv_path: Path) -> list[dict]:
@@ -317,9 +356,6 @@ def write_markdown(path: Path, rows: list[dict], *, m: int, source: str, note: s
     calls = [row for row in rows if row["config"].startswith("deviations_call_")]
     full = by["full"]
     head = rows[0]
-
-    def f(row: dict, key: str) -> float:
-        return float(row[key])
 
     lines = [
         "# Step benchmark: truncated runner vs full fine-tuning",
@@ -352,8 +388,23 @@ def write_markdown(path: Path, rows: list[dict], *, m: int, source: str, note: s
             f"| {ideal} | {row['fwd_s']} | {row['bwd_s']} | {row['opt_s']} | {row['saved_act_mib']} "
             f"| {row['grads_mib']} | {row['adamw_mib']} | {row['est_peak_mib']} |"
         )
+    lines += _reading(by, m)
+    lines += _deviations_overhead(by, steps, calls, m)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _f(row: dict, key: str) -> float:
+    return float(row[key])
+
+
+def _reading(by: dict[str, dict], m: int) -> list[str]:
+    """How the measured ratios compare with the ideal model, and where the rest of the time goes."""
+    half = m // 2
+    ideal_half = 1 - 2 * half / (3 * m)
+    full = by["full"]
+    f = _f
     total = f(full, "median_s")
-    lines += [
+    lines = [
         "",
         "## Reading it",
         "",
@@ -409,7 +460,15 @@ def write_markdown(path: Path, rows: list[dict], *, m: int, source: str, note: s
             f"{row['ratio_to_full'] if row else '?'} - the runner's detached cut never does that.",
             "",
         ]
-    lines += ["## Deviations overhead", ""]
+    return lines
+
+
+def _deviations_overhead(by: dict[str, dict], steps: list[dict], calls: list[dict], m: int) -> list[str]:
+    """What returning the deviations from the training forward costs."""
+    half = m // 2
+    f = _f
+    row = by.get(f"runner_k{half}")
+    lines = ["## Deviations overhead", ""]
     if row is not None:
         spread = f(row, "p80_s") - f(row, "p20_s")
         for dev_row in steps:
@@ -432,7 +491,7 @@ def write_markdown(path: Path, rows: list[dict], *, m: int, source: str, note: s
         "- the states come from the training forward itself (one [B, D] row gather per layer into one "
         "buffer), so profiling needs no extra forward pass; a step pays the m+1 gathers plus one call."
     )
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def regenerate(out: Path) -> None:

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from salf_engine.deviation.contract import (
-    BOUNDARIES,
-    IMPLS,
     LENS_ALIASES,
     LENSES,
     METRICS,
@@ -24,8 +22,8 @@ from salf_engine.deviation.contract import (
 )
 from salf_engine.errors import ConfigError, positive_int
 
-__all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES", "EOF_BOUNDARIES",
-           "DEVIATION_IMPLS", "DEPTH_SCHEDULES", "DEPTH_ASSIGNMENTS", "INFILLS", "DEFAULT_LORA_TARGETS",
+__all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES",
+           "DEPTH_SCHEDULES", "DEPTH_ASSIGNMENTS", "INFILLS", "DEFAULT_LORA_TARGETS",
            "DEFAULT_LR", "DEFAULT_LORA_LR", "NONFINITE_ACTIONS", "GENERATIVE_PRESETS", "is_generative_preset",
            "load_config_file"]
 
@@ -51,8 +49,6 @@ DEPTH_SCHEDULES: tuple[str, ...] = get_args(DepthSchedule)
 DEPTH_ASSIGNMENTS: tuple[str, ...] = get_args(DepthAssignment)
 INFILLS: tuple[str, ...] = get_args(Infill)
 NONFINITE_ACTIONS: tuple[str, ...] = get_args(NonfiniteAction)
-EOF_BOUNDARIES = BOUNDARIES
-DEVIATION_IMPLS = IMPLS
 #: Learning rates when ``lr`` is not given, chosen by a sweep on held-out training data
 #: (bench/results/lr_sweep.md): fine-tuning the weights themselves, and LoRA adapters.
 DEFAULT_LR = 1e-4

@@ -171,7 +171,6 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
                  progress: bool, say: Callable[[str], None]) -> None:
     import torch
 
-    from salf_engine.evaluation.classification import evaluate
     from salf_engine.models.loading import load_model
     from salf_engine.schedule.strategies import strategy_from_config
     from salf_engine.training.inputs import Prepared, encode_task, resolve_device
@@ -205,15 +204,8 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
         first = configs[(d.label, result.strategies[0].label)]
         verbalizer, train_split, eval_split = encode_task(task, tokenizer, first)
         if d in zs_pending:
-            say(f"[{d.label}] zero-shot evaluation on {len(eval_split)} examples")
-            report = evaluate(pristine, tokenizer, eval_split, verbalizer, batch_size=first.eval_batch_size,
-                              dtype=first.dtype, classes=list(task.classes), progress=progress,
-                              desc=f"zero-shot {d.label}")
-            zs_path = Path(settings.output) / "cells" / d.label / "zero_shot.json"
-            zs_path.parent.mkdir(parents=True, exist_ok=True)
-            record = {"settings": _zero_shot_settings(first), "scores": report.summary(),
-                      "num_eval_examples": len(eval_split), "seconds": round(report.seconds, 3)}
-            _atomic_write(zs_path, json.dumps(record, indent=2) + "\n")
+            _zero_shot_cell(settings, d, task, pristine, tokenizer, first, verbalizer, eval_split,
+                            progress=progress, say=say)
         for s in cells:
             n_done += 1
             cfg = configs[(d.label, s.label)]
@@ -249,6 +241,22 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
                 del model, prepared
                 if big_model:  # free the last copy's cycles before the next deep copy
                     gc.collect()
+
+
+def _zero_shot_cell(settings: CompareSettings, d, task, model, tokenizer, first, verbalizer, eval_split, *,
+                    progress: bool, say: Callable[[str], None]) -> None:
+    """The dataset's zero-shot scores, once per grid, into ``cells/<dataset>/zero_shot.json``."""
+    from salf_engine.evaluation.classification import evaluate
+
+    say(f"[{d.label}] zero-shot evaluation on {len(eval_split)} examples")
+    report = evaluate(model, tokenizer, eval_split, verbalizer, batch_size=first.eval_batch_size,
+                      dtype=first.dtype, classes=list(task.classes), progress=progress,
+                      desc=f"zero-shot {d.label}")
+    zs_path = Path(settings.output) / "cells" / d.label / "zero_shot.json"
+    zs_path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"settings": _zero_shot_settings(first), "scores": report.summary(),
+              "num_eval_examples": len(eval_split), "seconds": round(report.seconds, 3)}
+    _atomic_write(zs_path, json.dumps(record, indent=2) + "\n")
 
 
 def _resumable(cfg) -> bool:
