@@ -1,4 +1,4 @@
-"""The training loop: dataset -> prompt -> depth bucket -> truncated runner -> loss -> metrics.
+"""The training loop: dataset -> prompt -> step plan (each row's cut) -> truncated runner -> loss -> metrics.
 
 Every strategy (full fine-tuning, SALF, LoRA, LIFT, fixed and adaptive
 freezing) goes through the same loop, built from the pieces every loop needs:
