@@ -65,3 +65,34 @@ def test_a_row_without_a_response_token_is_named():
         hidden = model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
     with pytest.raises(ConfigError, match=r"rows \[1\] have no supervised response token"):
         response_deviations(hidden, batch["labels"], model)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_positions_are_read_in_place_or_gathered(impl, monkeypatch):
+    """Contiguous states go to the kernel as a zero-batch-stride view of themselves (no copy); states whose
+    rows are not evenly spaced are gathered; both give the fp64 loop's deviations."""
+    import salf_engine.deviation.compute as compute
+
+    if impl == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    elif not ops.cpp_available():
+        pytest.skip(f"C++ op unavailable: {ops.cpp_unavailable_reason()}")
+    model = tiny_model("llama", attn="eager").eval()
+    enc = encode_responses(EXAMPLES, tiny_tokenizer(), max_length=32)
+    batch = collate_responses(enc, [0, 1, 2], pad_id=0)
+    want = _fp64_reference(model, batch)
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True).hidden_states
+    seen = []
+    real = compute.deviations
+    monkeypatch.setattr(compute, "deviations",
+                        lambda states, *a, **k: seen.append(states) or real(states, *a, **k))
+    got = response_deviations(hidden, batch["labels"], model, lens=model.model.norm, impl=impl)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+    assert all(s.stride(0) == 0 and s.data_ptr() == h.data_ptr()
+               for s, h in zip(seen[-1], hidden, strict=True))
+    padded = [torch.nn.functional.pad(h, (0, 0, 0, 3))[:, : h.shape[1]] for h in hidden]  # rows 3 steps apart
+    got = response_deviations(padded, batch["labels"], model, lens=model.model.norm, impl=impl)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+    assert all(s.shape[1] == 1 and s.is_contiguous() for s in seen[-1])  # gathered [N, 1, D]

@@ -12,9 +12,11 @@ positions P:
 follow from these deviations exactly as for classification
 (:func:`~salf_engine.deviation.compute.eof_layers`).
 
-All supervised positions of a batch are gathered into one [N, 1, D] view per space and go through
-:func:`~salf_engine.deviation.compute.deviations` in one call, so every backend (torch, the C++ op, the Triton
-kernel) computes all positions of all rows in one launch; the per-row mean is a scatter-add.
+All supervised positions of a batch go through :func:`~salf_engine.deviation.compute.deviations` in one call,
+so every backend (torch, the C++ op, the Triton kernel) computes all positions of all rows in one launch:
+each space is seen, without a copy, as N rows over its flattened [B * T] positions (batch stride 0, the
+position's index ``row * T + t``), which the kernels read through their strides like any other layout.
+The per-row mean is a scatter-add.
 """
 
 from __future__ import annotations
@@ -61,12 +63,30 @@ def response_deviations(hidden_states: Sequence[Tensor], targets: Tensor, model:
     rows, positions = supervised.nonzero(as_tuple=True)
     tokens, index = torch.unique(following[rows, positions], return_inverse=True)
     bases = semantic_bases(model, tokens).to(device)
-    spaces = [h.detach()[rows, positions].unsqueeze(1) for h in hidden_states]  # [N, 1, D] each
-    zero = torch.zeros(rows.numel(), dtype=torch.long, device=device)
-    per_position = deviations(spaces, zero, index, bases, lens=lens, metric="cosine", impl=impl)  # [N, m+1]
+    spaces, where = _positions_in_place(hidden_states, rows, positions)
+    per_position = deviations(spaces, where, index, bases, lens=lens, metric="cosine", impl=impl)  # [N, m+1]
     total = torch.zeros(batch, per_position.shape[1], dtype=torch.float32, device=device)
     total.index_add_(0, rows, per_position)
     return total / counts[:, None].to(torch.float32)
+
+
+def _positions_in_place(hidden_states: Sequence[Tensor], rows: Tensor, positions: Tensor
+                        ) -> tuple[list[Tensor], Tensor]:
+    """Every supervised position of the batch as one "row" of the deviation call, read where it lies: each
+    [B, T, D] space seen as N rows of one flattened [B * T] time axis (batch stride 0, no copy), and
+    position n at index ``rows[n] * T + positions[n]``. A space whose rows are not evenly spaced in memory
+    has its N states gathered instead ([N, 1, D], the only copy)."""
+    n = rows.numel()
+    flat = rows * hidden_states[0].shape[1] + positions
+    spaces = []
+    for h in hidden_states:
+        h = h.detach()
+        batch, length, dim = h.shape
+        if h.stride(0) == length * h.stride(1):
+            spaces.append(h.as_strided((n, batch * length, dim), (0, h.stride(1), h.stride(2))))
+        else:
+            return [s.detach()[rows, positions].unsqueeze(1) for s in hidden_states], torch.zeros_like(rows)
+    return spaces, flat
 
 
 def profile_response_deviations(model: nn.Module, split, *, pad_id: int, batch_size: int = 8,
