@@ -657,3 +657,17 @@ def test_loss_rank_trains_the_hardest_sample_of_each_class_deepest_from_the_next
 def test_loss_rank_needs_a_budget_and_a_per_row_or_mixed_schedule(options):
     with pytest.raises(ConfigError, match="'loss-rank' assignment .* needs a salf budget plan"):
         make_strategy("salf", assignment="loss-rank", **options)
+
+
+def test_cost_meter_state_round_trip_and_an_old_checkpoint():
+    """The meter's counts survive a checkpoint; one from before the frozen share was counted leaves it
+    unknown (None), never silently wrong."""
+    meter = metered(all_plans(started("top50")))
+    again = CostMeter(M, lora=False)
+    again.load_state_dict(meter.state_dict())
+    assert again.frozen_fraction() == meter.frozen_fraction() == pytest.approx(0.5)
+    assert again.saving() == meter.saving() and again.flops_ratio() == meter.flops_ratio()
+    old = {k: v for k, v in meter.state_dict().items() if k != "frozen"}
+    again.load_state_dict(old)
+    again.add_plan(all_plans(started("top50"))[0])
+    assert again.frozen_fraction() is None and again.saving() == 0.0

@@ -27,7 +27,7 @@ class CostMeter:
         self.m = num_layers
         self.lora = lora
         self.examples = 0
-        self._frozen = 0
+        self._frozen: int | None = 0  # None: resumed from a checkpoint that did not count it
         self._units = 0
         self._depths: Counter[int] = Counter()
 
@@ -36,7 +36,8 @@ class CostMeter:
         above = self.m - depth
         weights = 0 if self.lora else sum(trainable[depth:])
         self.examples += n
-        self._frozen += n * (self.m - sum(trainable[depth:]))  # a row trains nothing below its own cut
+        if self._frozen is not None:
+            self._frozen += n * (self.m - sum(trainable[depth:]))  # a row trains nothing below its own cut
         self._units += n * (self.m + above + weights)
         self._depths[depth] += n
 
@@ -54,7 +55,7 @@ class CostMeter:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
         self.examples = int(state["examples"])
-        self._frozen = int(state.get("frozen", 0))  # checkpoints of 0.1 did not count it
+        self._frozen = state.get("frozen")  # checkpoints of 0.1 did not count it: unknown from here on
         self._units = int(state["units"])
         self._depths = Counter({int(k): int(v) for k, v in state["depths"]})
 
@@ -64,8 +65,11 @@ class CostMeter:
             return 0.0
         return cost_saving_ratio([d for d, n in sorted(self._depths.items()) for _ in range(n)], self.m)
 
-    def frozen_fraction(self) -> float:
-        """Mean over trained rows of the share of layers not trained (TOP / INT / LIFT / ADT masks too)."""
+    def frozen_fraction(self) -> float | None:
+        """Mean over trained rows of the share of layers not trained (TOP / INT / LIFT / ADT masks too);
+        None after resuming from a checkpoint that did not count it."""
+        if self._frozen is None:
+            return None
         return self._frozen / (self.examples * self.m) if self.examples else 0.0
 
     def flops_ratio(self, profiled: int = 0) -> float:
