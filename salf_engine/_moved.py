@@ -61,11 +61,11 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         warnings.warn(f"{spec.name} moved to {new}; the old path goes in the next release",
                       DeprecationWarning, stacklevel=2)
         module = importlib.import_module(new)
-        self._home_spec = module.__spec__  # the import system overwrites __spec__ with the old path's
+        spec.loader_state = module.__spec__  # the import system overwrites __spec__ with the old path's
         return module
 
     def exec_module(self, module) -> None:
-        module.__spec__ = self._home_spec
+        module.__spec__ = module.__spec__.loader_state
 
 
 def install() -> None:
