@@ -169,8 +169,6 @@ def parse_strategy(text: str) -> StrategyCell:
                 raise ConfigError(f"freeze fraction in cell {text!r} must lie strictly between 0 and 1")
             fraction = value
     if budget == "none":
-        if infill is not None:
-            raise ConfigError(f"cell {text!r}: an infilling order needs a budget plan (uniform, arith, geom)")
         budget = None
     if infill is not None and budget is None:
         raise ConfigError(f"cell {text!r}: an infilling order needs a budget plan (uniform, arith, geom)")

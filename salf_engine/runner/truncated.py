@@ -238,14 +238,13 @@ class TruncatedRunner:
             train_embeddings: with every depth 0, run the embedding with autograd as well (full fine-tuning).
         """
         batch = input_ids.shape[0]
-        depths, last_index = self._check_call(input_ids, attention_mask, depth, last_index, logits,
-                                              train_embeddings)
+        depths, last_index, per_row = self._check_call(input_ids, attention_mask, depth, last_index, logits,
+                                                       train_embeddings)
         want_dev = self.bases is not None and labels is not None
         # FSDP2 gathers a layer's weights at every call and reduces its gradients after its backward, so every
         # rank must make the same calls although its rows sit at other cuts: two ghost copies of row 0, one
         # frozen everywhere and one trained everywhere, give every layer both calls on every rank. One int
         # depth is one cut for every rank (as the planners hand it out): no ghost is needed there.
-        per_row = not isinstance(plain_depth(depth), int)
         if per_row and _fsdp_sharded(list(self.parts.layers)):
             input_ids, attention_mask, last_index = (_with_ghosts(x) for x in (input_ids, attention_mask,
                                                                                 last_index))
@@ -278,25 +277,28 @@ class TruncatedRunner:
 
     def _check_call(self, input_ids: Tensor, attention_mask: Tensor | None, depth: Any,
                     last_index: Tensor | None, logits: str, train_embeddings: bool
-                    ) -> tuple[list[int], Tensor]:
-        """The call's arguments checked: (each row's depth, each row's medium-token position)."""
+                    ) -> tuple[list[int], Tensor, bool]:
+        """The call's arguments checked: (each row's depth, each row's medium-token position, whether the
+        depth was given per row). A depth tensor is read to the host once, here."""
         if logits not in _LOGITS:
             raise ConfigError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
         if input_ids.dim() != 2:
             raise ConfigError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         batch = input_ids.shape[0]
-        depths = row_depths(depth, batch, self.num_layers)
+        plain = plain_depth(depth)
+        depths = row_depths(plain, batch, self.num_layers)
+        per_row = not isinstance(plain, int)
         if train_embeddings and any(depths):
             raise ConfigError("train_embeddings needs depth 0 (the embedding is below every frozen layer)")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ConfigError(f"attention_mask shape {tuple(attention_mask.shape)} != "
                               f"input_ids shape {tuple(input_ids.shape)}")
         if last_index is None:
-            return depths, last_token_index(attention_mask, input_ids)
+            return depths, last_token_index(attention_mask, input_ids), per_row
         last_index = torch.as_tensor(last_index, device=input_ids.device).long().reshape(-1)
         if last_index.numel() != batch:
             raise ConfigError(f"last_index must have one entry per row ({batch}), got {last_index.numel()}")
-        return depths, last_index
+        return depths, last_index, per_row
 
     def _layers(self, input_ids: Tensor, attention_mask: Tensor | None, last_index: Tensor,
                 frozen_at: list[int], *, want_dev: bool, gradient_checkpointing: bool,
