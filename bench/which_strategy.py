@@ -1,19 +1,23 @@
 """The README's "which strategy should I use" table, from the committed reproduction cells.
 
-For each dataset (SmolLM2-135M, 960 training examples, one epoch, the full test split), every strategy a
-user chooses between: macro-F1 (mean over the seeds run) and training + profiling time relative to full
-fine-tuning of the same seed, from these grids:
+For each regime and dataset (SmolLM2-135M, the full test split), every strategy a user chooses between:
+macro-F1 (mean over the seeds run) and training + profiling time relative to full fine-tuning of the
+same regime and seed. The regimes and the grids they come from:
 
-- ``bench/results/repro-per-row/cells.csv``: full, BOT50, SALF[half] (the per-row step), LoRA[half] and
-  LIFT*[half] (seed 0);
-- ``bench/results/repro/cells.csv``: LoRA[half] and LIFT*[half] seed 1 (their code path did not change
-  with the per-row step; the seed-0 cells of both grids agree to six digits);
-- ``bench/results/study/cells.csv``: the variants of issue 19's study confirmed on the test splits.
+- 960 examples, one epoch: ``bench/results/repro-per-row/cells.csv`` (full, BOT50, SALF[half] with the
+  per-row step, LoRA[half] and LIFT*[half] seed 0), ``bench/results/repro/cells.csv`` (LoRA[half] and
+  LIFT*[half] seed 1: their code path did not change with the per-row step, and the seed-0 cells of both
+  grids agree to six digits) and ``bench/results/study/cells.csv`` (the variants of issue 19's study
+  confirmed on the test splits);
+- 960 examples, two epochs, and 3,840 examples, one epoch: ``bench/results/regimes/cells.csv``
+  (``python bench/compare_repro.py --regimes``), cells named ``<strategy> [epochs2]`` and
+  ``<strategy> [data4x]``.
 
-Two picks per dataset: for accuracy, the fastest strategy whose macro-F1 is within 0.01 of the best one's;
-for speed, the most accurate one at no more than 0.65 of full fine-tuning's time. Writes
-``bench/results/which_strategy.md`` and ``bench/results/f1_vs_time.png`` (macro-F1 against wall time, one
-point per strategy and seed).
+Two picks per regime and dataset: for accuracy, the fastest strategy whose macro-F1 is within 0.01 of the
+best one's; for speed, the most accurate one at no more than 0.65 of full fine-tuning's time. A second
+table gives each strategy's mean over the three datasets, where all three have run. Writes
+``bench/results/which_strategy.md`` and one ``bench/results/f1_vs_time[_<regime>].png`` per regime
+(macro-F1 against wall time, one point per strategy and seed).
 
     python bench/which_strategy.py
 """
@@ -30,21 +34,36 @@ from bench_utils import scatter_by_dataset
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DATASETS = ["trec", "sst5", "carer"]
+#: Regime tag in a cell's strategy name ("" for none) -> what it means.
+REGIMES = {"": "960 examples, 1 epoch", "epochs2": "960 examples, 2 epochs",
+           "data4x": "3,840 examples, 1 epoch"}
 #: The grids read (later grids add seeds and strategies, never replace a cell of an earlier one).
-SOURCES = [("repro-per-row", None), ("repro", {"lora-half", "lift-star-half"}), ("study", None)]
+SOURCES = [("repro-per-row", None), ("repro", {"lora-half", "lift-star-half"}), ("study", None),
+           ("regimes", None)]
 NAMES = {"salf:uniform:df": "SALF[half]", "lora-half": "LoRA[half]", "lift-star-half": "LIFT*[half]",
          "bot50": "BOT50", "full": "full", "salf:uniform:df:narrowing": "SALF[half], narrowing",
          "salf:uniform:df:widening": "SALF[half], widening", "bot50 [head]": "BOT50 + head",
-         "salf:uniform:df [head]": "SALF[half] + head"}
+         "salf:uniform:df [head]": "SALF[half] + head", "salf:geom:bf": "SALF geom-bf"}
 #: How far below the best macro-F1 a faster strategy may stay and still be the accuracy pick.
 TOLERANCE = 0.01
 #: The time budget of the speed pick, relative to full fine-tuning.
 FAST = 0.65
 
+Cells = dict[tuple[str, str, str], dict[int, dict]]
 
-def load() -> dict[tuple[str, str], dict[int, dict]]:
-    """(dataset, strategy) -> seed -> row of the test-split cells."""
-    cells: dict[tuple[str, str], dict[int, dict]] = {}
+
+def _regime_and_name(strategy: str) -> tuple[str, str]:
+    """("epochs2", "BOT50") for "bot50 [epochs2]"; a tag that is not a regime stays in the name."""
+    base, _, tag = strategy.partition(" [")
+    tag = tag.rstrip("]")
+    if tag in REGIMES:
+        return tag, NAMES.get(base, base)
+    return "", NAMES.get(strategy, strategy)
+
+
+def load() -> Cells:
+    """(regime, dataset, strategy name) -> seed -> row of the test-split cells."""
+    cells: Cells = {}
     for grid, only in SOURCES:
         path = RESULTS / grid / "cells.csv"
         if not path.is_file():
@@ -53,56 +72,82 @@ def load() -> dict[tuple[str, str], dict[int, dict]]:
             for row in csv.DictReader(fh):
                 if row["split"] != "test" or (only is not None and row["strategy"] not in only):
                     continue
-                cells.setdefault((row["dataset"], row["strategy"]), {}).setdefault(int(row["seed"]), row)
+                regime, name = _regime_and_name(row["strategy"])
+                cells.setdefault((regime, row["dataset"], name), {}).setdefault(int(row["seed"]), row)
     return cells
 
 
-def table(cells: dict[tuple[str, str], dict[int, dict]]) -> str:
-    """The Markdown table: one row per dataset and strategy, the pick in bold."""
-    lines = ["| dataset | strategy | seeds | macro-F1 | time vs full | FLOPs vs full | pick for |",
-             "|---|---|---:|---:|---:|---:|---|"]
-    for ds in DATASETS:
-        rows = []
-        for (d, strategy), seeds in cells.items():
-            if d != ds:
+def _summary(seeds: dict[int, dict]) -> tuple[int, float, float, float, float]:
+    """(seeds, mean macro-F1, half its range, mean time vs full, FLOPs vs full) of one strategy."""
+    f1 = [float(r["free_macro_f1"]) for r in seeds.values()]
+    time = [float(r["time_ratio"]) for r in seeds.values() if r["time_ratio"]]
+    flops = float(next(iter(seeds.values()))["flops_ratio"])
+    return (len(f1), statistics.fmean(f1), (max(f1) - min(f1)) / 2,
+            statistics.fmean(time) if time else float("nan"), flops)
+
+
+def table(cells: Cells) -> str:
+    """The Markdown table: one row per regime, dataset and strategy, the picks in bold."""
+    lines = ["| regime | dataset | strategy | seeds | macro-F1 | time vs full | FLOPs vs full | pick for |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for regime, label in REGIMES.items():
+        for ds in DATASETS:
+            rows = [(name, *_summary(seeds))
+                    for (r, d, name), seeds in cells.items() if (r, d) == (regime, ds)]
+            if not rows:
                 continue
-            f1 = [float(r["free_macro_f1"]) for r in seeds.values()]
-            time = [float(r["time_ratio"]) for r in seeds.values() if r["time_ratio"]]
-            rows.append((NAMES.get(strategy, strategy), len(f1), statistics.fmean(f1),
-                         (max(f1) - min(f1)) / 2, statistics.fmean(time) if time else float("nan"),
-                         float(next(iter(seeds.values()))["flops_ratio"])))
-        if not rows:
-            continue
-        best = max(r[2] for r in rows)
-        accurate = min((r for r in rows if r[2] >= best - TOLERANCE), key=lambda r: r[4])[0]
-        fast = max((r for r in rows if r[4] <= FAST), key=lambda r: r[2], default=(None,))[0]
-        for name, n, f1, spread, time, flops in sorted(rows, key=lambda r: -r[2]):
-            picks = (("accuracy", accurate), ("speed", fast))
-            mark = " and ".join(what for what, chosen in picks if name == chosen)
-            lines.append(f"| {ds} | {name} | {n} | {f1:.3f} ± {spread:.3f} | {time:.2f} | {flops:.2f} | "
-                         f"{f'**{mark}**' if mark else ''} |")
+            best = max(r[2] for r in rows)
+            accurate = min((r for r in rows if r[2] >= best - TOLERANCE), key=lambda r: r[4])[0]
+            fast = max((r for r in rows if r[4] <= FAST), key=lambda r: r[2], default=(None,))[0]
+            for name, n, f1, spread, time, flops in sorted(rows, key=lambda r: -r[2]):
+                picks = (("accuracy", accurate), ("speed", fast))
+                mark = " and ".join(what for what, chosen in picks if name == chosen)
+                lines.append(f"| {label} | {ds} | {name} | {n} | {f1:.3f} ± {spread:.3f} | {time:.2f} | "
+                             f"{flops:.2f} | {f'**{mark}**' if mark else ''} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(cells: dict[tuple[str, str], dict[int, dict]], path: Path) -> None:
+def means(cells: Cells) -> str:
+    """Each strategy's macro-F1 and time averaged over the three datasets (only where all three ran)."""
+    lines = ["| regime | strategy | seeds | mean macro-F1 | mean time vs full | FLOPs vs full |",
+             "|---|---|---:|---:|---:|---:|"]
+    for regime, label in REGIMES.items():
+        names = {name for (r, _, name) in cells if r == regime}
+        rows = []
+        for name in names:
+            per_dataset = [cells.get((regime, ds, name)) for ds in DATASETS]
+            if not all(per_dataset):
+                continue
+            stats = [_summary(seeds) for seeds in per_dataset]
+            rows.append((name, min(s[0] for s in stats), statistics.fmean(s[1] for s in stats),
+                         statistics.fmean(s[3] for s in stats), statistics.fmean(s[4] for s in stats)))
+        for name, n, f1, time, flops in sorted(rows, key=lambda r: -r[2]):
+            lines.append(f"| {label} | {name} | {n} | {f1:.3f} | {time:.2f} | {flops:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: Cells, regime: str, path: Path) -> None:
     """macro-F1 against training + profiling time relative to full, one point per strategy and seed."""
-    points = {ds: {NAMES.get(strategy, strategy): [(float(r["time_ratio"]), float(r["free_macro_f1"]))
-                                                   for r in seeds.values() if r["time_ratio"]]
-                   for (d, strategy), seeds in sorted(cells.items()) if d == ds}
+    points = {ds: {name: [(float(r["time_ratio"]), float(r["free_macro_f1"]))
+                          for r in seeds.values() if r["time_ratio"]]
+                   for (g, d, name), seeds in sorted(cells.items()) if (g, d) == (regime, ds)}
               for ds in DATASETS}
-    scatter_by_dataset(points, path, "training + profiling time / full fine-tuning (same grid and seed)")
+    points = {ds: series for ds, series in points.items() if series}
+    scatter_by_dataset(points, path, f"training + profiling time / full fine-tuning ({REGIMES[regime]})")
 
 
 def main() -> int:
     cells = load()
-    plot(cells, RESULTS / "f1_vs_time.png")
-    text = table(cells)
+    for regime in REGIMES:
+        plot(cells, regime, RESULTS / (f"f1_vs_time_{regime}.png" if regime else "f1_vs_time.png"))
+    text = table(cells) + "\n## Mean over TREC, SST-5 and CARER\n\n" + means(cells)
     (RESULTS / "which_strategy.md").write_text(
-        "# Which strategy to use (SmolLM2-135M, 960 examples, one epoch, test splits)\n\n"
+        "# Which strategy to use (SmolLM2-135M, test splits)\n\n"
         "Written by `python bench/which_strategy.py` from the committed cells. Accuracy pick: the fastest "
         f"strategy within {TOLERANCE} macro-F1 of the best; speed pick: the most accurate at no more than "
-        f"{FAST} of full fine-tuning's time. Time ratios come from grids that ran two cells at a time on a "
-        "2-core CPU: noisy, ±0.1 between seeds is common.\n\n" + text)
+        f"{FAST} of full fine-tuning's time (of the same regime). Time ratios come from grids that ran two "
+        "cells at a time on a 2-core CPU: noisy, ±0.1 between seeds is common; the FLOPs ratio is exact.\n\n"
+        + text)
     print(text)
     return 0
 
