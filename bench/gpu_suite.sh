@@ -6,8 +6,8 @@
 # 1. installs the wheels in .whl/ (bench/gpu_wheels.sh) with --no-index --no-deps into a target dir,
 #    and the package itself (the image has no index; salf_engine.kernels lives in kernels/), and says
 #    which optional parts are missing and therefore skip;
-# 2. runs `pytest -m cuda` (the Triton and CUDA C++ deviation ops against the fp64 reference, the fused
-#    eof, the runner in bf16, torch.compile through the triton_op) with real Triton (TRITON_INTERPRET=0);
+# 2. runs `pytest -m cuda` (the Triton and CUDA C++ deviation ops against the fp64 reference, the
+#    runner in bf16, torch.compile through the triton_op) with real Triton (TRITON_INTERPRET=0);
 # 3. runs bench/gpu_suite.py: the deviation op benchmark and the training-step benchmark at real sizes;
 # 4. leaves deviation.csv, step.csv, env.json, gpu_suite.md, pytest.log in DIR
 #    (default: $OUT when set, else bench/results/gpu).
