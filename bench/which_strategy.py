@@ -15,7 +15,8 @@ same regime and seed. The regimes and the grids they come from:
 
 Two picks per regime and dataset: for accuracy, the fastest strategy whose macro-F1 is within 0.01 of the
 best one's; for speed, the most accurate one at no more than 0.65 of full fine-tuning's time. A second
-table gives each strategy's mean over the three datasets, where all three have run. Writes
+table gives each strategy's mean over the three datasets, where all three have run, and a third each
+strategy's difference to BOT50 on the same seed. Writes
 ``bench/results/which_strategy.md`` and one ``bench/results/f1_vs_time[_<regime>].png`` per regime
 (macro-F1 against wall time, one point per strategy and seed).
 
@@ -126,6 +127,24 @@ def means(cells: Cells) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(cells: Cells, against: str = "BOT50") -> str:
+    """Each strategy's macro-F1 minus ``against``'s on the same seed (same examples and order): the mean
+    over the seeds and half its range, per regime and dataset, where both ran on at least two seeds."""
+    lines = [f"| regime | dataset | strategy | seeds | macro-F1 minus {against}'s, same seed |",
+             "|---|---|---|---:|---:|"]
+    for regime, label in REGIMES.items():
+        for ds in DATASETS:
+            base = cells.get((regime, ds, against), {})
+            for (r, d, name), seeds in sorted(cells.items()):
+                common = sorted(set(seeds) & set(base))
+                if (r, d) != (regime, ds) or name == against or len(common) < 2:
+                    continue
+                diff = [float(seeds[s]["free_macro_f1"]) - float(base[s]["free_macro_f1"]) for s in common]
+                lines.append(f"| {label} | {ds} | {name} | {len(diff)} | {statistics.fmean(diff):+.3f} ± "
+                             f"{(max(diff) - min(diff)) / 2:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(cells: Cells, regime: str, path: Path) -> None:
     """macro-F1 against training + profiling time relative to full, one point per strategy and seed."""
     points = {ds: {name: [(float(r["time_ratio"]), float(r["free_macro_f1"]))
@@ -140,7 +159,8 @@ def main() -> int:
     cells = load()
     for regime in REGIMES:
         plot(cells, regime, RESULTS / (f"f1_vs_time_{regime}.png" if regime else "f1_vs_time.png"))
-    text = table(cells) + "\n## Mean over TREC, SST-5 and CARER\n\n" + means(cells)
+    text = (table(cells) + "\n## Mean over TREC, SST-5 and CARER\n\n" + means(cells)
+            + "\n## Against the static freeze, seed by seed\n\n" + paired(cells))
     (RESULTS / "which_strategy.md").write_text(
         "# Which strategy to use (SmolLM2-135M, test splits)\n\n"
         "Written by `python bench/which_strategy.py` from the committed cells. Accuracy pick: the fastest "
