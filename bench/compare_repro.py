@@ -102,7 +102,7 @@ STUDY_EPOCHS2: list[Cell] = [(seed, "carer", s, "holdout", "epochs2") for seed i
 STUDY_CELLS = STUDY_SCREEN + STUDY_CONFIRM + STUDY_EPOCHS2
 #: Issue 19's regimes closer to real use: 4x the data (3,840 examples) and two epochs at 960, every dataset,
 #: two seeds, the strategies a user chooses between plus the best budget plan of the first grid (geom-bf).
-#: About 60 cells of 2-8x a 960-example cell each: days on the 2-core CPU (``--regimes``).
+#: 72 cells of 2-4x a 960-example cell each: days on the 2-core CPU (``--regimes``).
 REGIME_STRATEGIES = ["full", "bot50", "lora-half", "salf:uniform:df", "salf:uniform:df:narrowing",
                      "salf:geom:bf"]
 #: Cheapest regime first, and each (regime, dataset) with both seeds before the next, so that a grid
