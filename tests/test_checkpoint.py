@@ -357,3 +357,34 @@ def test_plain_train_never_clears_checkpoints(tmp_path, interrupt_after):
     cfg.overwrite = True
     _, summary = _train(cfg)  # overwrite starts again (the old checkpoints go)
     assert summary["steps"] == 4 and len(list_checkpoints(cfg.output)) == 4
+
+
+def test_resumed_wall_time_adds_up_without_checkpoint_writes(tmp_path, monkeypatch, interrupt_after):
+    """On a fake clock (1 s per optimizer step, 100 s per checkpoint write), train_seconds is 6 s for six
+    steps whether or not the run was killed in step 4 and resumed from step 2's checkpoint: the lost step
+    and the writes are not training; checkpoint_seconds counts the writes (the one resumed from excepted)."""
+    import types
+
+    import salf_engine.training.recipe as recipe
+
+    now = [0.0]
+    monkeypatch.setattr(recipe, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def advancing(real, seconds):
+        def call(*args, **kwargs):
+            now[0] += seconds
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(recipe, "optimizer_step", advancing(recipe.optimizer_step, 1.0))
+    monkeypatch.setattr(recipe.ckpt_mod, "save_checkpoint", advancing(recipe.ckpt_mod.save_checkpoint, 100.0))
+
+    _, whole = _train(_config(tmp_path / "ref", strategy="full", max_steps=6, save_every=2))
+    timing = ("train_seconds", "checkpoint_seconds", "resumed_at_steps")
+    assert [whole[k] for k in timing] == [6.0, 300.0, []]
+
+    cfg = _config(tmp_path / "run", strategy="full", max_steps=6, save_every=2)
+    _interrupted(cfg, interrupt_after, 3)  # steps 1-3 ran (1 s each), checkpoint at 2; dies in step 4
+    _, got = _train(cfg, resume=True)  # steps 3-6 again from step 2's checkpoint, checkpoints at 4 and 6
+    assert [got[k] for k in timing] == [6.0, 200.0, [2]]
+    assert got["examples_per_second"] == whole["examples_per_second"] == 6 * 4 / 6.0

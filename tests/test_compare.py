@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -272,8 +273,9 @@ def test_interrupted_cell_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkey
     real_train = train_module.train
     monkeypatch.setattr(train_module, "train",
                         lambda cfg, **kw: seen.append(kw["resume"]) or real_train(cfg, **kw))
-    run_compare(_settings(model, out), progress=False, log=None)
+    run_compare(replace(_settings(model, out), discard_models=True), progress=False, log=None)
     assert seen == [True]
+    assert not (cell / "checkpoints").exists() and not (cell / "model").exists()  # finished: discarded
     got = _summary(out, "trec", "salf:uniform:df")
     assert got["steps"] == 6 and got["loss_history"][:3] == before  # steps 1-2 restored, 3 redone alike
     rows = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]

@@ -175,7 +175,8 @@ def _add_compare(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-zero-shot", dest="zero_shot", action="store_false", help="skip the zero-shot row")
     p.add_argument("--overwrite", action="store_true", help="redo finished cells too")
     p.add_argument("--discard-models", action="store_true",
-                   help="delete each cell's saved model/ once it finished (saves disk; tables unaffected)")
+                   help="delete each cell's saved model/ and checkpoints/ once it finished (saves "
+                        "disk; tables unaffected)")
     p.add_argument("--keep-going", action="store_true",
                    help="record a failing cell and go on (exit status 1 at the end)")
     p.add_argument("--tables-only", action="store_true",

@@ -231,8 +231,9 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
                 result.failed.append((d.label, s.label, message))
             else:
                 result.ran.append((d.label, s.label))
-                if settings.discard_models:
-                    shutil.rmtree(Path(cfg.output) / "model", ignore_errors=True)
+                if settings.discard_models:  # a finished cell is never resumed: its checkpoints go too
+                    for kept in ("model", "checkpoints"):
+                        shutil.rmtree(Path(cfg.output) / kept, ignore_errors=True)
                 fine = summary["fine_tuned"]
                 say(f"  {d.label} / {s.label}: macro-F1 {fine['free_macro_f1']:.4f} (free) / "
                     f"{fine['restricted_macro_f1']:.4f} (labels), "

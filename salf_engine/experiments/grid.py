@@ -241,7 +241,7 @@ class CompareSettings:
     zero_shot: bool = True
     overwrite: bool = False
     keep_going: bool = False
-    discard_models: bool = False   # delete each finished cell's model/ (the tables need only summary.json)
+    discard_models: bool = False   # delete finished cells' model/ and checkpoints/ (tables need summary.json)
 
     def resolve(self) -> tuple[list[DatasetCell], list[StrategyCell]]:
         """Parse and check every name; ConfigError before anything runs."""

@@ -81,6 +81,11 @@ class TrainingRecipe:
         self.losses: list[float] = []
         self.last_checkpoint: Path | None = None
         self.resume_point: ResumePoint | None = None
+        # training wall time: this process's (from t_train, moved past each checkpoint write) plus what the
+        # checkpoint resumed from had counted; the time of a step lost to the interruption is not in it
+        self.t_train = 0.0
+        self.train_seconds_before = self.checkpoint_seconds = 0.0
+        self.resumed_at: list[int] = []
         self.zero_shot = None
 
     def run(self) -> dict[str, Any]:
@@ -88,7 +93,7 @@ class TrainingRecipe:
         self.setup()
         try:
             self.build()
-            t_train = time.perf_counter()
+            self.t_train = time.perf_counter()
             self.bar = tqdm(total=self.total_steps, initial=self.step_count, desc="train", unit="step",
                             disable=not self.progress)
             try:
@@ -96,7 +101,7 @@ class TrainingRecipe:
                     pass
             finally:
                 self.bar.close()
-            return self.report(time.perf_counter() - t_train)
+            return self.report(self._train_seconds())
         finally:
             self.run_dir.close()
 
@@ -239,9 +244,19 @@ class TrainingRecipe:
         meta = {"epoch": self.epoch_count, "plans_done": self.plans_done, "skipped_steps": self.skipped,
                 "losses": self.losses, "cost": self.cost.state_dict(), "driver": self.driver.state_dict(),
                 "strategy": self.p.strategy.state_dict(), "epoch_start_strategy": self.epoch_start,
-                "metrics_bytes": self.run_dir.metrics_bytes(), "zero_shot": SavedReport.dump(self.zero_shot)}
+                "metrics_bytes": self.run_dir.metrics_bytes(), "zero_shot": SavedReport.dump(self.zero_shot),
+                "train_seconds": self._train_seconds(), "checkpoint_seconds": self.checkpoint_seconds,
+                "resumed_at_steps": self.resumed_at}
+        t_write = time.perf_counter()
         self.last_checkpoint = ckpt_mod.save_checkpoint(self.run_dir.path, self.step_count, tensors, meta,
                                                         total_limit=self.config.save_total_limit)
+        written = time.perf_counter() - t_write
+        self.t_train += written  # writing checkpoints is not training
+        self.checkpoint_seconds += written
+
+    def _train_seconds(self) -> float:
+        """Training wall time so far, over every process of a resumed run, checkpoint writes excepted."""
+        return self.train_seconds_before + time.perf_counter() - self.t_train
 
     def report(self, train_seconds: float) -> dict[str, Any]:
         """The fine-tuned evaluation, the artefacts and summary.json (last); returns the summary."""
@@ -297,6 +312,13 @@ class TrainingRecipe:
         self.step_count, self.skipped = ckpt.step, int(ckpt.meta["skipped_steps"])
         self.epoch_count = int(ckpt.meta["epoch"])
         self.last_checkpoint = ckpt.path
+        if "train_seconds" in ckpt.meta:
+            self.train_seconds_before = float(ckpt.meta["train_seconds"])
+            self.checkpoint_seconds = float(ckpt.meta["checkpoint_seconds"])
+        else:
+            self.say(f"warning: checkpoint {ckpt.path.name} predates wall-time accounting: train_seconds "
+                     "will count only the resumed part of the run")
+        self.resumed_at = [*ckpt.meta.get("resumed_at_steps", []), ckpt.step]
         if self.step_count >= self.total_steps:  # the last step's checkpoint: its epoch is over
             self.epoch_count += 1
         else:
@@ -326,6 +348,7 @@ class TrainingRecipe:
             "profile_seconds": round(driver.profile_seconds + driver.probe_seconds, 3),
             "train_seconds": round(train_seconds - driver.probe_seconds, 3),
             "examples_per_second": cost.examples / train_seconds if train_seconds > 0 else None,
+            "checkpoint_seconds": round(self.checkpoint_seconds, 3), "resumed_at_steps": self.resumed_at,
             "first_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "loss_history": losses, "cost_saving_ratio": cost.saving(),
