@@ -57,12 +57,15 @@ KEY = ["full", "salf:uniform:df", "lift-star-half", "lora-half", "salf:arith:df"
 ALTERNATIVES = ["salf:uniform:df", "salf:uniform:df:eof-match", "salf:uniform:df:cuts1",
                 "salf:uniform:df:cuts2", "salf:uniform:df:paper", "lift-star-half"]
 Cell = tuple[int, str, str, str, str]  # (seed, dataset, strategy, split, variant)
+#: The regimes' cells run for hours: a checkpoint every 480 examples (the newest kept, deleted once the cell
+#: finished) lets a grid killed mid-cell go on inside the cell; its time excludes the writes and adds up.
+CHECKPOINTS = ["--save-every", "60", "--save-total-limit", "1"]
 #: Extra options of a cell, by variant name ("" = none). A profile of 1 example in 960 leaves the class-rank
 #: assignment without semantics: every class spread over the depths at random (the ablation of the eof).
 VARIANTS = {"": [], "profile25": ["--profile-fraction", "0.25"],
             "random-in-class": ["--profile-fraction", "0.001"], "steps32": ["--grad-accum", "4"],
-            "lr2e-4": ["--lr", "2e-4"], "head": ["--train-head"], "epochs2": ["--epochs", "2"],
-            "data4x": ["--limit", "3840"]}
+            "lr2e-4": ["--lr", "2e-4"], "head": ["--train-head"], "epochs2": ["--epochs", "2", *CHECKPOINTS],
+            "data4x": ["--limit", "3840", *CHECKPOINTS]}
 #: Ablations of SALF[half] (seed, dataset, strategy, split, variant), with their `full` references: on
 #: held-out TREC data, then without a profile on the test splits of SST-5 and CARER.
 ABLATIONS = [(seed, "trec", strategy, "holdout", variant) for seed, strategy, variant in [
