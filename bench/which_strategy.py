@@ -14,7 +14,8 @@ same regime and seed. The regimes and the grids they come from:
   ``<strategy> [data4x]``.
 
 Two picks per regime and dataset: for accuracy, the fastest strategy whose macro-F1 is within 0.01 of the
-best one's; for speed, the most accurate one at no more than 0.65 of full fine-tuning's time. A second
+best one's; for speed, the most accurate one at no more than 0.65 of full fine-tuning's time. Only
+strategies that ran on every seed of their regime and dataset compete ("seeds pending" otherwise). A second
 table gives each strategy's mean over the three datasets, where all three have run, and a third each
 strategy's difference to BOT50 on the same seed. Writes
 ``bench/results/which_strategy.md`` and one ``bench/results/f1_vs_time[_<regime>].png`` per regime
@@ -87,24 +88,38 @@ def _summary(seeds: dict[int, dict]) -> tuple[int, float, float, float, float]:
             statistics.fmean(time) if time else float("nan"), flops)
 
 
+def picks(group: dict[str, dict[int, dict]]) -> tuple[str | None, str | None]:
+    """(accuracy pick, speed pick) among one regime and dataset's strategies (name -> seed -> row).
+
+    Only strategies that ran on every seed of the group compete, so a strategy with one lucky seed
+    is never picked over the mean of two."""
+    every_seed = set().union(*group.values())
+    rows = [(name, *_summary(seeds)) for name, seeds in group.items() if set(seeds) == every_seed]
+    best = max(r[2] for r in rows)
+    accurate = min((r for r in rows if r[2] >= best - TOLERANCE), key=lambda r: r[4])[0]
+    fast = max((r for r in rows if r[4] <= FAST), key=lambda r: r[2], default=(None,))[0]
+    return accurate, fast
+
+
 def table(cells: Cells) -> str:
     """The Markdown table: one row per regime, dataset and strategy, the picks in bold."""
     lines = ["| regime | dataset | strategy | seeds | macro-F1 | time vs full | FLOPs vs full | pick for |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for regime, label in REGIMES.items():
         for ds in DATASETS:
-            rows = [(name, *_summary(seeds))
-                    for (r, d, name), seeds in cells.items() if (r, d) == (regime, ds)]
-            if not rows:
+            group = {name: seeds for (r, d, name), seeds in cells.items() if (r, d) == (regime, ds)}
+            if not group:
                 continue
-            best = max(r[2] for r in rows)
-            accurate = min((r for r in rows if r[2] >= best - TOLERANCE), key=lambda r: r[4])[0]
-            fast = max((r for r in rows if r[4] <= FAST), key=lambda r: r[2], default=(None,))[0]
+            rows = [(name, *_summary(seeds)) for name, seeds in group.items()]
+            accurate, fast = picks(group)
+            every_seed = set().union(*group.values())
             for name, n, f1, spread, time, flops in sorted(rows, key=lambda r: -r[2]):
-                picks = (("accuracy", accurate), ("speed", fast))
-                mark = " and ".join(what for what, chosen in picks if name == chosen)
+                chosen = " and ".join(what for what, pick in (("accuracy", accurate), ("speed", fast))
+                                      if name == pick)
+                pending = set(group[name]) != every_seed
+                mark = f"**{chosen}**" if chosen else "seeds pending" if pending else ""
                 lines.append(f"| {label} | {ds} | {name} | {n} | {f1:.3f} ± {spread:.3f} | {time:.2f} | "
-                             f"{flops:.2f} | {f'**{mark}**' if mark else ''} |")
+                             f"{flops:.2f} | {mark} |")
     return "\n".join(lines) + "\n"
 
 
@@ -165,8 +180,10 @@ def main() -> int:
         "# Which strategy to use (SmolLM2-135M, test splits)\n\n"
         "Written by `python bench/which_strategy.py` from the committed cells. Accuracy pick: the fastest "
         f"strategy within {TOLERANCE} macro-F1 of the best; speed pick: the most accurate at no more than "
-        f"{FAST} of full fine-tuning's time (of the same regime). Time ratios come from grids that ran two "
-        "cells at a time on a 2-core CPU: noisy, ±0.1 between seeds is common; the FLOPs ratio is exact.\n\n"
+        f"{FAST} of full fine-tuning's time (of the same regime); only strategies run on every seed of their "
+        "regime and dataset compete (marked \"seeds pending\" otherwise). Time ratios come from grids "
+        "that ran two cells at a time on a 2-core CPU: noisy, ±0.1 between seeds is common; the FLOPs ratio "
+        "is exact.\n\n"
         + text)
     print(text)
     return 0
