@@ -95,6 +95,8 @@ def picks(group: dict[str, dict[int, dict]]) -> tuple[str | None, str | None]:
     is never picked over the mean of two."""
     every_seed = set().union(*group.values())
     rows = [(name, *_summary(seeds)) for name, seeds in group.items() if set(seeds) == every_seed]
+    if not rows:  # every strategy still misses a seed that another has run
+        return None, None
     best = max(r[2] for r in rows)
     accurate = min((r for r in rows if r[2] >= best - TOLERANCE), key=lambda r: r[4])[0]
     fast = max((r for r in rows if r[4] <= FAST), key=lambda r: r[2], default=(None,))[0]

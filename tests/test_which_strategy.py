@@ -46,3 +46,10 @@ def test_a_strategy_missing_a_seed_is_not_picked_and_is_marked_pending():
 def test_no_speed_pick_when_nothing_fits_the_time_budget():
     group = {"full": {0: _row(0.5, 1.0, 1.0)}, "BOT50": {0: _row(0.45, 0.7, 0.67)}}
     assert picks(group) == ("full", None)
+
+
+def test_no_pick_while_every_strategy_misses_a_seed():
+    group = {"full": {0: _row(0.5, 1.0, 1.0)}, "BOT50": {1: _row(0.45, 0.6, 0.67)}}
+    assert picks(group) == (None, None)
+    lines = {line.split(" | ")[2]: line for line in table(_cells(group)).splitlines()[2:]}
+    assert all(line.endswith("| seeds pending |") for line in lines.values())
