@@ -1,16 +1,20 @@
-"""Supervised fine-tuning of SmolLM2-135M on GSM8K: full, LoRA[half], BOT50, LIFT*[half] and generative
-SALF[half], the held-out answer loss against training wall time (issue 20's measurement).
+"""Supervised fine-tuning of SmolLM2-135M on GSM8K: full, LoRA[half], BOT50, generative SALF[half] (rows
+placed by their answer's eof), SALF[half] narrowing, and the same uniform budget at random depths; the
+held-out answer loss against training wall time.
 
-Every cell is one ``salf train`` run (seed, strategy) into ``OUTPUT/seed<S>/<strategy>``: the first
-``--limit`` (2,000) training problems drawn with the seed, one epoch, steps of 8, chat template, rows cut
-at 384 tokens (the count is reported), evaluated on the whole test split (answer loss and perplexity)
-and greedy final-number exact match on its first 100 problems. Finished cells are skipped, their
-``summary.json`` and ``config.json`` kept under ``bench/results/sft/cells`` (committed) and put back
-first, so a fresh checkout resumes. Two workers, one thread each (on a GPU: ``--workers 1``).
+Every cell is one ``salf train`` run (seed, strategy) into ``OUTPUT/seed<S>/<strategy>``: ``--limit``
+(960) training problems drawn with the seed, one epoch, steps of 8, chat template, rows cut at
+``--max-length`` (384: at 320, 80 of 960 answers lose their final number; at 384, 20), evaluated on the
+whole test split (answer loss and perplexity) and greedy final-number exact match on its first 100
+problems. The zero-shot evaluation is the same for every cell, so only the first cell runs it. Seed 0
+of every strategy runs before seed 1, and the random-depth control after both. Finished cells are
+skipped, their ``summary.json`` and ``config.json`` kept under ``bench/results/sft/cells`` (committed)
+and put back first, so a fresh checkout resumes. One thread per worker (on a GPU: ``--workers 1``).
 
-    python bench/compare_sft.py [--limit 2000] [--seeds 0,1] [--workers 2] [--report-only]
+    python bench/compare_sft.py [--limit 960] [--seeds 0,1] [--workers 1] [--report-only]
 
-On the 2-core CPU one cell takes hours (about 1.5 TFLOP per step of 8 problems); run it where a GPU is.
+On the 2-core CPU a cell takes 20-60 minutes at one thread; the 2,000-problem grid (``--limit 2000``)
+needs a GPU (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -29,29 +33,43 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "sft"
 #: (label, salf train options) of every strategy; SALF[half] places rows by the eof of their answer's
 #: deviation (docs/sft.md), every row profiled (the training forward measures no answer deviation).
+#: ``salf-half-random`` is the control: the same uniform budget, depths drawn at random (loss rank has no
+#: loss to rank in the first epoch), so it answers whether the answer's eof orders problems usefully.
+_HALF = ["--strategy", "salf", "--budget", "uniform", "--infill", "df"]
 STRATEGIES = {
     "full": ["--strategy", "full"],
     "lora-half": ["--strategy", "lora-half"],
     "bot50": ["--strategy", "bot50"],
-    "lift-star-half": ["--strategy", "lift-star-half"],
-    "salf-half": ["--strategy", "salf", "--budget", "uniform", "--infill", "df", "--profile-fraction", "1"],
+    "salf-half": [*_HALF, "--profile-fraction", "1"],
+    "salf-half-narrowing": [*_HALF, "--depth-schedule", "narrowing"],
+    "salf-half-random": [*_HALF, "--depth-assignment", "loss-rank"],
 }
+#: strategies run after every seed of the others
+CONTROLS = ("salf-half-random",)
 SETTINGS = ["--model", "smollm2-135m", "--dataset", "gsm8k", "--epochs", "1", "--batch-size", "8",
-            "--max-length", "384", "--eval-batch-size", "8", "--exact-match-rows", "100",
-            "--max-new-tokens", "256", "--quiet"]
+            "--eval-batch-size", "8", "--exact-match-rows", "100", "--max-new-tokens", "256", "--quiet"]
 
 
 def _cell(out: Path, seed: int, label: str) -> Path:
     return out / f"seed{seed}" / label
 
 
-def _command(out: Path, seed: int, label: str, limit: int, data_dir: str) -> list[str]:
+def _command(out: Path, seed: int, label: str, limit: int, data_dir: str, max_length: int,
+             zero_shot: bool) -> list[str]:
     return [sys.executable, "-m", "salf_engine", "train", *SETTINGS, *STRATEGIES[label],
             "--data-dir", data_dir, "--limit", str(limit), "--seed", str(seed),
-            "--output", str(_cell(out, seed, label))]
+            "--max-length", str(max_length),
+            *([] if zero_shot else ["--no-zero-shot"]), "--output", str(_cell(out, seed, label))]
 
 
-def run(out: Path, cells: list[tuple[int, str]], limit: int, data_dir: str, workers: int) -> int:
+def grid_cells(seeds: list[int]) -> list[tuple[int, str]]:
+    """Seed 0 of every strategy before seed 1, the controls after every seed of the others."""
+    main = [(seed, label) for seed in seeds for label in STRATEGIES if label not in CONTROLS]
+    return main + [(seed, label) for label in CONTROLS for seed in seeds]
+
+
+def run(out: Path, cells: list[tuple[int, str]], limit: int, data_dir: str, workers: int,
+        max_length: int) -> int:
     """Run the unfinished cells, ``workers`` at a time; keep each finished one; 1 if any failed."""
     restore_kept(out, RESULTS)  # the committed cells
     todo = [c for c in cells if not (_cell(out, *c) / "summary.json").is_file()]
@@ -59,7 +77,7 @@ def run(out: Path, cells: list[tuple[int, str]], limit: int, data_dir: str, work
     def command(cell: tuple[int, str]) -> list[str]:
         if _cell(out, *cell).exists():
             shutil.rmtree(_cell(out, *cell))  # an interrupted cell starts again
-        return _command(out, *cell, limit, data_dir)
+        return _command(out, *cell, limit, data_dir, max_length, zero_shot=cell == cells[0])
 
     def done(cell: tuple[int, str]) -> None:
         keep_cell(out, RESULTS, _cell(out, *cell))
@@ -76,8 +94,14 @@ def report(out: Path, cells: list[tuple[int, str]]) -> str:
              f"{len(found)} of {len(cells)} cells finished. Answer loss and perplexity on the test split, "
              "exact match of the final number on its first 100 problems (greedy), time = training seconds "
              "relative to `full` of the same seed. `python bench/compare_sft.py` wrote this.", "",
-             "| strategy | seeds | answer loss | perplexity | exact match | backward saving | time vs full |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| strategy | seeds | answer loss | perplexity | exact match | backward saving | FLOPs vs full "
+             "| time vs full |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    zero = [s["zero_shot"] for s in found.values() if s.get("zero_shot")]
+    if zero:
+        z = zero[0]
+        lines.append(f"| zero-shot | | {z['answer_loss']:.4f} | {z['perplexity']:.3f} | "
+                     f"{z['exact_match'] if z['exact_match'] is not None else ''} | | | |")
 
     for label in STRATEGIES:
         mine = [(seed, s) for (seed, lab), s in found.items() if lab == label]
@@ -89,7 +113,8 @@ def report(out: Path, cells: list[tuple[int, str]]) -> str:
         lines.append(f"| {label} | {len(mine)} | {mean_spread([f['answer_loss'] for f in fine])} | "
                      f"{mean_spread([f['perplexity'] for f in fine])} | "
                      f"{mean_spread([f['exact_match'] for f in fine if f['exact_match'] is not None])} | "
-                     f"{mean_spread([s['cost_saving_ratio'] for _, s in mine])} | {mean_spread(ratio)} |")
+                     f"{mean_spread([s['cost_saving_ratio'] for _, s in mine])} | "
+                     f"{mean_spread([s['flops_ratio'] for _, s in mine])} | {mean_spread(ratio)} |")
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "report.md").write_text(text)
@@ -101,14 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default=str(ROOT / "runs" / "sft"))
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--limit", type=int, default=2000)
+    ap.add_argument("--limit", type=int, default=960)
+    ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    cells = [(int(seed), label) for seed in args.seeds.split(",") for label in STRATEGIES]
+    cells = grid_cells([int(seed) for seed in args.seeds.split(",")])
     out = Path(args.output)
-    status = 0 if args.report_only else run(out, cells, args.limit, args.data_dir, args.workers)
+    status = 0 if args.report_only else run(out, cells, args.limit, args.data_dir, args.workers,
+                                            args.max_length)
     print(report(out, cells))
     return status
 
