@@ -13,7 +13,9 @@
 #    (default: $OUT when set, else bench/results/gpu).
 #
 # --dry-run: CPU, tiny shapes, nothing installed, the cuda tests skip (collected, not run) and the
-# Triton kernel runs under the interpreter; the test suite runs this mode (tests/test_gpu_suite.py).
+# Triton kernel runs under the interpreter; and the GPU code is compiled for sm_80 and sm_90 without a
+# device (bench/kernel_compile.py: Triton's CUDA backend and nvcc, cached per source hash; writes
+# kernel_compile.md and kernel_compile.log). The test suite runs this mode (tests/test_gpu_suite.py).
 # Environment: PYTHON (default python3), SALF_SITE (wheel target, default /tmp/salf-site),
 # SUITE_BUDGET_S (seconds for the benchmarks, default 420), PYTEST_TIMEOUT_S (default 240).
 set -uo pipefail
@@ -85,6 +87,15 @@ SUMMARY=$(grep -E "(passed|failed|skipped|deselected|error)" "$DEST/pytest.log" 
 [ "$PYTEST_RC" = "124" ] && SUMMARY="timed out after ${PYTEST_TIMEOUT_S:-240}s; $SUMMARY"
 [ -n "$SUMMARY" ] || SUMMARY="exit status $PYTEST_RC, no summary line (see pytest.log)"
 
+# -- 2b. the GPU code compiled for sm_80 and sm_90 (dry run: no device needed; on a GPU pytest compiles it)
+COMPILE_RC=0
+if [ "$DRY" = "1" ]; then
+    echo "== kernel compile (sm_80, sm_90)"
+    env -u TRITON_INTERPRET "$PY" bench/kernel_compile.py --out "$DEST/kernel_compile.md" 2>&1 \
+        | tee "$DEST/kernel_compile.log"
+    COMPILE_RC=${PIPESTATUS[0]}
+fi
+
 # -- 3. benchmarks
 echo "== benchmarks"
 BENCH_ARGS=(--out "$DEST" --pytest-summary "$SUMMARY")
@@ -93,6 +104,7 @@ for s in "${SKIPPED[@]}"; do BENCH_ARGS+=(--skipped "$s"); done
 "$PY" bench/gpu_suite.py "${BENCH_ARGS[@]}" 2>&1 | tee "$DEST/suite.log"
 BENCH_RC=${PIPESTATUS[0]}
 
-echo "== done in $(( $(date +%s) - START ))s: pytest exit $PYTEST_RC, benchmarks exit $BENCH_RC; results in $DEST"
+echo "== done in $(( $(date +%s) - START ))s: pytest exit $PYTEST_RC, kernel compile exit $COMPILE_RC," \
+    "benchmarks exit $BENCH_RC; results in $DEST"
 # pytest exit 5 = nothing collected/selected; in the dry run every cuda test skips (exit 0)
-[ "$BENCH_RC" = "0" ] && { [ "$PYTEST_RC" = "0" ] || [ "$PYTEST_RC" = "5" ]; }
+[ "$BENCH_RC" = "0" ] && [ "$COMPILE_RC" = "0" ] && { [ "$PYTEST_RC" = "0" ] || [ "$PYTEST_RC" = "5" ]; }

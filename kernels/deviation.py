@@ -71,7 +71,8 @@ from salf_engine.deviation.contract import (
 )
 
 __all__ = ["deviations_triton", "deviations_triton_stacked", "deviation_kernel", "launch_deviations",
-           "TRITON_OP", "OP_KIND"]
+           "TRITON_OP", "OP_KIND", "kernel_meta", "group_size_for", "list_launch", "stacked_launch",
+           "stacked_op_args"]
 
 _TILE_ELEMENTS = 8192  # register budget of the [BLOCK_K, BLOCK_D] bases tile (fp32 elements)
 
@@ -199,12 +200,15 @@ def deviation_kernel(
         tl.store(out_ptr + b * n_spaces + s, d)
 
 
+def group_size_for(sms: int, batch: int, n_spaces: int) -> int:
+    """Spaces per program on a GPU with ``sms`` multiprocessors: about four programs per SM."""
+    return max(1, min(n_spaces, math.ceil(batch * n_spaces / (4 * sms))))
+
+
 def _group_size(device: torch.device, batch: int, n_spaces: int) -> int:
     if device.type != "cuda":  # interpreter: one program per sample keeps the interpreted grid small
         return n_spaces
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    target_programs = 4 * sms
-    return max(1, min(n_spaces, math.ceil(batch * n_spaces / target_programs)))
+    return group_size_for(torch.cuda.get_device_properties(device).multi_processor_count, batch, n_spaces)
 
 
 def _num_warps(tile: int) -> int:
@@ -213,6 +217,15 @@ def _num_warps(tile: int) -> int:
     if tile <= 4096:
         return 4
     return 8
+
+
+def kernel_meta(element_size: int, hidden: int, n_labels: int) -> dict[str, int]:
+    """``BLOCK_D``, ``BLOCK_K`` and ``num_warps`` that both launchers pick for states of ``element_size``
+    bytes and ``[K, D]`` bases: ``BLOCK_K = next_pow2(K)``, and ``BLOCK_D`` as large as the bases tile
+    budget (``_TILE_ELEMENTS``) allows, at most ``next_pow2(D)``."""
+    block_k = max(2, triton.next_power_of_2(n_labels))
+    block_d = min(65536 // element_size, triton.next_power_of_2(hidden), max(16, _TILE_ELEMENTS // block_k))
+    return {"BLOCK_D": block_d, "BLOCK_K": block_k, "num_warps": _num_warps(block_k * block_d)}
 
 
 def deviations_triton(
@@ -256,29 +269,34 @@ def launch_deviations(inp: DeviationInputs, *, group_size: int | None = None) ->
     """The kernel over inputs already checked (``check_deviation_inputs``, gathered, the lens as parts):
     what ``deviations_triton`` runs after its check, and what the dispatcher calls, so inputs are
     checked once per call."""
-    device, B, S, D, K = inp.device, inp.batch, inp.n_spaces, inp.hidden, inp.n_labels
+    device, B, S = inp.device, inp.batch, inp.n_spaces
     out = torch.empty(B, S, dtype=torch.float32, device=device)
     if B == 0:
         return out
 
-    table = torch.tensor(
-        [[v.data_ptr() for v in inp.views], inp.batch_strides, inp.time_strides, inp.time_lengths],
-        dtype=torch.int64,
-    ).to(device, non_blocking=False)
     if group_size is None:
         group_size = _group_size(device, B, S)
+    grid, args, kwargs = list_launch(inp, out, group_size)
+    deviation_kernel[grid](*args, **kwargs)
+    return out
+
+
+def list_launch(inp: DeviationInputs, out: torch.Tensor, group_size: int) -> tuple[tuple[int], tuple, dict]:
+    """Grid, arguments and keyword arguments (constexprs, ``num_warps``) of the list launcher's kernel
+    launch, nothing launched: what ``launch_deviations`` runs, and what the compile check compiles."""
+    B, S, D, K = inp.batch, inp.n_spaces, inp.hidden, inp.n_labels
     if group_size < 1:
         raise KernelInputError(f"group_size must be >= 1, got {group_size}")
     group_size = min(group_size, S)
     n_groups = math.ceil(S / group_size)
-
-    elem = inp.views[0].element_size()
-    block_k = max(2, triton.next_power_of_2(K))
-    block_d = min(65536 // elem, triton.next_power_of_2(D), max(16, _TILE_ELEMENTS // block_k))
+    table = torch.tensor(
+        [[v.data_ptr() for v in inp.views], inp.batch_strides, inp.time_strides, inp.time_lengths],
+        dtype=torch.int64,
+    ).to(inp.device, non_blocking=False)
     weight = inp.weight if inp.weight is not None else out
     bias = inp.bias if inp.bias is not None else out
-
-    deviation_kernel[(B * n_groups,)](
+    meta = kernel_meta(inp.views[0].element_size(), D, K)
+    args = (
         table,
         inp.views[0],
         inp.last_index,
@@ -297,15 +315,10 @@ def launch_deviations(inp: DeviationInputs, *, group_size: int | None = None) ->
         0,
         0,
         0,
-        STACKED=False,
-        LENS_KIND=inp.lens_kind,
-        HAS_BIAS=inp.bias is not None,
-        METRIC=inp.metric,
-        BLOCK_D=block_d,
-        BLOCK_K=block_k,
-        num_warps=_num_warps(block_k * block_d),
     )
-    return out
+    kwargs = dict(STACKED=False, LENS_KIND=inp.lens_kind, HAS_BIAS=inp.bias is not None, METRIC=inp.metric,
+                  **meta)
+    return (B * n_groups,), args, kwargs
 
 
 # --------------------------------------------------------------------------- the registered torch op
@@ -334,18 +347,37 @@ def _deviations_stacked_impl(
     group_size: int,
 ) -> torch.Tensor:
     """One launch over a stacked ``[S, B, T, D]`` states tensor (checked by the caller)."""
-    S, B, T, D = states.shape
-    K = bases.shape[0]
+    S, B = states.shape[0], states.shape[1]
     out = torch.empty((B, S), dtype=torch.float32, device=states.device)
     if B == 0:
         return out
+    grid, args, kwargs = stacked_launch(
+        states, last_index, labels, bases, weight, bias, lens_kind, eps, metric, group_size, out
+    )
+    wrap_triton(deviation_kernel)[grid](*args, **kwargs)
+    return out
+
+
+def stacked_launch(
+    states: torch.Tensor,
+    last_index: torch.Tensor,
+    labels: torch.Tensor,
+    bases: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lens_kind: int,
+    eps: float,
+    metric: int,
+    group_size: int,
+    out: torch.Tensor,
+) -> tuple[tuple[int], tuple, dict]:
+    """Grid, arguments and keyword arguments of the registered op's kernel launch, nothing launched
+    (the counterpart of ``list_launch``)."""
+    S, B, T, D = states.shape
+    K = bases.shape[0]
     group_size = max(1, min(group_size, S))
     n_groups = triton.cdiv(S, group_size)
-    block_k = max(2, triton.next_power_of_2(K))
-    block_d = min(
-        65536 // states.element_size(), triton.next_power_of_2(D), max(16, _TILE_ELEMENTS // block_k)
-    )
-    wrap_triton(deviation_kernel)[(B * n_groups,)](
+    args = (
         last_index,  # table_ptr: not read when STACKED
         states,
         last_index,
@@ -364,15 +396,10 @@ def _deviations_stacked_impl(
         states.stride(1),
         states.stride(2),
         T,
-        STACKED=True,
-        LENS_KIND=lens_kind,
-        HAS_BIAS=bias is not None,
-        METRIC=metric,
-        BLOCK_D=block_d,
-        BLOCK_K=block_k,
-        num_warps=_num_warps(block_k * block_d),
     )
-    return out
+    kwargs = dict(STACKED=True, LENS_KIND=lens_kind, HAS_BIAS=bias is not None, METRIC=metric,
+                  **kernel_meta(states.element_size(), D, K))
+    return (B * n_groups,), args, kwargs
 
 
 def _register_op():
@@ -429,6 +456,24 @@ def deviations_triton_stacked(
     Returns:
         float32 ``[B, S]``.
     """
+    args = stacked_op_args(states, last_index, labels, bases, lens, metric, validate=validate,
+                           group_size=group_size)
+    return TRITON_OP(*args)
+
+
+def stacked_op_args(
+    states: torch.Tensor,
+    last_index: torch.Tensor | None,
+    labels: torch.Tensor,
+    bases: torch.Tensor,
+    lens=None,
+    metric: str = "cosine",
+    *,
+    validate: bool = True,
+    group_size: int | None = None,
+) -> tuple:
+    """The checked arguments of ``torch.ops.salf_triton.deviations`` for the inputs of
+    ``deviations_triton_stacked`` (which calls the op with them)."""
     states = _stacked_view(states)
     S, B = states.shape[0], states.shape[1]
     if last_index is None:
@@ -441,18 +486,8 @@ def deviations_triton_stacked(
         group_size = _group_size(inp.device, B, S)
     if group_size < 1:
         raise KernelInputError(f"group_size must be >= 1, got {group_size}")
-    return TRITON_OP(
-        states,
-        inp.last_index,
-        inp.labels,
-        inp.bases,
-        inp.weight,
-        inp.bias,
-        inp.lens_kind,
-        float(inp.eps),
-        inp.metric,
-        int(group_size),
-    )
+    return (states, inp.last_index, inp.labels, inp.bases, inp.weight, inp.bias, inp.lens_kind,
+            float(inp.eps), inp.metric, int(group_size))
 
 
 TRITON_OP, OP_KIND = _register_op()

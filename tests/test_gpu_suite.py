@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import kernel_compile as kc  # noqa: E402
 from bench_utils import markdown_table, percentile, quantiles_us  # noqa: E402
 from gpu_suite import DEV_FIELDS, DEV_PROVIDERS, STEP_FIELDS  # noqa: E402
 
@@ -31,7 +32,8 @@ def dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     env.pop("OUT", None)
     done = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        # 300 s, plus the kernel compile when its cache is cold (tests/test_kernel_compile.py fills the same)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
     )
     return out, done
 
@@ -39,11 +41,27 @@ def dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_dry_run_succeeds_and_writes_everything(dry_run):
     out, done = dry_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("deviation.csv", "step.csv", "env.json", "gpu_suite.md", "pytest.log", "suite.log"):
+    for name in ("deviation.csv", "step.csv", "env.json", "gpu_suite.md", "pytest.log", "suite.log",
+                 "kernel_compile.md", "kernel_compile.log"):
         assert (out / name).is_file(), name
     assert "== pytest -m cuda" in done.stdout and "== benchmarks" in done.stdout
+    assert "== kernel compile (sm_80, sm_90)" in done.stdout
     log = (out / "pytest.log").read_text()
     assert "skipped" in log and "failed" not in log  # cuda tests are collected, then skip on CPU
+
+
+def test_kernel_compile_ran_both_checks(dry_run):
+    """The dry run compiled the Triton kernel and the CUDA op for sm_80 and sm_90 (where the tools are)."""
+    out, _ = dry_run
+    text = (out / "kernel_compile.md").read_text()
+    log = (out / "kernel_compile.log").read_text()
+    assert "error:" not in log
+    if kc.triton_missing() is None:
+        assert "### H100 (sm_90): " in text and "### A100 (sm_80): " in text
+        assert "triton sm_90: " in log and "triton sm_80: " in log
+    if kc.nvcc_missing() is None:
+        assert "| sm_80 | A100 | bfloat16 |" in text and "| sm_90 | H100 | bfloat16 |" in text
+        assert "cuda op: compiled, 0 warnings in csrc/" in log
 
 
 def test_env_records_device_versions_commit_date(dry_run):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import salf_engine.csrc as csrc
 from salf_engine.deviation.contract import (
     METRIC_CODES,
     DeviationInputs,
@@ -57,8 +58,6 @@ def _cache_dir() -> Path:
 
 
 def _csrc_dir() -> Path:
-    import salf_engine.csrc as csrc
-
     for entry in csrc.__path__:
         path = Path(entry)
         if (path / "deviation.cpp").is_file():
@@ -87,6 +86,15 @@ def _nvcc_path() -> str | None:
     if CUDA_HOME and os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return os.path.join(CUDA_HOME, "bin", "nvcc")
     return shutil.which("nvcc")
+
+
+def build_flags(native: bool) -> tuple[list[str], list[str]]:
+    """(C++ flags, nvcc flags) the op is built with, on top of ``torch.utils.cpp_extension``'s own;
+    ``native``: ``-march=native`` (``SALF_CPP_NATIVE``, default on). Without it GCC notes that the
+    8-float vectors of the CPU kernel change the ABI without AVX (-Wpsabi); they never cross a
+    translation unit (anonymous namespace), so that note is off."""
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+    return cflags + (["-march=native"] if native else ["-Wno-psabi"]), ["-O3", "-lineinfo"]
 
 
 def _build() -> tuple[bool, bool, str | None]:
@@ -119,9 +127,7 @@ def _build() -> tuple[bool, bool, str | None]:
         digest.update(_cpu_signature().encode())
     name = f"salf_ops_{digest.hexdigest()[:16]}"
     build_dir = _cache_dir() / name
-    cflags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"] + (
-        ["-march=native"] if native else []
-    )
+    cflags, cuda_cflags = build_flags(native)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
@@ -132,7 +138,7 @@ def _build() -> tuple[bool, bool, str | None]:
                 extra_include_paths=[str(src)],
                 extra_cflags=cflags,
                 extra_ldflags=["-fopenmp"],
-                extra_cuda_cflags=["-O3", "-lineinfo"],
+                extra_cuda_cflags=cuda_cflags,
                 build_directory=str(build_dir),
                 with_cuda=with_cuda,
                 is_python_module=False,
