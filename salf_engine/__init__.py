@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from salf_engine import _moved
 from salf_engine.errors import (
     CheckpointError,
     ConfigError,
@@ -21,8 +20,6 @@ from salf_engine.errors import (
 )
 
 __version__ = "0.1.0"
-
-_moved.install()  # the 0.1 flat import paths, for one release
 
 _LAZY = {
     "semantic_bases": "salf_engine.deviation.semantics",

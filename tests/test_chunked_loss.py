@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from salf_engine.errors import ConfigError
-from salf_engine.training.chunked_loss import head_cross_entropy, linear_cross_entropy
+from salf_engine.runner.chunked_loss import head_cross_entropy, linear_cross_entropy
 
 
 def _inputs(shape=(3, 7), d=5, v=11, dtype=torch.float64, bias=False, seed=0):

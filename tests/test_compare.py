@@ -189,14 +189,14 @@ def test_resume_runs_only_missing_cells(tiny_dir, tmp_path, monkeypatch):
     ],
 )
 def test_bad_input_fails_before_anything_runs(tmp_path, monkeypatch, capsys, datasets, strategies, message):
-    import salf_engine.models.loading as loading
+    import salf_engine.experiments.compare as compare_module
     import salf_engine.training.recipe as train_module
 
     def boom(*_a, **_k):
         raise AssertionError("nothing may run for a bad grid")
 
     monkeypatch.setattr(train_module, "train", boom)
-    monkeypatch.setattr(loading, "load_model", boom)
+    monkeypatch.setattr(compare_module, "load_model", boom)
     out = tmp_path / "out"
     rc = main(["compare", "--model", "tiny", "--datasets", datasets, "--strategies", strategies,
                "--output", str(out)])

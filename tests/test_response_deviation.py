@@ -71,7 +71,7 @@ def test_a_row_without_a_response_token_is_named():
 def test_positions_are_read_in_place_or_gathered(impl, monkeypatch):
     """Contiguous states go to the kernel as a zero-batch-stride view of themselves (no copy); states whose
     rows are not evenly spaced are gathered; both give the fp64 loop's deviations."""
-    import salf_engine.deviation.compute as compute
+    import salf_engine.deviation.responses as responses_mod
 
     if impl == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -85,8 +85,8 @@ def test_positions_are_read_in_place_or_gathered(impl, monkeypatch):
         hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        output_hidden_states=True).hidden_states
     seen = []
-    real = compute.deviations
-    monkeypatch.setattr(compute, "deviations",
+    real = responses_mod.deviations
+    monkeypatch.setattr(responses_mod, "deviations",
                         lambda states, *a, **k: seen.append(states) or real(states, *a, **k))
     got = response_deviations(hidden, batch["labels"], model, lens=model.model.norm, impl=impl)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)

@@ -228,7 +228,7 @@ def _traced_triton(inp: DeviationInputs, lens: LensSpec, metric: str) -> Tensor 
     interpreter cannot trace)."""
     if inp.device.type != "cuda":
         return None
-    from salf_engine.kernels.deviation import deviations_triton_stacked
+    from salf_engine.kernels.deviation import deviations_triton_stacked  # triton is optional: on first use
 
     rows = torch.arange(inp.batch, device=inp.device)
     stacked = torch.stack([h[rows, inp.last_index] for h in inp.states])

@@ -26,8 +26,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from salf_engine.data.responses import IGNORE
+from salf_engine.data.responses import IGNORE, collate_responses
+from salf_engine.deviation.compute import deviations
+from salf_engine.deviation.semantics import semantic_bases
 from salf_engine.errors import ConfigError
+from salf_engine.models.families import decoder_parts
 
 __all__ = ["response_deviations", "profile_response_deviations"]
 
@@ -44,9 +47,6 @@ def response_deviations(hidden_states: Sequence[Tensor], targets: Tensor, model:
         lens: the final norm module or a LensSpec for spaces 0..m-1 (None: raw states).
         impl: the deviation backend (``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"``).
     """
-    from salf_engine.deviation.compute import deviations
-    from salf_engine.deviation.semantics import semantic_bases
-
     if targets.dim() != 2 or any(h.shape[:2] != targets.shape for h in hidden_states):
         raise ConfigError(f"targets {tuple(targets.shape)} must be [B, T] like every hidden state "
                           f"({[tuple(h.shape) for h in hidden_states][:2]} ...)")
@@ -93,9 +93,6 @@ def profile_response_deviations(model: nn.Module, split, *, pad_id: int, batch_s
                                 lens: str = "final_norm", impl: str = "auto") -> Tensor:
     """float32 [N, m+1]: :func:`response_deviations` of every row of an encoded prompt/response split, one
     batched no-grad pass (the model's own forward with its hidden states)."""
-    from salf_engine.data.responses import collate_responses
-    from salf_engine.models.families import decoder_parts
-
     parts = decoder_parts(model)
     norm = parts.norm if lens == "final_norm" else None
     device = next(model.parameters()).device

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import importlib
 import json
 import shutil
 import time
@@ -31,7 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from salf_engine.data import load_task
 from salf_engine.errors import ConfigError
+from salf_engine.evaluation.classification import evaluate
 from salf_engine.experiments.grid import (
     CompareSettings,
     DatasetCell,
@@ -42,7 +45,13 @@ from salf_engine.experiments.grid import (
 )
 from salf_engine.experiments.plots import write_plots
 from salf_engine.experiments.report import collect_results, cost_seconds, write_tables
-from salf_engine.training.rundir import atomic_write as _atomic_write
+from salf_engine.models.loading import load_model
+from salf_engine.runtime.atomic import atomic_write as _atomic_write
+from salf_engine.runtime.device import resolve_device
+from salf_engine.schedule.strategies import strategy_from_config
+from salf_engine.training import recipe  # called as recipe.train, so a test's monkeypatch reaches it
+from salf_engine.training.checkpoint import config_differences, list_checkpoints
+from salf_engine.training.inputs import Prepared, check_resume, encode_task, held_out_count
 
 __all__ = ["GridResult", "run_compare", "CompareSettings", "parse_strategy", "cost_seconds"]
 
@@ -62,8 +71,6 @@ class GridResult:
 
 def _config_mismatch(path: Path, expected: dict[str, Any]) -> list[str]:
     """How a finished cell's config.json differs from the grid's (fields a resume may change aside)."""
-    from salf_engine.training.checkpoint import config_differences
-
     try:
         saved = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -80,8 +87,6 @@ def _zero_shot_settings(cfg) -> dict[str, Any]:
 
 def _check_eval_splits(tasks, configs) -> None:
     """Every cell's evaluation split exists (or can be held out) before the model loads."""
-    from salf_engine.training.inputs import held_out_count
-
     for (label, _strategy), cfg in configs.items():
         held_out_count(tasks[label], cfg)
 
@@ -99,8 +104,6 @@ def run_compare(settings: CompareSettings, *, progress: bool = True,
     say = log or (lambda _msg: None)
     datasets, strategies = settings.resolve()
     configs = {(d.label, s.label): settings.cell_config(d, s) for d in datasets for s in strategies}
-
-    from salf_engine.data import load_task
 
     tasks = {d.label: load_task(d.source, settings.data_dir) for d in datasets}
     _check_eval_splits(tasks, configs)
@@ -169,13 +172,6 @@ def _finish(out: Path, result: GridResult) -> None:
 
 def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks, result: GridResult, *,
                  progress: bool, say: Callable[[str], None]) -> None:
-    import torch
-
-    from salf_engine.models.loading import load_model
-    from salf_engine.schedule.strategies import strategy_from_config
-    from salf_engine.training.inputs import Prepared, encode_task, resolve_device
-
-    train_module = importlib.import_module("salf_engine.training.recipe")
     any_cfg = next(iter(configs.values()))
     device = resolve_device(any_cfg.device)
 
@@ -221,7 +217,7 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
             if resume:
                 say(f"  resuming the unfinished cell {d.label} / {s.label} from its checkpoint")
             try:
-                summary = train_module.train(cfg, progress=progress, log=say, prepared=prepared,
+                summary = recipe.train(cfg, progress=progress, log=say, prepared=prepared,
                                              resume=resume)
             except Exception as exc:
                 if not settings.keep_going:
@@ -247,8 +243,6 @@ def _run_pending(settings: CompareSettings, pending, zs_pending, configs, tasks,
 def _zero_shot_cell(settings: CompareSettings, d, task, model, tokenizer, first, verbalizer, eval_split, *,
                     progress: bool, say: Callable[[str], None]) -> None:
     """The dataset's zero-shot scores, once per grid, into ``cells/<dataset>/zero_shot.json``."""
-    from salf_engine.evaluation.classification import evaluate
-
     say(f"[{d.label}] zero-shot evaluation on {len(eval_split)} examples")
     report = evaluate(model, tokenizer, eval_split, verbalizer, batch_size=first.eval_batch_size,
                       dtype=first.dtype, classes=list(task.classes), progress=progress,
@@ -262,9 +256,6 @@ def _zero_shot_cell(settings: CompareSettings, d, task, model, tokenizer, first,
 
 def _resumable(cfg) -> bool:
     """Whether an unfinished cell holds a checkpoint of the same config (else it starts from scratch)."""
-    from salf_engine.training.checkpoint import list_checkpoints
-    from salf_engine.training.inputs import check_resume
-
     if not list_checkpoints(cfg.output):
         return False
     try:

@@ -13,6 +13,9 @@ import time
 from typing import Any
 
 from salf_engine.errors import SalfError
+from salf_engine.experiments.compare import run_compare
+from salf_engine.experiments.grid import CompareSettings
+from salf_engine.experiments.report import print_demo_table
 
 __all__ = ["DEMO_DEFAULTS", "run_demo"]
 
@@ -26,10 +29,6 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
 def run_demo(output: str, *, model: str | None = None, strategy: str | None = None, limit: int | None = None,
              eval_limit: int | None = None, seed: int | None = None, progress: bool = True) -> None:
     """Run the demo grid into ``output`` (replaced) and print its table."""
-    from salf_engine.experiments.compare import run_compare
-    from salf_engine.experiments.grid import CompareSettings
-    from salf_engine.experiments.report import print_demo_table
-
     d = DEMO_DEFAULTS
     strategies = [strategy or d["strategies"][0], *d["strategies"][1:]]
     limit = limit or d["limit"]

@@ -1,7 +1,7 @@
 """The comparison grid as data: strategy cells, dataset cells, the grid's settings and its directories.
 
 Strategy cells are written ``NAME[:OPTION]...`` (shell-safe, no quoting needed), NAME one of
-:data:`salf_engine.schedule.strategies.STRATEGIES`, OPTIONs among: a budget plan (``uniform`` -- alias
+:data:`salf_engine.schedule.names.STRATEGIES`, OPTIONs among: a budget plan (``uniform`` -- alias
 ``half`` --, ``arith``, ``geom``, ``none``; salf only), an infilling order (``bf``, ``df``; with a
 budget), a freeze fraction in (0, 1) (``bot``/``top``/``int``/``adt-*``), ``lora`` (LoRA adapters
 under that strategy). Examples: ``salf`` (Algorithm 3), ``salf:uniform:df`` (SALF[half]),
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from salf_engine.config import INFILLS as _INFILLS
-from salf_engine.config import is_generative_preset
+from salf_engine.config import TrainConfig, is_generative_preset
 from salf_engine.errors import ConfigError
+from salf_engine.schedule.names import INFILLS, STRATEGIES
 
 __all__ = [
     "StrategyCell",
@@ -116,7 +116,8 @@ def parse_list(text: str | Sequence[str], what: str) -> list[str]:
 
 def parse_strategy(text: str) -> StrategyCell:
     """Parse ``NAME[:OPTION]...`` (see :data:`CELL_SYNTAX`); ConfigError naming the valid choices."""
-    from salf_engine.schedule.strategies import STRATEGIES, make_strategy
+    # imported here, not at the top: the strategies import torch, and `salf compare --help` reads this module
+    from salf_engine.schedule.strategies import make_strategy
 
     name, *options = [p.strip() for p in text.strip().split(":")]
     if name not in STRATEGIES:
@@ -139,7 +140,7 @@ def parse_strategy(text: str) -> StrategyCell:
         if key in _BUDGET_ALIASES:
             once("budget plan", budget)
             budget = _BUDGET_ALIASES[key]
-        elif key in _INFILLS:
+        elif key in INFILLS:
             once("infilling order", infill)
             infill = key
         elif key == "lora":
@@ -160,7 +161,7 @@ def parse_strategy(text: str) -> StrategyCell:
             except ValueError:
                 raise ConfigError(
                     f"unknown option {opt!r} in strategy cell {text!r}; options: budget plans "
-                    f"{', '.join(_BUDGET_ALIASES)}, infilling orders {', '.join(_INFILLS)}, "
+                    f"{', '.join(_BUDGET_ALIASES)}, infilling orders {', '.join(INFILLS)}, "
                     "a freeze fraction in (0, 1), lora, paper, narrowing, widening, eof-match, class-rank, "
                     "loss-rank, cutsN"
                 ) from None
@@ -184,7 +185,7 @@ def parse_strategy(text: str) -> StrategyCell:
 
 def parse_dataset(text: str, data_dir: str | None = None) -> DatasetCell:
     """``SOURCE`` or ``LABEL=SOURCE``; SOURCE a preset name or an existing file/directory."""
-    from salf_engine.data.presets import PRESETS
+    from salf_engine.data.presets import PRESETS  # here, not at the top: the data package imports torch
 
     label, sep, source = text.partition("=")
     if not sep:
@@ -258,8 +259,6 @@ class CompareSettings:
 
     def cell_config(self, dataset: DatasetCell, strategy: StrategyCell):
         """The validated TrainConfig of one cell."""
-        from salf_engine.config import TrainConfig
-
         reserved = {"model", "dataset", "data_dir", "output", "overwrite", "zero_shot_eval",
                     "strategy", "budget", "infill", "freeze_fraction"}
         clash = sorted(reserved & set(self.train))

@@ -24,7 +24,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from salf_engine.errors import ConfigError
 from salf_engine.models.families import unwrap_peft
-from salf_engine.runner.truncated import TruncatedRunner, last_token_index, plain_depth
+from salf_engine.runner.truncated import PATCH_ATTR as _MARK
+from salf_engine.runner.truncated import TruncatedRunner, is_patched, last_token_index, plain_depth
 
 __all__ = [
     "SALF_KEYS", "SalfCausalLMOutput", "is_patched", "medium_index", "patch_model", "runner_of",
@@ -33,7 +34,6 @@ __all__ = [
 
 #: The batch keys the patched forward consumes besides the model's own arguments.
 SALF_KEYS = ("salf_depth", "salf_label", "salf_train_embeddings", "salf_logits")
-_MARK = "_salf_runner"
 
 
 @dataclass
@@ -41,11 +41,6 @@ class SalfCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus the batch's deviations ([B, m+1] float32, detached) when computed."""
 
     deviations: Tensor | None = None
-
-
-def is_patched(model: nn.Module) -> bool:
-    """Whether `model` (or the causal LM inside its PEFT wrapper) carries the SALF patch."""
-    return hasattr(unwrap_peft(model), _MARK)
 
 
 def medium_index(labels: Tensor | None, attention_mask: Tensor | None, input_ids: Tensor) -> Tensor:

@@ -1,5 +1,3 @@
-"""The truncated runner: one forward of an HF decoder with every row cut at its own depth (``truncated``)."""
-
-from salf_engine._moved import lazy_exports
-
-__getattr__, __dir__ = lazy_exports("salf_engine.runner.truncated")
+"""The truncated runner: one forward of an HF decoder with every row cut at its own depth (``truncated``),
+and the losses computed on it without the [B, T, V] logits: the head cross-entropy a chunk of positions at
+a time (``chunked_loss``) and the response-only loss of prompt/response rows (``response_loss``)."""

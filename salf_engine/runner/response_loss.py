@@ -4,7 +4,7 @@
 through the :class:`~salf_engine.runner.truncated.TruncatedRunner` (each row's bottom ``depth`` layers without
 autograd), takes the final-norm states without the head, and applies the head and the cross-entropy over
 the supervised (response) positions a chunk at a time
-(:func:`~salf_engine.training.chunked_loss.head_cross_entropy`),
+(:func:`~salf_engine.runner.chunked_loss.head_cross_entropy`),
 so the [B, T, V] logits never exist. The loss is the causal LM's: the state at position t predicts the
 label at t + 1.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from salf_engine.errors import ConfigError
-from salf_engine.training.chunked_loss import DEFAULT_CHUNK, head_cross_entropy
+from salf_engine.runner.chunked_loss import DEFAULT_CHUNK, head_cross_entropy
 
 __all__ = ["ResponseLoss", "response_loss"]
 

@@ -16,15 +16,24 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from salf_engine.deviation.compute import deviations
 from salf_engine.deviation.contract import LENS_ALIASES
 from salf_engine.deviation.contract import LENSES as _LENSES
 from salf_engine.deviation.contract import METRICS as _METRICS
 from salf_engine.errors import ConfigError
-from salf_engine.models.families import DecoderParts, decoder_parts
+from salf_engine.models.families import DecoderParts, decoder_parts, unwrap_peft
 
-__all__ = ["RunnerOutput", "TruncatedRunner", "last_token_index"]
+__all__ = ["PATCH_ATTR", "RunnerOutput", "TruncatedRunner", "is_patched", "last_token_index"]
 
 _LOGITS = ("last", "all", "none")
+#: The attribute under which a causal LM patched by :func:`salf_engine.integrations.patching.patch_model`
+#: carries the runner its forward runs through.
+PATCH_ATTR = "_salf_runner"
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether `model` (or the causal LM inside its PEFT wrapper) carries the SALF patch."""
+    return hasattr(unwrap_peft(model), PATCH_ATTR)
 
 
 @dataclass
@@ -232,7 +241,7 @@ class TruncatedRunner:
             labels: [B] class indices into ``bases`` (deviations are computed only with bases and labels).
             logits: "last" (head on the [B, D] medium-token states only), "all" ([B, T, V]) or "none"
                 (no head: the [B, T, D] final-norm states come back as ``hidden``, for a loss that
-                applies the head itself, chunk by chunk: :mod:`~salf_engine.training.chunked_loss`).
+                applies the head itself, chunk by chunk: :mod:`~salf_engine.runner.chunked_loss`).
             gradient_checkpointing: recompute each trained layer call in backward (the frozen rows are
                 never checkpointed). Also on when the model had transformers' gradient checkpointing enabled.
             train_embeddings: with every depth 0, run the embedding with autograd as well (full fine-tuning).
@@ -353,8 +362,6 @@ class TruncatedRunner:
         return trained, states
 
     def _deviations(self, states: Tensor, labels: Tensor) -> Tensor:
-        from salf_engine.deviation.compute import deviations
-
         bases = self.bases
         assert bases is not None
         device = states.device

@@ -1,3 +1,3 @@
-"""Where each sample trains, step by step: budget plans (``budgets``), the strategies (``strategies``), a
-step's
-micro-batches per rank (``sampling``) and the driver that profiles and observes (``driver``)."""
+"""Where each sample trains, step by step: the names (``names``), budget plans (``budgets``), the strategies
+(``strategies``), a step's micro-batches per rank (``sampling``), the eof profile's forward (``profile``)
+and the driver that profiles and observes (``driver``)."""

@@ -8,15 +8,12 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from salf_engine import config as _config
 from salf_engine.schedule.base import Strategy, as_layers
+from salf_engine.schedule.names import ADT_STEPS
 from salf_engine.schedule.plans import MicroBatch, chunks
 from salf_engine.schedule.static import frozen_count
 
 __all__ = ["ADT_STEPS", "AdaptiveStrategy"]
-
-#: Optimizer steps of full training before ADT picks its frozen layers (``TrainConfig.adt_steps``).
-ADT_STEPS: int = _config.TrainConfig.adt_steps
 
 
 class AdaptiveStrategy(Strategy):

@@ -27,8 +27,8 @@ from typing import get_args
 
 import torch
 
-from salf_engine.config import Budget
 from salf_engine.errors import ConfigError, positive_int
+from salf_engine.schedule.names import Budget
 
 __all__ = [
     "PLANS",

@@ -20,9 +20,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from salf_engine.data import subset_split
 from salf_engine.deviation.compute import eof_layers
+from salf_engine.deviation.responses import profile_response_deviations
 from salf_engine.errors import ConfigError
-from salf_engine.integrations.distributed import gather_objects, rank_and_world
+from salf_engine.runtime.distributed import gather_objects, rank_and_world
+from salf_engine.schedule.profile import profile_deviations
 
 __all__ = ["StrategyDriver", "Observation", "ResumePoint", "histogram", "profile_subset"]
 
@@ -101,12 +104,7 @@ class StrategyDriver:
         return self.wants_deviations or bool(getattr(self.strategy, "needs_losses", False))
 
     def _eofs_of(self, indices: Sequence[int], *, progress: bool, desc: str) -> list[int]:
-        from salf_engine.data import subset_split
-        from salf_engine.evaluation.profiling import profile_deviations
-
         if hasattr(self.train_split, "targets"):  # prompt/response rows: the answer's deviation
-            from salf_engine.deviation.responses import profile_response_deviations
-
             dev = profile_response_deviations(self.runner.model, self.train_split.subset(list(indices)),
                                               pad_id=self.pad_id, batch_size=self.config.eval_batch_size,
                                               lens=self.runner.lens, impl=self.runner.deviation_impl)
@@ -129,9 +127,12 @@ class StrategyDriver:
         if not self.strategy.needs_profile:
             return
         n = len(self.train_split)
-        chosen = profile_subset(n, self.config.profile_fraction, self.config.seed)
+        chosen = profile_subset(n, self.config.resolved_profile_fraction(), self.config.seed)
         if say is not None:
-            say(f"profiling eof-layers of {len(chosen)} of {n} training examples ...")
+            why = (" (every row: a prompt/response task's training forward measures no answer deviation; "
+                   "--profile-fraction F profiles fewer)" if self.config.profile_fraction is None
+                   and self.config.generative else "")
+            say(f"profiling eof-layers of {len(chosen)} of {n} training examples{why} ...")
         t0 = time.perf_counter()
         rank, world = rank_and_world()
         mine = chosen[rank::world]

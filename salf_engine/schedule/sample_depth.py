@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from salf_engine import config as _config
 from salf_engine.deviation.compute import eof_layers
 from salf_engine.errors import positive_int
 from salf_engine.schedule.base import Strategy
@@ -20,6 +19,7 @@ from salf_engine.schedule.budgets import (
     budget_quotas,
     fill_quotas,
 )
+from salf_engine.schedule.names import DEFAULT_CUTS_PER_STEP
 from salf_engine.schedule.plans import (
     MicroBatch,
     chunks,
@@ -33,8 +33,6 @@ __all__ = ["DEFAULT_CUTS_PER_STEP", "ROW_ORDERS", "SampleDepthStrategy", "algori
 
 #: Schedules whose forwards take ``micro_size`` rows of the shuffled order, each row at its own cut.
 ROW_ORDERS = ("per-row", "narrowing", "widening")
-#: Distinct cuts (micro-batches) per optimizer step of a depth-varying strategy.
-DEFAULT_CUTS_PER_STEP: int = _config.TrainConfig.cuts_per_step
 
 
 class SampleDepthStrategy(Strategy):

@@ -1,18 +1,26 @@
-"""The strategies by name: :func:`make_strategy` and the names it takes. The strategy families live in
-``base`` (the interface), ``static``, ``sample_depth``, ``paper`` and ``adaptive``; their names stay
-importable from here."""
+"""The strategies by name: :func:`make_strategy` and its one option check. The names it takes are defined
+in ``names``; the strategy families live in ``base`` (the interface), ``static``, ``sample_depth``,
+``paper`` and ``adaptive``; their names stay importable from here."""
 
 from __future__ import annotations
 
 import math
 import re
-from typing import get_args
 
-from salf_engine import config as _config
 from salf_engine.deviation.contract import BOUNDARIES
 from salf_engine.errors import ConfigError, positive_int
-from salf_engine.schedule.adaptive import ADT_STEPS, AdaptiveStrategy
+from salf_engine.schedule.adaptive import AdaptiveStrategy
 from salf_engine.schedule.base import Strategy
+from salf_engine.schedule.names import (
+    ADT_STEPS,
+    ASSIGNMENTS,
+    BUDGETS,
+    DEFAULT_CUTS_PER_STEP,
+    INFILLS,
+    SCHEDULES,
+    STRATEGIES,
+    TIMED_SCHEDULES,
+)
 from salf_engine.schedule.paper import PaperScheduleStrategy
 from salf_engine.schedule.plans import (
     MicroBatch,
@@ -22,7 +30,6 @@ from salf_engine.schedule.plans import (
     round_to_levels,
 )
 from salf_engine.schedule.sample_depth import (
-    DEFAULT_CUTS_PER_STEP,
     ROW_ORDERS,
     SampleDepthStrategy,
     algorithm3_depths,
@@ -54,23 +61,6 @@ __all__ = [
     "frozen_count",
     "interleaved_frozen",
 ]
-
-#: Every strategy name :func:`make_strategy` accepts (``bot``/``top``/``int`` need ``freeze_fraction``).
-STRATEGIES: tuple[str, ...] = get_args(_config.StrategyName)
-#: Budget plans a ``salf`` strategy accepts (``None`` / ``"none"`` = Algorithm 3, each sample at its eof).
-BUDGETS: tuple[str, ...] = get_args(_config.Budget)
-#: The names are defined in `config`. Infilling orders of budgeted ``salf`` (bf / df) decide the
-#: per-depth quotas, never the visit order. Schedules say how a depth-varying strategy visits its
-#: depths: ``per-row`` (every row of a forward at its own cut), ``mixed`` (micro-batches of one cut each,
-#: several per optimizer step) or ``paper`` (Algorithm 4 as written: depth 0 first, ascending, each
-#: sample's eof recomputed when its depth is visited). Assignments say how budgeted SALF fills the
-#: quotas: ``class-rank`` (each class spread over the depths by its samples' eof rank inside the class),
-#: ``eof-match`` (Algorithm 4's global eof-matching) or ``loss-rank`` (by the samples' last training
-#: loss inside each class, the hardest deepest; random inside each class until a loss is seen).
-INFILLS, SCHEDULES, ASSIGNMENTS = _config.INFILLS, _config.DEPTH_SCHEDULES, _config.DEPTH_ASSIGNMENTS
-#: Schedules that visit a budget plan's depths in an order of time (they need a budget plan).
-TIMED_SCHEDULES = ("paper", "narrowing", "widening")
-
 
 _FRACTION_NAME = re.compile(r"^(bot|top|int)(\d\d)?$")
 

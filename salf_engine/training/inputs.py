@@ -17,28 +17,21 @@ from typing import Any
 import torch
 
 from salf_engine.config import TrainConfig, is_generative_preset
-from salf_engine.errors import ConfigError
+from salf_engine.data import Verbalizer, encode_split, load_task, stratified_subset, subset_split
+from salf_engine.data.responses import encode_responses, load_gsm8k, load_responses
+from salf_engine.errors import ConfigError, DataError
+from salf_engine.models.loading import load_model
+from salf_engine.runtime.device import resolve_device
 from salf_engine.schedule.strategies import strategy_from_config
+from salf_engine.training.checkpoint import check_writable, config_differences, list_checkpoints
 
 __all__ = ["HOLDOUT", "HOLDOUT_SEED", "Prepared", "check_resume", "encode_response_task", "encode_task",
-           "held_out_count", "load_response_task", "prepare", "resolve_device"]
+           "held_out_count", "load_response_task", "prepare"]
 
 #: ``eval_split`` value that evaluates on examples held out of the training split.
 HOLDOUT = "holdout"
 #: Seed of the held-out draw: the same validation examples for every run seed.
 HOLDOUT_SEED = 20240617
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; under torchrun 'auto' / 'cuda' is this rank's GPU."""
-    local = os.environ.get("LOCAL_RANK")
-    if device in ("auto", "cuda") and torch.cuda.is_available() and local is not None:
-        return torch.device(f"cuda:{int(local)}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but CUDA is not available")
-    return torch.device(device)
 
 
 @dataclass
@@ -65,8 +58,6 @@ def held_out_count(task, config: TrainConfig) -> int | None:
     training split (at least one example). Raises before anything is loaded when the evaluation split
     does not exist or nothing would be left to train on.
     """
-    from salf_engine.errors import DataError
-
     if "train" not in task.splits:
         raise DataError(f"{config.dataset} has no training split; it has {', '.join(task.splits)}")
     n = len(task.splits["train"])
@@ -95,8 +86,6 @@ def encode_task(task, tokenizer, config: TrainConfig):
     validation part for choosing hyperparameters that never touches the test split, or the evaluation
     part of a local file that has only a training split.
     """
-    from salf_engine.data import Verbalizer, encode_split, stratified_subset, subset_split
-
     verbalizer = Verbalizer(task.classes, task.label_words, tokenizer)
     held_count = held_out_count(task, config)
     if held_count is not None:
@@ -124,8 +113,6 @@ def encode_task(task, tokenizer, config: TrainConfig):
 def load_response_task(config: TrainConfig):
     """The prompt/response task of a generative config: the gsm8k preset (from ``data_dir``) or a local file
     or directory with ``prompt_column`` / ``response_column``."""
-    from salf_engine.data.responses import load_gsm8k, load_responses
-
     if is_generative_preset(config.dataset):
         if config.data_dir is None:
             raise ConfigError("the gsm8k preset is read from --data-dir (the folder holding gsm8k/)")
@@ -140,7 +127,6 @@ def encode_response_task(task, tokenizer, config: TrainConfig):
     (the same for every seed), then ``limit`` / ``eval_limit`` rows drawn with the run's seed."""
     import random
 
-    from salf_engine.data.responses import encode_responses
 
     def draw(rows: list[int], count: int | None, seed: int) -> list[int]:
         if count is None or count >= len(rows):
@@ -168,7 +154,6 @@ def check_resume(config: TrainConfig) -> None:
     :data:`~salf_engine.training.checkpoint.RESUME_MAY_CHANGE` aside); the error lists every difference."""
     import json
 
-    from salf_engine.training.checkpoint import config_differences
 
     if not config.output:
         raise ConfigError("resume needs the run directory as output")
@@ -193,10 +178,6 @@ def prepare(config: TrainConfig, *, resume: bool = False) -> Prepared:
 
     With ``resume`` the output must hold an unfinished run of the same config (see :func:`check_resume`).
     """
-    from salf_engine.data import load_task
-    from salf_engine.models.loading import load_model
-    from salf_engine.training.checkpoint import check_writable
-
     config.validate()
     out_dir = Path(config.output) if config.output else None
     if resume:
@@ -236,8 +217,6 @@ def prepare(config: TrainConfig, *, resume: bool = False) -> Prepared:
 
 def _refuse_to_clear_checkpoints(out_dir: Path, config: TrainConfig) -> None:
     """A fresh start would clear an unfinished run's checkpoints: only with ``overwrite``."""
-    from salf_engine.training.checkpoint import list_checkpoints
-
     kept = list_checkpoints(out_dir)
     if kept and not config.overwrite and not (out_dir / "summary.json").exists():
         raise ConfigError(f"{out_dir} holds an unfinished run with checkpoints (newest: {kept[0].name}); "

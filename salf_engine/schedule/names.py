@@ -1,0 +1,46 @@
+"""The names the strategies take, defined once as ``Literal`` types (the tuples are read off them), and the
+defaults of their counts.
+
+This module imports nothing, so `salf_engine.config` types its fields with these names (and the CLI lists
+them) without loading the strategies or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = ["ADT_STEPS", "ASSIGNMENTS", "BUDGETS", "DEFAULT_CUTS_PER_STEP", "INFILLS", "SCHEDULES",
+           "STRATEGIES", "TIMED_SCHEDULES", "Budget", "DepthAssignment", "DepthSchedule", "Infill",
+           "StrategyName"]
+
+#: Every strategy name (``bot`` / ``top`` / ``int`` take ``freeze_fraction``).
+StrategyName = Literal["full", "lora-full", "lora-half", "lift-half", "lift-star-half", "salf", "bot25",
+                       "bot50", "bot75", "top25", "top50", "top75", "int25", "int50", "int75", "bot", "top",
+                       "int", "adt-low", "adt-high"]
+#: SALF budget plans ("none" = Algorithm 3, each sample at its eof).
+Budget = Literal["uniform", "arith", "geom", "none"]
+#: Infilling orders of budgeted SALF: they decide the per-depth quotas, never the visit order.
+Infill = Literal["bf", "df"]
+#: How a depth-varying strategy visits its depths: ``per-row`` (every row of a forward at its own cut),
+#: ``mixed`` (micro-batches of one cut each, several per optimizer step), ``paper`` (Algorithm 4 as written:
+#: depth 0 first, ascending, each sample's eof recomputed when its depth is visited), ``narrowing`` /
+#: ``widening`` (per-row, the budget's depths ascending / descending over each epoch; no profile).
+DepthSchedule = Literal["per-row", "mixed", "paper", "narrowing", "widening"]
+#: How budgeted SALF fills the quotas: ``class-rank`` (each class spread over the depths by its samples'
+#: eof rank inside the class), ``eof-match`` (Algorithm 4's global eof-matching) or ``loss-rank`` (by the
+#: samples' last training loss inside each class, the hardest deepest; random until a loss is seen).
+DepthAssignment = Literal["class-rank", "eof-match", "loss-rank"]
+
+#: Every strategy name :func:`~salf_engine.schedule.strategies.make_strategy` accepts.
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
+#: Budget plans a ``salf`` strategy accepts (``None`` / ``"none"`` = Algorithm 3, each sample at its eof).
+BUDGETS: tuple[str, ...] = get_args(Budget)
+INFILLS: tuple[str, ...] = get_args(Infill)
+SCHEDULES: tuple[str, ...] = get_args(DepthSchedule)
+ASSIGNMENTS: tuple[str, ...] = get_args(DepthAssignment)
+#: Schedules that visit a budget plan's depths in an order of time (they need a budget plan).
+TIMED_SCHEDULES = ("paper", "narrowing", "widening")
+#: adt-low / adt-high: optimizer steps of full training before the frozen layers are chosen (the paper's 5).
+ADT_STEPS = 5
+#: Micro-batches of different depths per optimizer step (SALF's mixed schedule, LIFT).
+DEFAULT_CUTS_PER_STEP = 4
