@@ -1,20 +1,27 @@
 """SALF inside ``transformers.Trainer`` and ``trl.SFTTrainer``: a trainer mixin and its callback.
 
 One train batch is one SALF step plan (the rank's share of it under DDP), collated micro-batch by
-micro-batch; :meth:`SalfTrainerMixin.training_step` sets each micro-batch's trainable layers, runs the
-patched forward at its cut and backpropagates its share of the step's loss, then the Trainer steps the
-optimizer once. The strategy begins after the optimizer exists (``on_train_begin``), plans each epoch
-lazily, and gets its observations and ADT's after-step hook at ``on_step_end``.
+micro-batch; :meth:`SalfTrainerMixin.training_step` trains each micro-batch through the engine's one
+micro-batch step (:func:`~salf_engine.training.step.micro_batch_step`: its trainable layers, the patched
+forward at its cut, its share of the step's loss backward), counts the plan in ``salf_cost`` and applies
+the non-finite policy (``salf_config.on_nonfinite``, :func:`~salf_engine.training.step.finish_step`); then
+the Trainer clips and steps the optimizer once. The strategy begins after the optimizer exists
+(``on_train_begin``), plans each epoch lazily, and gets its observations and ADT's after-step hook at
+``on_step_end``.
 
 Rows are HF causal-LM rows: ``input_ids``, ``labels`` (-100 where not supervised), optionally
 ``attention_mask`` and ``salf_label`` (the class index, needed with the label ``salf_bases`` by strategies
 that profile or observe eof-layers). The medium token of a row is the position that predicts its first
 supervised label.
+
+``SalfTrainer`` and ``SalfCallback`` are made on first use, so importing this module does not import
+transformers' Trainer (seconds, with peft and bitsandbytes).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,22 +29,28 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer, TrainerCallback
 
 from salf_engine.config import TrainConfig
+from salf_engine.data import EncodedSplit
 from salf_engine.errors import ConfigError
 from salf_engine.integrations.patching import patch_model, runner_of
-from salf_engine.schedule.driver import Observation, ResumePoint, StrategyDriver
-from salf_engine.schedule.plans import MicroBatch
+from salf_engine.runtime.distributed import all_reduce_sum
+from salf_engine.schedule.driver import Observation, StrategyDriver
+from salf_engine.schedule.plans import MicroBatch, StepPlan
 from salf_engine.schedule.sampling import PlanBatchSampler
+from salf_engine.schedule.strategies import strategy_from_config
 from salf_engine.training.checkpoint import load_trainer_state, save_trainer_state
-from salf_engine.training.wrapping import TrainableModel, wrap_model
+from salf_engine.training.cost import CostMeter
+from salf_engine.training.state import TrainState
+from salf_engine.training.step import finish_step, micro_batch_step, patched_forward
+from salf_engine.training.wrapping import TrainableModel, import_peft, wrap_model
 
-__all__ = [
+__all__ = [  # noqa: F822 - SalfCallback and SalfTrainer are made on first use (module __getattr__)
     "PlanDataset", "SalfCallback", "SalfTrainer", "SalfTrainerMixin", "classification_rows",
     "left_pad_collate", "prompt_split",
 ]
 
+_log = logging.getLogger(__name__)
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -88,8 +101,6 @@ def classification_rows(split: Any, label_token_ids: Sequence[int]) -> list[dict
 def prompt_split(dataset: Any):
     """An ``EncodedSplit`` of each row's prompt (through its medium token) and ``salf_label``, for eof
     profiles; ConfigError when a row has no supervised label or no ``salf_label``."""
-    from salf_engine.data import EncodedSplit
-
     prompts, classes = [], []
     for i in range(len(dataset)):
         row = dataset[i]
@@ -154,8 +165,6 @@ class SalfTrainerMixin:
     def __init__(self, model: Any = None, args: Any = None, *args_rest: Any, salf_strategy: Any = None,
                  salf_config: TrainConfig | None = None, salf_bases: torch.Tensor | None = None,
                  salf_grad_accum: int = 1, **kwargs: Any) -> None:
-        from salf_engine.schedule.strategies import strategy_from_config
-
         if args is None:
             raise ConfigError("SalfTrainer needs its TrainingArguments (args=...)")
         _check_args(args)
@@ -182,12 +191,15 @@ class SalfTrainerMixin:
         self.salf_driver: StrategyDriver | None = None
         self.salf_sampler: PlanBatchSampler | None = None
         self.salf_seen: list[Observation] = []
+        self.salf_train_state = TrainState()  # steps, skipped steps and losses, saved in salf_state.json
+        self.salf_cost = CostMeter(self.salf_wrapped.parts.num_layers, lora=self.salf_wrapped.lora)
+        self._salf_plans_ahead: list[StepPlan] = []  # the whole plans of the sampler's pending batches
         self._salf_resume: dict[str, Any] | None = None  # salf_state.json of the checkpoint resumed from
         # (epoch, the strategy's state at its start): what a checkpoint needs to replay the epoch's plans
         self._salf_epoch_start: tuple[int, dict[str, Any]] | None = None
         self._salf_user_collator = kwargs.get("data_collator") is not None
         super().__init__(self.salf_wrapped.model, args, *args_rest, **kwargs)
-        self.add_callback(SalfCallback(self))
+        self.add_callback(_trainer_classes()[1](self))
 
     # ---- data
     def _salf_pad_id(self) -> int:
@@ -223,30 +235,31 @@ class SalfTrainerMixin:
     def _salf_plans(self, epoch: int, step_size: int, micro: int):
         """The epoch's plans (``StrategyDriver.resumable_epoch``); in the epoch a checkpoint was taken in,
         the plans before it come first, for the Trainer's ``skip_first_batches`` to drop."""
-        resume = self._salf_resume
-        point = None
-        if resume is not None and int(resume["epoch"]) == epoch:
-            self._salf_resume = None
-            point = ResumePoint.of({**resume, "plans_done": 0 if self.args.ignore_data_skip
-                                    else resume["plans_done"]})
+        state, point = self.salf_train_state, None
+        if state.resume is not None and state.resume.epoch == epoch:
+            point = state.take_resume()
+            if self.args.ignore_data_skip:
+                point = point._replace(plans_done=0)
         start, replayed, plans = self.salf_driver.resumable_epoch(  # type: ignore[union-attr]
             epoch, step_size, micro, point)
         self._salf_epoch_start = (epoch, start)
         yield from replayed
         if replayed and self.salf_sampler is not None:
             del self.salf_sampler.pending[:len(replayed)]  # nobody trains them
-        yield from plans
+        for plan in plans:
+            self._salf_plans_ahead.append(plan)  # in step with the sampler's pending micro-batches
+            yield plan
 
     def salf_state(self, global_step: int) -> dict[str, Any]:
         """The engine's state at ``global_step`` (JSON-able), as ``salf_state.json`` of a checkpoint."""
         assert self.salf_driver is not None and self.salf_sampler is not None
+        state = self.salf_train_state
+        state.step = int(global_step)
+        state.epoch, state.plans_done = divmod(state.step, self.salf_sampler.steps_per_epoch)
         epoch, start = self._salf_epoch_start or (0, self.salf_strategy.state_dict())
-        steps_per_epoch = self.salf_sampler.steps_per_epoch
-        return {"global_step": int(global_step), "epoch": global_step // steps_per_epoch,
-                "plans_done": global_step % steps_per_epoch, "driver": self.salf_driver.state_dict(),
-                "strategy": self.salf_strategy.state_dict(),
-                "epoch_start_strategy": start if epoch == global_step // steps_per_epoch else
-                self.salf_strategy.state_dict()}
+        state.epoch_start = start if epoch == state.epoch else self.salf_strategy.state_dict()
+        return {"global_step": state.step, **state.state_dict(), "driver": self.salf_driver.state_dict(),
+                "strategy": self.salf_strategy.state_dict(), "cost": self.salf_cost.state_dict()}
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any):
         """``Trainer.train``; resuming from a checkpoint also restores the engine's state saved in it
@@ -260,50 +273,65 @@ class SalfTrainerMixin:
                 path = get_last_checkpoint(self.args.output_dir)
             if not path:
                 raise ConfigError(f"cannot resume SALF: {self.args.output_dir} holds no checkpoint")
-            self._salf_resume = load_trainer_state(path)
+            self._salf_resume = resume = load_trainer_state(path)
+            self.salf_train_state.load_state_dict({"step": resume["global_step"], **resume})
+            if "cost" in resume:
+                self.salf_cost.load_state_dict(resume["cost"])
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     # ---- one step
     def training_step(self, model: Any, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
-        """Every micro-batch of the step at its cut: set its trainable layers, forward, weighted backward."""
-        assert self.salf_sampler is not None
+        """Every micro-batch of the step plan through :func:`~salf_engine.training.step.micro_batch_step`
+        (its cut, the patched forward, weighted backward; DDP syncs on the last), the plan counted in
+        ``salf_cost``, then the non-finite policy of :func:`~salf_engine.training.step.finish_step` (the
+        Trainer clips and steps the optimizer itself)."""
+        assert self.salf_sampler is not None and self.salf_driver is not None
         local: list[MicroBatch] = self.salf_sampler.pending.pop(0)
+        plan = self._salf_plans_ahead.pop(0)
         model.train()
         inputs = self._prepare_inputs(inputs)
         micro_batches = inputs["salf_micro_batches"]
         if len(micro_batches) != len(local):
             raise ConfigError("a plan batch lost micro-batches on the way (a custom collator dropped rows?)")
+        driver = self.salf_driver
+        forward = patched_forward(model, row_losses=bool(getattr(self.salf_strategy, "needs_losses", False)),
+                                  context=self.compute_loss_context_manager)
         total = torch.zeros((), device=self.args.device)
-        for k, (meta, batch) in enumerate(zip(local, micro_batches, strict=True)):
-            indices = batch.pop("salf_index").tolist()
-            train_embed = self.salf_wrapped.set_trainable(meta.depth, meta.trainable, meta.depths)
-            last = k == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-            with sync:
-                with self.compute_loss_context_manager():
-                    out = model(**batch, salf_depth=meta.runner_depth,
-                                salf_train_embeddings=train_embed)
-                loss = out.loss * meta.weight
-                self.accelerator.backward(loss)
-            total += loss.detach()
-            driver = self.salf_driver
-            if (meta.weight > 0 and driver is not None and driver.wants_observations
-                    and (out.deviations is not None or not driver.wants_deviations)):
-                losses = _row_losses(out.logits, batch["labels"]) if self.salf_strategy.needs_losses else None
-                self.salf_seen.append(Observation(indices, out.deviations, losses))
+        for k, (mb, batch) in enumerate(zip(local, micro_batches, strict=True)):
+            batch.pop("salf_index")
+            sync = None if k == len(local) - 1 else self.accelerator.no_sync(model)
+            res = micro_batch_step(forward, self.salf_wrapped, mb, batch, observe=driver.wants_observations,
+                                   backward=self.accelerator.backward, sync=sync)
+            total += res.loss * mb.weight
+            if res.observation is not None and (res.deviations is not None or not driver.wants_deviations):
+                self.salf_seen.append(res.observation)
+        self.salf_cost.add_plan(plan)
+        self._salf_finish(plan, total)
         return total
 
-
-def _row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's mean next-token cross-entropy over its supervised labels (``-100`` ignored), detached;
-    0 for a row without one."""
-    with torch.no_grad():
-        targets = labels[:, 1:].to(logits.device)
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                               ignore_index=-100, reduction="none")
-        kept = targets != -100
-        return (ce * kept).sum(1) / kept.sum(1).clamp(min=1)
+    def _salf_finish(self, plan: StepPlan, total: torch.Tensor) -> None:
+        """The non-finite policy (``salf_config.on_nonfinite``) on the step's loss and gradients, every rank
+        deciding alike; a skipped step's gradients are dropped, so the Trainer's update changes nothing."""
+        params = self.salf_wrapped.trainable
+        grads = [q.grad.to_local() if hasattr(q.grad, "to_local") else q.grad  # an FSDP shard: its own
+                 for q in params if q.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if getattr(self.accelerator, "scaler", None) is not None:
+            norm = torch.zeros(())  # fp16: the grad scaler skips overflowing steps itself
+        # the sums over the ranks are finite only when every rank's loss and gradients are
+        sums = all_reduce_sum(torch.stack([total.float(), norm.to(total.device).float()]))
+        loss, grad_norm = (float(x) for x in sums)
+        world = max(1, self.args.world_size)
+        state = self.salf_train_state
+        where = (f"at step {self.state.global_step + 1} (depths {plan.depths}, examples "
+                 f"{plan.indices[:32]}{' ...' if len(plan) > 32 else ''})")
+        end = finish_step(self.optimizer, None, params, loss=loss, grad_norm=grad_norm, max_grad_norm=None,
+                          on_nonfinite=self.salf_config.on_nonfinite, where=where, update=None)
+        state.record(None if end.skipped else loss / world)
+        if end.skipped:
+            self.salf_seen = []  # a skipped step shows the strategy nothing
+            _log.warning("non-finite %s %s; step skipped (%d so far)", end.skipped, where, state.skipped)
 
 
 class _LabelsOnly:
@@ -316,53 +344,71 @@ class _LabelsOnly:
         return len(self.labels)
 
 
-class SalfCallback(TrainerCallback):
-    """Begins the strategy once the optimizer exists, feeds it each step's observations, restores the
-    trainable flags at the end."""
+@functools.cache
+def _trainer_classes() -> tuple[type, type]:
+    """(``SalfTrainer``, ``SalfCallback``), made on first use: they subclass transformers' Trainer classes,
+    whose import takes seconds (peft and bitsandbytes with it), so importing this module does not."""
+    import_peft()  # the Trainer imports peft: without bitsandbytes' import-time note (as the CLI)
+    from transformers import Trainer, TrainerCallback
 
-    def __init__(self, trainer: SalfTrainerMixin) -> None:
-        self.trainer = trainer
+    class SalfCallback(TrainerCallback):
+        """Begins the strategy once the optimizer exists, feeds it each step's observations, restores the
+        trainable flags at the end."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        t = self.trainer
-        if t.salf_driver is None:
-            raise ConfigError("SalfCallback needs SalfTrainerMixin's train dataloader")
-        resume = getattr(t, "_salf_resume", None)
-        if resume is not None:
-            t.salf_driver.load_state_dict(resume["driver"])  # the profile of the interrupted run
-        else:
-            t.salf_driver.profile()
-        t.salf_driver.begin(t.salf_wrapped.parts.layers)
-        if resume is not None and hasattr(t.salf_strategy, "set_reference_weights"):
-            # ADT's warm-up reference: on_train_start saw the checkpoint's weights, not the initial ones
-            t.salf_strategy.set_reference_weights(resume["tensors"].get("reference_weights"))
-        if resume is not None:
-            if t.salf_sampler is not None:
-                t.salf_sampler.set_epoch(int(resume["epoch"]))  # the sampler counts epochs itself
-            if args.ignore_data_skip:
-                t.salf_strategy.load_state_dict(resume["strategy"])
+        def __init__(self, trainer: SalfTrainerMixin) -> None:
+            self.trainer = trainer
 
-    def on_save(self, args, state, control, **kwargs):
-        """The engine's state into the Trainer's checkpoint folder (``checkpoint-N/salf_state.json``)."""
-        t = self.trainer
-        if t.salf_driver is None or not state.is_world_process_zero:
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            reference = getattr(t.salf_strategy, "reference_weights", lambda: None)()
-            save_trainer_state(folder, t.salf_state(state.global_step),
-                               {"reference_weights": reference} if reference is not None else None)
+        def on_train_begin(self, args, state, control, **kwargs):
+            t = self.trainer
+            if t.salf_driver is None:
+                raise ConfigError("SalfCallback needs SalfTrainerMixin's train dataloader")
+            resume = getattr(t, "_salf_resume", None)
+            if resume is not None:
+                t.salf_driver.load_state_dict(resume["driver"])  # the profile of the interrupted run
+            else:
+                t.salf_driver.profile()
+            t.salf_driver.begin(t.salf_wrapped.parts.layers)
+            if resume is not None and hasattr(t.salf_strategy, "set_reference_weights"):
+                # ADT's warm-up reference: on_train_start saw the checkpoint's weights, not the initial ones
+                t.salf_strategy.set_reference_weights(resume["tensors"].get("reference_weights"))
+            if resume is not None:
+                if t.salf_sampler is not None:
+                    t.salf_sampler.set_epoch(int(resume["epoch"]))  # the sampler counts epochs itself
+                if args.ignore_data_skip:
+                    t.salf_strategy.load_state_dict(resume["strategy"])
 
-    def on_step_end(self, args, state, control, **kwargs):
-        t = self.trainer
-        if t.salf_driver is not None:
-            seen, t.salf_seen = t.salf_seen, []
-            t.salf_driver.observe(seen)
-            t.salf_driver.after_step(state.global_step, t.salf_wrapped.parts.layers)
+        def on_save(self, args, state, control, **kwargs):
+            """The engine's state into the Trainer's checkpoint folder (``checkpoint-N/salf_state.json``)."""
+            t = self.trainer
+            if t.salf_driver is None or not state.is_world_process_zero:
+                return
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                reference = getattr(t.salf_strategy, "reference_weights", lambda: None)()
+                save_trainer_state(folder, t.salf_state(state.global_step),
+                                   {"reference_weights": reference} if reference is not None else None)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.salf_wrapped.restore()
+        def on_step_end(self, args, state, control, **kwargs):
+            t = self.trainer
+            if t.salf_driver is not None:
+                seen, t.salf_seen = t.salf_seen, []
+                t.salf_driver.observe(seen)
+                t.salf_driver.after_step(state.global_step, t.salf_wrapped.parts.layers)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.trainer.salf_wrapped.restore()
+
+    class SalfTrainer(SalfTrainerMixin, Trainer):
+        """``transformers.Trainer`` with SALF step plans (:class:`SalfTrainerMixin` lists the extra
+        arguments)."""
+
+    for cls in (SalfTrainer, SalfCallback):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return SalfTrainer, SalfCallback
 
 
-class SalfTrainer(SalfTrainerMixin, Trainer):
-    """``transformers.Trainer`` with SALF step plans (:class:`SalfTrainerMixin` lists the extra arguments)."""
+def __getattr__(name: str) -> Any:
+    """``SalfTrainer`` and ``SalfCallback``, made on first use (see :func:`_trainer_classes`)."""
+    if name in ("SalfTrainer", "SalfCallback"):
+        return dict(zip(("SalfTrainer", "SalfCallback"), _trainer_classes(), strict=True))[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from salf_engine.errors import CheckpointError, ConfigError
+from salf_engine.runtime.atomic import atomic_save, atomic_write, fsync_dir, fsync_file
 
 __all__ = [
     "CHECKPOINTS",
@@ -113,25 +114,6 @@ def _py_state_from_lists(s: list) -> tuple:
 # ----------------------------------------------------------------------------- writing
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -162,17 +144,17 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], meta:
         (tmp / _META).write_text(json.dumps({"step": step, **meta}) + "\n")
         files = {}
         for name in (_STATE, _META):
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
             files[name] = {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size}
         (tmp / _MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
-        _fsync_file(tmp / _MANIFEST)
-        _fsync_dir(tmp)
+        fsync_file(tmp / _MANIFEST)
+        fsync_dir(tmp)
         if final.exists():  # a stale or bad checkpoint of the same step: move it away first
             old = root / f".old-{step_dir_name(step)}-{os.getpid()}"
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc}") from None
@@ -194,12 +176,8 @@ def save_trainer_state(folder: str | Path, state: dict[str, Any], tensors: dict[
     folder = Path(folder)
     try:
         if tensors:
-            tmp = folder / f".{TRAINER_TENSORS}.tmp{os.getpid()}"
-            torch.save(tensors, tmp)
-            os.replace(tmp, folder / TRAINER_TENSORS)
-        tmp = folder / f".{TRAINER_STATE}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(state) + "\n")
-        os.replace(tmp, folder / TRAINER_STATE)
+            atomic_save(folder / TRAINER_TENSORS, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(folder / TRAINER_STATE, json.dumps(state) + "\n")
     except OSError as exc:
         what = exc.strerror or exc
         raise CheckpointError(f"could not write the SALF state into {folder}: {what}") from None
@@ -208,8 +186,6 @@ def save_trainer_state(folder: str | Path, state: dict[str, Any], tensors: dict[
 def load_trainer_state(folder: str | Path) -> dict[str, Any]:
     """:func:`save_trainer_state`'s state, with its tensors under ``"tensors"`` ({} when none were saved);
     ConfigError when the folder holds none (a checkpoint not saved by a SalfTrainer)."""
-    from salf_engine.errors import ConfigError
-
     folder = Path(folder)
     if not (folder / TRAINER_STATE).is_file():
         raise ConfigError(f"cannot resume SALF from {folder}: it holds no {TRAINER_STATE} (was it saved by a "

@@ -5,7 +5,8 @@ freezing) goes through the same loop, built from the pieces every loop needs:
 :func:`~salf_engine.training.wrapping.wrap_model` (LoRA or full weights, what may
 train), :class:`~salf_engine.schedule.driver.StrategyDriver` (profile, plans,
 observations), :func:`~salf_engine.training.step.micro_batch_step` (one micro-batch at
-its runner cut), :func:`~salf_engine.training.step.optimizer_step` and
+its runner cut), :func:`~salf_engine.training.step.finish_step` (clipping, the
+non-finite policy, the update), :class:`~salf_engine.training.state.TrainState` and
 :class:`~salf_engine.training.rundir.RunDirectory`. Per step the strategy yields a
 `StepPlan`; each micro-batch sets ``requires_grad`` from its mask, runs
 `TruncatedRunner` at its depth and backpropagates its share of the step's
@@ -31,25 +32,28 @@ from tqdm.auto import tqdm
 
 from salf_engine.config import TrainConfig
 from salf_engine.deviation.semantics import semantic_bases
-from salf_engine.errors import CheckpointError, TrainingError
+from salf_engine.errors import CheckpointError
+from salf_engine.evaluation.plots import eof_histogram_png
 from salf_engine.evaluation.task import SavedReport, evaluate_task, format_scores
-from salf_engine.integrations.distributed import (
+from salf_engine.runner.truncated import TruncatedRunner
+from salf_engine.runtime.distributed import (
     init_from_env,
     rank_and_world,
 )
-from salf_engine.runner.truncated import TruncatedRunner
-from salf_engine.schedule.driver import ResumePoint, StrategyDriver
+from salf_engine.schedule.driver import StrategyDriver
 from salf_engine.training import checkpoint as ckpt_mod
 from salf_engine.training.cost import CostMeter
 from salf_engine.training.inputs import Prepared, _refuse_to_clear_checkpoints, check_resume, prepare
 from salf_engine.training.rundir import RunDirectory
+from salf_engine.training.state import TrainState
 from salf_engine.training.step import (
     StepRunner,
     build_optimizer,
     build_scheduler,
+    finish_step,
     optimizer_step,
 )
-from salf_engine.training.wrapping import wrap_model
+from salf_engine.training.wrapping import TrainableModel, wrap_model
 
 __all__ = ["train"]
 
@@ -65,10 +69,11 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
 
 
 class TrainingRecipe:
-    """The engine's loop, one method per phase: :meth:`setup` (inputs, guards, run directory), :meth:`build`
-    (zero-shot evaluation, model, strategy, optimizer, restore), :meth:`epoch` (its plans, replayed after a
-    resume), :meth:`step` (one optimizer step and the non-finite policy), :meth:`checkpoint` and
-    :meth:`report` (final evaluation, artefacts, summary). :meth:`run` calls them in that order."""
+    """The engine's loop. :meth:`run` reads top to bottom: setup (:meth:`setup`, :meth:`open_run`), the
+    builders (:meth:`make_model`, :meth:`make_strategy`, :meth:`make_optimizer`, :meth:`make_step`; each
+    returns what it builds), :meth:`restore` (the one home of resuming), the epochs (:meth:`train_epochs`,
+    :meth:`epoch`, :meth:`step`, :meth:`checkpoint`) and the report (:meth:`evaluate_final`,
+    :meth:`report`). Where the run stands is one :class:`~salf_engine.training.state.TrainState`."""
 
     def __init__(self, config: TrainConfig, *, progress: bool = True,
                  log: Callable[[str], None] | None = print, prepared: Prepared | None = None,
@@ -77,38 +82,35 @@ class TrainingRecipe:
         self.say = log or (lambda _msg: None)
         self._given = prepared
         self.t_start = time.perf_counter()
-        self.step_count = self.epoch_count = self.skipped = 0
-        self.losses: list[float] = []
+        self.state = TrainState()
         self.last_checkpoint: Path | None = None
-        self.resume_point: ResumePoint | None = None
-        # training wall time: this process's (from t_train, moved past each checkpoint write) plus what the
-        # checkpoint resumed from had counted; the time of a step lost to the interruption is not in it
-        self.t_train = 0.0
-        self.train_seconds_before = self.checkpoint_seconds = 0.0
-        self.resumed_at: list[int] = []
-        self.zero_shot = None
+        # the training clock: state.train_seconds counts up to t_lap (moved past each checkpoint write); the
+        # checkpoint resumed from brings the earlier processes' time, a step lost to the interruption is lost
+        self.t_lap = 0.0
+        self.resume_rng: dict[str, Any] | None = None  # the RNG states at the checkpoint resumed from
 
     def run(self) -> dict[str, Any]:
-        """Every phase; the summary."""
+        """Setup, the epochs, the report; returns the summary."""
         self.setup()
+        ckpt = self.open_run()
         try:
-            self.build()
-            self.t_train = time.perf_counter()
-            self.bar = tqdm(total=self.total_steps, initial=self.step_count, desc="train", unit="step",
-                            disable=not self.progress)
-            try:
-                while self.step_count < self.total_steps and self.epoch():
-                    pass
-            finally:
-                self.bar.close()
-            return self.report(self._train_seconds())
+            self.zero_shot = self.zero_shot_eval(ckpt)
+            self.wrapped, self.runner = self.make_model()
+            self.driver = self.make_strategy(ckpt)
+            self.optimizer, self.scheduler = self.make_optimizer()
+            self.check_disk_space(resuming=ckpt is not None)
+            self.cost = CostMeter(self.runner.num_layers, lora=self.wrapped.lora)
+            self.run_step = self.make_step()
+            if ckpt is not None:
+                self.restore(ckpt)
+            self.train_epochs()
+            return self.report(self.evaluate_final())
         finally:
             self.run_dir.close()
 
-    # ---- phases
+    # ---- setup
     def setup(self) -> None:
-        """Inputs checked and loaded, the label bases, torch.distributed, the checkpoint guards and the run
-        directory (rank 0 writes it)."""
+        """Inputs checked and loaded, the label token ids and bases, torch.distributed, the step sizes."""
         config = self.config
         if self.resume and self._given is not None:
             check_resume(config)
@@ -119,215 +121,237 @@ class TrainingRecipe:
         torch.manual_seed(config.seed)
         self.bases = None if self.generative else semantic_bases(p.model, p.verbalizer.label_token_ids).to(
             p.device)
+        self.pad_id = p.tokenizer.pad_token_id if p.tokenizer.pad_token_id is not None else 0
         init_from_env(p.device)
-        if rank_and_world()[0] != 0:  # rank 0 reports and writes the run
+        self.rank, self.world = rank_and_world()
+        if self.rank != 0:  # rank 0 reports and writes the run
             self.say = lambda _msg: None
-        self.ckpt = None
-        if not self.resume and p.out_dir is not None and rank_and_world()[0] == 0:
-            _refuse_to_clear_checkpoints(p.out_dir, config)
-        if self.resume and p.out_dir is not None:
-            self.ckpt = _open_checkpoint(p.out_dir, self.say)
-        metrics_bytes = self.ckpt.meta["metrics_bytes"] if self.ckpt is not None else None
-        self.run_dir = RunDirectory(p.out_dir if rank_and_world()[0] == 0 else None,
-                                    resume_metrics_bytes=metrics_bytes)
-
-    def build(self) -> None:
-        """config.json, the data counts, the zero-shot evaluation (or the checkpoint's), the trainable model,
-        runner, driver (profiled or restored), optimizer and schedule; a checkpoint's state restored."""
-        config, p, run = self.config, self.p, self.run_dir
-        run.write_json("config.json", config.to_dict())
-        self._log_data()
-        self._zero_shot()
-        self.wrapped = wrap_model(p.model, p.strategy, config)
-        self.runner = TruncatedRunner(self.wrapped.model, bases=self.bases, lens=config.lens,
-                                      metric=config.metric, deviation_impl=config.deviation_impl)
-        self.lr = config.resolved_lr(self.wrapped.lora)
-        pad_id = p.tokenizer.pad_token_id if p.tokenizer.pad_token_id is not None else 0
-        self.driver = StrategyDriver(p.strategy, self.runner, p.train_split, config, pad_id=pad_id)
-        if self.ckpt is not None:
-            self.driver.load_state_dict(self.ckpt.meta["driver"])  # the profile of the interrupted run
-        else:
-            self.driver.profile(progress=self.progress, say=self.say)
-        self.driver.begin(self.wrapped.parts.layers)
-        rank, world = rank_and_world()
-        self.step_size = config.batch_size * config.grad_accum * world
-        self.micro_size = world * config.batch_size
+        self.step_size = config.batch_size * config.grad_accum * self.world
+        self.micro_size = self.world * config.batch_size
         self.total_steps = config.max_steps or math.ceil(len(p.train_split) / self.step_size) * config.epochs
-        self.optimizer = build_optimizer(self.wrapped.trainable, config, self.lr)
-        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
-        if run.path is not None and self.ckpt is None:
-            # the final model and (with save_every) two checkpoints must fit: fail before training
+
+    def open_run(self) -> ckpt_mod.Checkpoint | None:
+        """The checkpoint guards, the checkpoint resumed from (None: a fresh start), the run directory (rank
+        0 writes it) with config.json, and what the data holds."""
+        config, p = self.config, self.p
+        if not self.resume and p.out_dir is not None and self.rank == 0:
+            _refuse_to_clear_checkpoints(p.out_dir, config)
+        ckpt = _open_checkpoint(p.out_dir, self.say) if self.resume and p.out_dir is not None else None
+        self.run_dir = RunDirectory(p.out_dir if self.rank == 0 else None,
+                                    resume_metrics_bytes=ckpt.meta["metrics_bytes"] if ckpt else None)
+        self.run_dir.write_json("config.json", config.to_dict())
+        self._log_data()
+        return ckpt
+
+    def zero_shot_eval(self, ckpt) -> Any:
+        """The zero-shot evaluation (None when not asked for); a resumed run's comes from its checkpoint."""
+        p, run = self.p, self.run_dir
+        if ckpt is not None:
+            return SavedReport.of(ckpt.meta.get("zero_shot"))
+        if not self.config.zero_shot_eval:
+            return None
+        self.say(f"zero-shot evaluation on {len(p.eval_split)} {_eval_name(self.config)} examples ...")
+        zero_shot = evaluate_task(p.model, p, progress=self.progress, desc="zero-shot eval")
+        run.log({"event": "eval", "phase": "zero-shot", **zero_shot.summary(),
+                 "seconds": round(zero_shot.seconds, 3)})
+        run.write_json("zero_shot_eval.json", zero_shot.to_dict())
+        self.say(format_scores("zero-shot", zero_shot.summary()))
+        return zero_shot
+
+    # ---- builders
+    def make_model(self) -> tuple[TrainableModel, TruncatedRunner]:
+        """The trainable model (LoRA or full weights, as the strategy says) and the truncated runner over
+        it."""
+        config = self.config
+        wrapped = wrap_model(self.p.model, self.p.strategy, config)
+        runner = TruncatedRunner(wrapped.model, bases=self.bases, lens=config.lens, metric=config.metric,
+                                 deviation_impl=config.deviation_impl)
+        return wrapped, runner
+
+    def make_strategy(self, ckpt) -> StrategyDriver:
+        """The strategy's driver, begun on the model: profiled, or with the interrupted run's profile."""
+        p = self.p
+        driver = StrategyDriver(p.strategy, self.runner, p.train_split, self.config, pad_id=self.pad_id)
+        if ckpt is not None:
+            driver.load_state_dict(ckpt.meta["driver"])
+        else:
+            driver.profile(progress=self.progress, say=self.say)
+        driver.begin(self.wrapped.parts.layers)
+        return driver
+
+    def make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """AdamW over the trainable parameters and its learning-rate schedule over the run's steps."""
+        optimizer = build_optimizer(self.wrapped.trainable, self.config, self.lr)
+        return optimizer, build_scheduler(optimizer, self.config, self.total_steps)
+
+    def make_step(self) -> StepRunner:
+        """Forward and backward of a step plan (this rank's share), counted in the cost meter."""
+        return StepRunner(self.runner, self.wrapped, self.p.train_split, self.driver, self.cost, self.config,
+                          self.label_token_ids, self.pad_id, self.rank, self.world)
+
+    @property
+    def lr(self) -> float:
+        """The peak learning rate (the config's, or its default for LoRA or full weights)."""
+        return self.config.resolved_lr(self.wrapped.lora)
+
+    def check_disk_space(self, *, resuming: bool) -> None:
+        """Fail before training when the final model and (with save_every) two checkpoints cannot fit."""
+        run = self.run_dir
+        if run.path is not None and not resuming:
             trainable_bytes = sum(q.numel() * q.element_size() for q in self.wrapped.trainable)
-            ckpt_mod.check_free_space(run.path, trainable_bytes * (1 + (6 if config.save_every else 0)),
+            ckpt_mod.check_free_space(run.path, trainable_bytes * (1 + (6 if self.config.save_every else 0)),
                                       "the model and its checkpoints")
-        self.param_names = {id(q): n for n, q in self.wrapped.model.named_parameters()}
-        self.say(f"training: strategy {getattr(p.strategy, 'label', config.strategy)}, "
-                 f"{self.runner.num_layers} layers, {len(p.train_split)} examples, {self.total_steps} "
+
+    def restore(self, ckpt: ckpt_mod.Checkpoint) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, label bases, cost meter and the run's
+        state (the epoch it was taken in is replayed up to it, see :meth:`epoch`)."""
+        ckpt_mod.restore_weights(self.wrapped, _param_names(self.wrapped), ckpt)
+        self.optimizer.load_state_dict(ckpt.state["optimizer"])
+        self.scheduler.load_state_dict(ckpt.state["scheduler"])
+        if ckpt.state.get("bases") is not None:
+            self.runner.set_bases(ckpt.state["bases"].to(self.p.device))
+        self.cost.load_state_dict(ckpt.meta["cost"])
+        if "train_seconds" not in ckpt.meta:
+            self.say(f"warning: checkpoint {ckpt.path.name} predates wall-time accounting: train_seconds "
+                     "will count only the resumed part of the run")
+        self.state.load_state_dict({**ckpt.meta, "step": ckpt.step}, total_steps=self.total_steps)
+        self.resume_rng = ckpt.state["rng"]
+        self.last_checkpoint = ckpt.path
+
+    # ---- the epochs
+    def train_epochs(self) -> None:
+        """Epoch after epoch until the run's steps are done, on the training clock."""
+        config, w = self.config, self.wrapped
+        self.say(f"training: strategy {getattr(self.p.strategy, 'label', config.strategy)}, "
+                 f"{self.runner.num_layers} layers, {len(self.p.train_split)} examples, {self.total_steps} "
                  f"steps of {self.step_size} examples (micro-batches <= {config.batch_size}"
-                 f"{f' per rank, {world} ranks' if world > 1 else ''}), lr {self.lr:g}"
-                 + (" (LoRA)" if self.wrapped.lora else ""))
-        self.wrapped.model.train()
-        self.cost = CostMeter(self.runner.num_layers, lora=self.wrapped.lora)
-        self.run_step = StepRunner(self.runner, self.wrapped, p.train_split, self.driver, self.cost, config,
-                                    self.label_token_ids, pad_id, rank, world)
-        if self.ckpt is not None:
-            self._restore()
+                 f"{f' per rank, {self.world} ranks' if self.world > 1 else ''}), lr {self.lr:g}"
+                 + (" (LoRA)" if w.lora else ""))
+        w.model.train()
+        self.t_lap = time.perf_counter()
+        with tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
+                  disable=not self.progress) as self.bar:
+            while self.state.step < self.total_steps and self.epoch():
+                pass
+        self._lap()
 
     def epoch(self) -> bool:
         """One epoch's plans, each an optimizer step (a resumed epoch replays its plans up to the checkpoint);
         False when training is over."""
-        config, strategy = self.config, self.p.strategy
-        resume, self.resume_point = self.resume_point, None
-        if config.train_head and self.epoch_count > 0 and strategy.needs_profile and resume is None:
+        config, state = self.config, self.state
+        resume = state.take_resume()
+        if config.train_head and state.epoch > 0 and self.p.strategy.needs_profile and resume is None:
             # the head moved: recompute the label bases the deviations are measured against
             labels = self.p.verbalizer.label_token_ids
             self.runner.set_bases(semantic_bases(self.wrapped.model, labels).to(self.p.device))
-        self.epoch_start, replayed, plans = self.driver.resumable_epoch(
-            self.epoch_count, self.step_size, self.micro_size, resume)
-        self.plans_done = len(replayed)
+        start, replayed, plans = self.driver.resumable_epoch(state.epoch, self.step_size, self.micro_size,
+                                                             resume)
+        state.start_epoch(start, len(replayed))
         if resume is not None:
-            ckpt_mod.set_rng_state(self.ckpt.state["rng"])
+            ckpt_mod.set_rng_state(self.resume_rng)
         for plan in plans:  # lazily: a strategy may change its masks after a step (ADT)
             self.step(plan)
-            if config.save_every and self.step_count % config.save_every == 0 and self.run_dir.path:
+            if config.save_every and state.step % config.save_every == 0 and self.run_dir.path:
                 self.checkpoint()
-            if self.step_count >= self.total_steps:
+            if state.step >= self.total_steps:
                 break
-        self.epoch_count += 1
-        return config.max_steps is not None or self.epoch_count < config.epochs
+        state.epoch += 1
+        return config.max_steps is not None or state.epoch < config.epochs
 
     def step(self, plan) -> None:
-        """Forward and backward of the plan's micro-batches, then the update; a non-finite loss or gradient
-        stops the run or skips the step, as ``on_nonfinite`` says."""
+        """Forward and backward of the plan's micro-batches, then :func:`finish_step` (clipping, the
+        non-finite policy, the update); one metrics line."""
+        config, state = self.config, self.state
         t_step = time.perf_counter()
-        step_loss, grad_norm, seen = self.run_step(plan)
-        shown = plan.depths[0] if len(plan.micro_batches) == 1 else plan.depths
-        self.plans_done += 1
-        row = {"depth": shown, "batch_size": len(plan)}
-        if math.isfinite(step_loss) and math.isfinite(grad_norm):
-            step_lr = optimizer_step(self.optimizer, self.scheduler, self.wrapped.trainable, None)  # clipped
-            self.step_count += 1
+        step_loss, seen = self.run_step(plan)
+        where = (f"at step {state.step + 1} (epoch {state.epoch}, depths {plan.depths}, examples "
+                 f"{_shorten(plan.indices)})")
+        kept = (f"the run directory keeps the last good checkpoint {self.last_checkpoint}"
+                if self.last_checkpoint is not None else "no checkpoint was written")
+        end = finish_step(self.optimizer, self.scheduler, self.wrapped.trainable, loss=step_loss,
+                          max_grad_norm=config.max_grad_norm, on_nonfinite=config.on_nonfinite,
+                          where=where, kept=kept, update=optimizer_step)
+        state.record(None if end.skipped else step_loss)
+        if end.skipped is None:
             self.driver.observe(seen)  # the step's eofs in one pass (one host sync), after the update
-            self.driver.after_step(self.step_count, self.wrapped.parts.layers)
-            self.losses.append(step_loss)
-            row["loss"] = step_loss
-        else:
-            what = "loss" if not math.isfinite(step_loss) else "gradient norm"
-            where = (f"non-finite {what} at step {self.step_count + 1} (epoch {self.epoch_count}, "
-                     f"depths {plan.depths}, examples {_shorten(plan.indices)})")
-            if self.config.on_nonfinite == "stop":
-                kept = (f"the run directory keeps the last good checkpoint {self.last_checkpoint}"
-                        if self.last_checkpoint is not None else "no checkpoint was written")
-                raise TrainingError(f"{where}; training stopped, {kept}; "
-                                    "on_nonfinite='skip' (--on-nonfinite skip) skips such steps")
-            # skip: no update; the step still counts, so the schedule and run length stay
-            step_lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.step_count += 1
-            self.skipped += 1
-            self.driver.after_step(self.step_count, self.wrapped.parts.layers)
-            self.say(f"warning: {where}; step skipped ({self.skipped} so far)")
-            row.update(loss=None, skipped=what)
-        self.run_dir.log({"step": self.step_count, "epoch": self.epoch_count, "loss": row.pop("loss"),
-                          "lr": step_lr, **row, "seconds": round(time.perf_counter() - t_step, 4)})
+        self.driver.after_step(state.step, self.wrapped.parts.layers)
+        shown = plan.depths[0] if len(plan.micro_batches) == 1 else plan.depths
+        row: dict[str, Any] = {"step": state.step, "epoch": state.epoch,
+                               "loss": None if end.skipped else step_loss, "lr": end.lr, "depth": shown,
+                               "batch_size": len(plan)}
+        if end.skipped:
+            self.say(f"warning: non-finite {end.skipped} {where}; step skipped ({state.skipped} so far)")
+            row["skipped"] = end.skipped
+        self.run_dir.log({**row, "seconds": round(time.perf_counter() - t_step, 4)})
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{step_loss:.4f}", depth=shown)
 
     def checkpoint(self) -> None:
-        """The whole training state after this step (checkpoint.py writes it atomically)."""
+        """The whole training state after this step (checkpoint.py writes it atomically); writing it is not
+        training time."""
         w, runner = self.wrapped, self.runner
-        tensors = {"weights": {self.param_names[id(q)]: q.detach().cpu().clone() for q in w.trainable},
+        self._lap()
+        names = _param_names(w)
+        tensors = {"weights": {names[id(q)]: q.detach().cpu().clone() for q in w.trainable},
                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                    "bases": runner.bases.detach().cpu() if runner.bases is not None else None,
                    "rng": ckpt_mod.rng_state()}
-        meta = {"epoch": self.epoch_count, "plans_done": self.plans_done, "skipped_steps": self.skipped,
-                "losses": self.losses, "cost": self.cost.state_dict(), "driver": self.driver.state_dict(),
-                "strategy": self.p.strategy.state_dict(), "epoch_start_strategy": self.epoch_start,
-                "metrics_bytes": self.run_dir.metrics_bytes(), "zero_shot": SavedReport.dump(self.zero_shot),
-                "train_seconds": self._train_seconds(), "checkpoint_seconds": self.checkpoint_seconds,
-                "resumed_at_steps": self.resumed_at}
+        meta = {**self.state.state_dict(), "cost": self.cost.state_dict(), "driver": self.driver.state_dict(),
+                "strategy": self.p.strategy.state_dict(), "metrics_bytes": self.run_dir.metrics_bytes(),
+                "zero_shot": SavedReport.dump(self.zero_shot)}
         t_write = time.perf_counter()
-        self.last_checkpoint = ckpt_mod.save_checkpoint(self.run_dir.path, self.step_count, tensors, meta,
+        self.last_checkpoint = ckpt_mod.save_checkpoint(self.run_dir.path, self.state.step, tensors, meta,
                                                         total_limit=self.config.save_total_limit)
         written = time.perf_counter() - t_write
-        self.t_train += written  # writing checkpoints is not training
-        self.checkpoint_seconds += written
+        self.t_lap += written
+        self.state.checkpoint_seconds += written
 
-    def _train_seconds(self) -> float:
-        """Training wall time so far, over every process of a resumed run, checkpoint writes excepted."""
-        return self.train_seconds_before + time.perf_counter() - self.t_train
+    def _lap(self) -> None:
+        """Count the training time since the last lap into ``state.train_seconds``."""
+        now = time.perf_counter()
+        self.state.train_seconds += now - self.t_lap
+        self.t_lap = now
 
-    def report(self, train_seconds: float) -> dict[str, Any]:
-        """The fine-tuned evaluation, the artefacts and summary.json (last); returns the summary."""
-        config, p, run, w = self.config, self.p, self.run_dir, self.wrapped
+    # ---- the report
+    def evaluate_final(self):
+        """The fine-tuned model's evaluation (every parameter trainable again, eval mode), logged."""
+        config, p, w = self.config, self.p, self.wrapped
         w.restore()
         w.model.eval()
-        self.say(f"evaluating the fine-tuned model on {len(p.eval_split)} {config.eval_split} examples ...")
+        self.say(f"evaluating the fine-tuned model on {len(p.eval_split)} {_eval_name(config)} examples ...")
         final = evaluate_task(w.model, p, progress=self.progress, desc="fine-tuned eval")
-        run.log({"event": "eval", "phase": "fine-tuned", "step": self.step_count, **final.summary(),
-                 "seconds": round(final.seconds, 3)})
+        self.run_dir.log({"event": "eval", "phase": "fine-tuned", "step": self.state.step, **final.summary(),
+                          "seconds": round(final.seconds, 3)})
         self.say(format_scores("fine-tuned", final.summary()))
+        return final
+
+    def report(self, final) -> dict[str, Any]:
+        """The artefacts and summary.json (last); returns the summary."""
+        run = self.run_dir
         if run.path is not None:  # the artefacts; summary.json last
-            _write_artifacts(run, w.model, p.tokenizer, self.zero_shot, final, self.driver, config.metric,
-                             self.runner.num_layers)
-        summary = self._summary(final, train_seconds)
+            _write_artifacts(run, self.wrapped.model, self.p.tokenizer, self.zero_shot, final, self.driver,
+                             self.config.metric, self.runner.num_layers)
+        summary = self._summary(final)
         run.write_json("summary.json", summary)
         return summary
 
     # ---- pieces of the phases
     def _log_data(self) -> None:
         p, config = self.p, self.config
-        if self.generative:
-            tr, ev = p.train_split, p.eval_split
-            self.say(f"data: {len(tr)} training rows ({tr.truncated} cut at {config.max_length} tokens, "
-                     f"{tr.dropped} left out: no room for a response token), {len(ev)} evaluation rows "
-                     f"({ev.truncated} cut, {ev.dropped} left out)")
         rows = getattr(p.task, "row_counts", None)
         if rows:
             self.say("data: " + "; ".join(f"{split} {c['read']} rows read, {c['skipped']} skipped "
                                           "(blank/header)" for split, c in rows.items() if c))
+        if self.generative:  # rows cut or left out at --max-length, counted and named
+            self.say("data: " + p.train_split.describe("training", config.max_length))
+            self.say("data: " + p.eval_split.describe("evaluation", config.max_length))
 
-    def _zero_shot(self) -> None:
-        p, run = self.p, self.run_dir
-        if self.ckpt is not None:
-            self.zero_shot = SavedReport.of(self.ckpt.meta.get("zero_shot"))
-        elif self.config.zero_shot_eval:
-            self.say(f"zero-shot evaluation on {len(p.eval_split)} {self.config.eval_split} examples ...")
-            self.zero_shot = evaluate_task(p.model, p, progress=self.progress, desc="zero-shot eval")
-            run.log({"event": "eval", "phase": "zero-shot", **self.zero_shot.summary(),
-                     "seconds": round(self.zero_shot.seconds, 3)})
-            run.write_json("zero_shot_eval.json", self.zero_shot.to_dict())
-            self.say(format_scores("zero-shot", self.zero_shot.summary()))
-
-    def _restore(self) -> None:
-        ckpt = self.ckpt
-        ckpt_mod.restore_weights(self.wrapped, self.param_names, ckpt)
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
-        self.scheduler.load_state_dict(ckpt.state["scheduler"])
-        if ckpt.state.get("bases") is not None:
-            self.runner.set_bases(ckpt.state["bases"].to(self.p.device))
-        self.cost.load_state_dict(ckpt.meta["cost"])
-        self.losses = list(ckpt.meta["losses"])
-        self.step_count, self.skipped = ckpt.step, int(ckpt.meta["skipped_steps"])
-        self.epoch_count = int(ckpt.meta["epoch"])
-        self.last_checkpoint = ckpt.path
-        if "train_seconds" in ckpt.meta:
-            self.train_seconds_before = float(ckpt.meta["train_seconds"])
-            self.checkpoint_seconds = float(ckpt.meta["checkpoint_seconds"])
-        else:
-            self.say(f"warning: checkpoint {ckpt.path.name} predates wall-time accounting: train_seconds "
-                     "will count only the resumed part of the run")
-        self.resumed_at = [*ckpt.meta.get("resumed_at_steps", []), ckpt.step]
-        if self.step_count >= self.total_steps:  # the last step's checkpoint: its epoch is over
-            self.epoch_count += 1
-        else:
-            self.resume_point = ResumePoint.of(ckpt.meta)
-
-    def _summary(self, final, train_seconds: float) -> dict[str, Any]:
-        config, p, driver, cost, w = self.config, self.p, self.driver, self.cost, self.wrapped
+    def _summary(self, final) -> dict[str, Any]:
+        config, p, driver, cost, w, state = (self.config, self.p, self.driver, self.cost, self.wrapped,
+                                             self.state)
+        train_seconds = state.train_seconds
         profiled = driver.profiled + driver.probe_examples
-        losses = self.losses
+        losses = state.losses
         summary: dict[str, Any] = {
             "model": config.model, "dataset": config.dataset, "strategy": config.strategy,
             "num_train_examples": len(p.train_split), "num_eval_examples": len(p.eval_split),
@@ -340,17 +364,17 @@ class TrainingRecipe:
                                     for split, enc in (("train", p.train_split), ("eval", p.eval_split))}
         zero_shot = self.zero_shot
         summary.update({
-            "finished": True, "num_layers": self.runner.num_layers, "steps": self.step_count,
-            "skipped_steps": self.skipped, "epochs_run": self.epoch_count, "examples_trained": cost.examples,
+            "finished": True, "num_layers": self.runner.num_layers, "steps": state.step,
+            "skipped_steps": state.skipped, "epochs_run": state.epoch, "examples_trained": cost.examples,
             "lr": self.lr, "trainable_parameters": int(sum(q.numel() for q in w.trainable)), "lora": w.lora,
             "head_trained": w.head_trains, "frozen_fraction": cost.frozen_fraction(),
             "profiled_examples": profiled,
             "profile_seconds": round(driver.profile_seconds + driver.probe_seconds, 3),
             "train_seconds": round(train_seconds - driver.probe_seconds, 3),
             "examples_per_second": cost.examples / train_seconds if train_seconds > 0 else None,
-            "checkpoint_seconds": round(self.checkpoint_seconds, 3), "resumed_at_steps": self.resumed_at,
+            "checkpoint_seconds": round(state.checkpoint_seconds, 3), "resumed_at_steps": state.resumed_at,
             "first_loss": losses[0] if losses else None,
-            "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "final_loss": state.final_loss(),
             "loss_history": losses, "cost_saving_ratio": cost.saving(),
             "flops_ratio": cost.flops_ratio(profiled),
             "depth_histogram": cost.depth_histogram(), "eof_histogram": driver.eof_histograms(),
@@ -383,8 +407,6 @@ def _open_checkpoint(out_dir: Path, say: Callable[[str], None]):
 def _write_artifacts(run: RunDirectory, model, tokenizer, zero_shot, final, driver: StrategyDriver,
                      metric: str, num_layers: int) -> None:
     """The fine-tuned model, eval.json / eval.txt and (with a profile) eof_hist.png in the run directory."""
-    from salf_engine.experiments.plots import eof_histogram_png
-
     assert run.path is not None
     model.save_pretrained(run.path / "model")
     tokenizer.save_pretrained(run.path / "model")
@@ -396,6 +418,17 @@ def _write_artifacts(run: RunDirectory, model, tokenizer, zero_shot, final, driv
         profiled = [e for e in driver.eofs if e is not None]
         eof_histogram_png(profiled, num_layers, run.path / "eof_hist.png",
                           title=f"eof-layers of {len(profiled)} training examples ({metric})")
+
+
+def _eval_name(config: TrainConfig) -> str:
+    """What the evaluation examples are, for the log: a split's name, or held out of the training split."""
+    return "held-out" if config.eval_fraction is not None or config.eval_split == "holdout" else \
+        config.eval_split
+
+
+def _param_names(wrapped) -> dict[int, str]:
+    """Parameter id -> name of the model's parameters (a checkpoint's weights are saved by name)."""
+    return {id(q): n for n, q in wrapped.model.named_parameters()}
 
 
 def _shorten(indices: list[int], limit: int = 32) -> str:

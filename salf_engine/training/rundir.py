@@ -8,18 +8,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUN_FILES", "RunDirectory", "atomic_write", "is_run_dir", "read_run_config", "load_for_eval"]
+from salf_engine.config import TrainConfig
+from salf_engine.errors import ModelError
+from salf_engine.models.loading import load_model
+from salf_engine.runtime.atomic import atomic_write
+from salf_engine.training.wrapping import import_peft
+
+__all__ = ["RUN_FILES", "RunDirectory", "is_run_dir", "read_run_config", "load_for_eval"]
 
 # Everything a run directory may hold; overwrite clears exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "model", "eval.json", "eval.txt", "eof_hist.png", "summary.json",
              "zero_shot_eval.json", "checkpoints")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunDirectory:
@@ -92,16 +91,11 @@ def is_run_dir(path: str | Path) -> bool:
 
 def read_run_config(path: str | Path):
     """The TrainConfig a run directory was made with."""
-    from salf_engine.config import TrainConfig
-
     return TrainConfig.from_json(Path(path) / "config.json")
 
 
 def load_for_eval(model_or_run: str | Path, *, device: str = "cpu"):
     """(model, tokenizer, run config or None): a model name/path, or a run dir's saved model / adapter."""
-    from salf_engine.errors import ModelError
-    from salf_engine.models.loading import load_model
-
     if not is_run_dir(model_or_run):
         model, tok = load_model(str(model_or_run), device=device)
         return model, tok, None
@@ -109,8 +103,6 @@ def load_for_eval(model_or_run: str | Path, *, device: str = "cpu"):
     cfg = read_run_config(run)
     saved = run / "model"
     if (saved / "adapter_config.json").is_file():
-        from salf_engine.training.wrapping import import_peft
-
         PeftModel = import_peft(load_in_4bit=cfg.load_in_4bit).PeftModel  # noqa: N806
         base, tok = load_model(cfg.model, device=device, load_in_4bit=cfg.load_in_4bit)
         try:

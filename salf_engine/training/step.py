@@ -1,16 +1,21 @@
-"""One training step: the loss, one micro-batch at a runner cut, the optimizer step and its schedule.
+"""One training step, for every loop: one micro-batch at its cut, then the end of the step.
 
-Every loop (the engine's own, an HF Trainer, an accelerate or torchrun loop) trains through
-:func:`micro_batch_step` (forward at the micro-batch's cut, loss weighted by its share of the step,
-backward) and :func:`optimizer_step` (clip, step, schedule, zero).
+Every loop (the engine's own, :class:`~salf_engine.integrations.hf.SalfTrainerMixin` inside an HF Trainer,
+examples/accelerate_loop.py) trains each micro-batch through :func:`micro_batch_step` (trainable flags from
+its cut, the forward at its rows' cuts through the runner or the patched HF model, the loss weighted by its
+share of the step, backward, what the strategy observes) and ends each step with :func:`finish_step`
+(clipping, the non-finite policy, :func:`optimizer_step`: step, schedule, zero). The forwards differ only
+where the loops do: :func:`runner_forward` and :func:`response_forward` (the engine's classification and
+prompt/response losses) and :func:`patched_forward` (a patched HF model and its own loss).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,32 +23,34 @@ import torch.nn.functional as F
 from salf_engine.config import TrainConfig
 from salf_engine.data import collate
 from salf_engine.data.responses import collate_responses
-from salf_engine.errors import ConfigError
-from salf_engine.integrations.distributed import all_reduce_grads, all_reduce_sum
+from salf_engine.errors import ConfigError, TrainingError
+from salf_engine.runner.response_loss import response_loss
+from salf_engine.runtime.device import autocast_context
+from salf_engine.runtime.distributed import all_reduce_grads, all_reduce_sum
 from salf_engine.schedule.driver import Observation, StrategyDriver
+from salf_engine.schedule.plans import MicroBatch
 from salf_engine.schedule.sampling import rank_slice
 from salf_engine.training.cost import CostMeter
 
 __all__ = [
+    "Forward",
+    "MicroBatchLoss",
+    "StepEnd",
     "StepOutput",
     "StepRunner",
-    "autocast_context",
     "build_optimizer",
     "build_scheduler",
     "clip_or_measure",
     "compute_loss",
+    "finish_step",
     "lr_factor",
     "micro_batch_step",
+    "next_token_row_losses",
     "optimizer_step",
-    "response_micro_batch_step",
+    "patched_forward",
+    "response_forward",
+    "runner_forward",
 ]
-
-
-def autocast_context(dtype: str, device: torch.device):
-    """bf16 autocast on the device for dtype 'bf16'; nothing for float32."""
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def build_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig,
@@ -100,61 +107,119 @@ def compute_loss(out, labels: torch.Tensor, label_token_ids: torch.Tensor, bases
     raise ConfigError(f"unknown loss {loss!r}")
 
 
-@dataclass
-class StepOutput:
-    """What one micro-batch step leaves (detached): its mean loss, each row's loss and its deviations (when
-    asked)."""
+class MicroBatchLoss(NamedTuple):
+    """What a loop's forward gives :func:`micro_batch_step`: the loss to weight and backpropagate, each
+    row's loss (detached; None when not computed) and the rows' deviations (None when not asked for)."""
 
     loss: torch.Tensor
-    row_losses: torch.Tensor
+    row_losses: torch.Tensor | None
     deviations: torch.Tensor | None
 
 
-def micro_batch_step(runner, model, batch: dict[str, Any], depth: int | Sequence[int],
-                     trainable: Sequence[bool], *, weight: float, label_token_ids: torch.Tensor,
-                     bases: torch.Tensor | None, config: TrainConfig,
-                     want_deviations: bool = False) -> StepOutput:
-    """Forward a collated micro-batch at cut ``depth`` (one int, or one per row: ``MicroBatch.runner_depth``)
-    with the plan's ``trainable`` mask, backward its loss times ``weight`` (its share of the step's
-    examples); gradients accumulate in the parameters.
+#: A loop's forward at the cut: ``forward(batch, depth, train_embeddings) -> MicroBatchLoss``, where
+#: ``depth`` is ``MicroBatch.runner_depth`` and ``train_embeddings`` what ``set_trainable`` returned.
+Forward = Callable[[dict[str, Any], "int | list[int]", bool], MicroBatchLoss]
 
-    ``model`` is the :class:`~salf_engine.training.wrapping.TrainableModel` whose ``requires_grad`` flags
-    follow the
-    mask from the lowest cut up; ``batch`` holds input_ids, attention_mask, last_index and labels ([B])
-    tensors; ``bases`` are the label bases of the semantic losses.
-    """
+
+def runner_forward(runner, *, label_token_ids: torch.Tensor, config: TrainConfig,
+                   want_deviations: bool = False) -> Forward:
+    """The engine's classification forward: the truncated runner at the cut (autocast as ``config.dtype``
+    says), then :func:`compute_loss` against the runner's current label bases; the loss is the rows' mean.
+    ``batch`` holds input_ids, attention_mask, last_index and labels ([B] class indices)."""
     device = label_token_ids.device
-    labels = batch["labels"].to(device)
-    rows = [depth] if isinstance(depth, int) else list(depth)
-    train_embed = model.set_trainable(min(rows), trainable, rows)
-    with autocast_context(config.dtype, device):
-        out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth,
-                     last_index=batch["last_index"].to(device), labels=labels if want_deviations else None,
-                     gradient_checkpointing=config.gradient_checkpointing, train_embeddings=train_embed)
-    rows_loss = compute_loss(out, labels, label_token_ids, bases, config.loss, config.semantic_temperature)
-    loss = rows_loss.mean()
-    (loss * weight).backward()
-    return StepOutput(loss=loss.detach(), row_losses=rows_loss.detach(), deviations=out.deviations)
+
+    def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
+        labels = batch["labels"].to(device)
+        with autocast_context(config.dtype, device):
+            out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth,
+                         last_index=batch["last_index"].to(device),
+                         labels=labels if want_deviations else None,
+                         gradient_checkpointing=config.gradient_checkpointing,
+                         train_embeddings=train_embeddings)
+        rows = compute_loss(out, labels, label_token_ids, runner.bases, config.loss,
+                            config.semantic_temperature)
+        return MicroBatchLoss(rows.mean(), rows.detach(), out.deviations)
+
+    return forward
 
 
-def response_micro_batch_step(runner, model, batch: dict[str, Any], depth: int | Sequence[int],
-                              trainable: Sequence[bool], *, weight: float, config: TrainConfig
-                              ) -> StepOutput:
-    """:func:`micro_batch_step` for a prompt/response batch (:func:`~salf_engine.data.responses.
-    collate_responses`): the response-only loss (:func:`~salf_engine.training.sft.response_loss`), its token
-    sum
-    times ``weight`` (1 / the step's supervised tokens) backward. ``loss`` is the token sum, ``row_losses``
-    each row's mean."""
-    from salf_engine.training.sft import response_loss
+def response_forward(runner, *, config: TrainConfig, device: torch.device) -> Forward:
+    """The engine's prompt/response forward (:func:`~salf_engine.data.responses.collate_responses` batches):
+    the response-only loss (:func:`~salf_engine.runner.response_loss.response_loss`); the loss is its token
+    sum, the row losses each row's mean."""
 
-    rows = [depth] if isinstance(depth, int) else list(depth)
-    train_embed = model.set_trainable(min(rows), trainable, rows)
-    device = next(model.model.parameters()).device
-    with autocast_context(config.dtype, device):
-        out = response_loss(runner, batch, depth, gradient_checkpointing=config.gradient_checkpointing,
-                            train_embeddings=train_embed)
-    (out.total * weight).backward()
-    return StepOutput(loss=out.total.detach(), row_losses=out.rows, deviations=None)
+    def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
+        with autocast_context(config.dtype, device):
+            out = response_loss(runner, batch, depth, gradient_checkpointing=config.gradient_checkpointing,
+                                train_embeddings=train_embeddings)
+        return MicroBatchLoss(out.total, out.rows, None)
+
+    return forward
+
+
+def patched_forward(module, *, row_losses: bool = False, context: Callable[[], Any] | None = None) -> Forward:
+    """The forward of a SALF-patched HF model (:func:`~salf_engine.integrations.patching.patch_model`,
+    possibly wrapped by DDP / FSDP / accelerate): ``module(**batch, salf_depth=..., ...)``, whose loss is
+    the model's own over ``labels`` (-100: not supervised); ``row_losses``: also each row's mean next-token
+    loss (:func:`next_token_row_losses`); ``context``: what the forward runs in (a Trainer's autocast)."""
+
+    def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
+        with context() if context is not None else contextlib.nullcontext():
+            out = module(**batch, salf_depth=depth, salf_train_embeddings=train_embeddings)
+        rows = next_token_row_losses(out.logits, batch["labels"]) if row_losses else None
+        return MicroBatchLoss(out.loss, rows, out.deviations)
+
+    return forward
+
+
+def next_token_row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean next-token cross-entropy over its supervised labels (``-100`` ignored), detached;
+    0 for a row without one."""
+    with torch.no_grad():
+        targets = labels[:, 1:].to(logits.device)
+        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100,
+                             reduction="none")
+        kept = targets != -100
+        return (ce * kept).sum(1) / kept.sum(1).clamp(min=1)
+
+
+@dataclass
+class StepOutput:
+    """What one micro-batch step leaves (detached): its loss, each row's loss and deviations (when the
+    forward gave them), and the strategy's :class:`Observation` of it (None when not asked for, or for a
+    rank's weight-0 stand-in row)."""
+
+    loss: torch.Tensor
+    row_losses: torch.Tensor | None
+    deviations: torch.Tensor | None
+    observation: Observation | None = None
+
+
+def micro_batch_step(forward: Forward, model, mb: MicroBatch, batch: dict[str, Any], *,
+                     weight: float | None = None, observe: bool = False,
+                     backward: Callable[[torch.Tensor], Any] | None = None,
+                     sync: Any = None) -> StepOutput:
+    """Train one micro-batch: the one function every loop (the engine's, :class:`~salf_engine.integrations.
+    hf.SalfTrainerMixin`, an accelerate loop) trains through.
+
+    ``requires_grad`` follows the micro-batch's lowest cut and mask (``model``: the
+    :class:`~salf_engine.training.wrapping.TrainableModel`), ``forward`` runs ``batch`` at the rows' cuts,
+    its loss times ``weight`` (default ``mb.weight``, the micro-batch's share of the step) goes backward
+    (``backward``: the loop's own, e.g. ``accelerator.backward``; default ``Tensor.backward``) and the
+    gradients accumulate in the parameters. ``sync``: a context around forward and backward (DDP's
+    ``no_sync`` on every micro-batch but the step's last). ``observe``: return the rows' observation
+    for the strategy (``StrategyDriver.observe``).
+    """
+    train_embed = model.set_trainable(mb.depth, mb.trainable, mb.depths)
+    with sync if sync is not None else contextlib.nullcontext():
+        out = forward(batch, mb.runner_depth, train_embed)
+        scaled = out.loss * (mb.weight if weight is None else weight)
+        if backward is None:
+            scaled.backward()
+        else:
+            backward(scaled)
+    seen = Observation(mb.indices, out.deviations, out.row_losses) if observe and mb.weight > 0 else None
+    return StepOutput(out.loss.detach(), out.row_losses, out.deviations, seen)
 
 
 def clip_or_measure(params, max_grad_norm: float | None) -> torch.Tensor:
@@ -181,9 +246,51 @@ def optimizer_step(optimizer, scheduler, params: Sequence[torch.nn.Parameter],
 
 
 @dataclass
+class StepEnd:
+    """How an optimizer step ended: its learning rate, the gradient norm (before clipping) and, for a skipped
+    step, what was non-finite (``"loss"`` or ``"gradient norm"``; None: the step updated)."""
+
+    lr: float
+    grad_norm: float
+    skipped: str | None = None
+
+
+def finish_step(optimizer, scheduler, params: Sequence[torch.nn.Parameter], *, loss: float,
+                max_grad_norm: float | None, on_nonfinite: str = "stop", where: str = "", kept: str = "",
+                update: Callable[..., Any] | None = optimizer_step,
+                grad_norm: float | None = None) -> StepEnd:
+    """End a step whose gradients sit in ``params`` (all-reduced over the ranks): clip them to
+    ``max_grad_norm`` (or only measure their norm; ``grad_norm``: measured already), then the non-finite
+    policy, then ``update`` (:func:`optimizer_step`: step, schedule, zero).
+
+    A non-finite ``loss`` or gradient norm raises :class:`~salf_engine.errors.TrainingError` naming
+    ``where`` (and what was ``kept``) with ``on_nonfinite="stop"``; with ``"skip"`` the gradients are
+    dropped and the schedule still advances, so the step counts without an update. ``update=None``: the
+    loop steps the optimizer and the schedule itself (an HF Trainer); a skipped step then only drops the
+    gradients, so the loop's optimizer step changes nothing.
+    """
+    norm = float(clip_or_measure(params, max_grad_norm)) if grad_norm is None else grad_norm
+    lr = scheduler.get_last_lr()[0] if scheduler is not None else math.nan
+    if math.isfinite(loss) and math.isfinite(norm):
+        if update is not None:
+            update(optimizer, scheduler, params, None)  # clipped above
+        return StepEnd(lr, norm)
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    if on_nonfinite == "stop":
+        raise TrainingError(f"non-finite {what} {where}; training stopped{f', {kept}' if kept else ''}; "
+                            "on_nonfinite='skip' (--on-nonfinite skip) skips such steps")
+    optimizer.zero_grad(set_to_none=True)
+    if update is not None:
+        scheduler.step()
+    return StepEnd(lr, norm, what)
+
+
+@dataclass
 class StepRunner:
-    """Forward and backward of one optimizer step's micro-batches (this rank's share of each); the semantic
-    losses measure against the runner's current bases (recomputed every epoch with ``train_head``)."""
+    """The engine's forward and backward of one step plan: this rank's share of each micro-batch through
+    :func:`micro_batch_step`, the plan counted in the cost meter, the gradients all-reduced over the ranks;
+    the semantic losses measure against the runner's current bases (recomputed every epoch with
+    ``train_head``)."""
 
     runner: Any
     wrapped: Any
@@ -196,9 +303,9 @@ class StepRunner:
     rank: int
     world: int
 
-    def __call__(self, plan) -> tuple[float, float, list[Observation]]:
-        """Gradients of the step accumulated (and all-reduced), clipped; returns (mean loss over the step's
-        examples, gradient norm, what each micro-batch showed, for ``driver.observe``)."""
+    def __call__(self, plan) -> tuple[float, list[Observation]]:
+        """Gradients of the step accumulated and all-reduced; returns (mean loss over the step's examples,
+        what each micro-batch showed, for ``driver.observe``)."""
         device = next(self.wrapped.model.parameters()).device
         loss_sum = torch.zeros((), device=device)
         seen: list[Observation] = []
@@ -206,24 +313,23 @@ class StepRunner:
         # classification: every example weighs 1 / (examples in the step); a prompt/response task: every
         # supervised token weighs 1 / (supervised tokens in the step), whatever its micro-batch and rank
         per = self.train_split.supervised(plan.indices) if generative else len(plan)
+        if generative:
+            forward = response_forward(self.runner, config=self.config, device=device)
+        else:
+            forward = runner_forward(self.runner, label_token_ids=self.label_token_ids, config=self.config,
+                                     want_deviations=self.driver.wants_deviations)
         for mb in rank_slice(plan, self.rank, self.world):
             if generative:
                 batch = collate_responses(self.train_split, mb.indices, self.pad_id)
-                res = response_micro_batch_step(self.runner, self.wrapped, batch, mb.runner_depth,
-                                                mb.trainable, weight=(mb.weight > 0) / per,
-                                                config=self.config)
             else:
                 batch = collate(self.train_split, mb.indices, self.pad_id, padding_side="left")
-                res = micro_batch_step(self.runner, self.wrapped, batch, mb.runner_depth, mb.trainable,
-                                       weight=mb.weight, label_token_ids=self.label_token_ids,
-                                       bases=self.runner.bases, config=self.config,
-                                       want_deviations=self.driver.wants_deviations)
+            res = micro_batch_step(forward, self.wrapped, mb, batch,
+                                   weight=(mb.weight > 0) / per if generative else None,
+                                   observe=self.driver.wants_observations)
             if mb.weight > 0:
                 loss_sum += res.loss if generative else res.loss * len(mb.indices)
-                if self.driver.wants_observations:
-                    seen.append(Observation(mb.indices, res.deviations, res.row_losses))
+            if res.observation is not None:
+                seen.append(res.observation)
         self.cost.add_plan(plan)
         all_reduce_grads(self.wrapped.trainable)
-        step_loss = float(all_reduce_sum(loss_sum)) / max(per, 1)
-        grad_norm = float(clip_or_measure(self.wrapped.trainable, self.config.max_grad_norm))
-        return step_loss, grad_norm, seen
+        return float(all_reduce_sum(loss_sum)) / max(per, 1), seen
