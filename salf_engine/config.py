@@ -21,38 +21,42 @@ from salf_engine.deviation.contract import (
     Metric,
 )
 from salf_engine.errors import ConfigError, positive_int
+from salf_engine.schedule.names import (
+    ADT_STEPS,
+    DEFAULT_CUTS_PER_STEP,
+    INFILLS,
+    Budget,
+    DepthAssignment,
+    DepthSchedule,
+    Infill,
+    StrategyName,
+)
+from salf_engine.schedule.names import ASSIGNMENTS as DEPTH_ASSIGNMENTS
+from salf_engine.schedule.names import SCHEDULES as DEPTH_SCHEDULES
 
 __all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES",
            "DEPTH_SCHEDULES", "DEPTH_ASSIGNMENTS", "INFILLS", "DEFAULT_LORA_TARGETS",
-           "DEFAULT_LR", "DEFAULT_LORA_LR", "NONFINITE_ACTIONS", "GENERATIVE_PRESETS", "is_generative_preset",
-           "load_config_file"]
+           "DEFAULT_LR", "DEFAULT_LORA_LR", "DEFAULT_PROFILE_FRACTION", "NONFINITE_ACTIONS",
+           "GENERATIVE_PRESETS", "is_generative_preset", "load_config_file"]
 
 # The allowed names of every choice field, defined once (as the field types); the tuples are read off them.
+# The deviation names come from `deviation.contract` and the strategy names from `schedule.names`, where
+# what they name lives.
 DType = Literal["float32", "bf16"]
 Loss = Literal["next-token", "semantic-ce", "cosine"]
 LRSchedule = Literal["linear", "constant"]
-DepthSchedule = Literal["per-row", "mixed", "paper", "narrowing", "widening"]
-DepthAssignment = Literal["class-rank", "eof-match", "loss-rank"]
-Infill = Literal["bf", "df"]
-#: Every strategy name (``bot`` / ``top`` / ``int`` take ``freeze_fraction``).
-StrategyName = Literal["full", "lora-full", "lora-half", "lift-half", "lift-star-half", "salf", "bot25",
-                       "bot50", "bot75", "top25", "top50", "top75", "int25", "int50", "int75", "bot", "top",
-                       "int", "adt-low", "adt-high"]
-#: SALF budget plans ("none" = Algorithm 3, each sample at its eof).
-Budget = Literal["uniform", "arith", "geom", "none"]
 #: What a non-finite loss or gradient does: stop the run (the last good checkpoint stays), or skip the step.
 NonfiniteAction = Literal["stop", "skip"]
 DTYPES: tuple[str, ...] = get_args(DType)
 LOSSES: tuple[str, ...] = get_args(Loss)
 SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
-DEPTH_SCHEDULES: tuple[str, ...] = get_args(DepthSchedule)
-DEPTH_ASSIGNMENTS: tuple[str, ...] = get_args(DepthAssignment)
-INFILLS: tuple[str, ...] = get_args(Infill)
 NONFINITE_ACTIONS: tuple[str, ...] = get_args(NonfiniteAction)
 #: Learning rates when ``lr`` is not given, chosen by a sweep on held-out training data
 #: (bench/results/lr_sweep.md): fine-tuning the weights themselves, and LoRA adapters.
 DEFAULT_LR = 1e-4
 DEFAULT_LORA_LR = 3e-3
+#: Share of a classification task's training examples profiled before epoch 0 when not given.
+DEFAULT_PROFILE_FRACTION = 0.05
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -107,17 +111,19 @@ class TrainConfig:
         "class-rank", "budgeted SALF: class-rank (eof rank inside each class), eof-match (Algorithm 4's "
                       "matching) or loss-rank (last training loss inside each class, hardest deepest; no "
                       "profile)")
-    cuts_per_step: int = _opt(4, "micro-batches of different depths per optimizer step (SALF's mixed "
-                                 "schedule, LIFT)")
+    cuts_per_step: int = _opt(DEFAULT_CUTS_PER_STEP, "micro-batches of different depths per optimizer step "
+                                                     "(SALF's mixed schedule, LIFT)")
     cut_levels: int | None = _opt(None, "per-row schedule: round each forward's depths down to at most "
                                         "this many distinct cuts (default: every row at its own depth)")
-    profile_fraction: float = _opt(0.05, "share of the training examples profiled before epoch 0 (later "
-                                         "eofs come from the training forward; 1 = the paper's full pass)")
+    profile_fraction: float | None = _opt(
+        None, "share of the training examples profiled before epoch 0 (1 = the paper's full pass; default: "
+              f"{DEFAULT_PROFILE_FRACTION:g}, later eofs come from the training forward, and 1 for prompt/"
+              "response tasks, whose training forward measures no answer deviation)")
     train_head: bool = _opt(False, "train the LM head under layer-freezing strategies too "
                                    "(full always trains it)")
     freeze_fraction: float | None = _opt(None, "frozen share of the layers for bot / top / int / adt")
-    adt_steps: int = _opt(5, "adt-low / adt-high: optimizer steps of full training before the frozen layers "
-                             "are chosen")
+    adt_steps: int = _opt(ADT_STEPS, "adt-low / adt-high: optimizer steps of full training before the "
+                                     "frozen layers are chosen")
     metric: Metric = _opt("cosine", "deviation metric of the eof-layer")
     lens: LensName = _opt("final_norm", "lens for intermediate spaces")
     eof_boundary: Boundary = _opt(
@@ -218,7 +224,8 @@ class TrainConfig:
                               "probe the weights while they are made, so a resumed epoch cannot replay them")
         if self.generative:
             self._validate_generative()
-        if not _finite(self.profile_fraction) or not 0 < self.profile_fraction <= 1:
+        if self.profile_fraction is not None and (not _finite(self.profile_fraction)
+                                                  or not 0 < self.profile_fraction <= 1):
             raise ConfigError(f"profile_fraction must be in (0, 1], got {self.profile_fraction!r}")
         if self.lr is not None and (not _finite(self.lr) or self.lr <= 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
@@ -240,10 +247,20 @@ class TrainConfig:
             raise ConfigError("load_in_4bit needs lora: 4-bit weights cannot be fine-tuned directly")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        # imported here, not at the top: the strategies import torch, and config stays cheap to import
+        # (`salf --help` builds every option from it)
         from salf_engine.schedule.strategies import strategy_from_config
 
         strategy_from_config(self)  # the strategy's own options and how they combine, checked in one place
         return self
+
+    def resolved_profile_fraction(self) -> float:
+        """``profile_fraction``, or its default: every row for a prompt/response task (its training forward
+        measures no answer deviation, so an unprofiled row would be placed at random), else
+        :data:`DEFAULT_PROFILE_FRACTION` (later eofs come from the training forward)."""
+        if self.profile_fraction is not None:
+            return self.profile_fraction
+        return 1.0 if self.generative else DEFAULT_PROFILE_FRACTION
 
     def resolved_lr(self, lora: bool) -> float:
         """``lr``, or the default for what trains: LoRA adapters or the weights themselves."""

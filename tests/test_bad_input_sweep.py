@@ -248,3 +248,118 @@ def test_cli_resume_errors_are_one_line(tmp_path, capsys):
         assert code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+# ----------------------------------------------------------------------------- prompt/response files, the CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _pairs(n: int, long_rows: tuple[int, ...] = ()) -> list[dict]:
+    """Prompt/response rows of the tiny vocabulary; the rows in ``long_rows`` get a 60-token prompt."""
+    return [{"prompt": "how many city ? " * 15 if i in long_rows else f"how many river {i % 10} ?",
+             "response": f"the city of {i % 10} . {i % 10}"} for i in range(n)]
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _salf_train(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--dataset", str(data), "--output", str(out), "--quiet",
+            "--batch-size", "4", "--max-new-tokens", "2", "--exact-match-rows", "2", *extra]
+
+
+def _bad_jsonl(kind: str, path: Path) -> tuple[list[str], str]:
+    """A prompt/response file a user could get wrong, the options given, and the message it must give."""
+    good = [json.dumps(r) for r in _pairs(6)]
+    response = ["--response-column", "response"]
+    if kind == "not utf-8":
+        raw = "\n".join(good[:2]).encode() + b'\n{"prompt": "caf\xe9 ?", "response": "1"}\n'
+        path.write_bytes(raw + "\n".join(good[2:]).encode() + b"\n")
+        return response, f"{path}, line 3: not UTF-8 text (byte 0xe9 at column 16)"
+    if kind == "not an object":
+        path.write_text("\n".join([*good[:3], "[\"how many ?\", \"3\"]", *good[3:]]) + "\n")
+        return response, f"{path}, line 4: a JSON-lines row must be an object"
+    if kind == "not json":
+        path.write_text("\n".join([good[0], '{"prompt": "how many ?", "response": }', *good[1:]]) + "\n")
+        return response, f"{path}, line 2: not valid JSON"
+    if kind == "forgot --response-column":
+        _jsonl(path, _pairs(6))
+        return [], "has no column 'text'; available columns: prompt, response (prompt/response data: pass " \
+                   "--prompt-column and --response-column)"
+    if kind == "wrong response column":
+        _jsonl(path, _pairs(6))
+        return ["--response-column", "answer"], "has no column 'answer'; available columns: prompt, response"
+    if kind == "empty response":
+        _jsonl(path, [*_pairs(3), {"prompt": "how many ?", "response": " "}, *_pairs(2)])
+        return response, f"{path}, row 4: empty 'response'"
+    assert kind == "every prompt too long", kind
+    _jsonl(path, _pairs(6, long_rows=tuple(range(6))))
+    return [*response, "--max-length", "16"], "none of the 5 examples fits max_length=16"
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("kind", ["not utf-8", "not an object", "not json", "forgot --response-column",
+                                  "wrong response column", "empty response", "every prompt too long"])
+def test_cli_bad_prompt_response_files_are_one_line_errors(tmp_path, capsys, tiny_dir, kind):
+    """What a user gets wrong in their own JSONL: exit status 2 and one ``error:`` line naming the file (and
+    the line where there is one), no traceback and no reader noise."""
+    data = tmp_path / "pairs.jsonl"
+    extra, needle = _bad_jsonl(kind, data)
+    code = cli.main(_salf_train(tiny_dir, data, tmp_path / "run", "--eval-fraction", "0.2", *extra))
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2, captured
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert str(data) in err[0] or kind == "every prompt too long", err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_counts_and_names_rows_cut_or_left_out_and_a_shrunk_evaluation_set(tmp_path, capsys, tiny_dir):
+    """A prompt longer than --max-length is left out, counted (log and summary.json) and named by file and
+    row; the evaluation set that shrinks says so; --quiet hides transformers' and datasets' bars too."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    _jsonl(data / "train.jsonl", _pairs(12, long_rows=(2, 7)))
+    _jsonl(data / "test.jsonl", _pairs(4, long_rows=(1,)))
+    out = tmp_path / "run"
+    code = cli.main(_salf_train(tiny_dir, data, out, "--response-column", "response", "--max-length", "24",
+                                "--strategy", "bot50"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = captured.out.splitlines()
+    assert ("data: training: 10 rows; no response cut at --max-length 24; 2 left out: a prompt of 24 tokens "
+            "or more leaves no room for the response (train.jsonl rows 3, 8)") in lines
+    assert ("data: evaluation: 3 rows (the evaluation set shrinks from 4); no response cut at --max-length "
+            "24; 1 left out: a prompt of 24 tokens or more leaves no room for the response (test.jsonl row 2)"
+            ) in lines
+    assert any(line.endswith("3 evaluated (1 left out: prompt too long for --max-length)")
+               for line in lines), lines
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["responses"] == {"train": {"truncated": 0, "dropped": 2}, "eval": {"truncated": 0,
+                                                                                      "dropped": 1}}
+    assert summary["num_eval_examples"] == 3
+    for bar in ("Loading weights", "Writing model shards", "Generating train split", "train:",
+                "greedy decode"):
+        assert bar not in captured.err, bar
+
+
+def test_library_progress_bars_are_off_inside_and_restored_after():
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from salf_engine.models.loading import library_progress_bars
+
+    assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+    with library_progress_bars(False):
+        assert not hf_logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+    with library_progress_bars(True):
+        assert hf_logging.is_progress_bar_enabled()

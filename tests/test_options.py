@@ -52,8 +52,10 @@ def test_each_option_matches_its_config_field(command):
         assert action.type is spec["type"], (command, name)
         assert tuple(action.choices or ()) == (choices[name][0] if name in choices else ()), (command, name)
         assert (action.nargs == "+") == (spec["kind"] == "list"), (command, name)
+        own = f.metadata["help"].lower()  # a help that says what its default does gets no second one
         assert str(expected_default if expected_default is not None else "none") in action.help or \
-            name in required or spec["kind"] == "list", (command, name, action.help)
+            "default" in own or name in required or spec["kind"] == "list", (command, name, action.help)
+        assert action.help.lower().count("default") <= 1, (command, name, action.help)
 
 
 def test_train_takes_every_field_and_compare_all_but_the_per_cell_ones():
@@ -135,8 +137,9 @@ def test_public_functions_do_not_shadow_submodules(first):
     steps = ["assert callable(salf_engine.train) and "
              "salf_engine.train.__module__ == 'salf_engine.training.recipe'",
              "import salf_engine.training as t, salf_engine.evaluation as e; "
+             "import salf_engine.training.recipe as r, salf_engine.evaluation.classification as c; "
              "assert t.__name__ == 'salf_engine.training' and e.__name__ == 'salf_engine.evaluation'; "
-             "assert t.train is salf_engine.train and e.evaluate is salf_engine.evaluate"]
+             "assert r.train is salf_engine.train and c.evaluate is salf_engine.evaluate"]
     if first == "module":
         steps.reverse()
     code = "import salf_engine; " + "; ".join(steps) + "; assert callable(salf_engine.evaluate)"
@@ -154,8 +157,12 @@ def test_no_public_name_is_a_submodule_name():
 
 def test_train_help_shows_defaults():
     text = cli.build_parser().commands["train"].format_help()
-    for needle in ("(default: 8)", "(default: cosine)", "{cosine,ce,rank}", "--config FILE", "(required)"):
+    for needle in ("(default: 8)", "(default: cosine)", "{cosine,ce,rank}", "--config FILE", "(required)",
+                   "for LoRA)", "(none: all)"):
         assert needle in text, needle
+    flat = " ".join(text.split())
+    for twice in ("(default: none) (default: none)", "for LoRA) (default", "(none: all) (default"):
+        assert twice not in flat, twice
 
 
 def test_run_directory_config_round_trips(tmp_path):

@@ -15,8 +15,8 @@ from tiny_models import tiny_model, tiny_tokenizer
 from salf_engine.data.responses import ResponseExample, collate_responses, encode_responses
 from salf_engine.errors import ConfigError
 from salf_engine.evaluation.responses import answer_loss, exact_match
+from salf_engine.runner.response_loss import response_loss
 from salf_engine.runner.truncated import TruncatedRunner
-from salf_engine.training.sft import response_loss
 
 EXAMPLES = [ResponseExample("how many city ?", "5 . 7 and 8"), ResponseExample("who is it ?", "he"),
             ResponseExample("where is the river ?", "in the city of the mountain")]
@@ -145,3 +145,14 @@ def test_exact_match_decodes_after_the_left_padded_prompt_and_compares_final_num
     assert got.samples[0] == ("3 . 5", "it is 5")
     fresh = _ScriptedLM([ids("5")])
     assert exact_match(fresh, tok, enc, [e.response for e in examples], rows=1).total == 1
+
+
+def test_exact_match_shows_a_bar_over_the_decoded_rows(capsys):
+    tok = tiny_tokenizer()
+    enc = encode_responses(EXAMPLES, tok, max_length=32)
+    exact_match(tiny_model("llama"), tok, enc, enc.responses, max_new_tokens=2, batch_size=2, progress=True,
+                desc="zero-shot eval: greedy decode")
+    err = capsys.readouterr().err
+    assert "zero-shot eval: greedy decode" in err and "/3 [" in err, err  # a bar over the 3 rows
+    exact_match(tiny_model("llama"), tok, enc, enc.responses, max_new_tokens=2)
+    assert "greedy decode" not in capsys.readouterr().err

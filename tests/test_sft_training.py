@@ -79,6 +79,10 @@ def test_full_fine_tuning_equals_a_plain_hf_loop():
     printed = io.StringIO()
     print_summary(summary, out=printed)
     assert f"{summary['fine_tuned']['answer_loss']:12.4f}" in printed.getvalue()
+    # final_loss is the mean of the last (up to 10) steps' losses, and the printed summary says so
+    assert summary["final_loss"] == pytest.approx(sum(losses) / 3)
+    assert (f"training loss {losses[0]:.4f} at the first step, {summary['final_loss']:.4f} averaged over the "
+            "last 3 steps") in printed.getvalue()
 
 
 STRATEGIES = [("full", {}), ("bot50", {}), ("top50", {}), ("int50", {}), ("adt-low", {}),
@@ -157,8 +161,27 @@ def test_salf_on_answers_places_rows_by_the_eof_of_their_answer_deviation():
     assert all(depth[i] <= depth[j] for i in rows for j in rows if want[i] < want[j])
 
 
+def test_salf_on_answers_profiles_every_row_unless_told_and_says_so():
+    """A prompt/response task's training forward measures no answer deviation, so without a
+    ``profile_fraction`` SALF profiles every row (docs/sft.md); given one, it is kept; classification keeps
+    its 5 % default."""
+    said: list[str] = []
+    cfg = _config("salf", budget="uniform", infill="df", max_steps=1)
+    assert cfg.profile_fraction is None and cfg.resolved_profile_fraction() == 1.0
+    p = _prepared(cfg)
+    summary = train(cfg, progress=False, log=said.append, prepared=p)
+    assert summary["profiled_examples"] == len(p.train_split) == 24
+    assert None not in p.strategy.eofs
+    assert any("profiling eof-layers of 24 of 24" in line and "--profile-fraction" in line for line in said)
+    cfg = _config("salf", budget="uniform", infill="df", max_steps=1, profile_fraction=0.25)
+    said.clear()
+    assert train(cfg, progress=False, log=said.append, prepared=_prepared(cfg))["profiled_examples"] == 6
+    assert not any("--profile-fraction" in line for line in said)
+    assert TrainConfig(strategy="salf").validate().resolved_profile_fraction() == 0.05
+
+
 def test_eval_and_profile_name_a_prompt_response_task():
-    from salf_engine.evaluation.profiling import evaluate_model_or_run, profile_model_or_run
+    from salf_engine.cli.eval_profile import evaluate_model_or_run, profile_model_or_run
 
     for call in (lambda: evaluate_model_or_run("tiny", dataset="gsm8k"),
                  lambda: profile_model_or_run("tiny", dataset="gsm8k", output="unused")):

@@ -17,8 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from salf_engine import __version__
 from salf_engine.cli import options as opt
+from salf_engine.config import TrainConfig
 from salf_engine.errors import ConfigError, SalfError
+from salf_engine.experiments.grid import CELL_SYNTAX, CompareSettings
+from salf_engine.runtime.atomic import atomic_write
+from salf_engine.schedule.names import STRATEGIES
 
 __all__ = ["main", "build_parser"]
 
@@ -43,26 +48,33 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (transformers' and datasets' "
+                                                        "included)")
 
 
 # ----------------------------------------------------------------------------- subcommands
+# Each subcommand imports what it runs inside its function: building the parser (`salf --help`, argument
+# errors) loads no torch, and main() sets OMP_WAIT_POLICY before torch is imported.
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from salf_engine.config import TrainConfig
     from salf_engine.experiments.report import print_summary
+    from salf_engine.runtime.distributed import rank_and_world
     from salf_engine.training.recipe import train
 
     config = TrainConfig(**opt.fields_from_args(args)).validate()
     summary = train(config, progress=not args.quiet, resume=args.resume is not None)
-    print_summary(summary)
-    print(f"run directory: {config.output}")
+    if rank_and_world()[0] == 0:  # under torchrun every rank trains; rank 0 reports
+        print_summary(summary)
+        print(f"run directory: {config.output}")
     return 0
 
 
 def _add_train(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="fine-tune a model on a classification dataset",
-                       description="Fine-tune a model on a classification dataset into a run directory.")
+    p = sub.add_parser("train", help="fine-tune a model on a classification or prompt/response dataset",
+                       description="Fine-tune a model into a run directory: on a classification dataset "
+                                   "(a preset, or --text-column / --label-column), or on prompt/response "
+                                   "data (gsm8k, or --response-column: supervised fine-tuning on the "
+                                   "response tokens).")
     opt.add_config_file_option(p)
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the unfinished run in RUN_DIR from its newest whole checkpoint; its "
@@ -75,12 +87,12 @@ def _add_train(sub) -> argparse.ArgumentParser:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from salf_engine.evaluation.profiling import evaluate_model_or_run
+    from salf_engine.cli.eval_profile import evaluate_model_or_run
 
     report = evaluate_model_or_run(**opt.fields_from_args(args), progress=not args.quiet)
     print(report.to_text())
     if args.report:
-        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        atomic_write(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -96,7 +108,7 @@ def _add_eval(sub) -> argparse.ArgumentParser:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from salf_engine.evaluation.profiling import profile_model_or_run
+    from salf_engine.cli.eval_profile import profile_model_or_run
 
     profile_model_or_run(**opt.fields_from_args(args), run=args.run, output=args.out_dir,
                          progress=not args.quiet)
@@ -116,7 +128,6 @@ def _add_profile(sub) -> argparse.ArgumentParser:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from salf_engine.experiments.compare import run_compare
-    from salf_engine.experiments.grid import CompareSettings
     from salf_engine.experiments.report import collect_results, write_tables
 
     settings = CompareSettings(
@@ -148,9 +159,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_compare(sub) -> argparse.ArgumentParser:
-    from salf_engine.experiments.grid import CELL_SYNTAX
-    from salf_engine.schedule.strategies import STRATEGIES
-
     p = sub.add_parser(
         "compare", help="run a datasets x strategies grid and write the paper-style comparison tables",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -208,7 +216,7 @@ def _add_demo(sub) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="training questions (default 960)")
     p.add_argument("--eval-limit", type=int, default=None, help="test questions (default: all 500)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
+    _quiet(p)
     p.set_defaults(func=_cmd_demo)
     return p
 
@@ -220,8 +228,6 @@ _COMMANDS = {"train": _add_train, "eval": _add_eval, "profile": _add_profile, "c
 def build_parser() -> argparse.ArgumentParser:
     """The full `salf` parser; ``parser.commands`` maps each subcommand name to its parser."""
     parser = _Parser(prog="salf", description="Semantic-Aware Layer-Freezing for causal LMs")
-    from salf_engine import __version__
-
     parser.add_argument("--version", action="version", version=f"salf-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -271,7 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         args = parse_args(argv)
-        return int(args.func(args) or 0)
+        if not getattr(args, "quiet", False):
+            return int(args.func(args) or 0)
+        from salf_engine.models.loading import library_progress_bars
+
+        with library_progress_bars(False):  # --quiet: transformers' and datasets' bars too
+            return int(args.func(args) or 0)
     except SalfError as exc:
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)

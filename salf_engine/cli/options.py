@@ -62,6 +62,13 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _states_default(help_text: str, default: Any) -> bool:
+    """Whether a field's help already says what its default does (``default: ...``, or ``none: ...`` for an
+    unset option), so that ``--help`` does not show a second, generated default."""
+    text = help_text.lower()
+    return "default" in text or (default is None and "(none:" in text)
+
+
 def add_config_options(
     parser: argparse.ArgumentParser,
     names: Iterable[str] | None = None,
@@ -100,9 +107,11 @@ def add_config_options(
             group.add_argument(*flags, dest=name, action="store_false" if negated else "store_true",
                                default=default, help=help_text)
             continue
-        suffix = "required" if name in required else f"default: {_show(default)}"
-        kwargs: dict[str, Any] = dict(dest=name, default=default, type=spec["type"],
-                                      help=f"{help_text} ({suffix})")
+        if name in required:
+            help_text = f"{help_text} (required)"
+        elif not _states_default(help_text, default):
+            help_text = f"{help_text} (default: {_show(default)})"
+        kwargs: dict[str, Any] = dict(dest=name, default=default, type=spec["type"], help=help_text)
         if spec["choices"] is not None:
             kwargs["choices"] = spec["choices"]
         if spec["kind"] == "list":

@@ -9,6 +9,7 @@ class's default label word is its name.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ def read_table(path: Path) -> Any:
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty (no rows)")
     builder, options = FORMATS[suffix]
+    if suffix != ".parquet":
+        text = _utf8_text(path)
+        if suffix == ".jsonl":
+            _check_json_lines(path, text)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a copy of the error raised below
     try:
         table = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **options)
     except ValueError as exc:
@@ -54,9 +61,40 @@ def read_table(path: Path) -> Any:
         raise DataError(f"could not read {path} as {builder}: {_root_cause(exc)}") from exc
     except Exception as exc:  # parser errors come in many types (pyarrow, pandas, datasets)
         raise DataError(f"could not read {path} as {builder}: {_root_cause(exc)}") from exc
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if len(table) == 0:
         raise DataError(f"{path} is empty (no rows)")
     return table
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text; a DataError naming the line and column of the first bytes that are not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, line_start = raw.count(b"\n", 0, exc.start) + 1, raw.rfind(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte "
+                        f"0x{raw[exc.start]:02x} at column {exc.start - line_start + 1}); save the file "
+                        "as UTF-8") from None
+
+
+def _check_json_lines(path: Path, text: str) -> None:
+    """Every non-blank line of a JSON-lines file is one JSON object, else a DataError naming the line."""
+    for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg} at column "
+                            f"{exc.colno})") from None
+        if not isinstance(row, dict):
+            kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+                type(row), "a number")
+            raise DataError(f"{path}, line {number}: a JSON-lines row must be an object "
+                            f"{{\"column\": value, ...}}; found {kind}")
 
 
 def _root_cause(exc: BaseException, limit: int = 200) -> str:
@@ -80,9 +118,14 @@ def _label_str(value: Any) -> str | None:
     return text or None
 
 
-def _column(table: Any, name: str, path: Path) -> list[Any]:
+#: Appended to a missing default column's error: a prompt/response file read as classification data.
+PROMPT_RESPONSE_HINT = " (prompt/response data: pass --prompt-column and --response-column)"
+
+
+def _column(table: Any, name: str, path: Path, hint: str = "") -> list[Any]:
     if name not in table.column_names:
-        raise DataError(f"{path} has no column {name!r}; available columns: {', '.join(table.column_names)}")
+        raise DataError(f"{path} has no column {name!r}; available columns: "
+                        f"{', '.join(table.column_names)}{hint}")
     values = list(table[name])
     feature = table.features[name]
     if hasattr(feature, "int2str") and hasattr(feature, "names"):  # ClassLabel: use the class names
@@ -91,12 +134,13 @@ def _column(table: Any, name: str, path: Path) -> list[Any]:
 
 
 def _examples(path: Path, text_column: str, text_pair_column: str | None, label_column: str,
-              counts: dict[str, int] | None = None) -> list[Example]:
-    """The examples of one file; ``counts`` gets ``read`` and ``skipped`` (blank rows / lines)."""
+              counts: dict[str, int] | None = None, hint: str = "") -> list[Example]:
+    """The examples of one file; ``counts`` gets ``read`` and ``skipped`` (blank rows / lines); ``hint`` is
+    added to the error of a missing text or label column."""
     table = read_table(path)
-    texts = _column(table, text_column, path)
+    texts = _column(table, text_column, path, hint)
     pairs = _column(table, text_pair_column, path) if text_pair_column else [None] * len(texts)
-    labels = _column(table, label_column, path)
+    labels = _column(table, label_column, path, hint)
     examples = []
     skipped = _blank_json_lines(path) if path.suffix.lower() in (".jsonl", ".json") else 0
     columns = [list(table[c]) for c in table.column_names]
@@ -177,12 +221,13 @@ def load_files(
     second text. Every label of every split must be a known class, else `DataError`.
     """
     path = Path(path)
+    hint = "" if text_column and label_column else PROMPT_RESPONSE_HINT  # a default column is missing
     text_column = text_column or "text"
     label_column = label_column or "label"
     files = data_files(path)
     row_counts: dict[str, dict[str, int]] = {split: {} for split in files}
     splits = {
-        split: _examples(file, text_column, text_pair_column, label_column, row_counts[split])
+        split: _examples(file, text_column, text_pair_column, label_column, row_counts[split], hint)
         for split, file in files.items()
     }
 

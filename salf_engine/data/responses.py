@@ -31,10 +31,13 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class ResponseExample:
-    """One supervised fine-tuning example: the prompt and the response the model should produce."""
+    """One supervised fine-tuning example: the prompt and the response the model should produce (and, when
+    read from a file, where: the file's name and the row, counted from 1, that messages name)."""
 
     prompt: str
     response: str
+    file: str | None = field(default=None, compare=False)
+    row: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -58,7 +61,7 @@ def _responses(path: Path, prompt_column: str, response_column: str, counts: dic
         for value, column in ((prompt, prompt_column), (response, response_column)):
             if _blank(value):
                 raise DataError(f"{path}, row {row}: empty {column!r}")
-        examples.append(ResponseExample(str(prompt), str(response)))
+        examples.append(ResponseExample(str(prompt), str(response), path.name, row))
     counts.update(read=len(examples), skipped=skipped)
     return examples
 
@@ -106,7 +109,7 @@ class EncodedResponses:
     """Token ids of one split: ``input_ids`` per row and ``targets`` per token (``-100`` on the prompt),
     ``source[i]`` = the example row i came from, ``responses[i]`` its reference response; ``truncated``
     rows lost the end of their response, ``dropped`` examples had no room for any response token (left
-    out)."""
+    out; ``dropped_at`` says where each came from: ``file row N``, or ``example K`` without a file)."""
 
     input_ids: list[list[int]]
     targets: list[list[int]]
@@ -114,6 +117,20 @@ class EncodedResponses:
     truncated: int = 0
     dropped: int = 0
     responses: list[str] = field(default_factory=list)  # each row's reference response (the text)
+    dropped_at: list[tuple[str | None, int]] = field(default_factory=list)  # (file, row) or (None, example)
+
+    def describe(self, what: str, max_length: int) -> str:
+        """One line on this split (``what``: "training" or "evaluation"): its rows, the responses that
+        ``max_length`` cut and the rows it left out, named (an evaluation set that shrank says so)."""
+        head = f"{what}: {len(self)} rows"
+        if self.dropped and what == "evaluation":
+            head += f" (the evaluation set shrinks from {len(self) + self.dropped})"
+        parts = [f"{self.truncated} with the response cut at --max-length {max_length}" if self.truncated
+                 else f"no response cut at --max-length {max_length}"]
+        if self.dropped:
+            parts.append(f"{self.dropped} left out: a prompt of {max_length} tokens or more leaves no room "
+                         f"for the response ({_where(self.dropped_at)})")
+        return "; ".join([head, *parts])
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -128,11 +145,22 @@ class EncodedResponses:
         """The given rows (in that order); the counts stay the whole split's."""
         return EncodedResponses([self.input_ids[i] for i in rows], [self.targets[i] for i in rows],
                                 [self.source[i] for i in rows], self.truncated, self.dropped,
-                                [self.responses[i] for i in rows])
+                                [self.responses[i] for i in rows], self.dropped_at)
 
     def supervised(self, rows: list[int]) -> int:
         """Supervised tokens of the given rows (the targets the shifted loss sees: all but the first)."""
         return sum(sum(t != IGNORE for t in self.targets[i][1:]) for i in rows)
+
+
+def _where(places: list[tuple[str | None, int]], most: int = 5) -> str:
+    """``a.jsonl rows 3, 9; examples 4`` for (file, row) / (None, example index) pairs, ``...`` past ``most``
+    of them."""
+    groups: dict[str | None, list[int]] = {}
+    for file, row in places[:most]:
+        groups.setdefault(file, []).append(row)
+    text = "; ".join(f"{file + ' row' if file else 'example'}{'s' if len(rows) > 1 else ''} "
+                     f"{', '.join(map(str, rows))}" for file, rows in groups.items())
+    return text + (", ..." if len(places) > most else "")
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -172,6 +200,7 @@ def encode_responses(examples: list[ResponseExample], tokenizer: Any, *, max_len
             raise DataError(f"example {k}: the response {example.response[:40]!r} has no tokens")
         if len(prompt) >= max_length:
             out.dropped += 1
+            out.dropped_at.append((example.file, example.row) if example.file else (None, k))
             continue
         ids = (prompt + response)[:max_length]
         out.truncated += len(prompt) + len(response) > max_length

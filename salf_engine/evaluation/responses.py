@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from salf_engine.data.responses import IGNORE, EncodedResponses, collate_responses, final_number
+from salf_engine.runner.response_loss import response_loss
 from salf_engine.runner.truncated import TruncatedRunner
-from salf_engine.training.sft import response_loss
 
 __all__ = ["AnswerLoss", "answer_loss", "ExactMatch", "exact_match", "ResponseReport", "evaluate_responses"]
 
@@ -71,9 +72,10 @@ class ExactMatch:
 
 def exact_match(model: Any, tokenizer: Any, split: EncodedResponses, references: list[str], *,
                 rows: int | None = None, max_new_tokens: int = 256, batch_size: int = 8,
-                keep_samples: int = 3) -> ExactMatch:
+                keep_samples: int = 3, progress: bool = False, desc: str = "greedy decode") -> ExactMatch:
     """Greedy-decode the first ``rows`` rows of ``split`` (all by default) from their prompts and compare
-    final numbers with ``references`` (the reference response of each row, by row)."""
+    final numbers with ``references`` (the reference response of each row, by row); ``progress`` shows a
+    bar over the rows decoded."""
     if len(references) != len(split):
         raise ValueError(f"{len(references)} references for {len(split)} rows")
     count = len(split) if rows is None else min(rows, len(split))
@@ -81,6 +83,7 @@ def exact_match(model: Any, tokenizer: Any, split: EncodedResponses, references:
     was_training = model.training
     model.eval()
     correct, samples = 0, []
+    bar = tqdm(total=count, desc=desc, unit="row", disable=not progress, leave=False)
     try:
         for start in range(0, count, batch_size):
             chosen = range(start, min(start + batch_size, count))
@@ -102,7 +105,9 @@ def exact_match(model: Any, tokenizer: Any, split: EncodedResponses, references:
                 correct += want is not None and final_number(text) == want
                 if len(samples) < keep_samples:
                     samples.append((references[i], text))
+            bar.update(len(chosen))
     finally:
+        bar.close()
         model.train(was_training)
     return ExactMatch(correct=correct, total=count, samples=samples)
 
@@ -141,13 +146,16 @@ class ResponseReport:
 
 
 def evaluate_responses(model: Any, tokenizer: Any, split: EncodedResponses, *, batch_size: int = 8,
-                       exact_match_rows: int = 100, max_new_tokens: int = 256) -> ResponseReport:
-    """Answer loss over ``split`` and, with ``exact_match_rows`` > 0, greedy exact match on its first rows."""
+                       exact_match_rows: int = 100, max_new_tokens: int = 256, progress: bool = False,
+                       desc: str = "eval") -> ResponseReport:
+    """Answer loss over ``split`` and, with ``exact_match_rows`` > 0, greedy exact match on its first rows
+    (with a progress bar over the decoded rows when ``progress``)."""
     t0 = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     answer = answer_loss(model, split, batch_size=batch_size, pad_id=pad_id)
     match = None
     if exact_match_rows > 0:
         match = exact_match(model, tokenizer, split, split.responses, rows=exact_match_rows,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size)
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                            desc=f"{desc}: greedy decode")
     return ResponseReport(answer=answer, match=match, seconds=time.perf_counter() - t0)

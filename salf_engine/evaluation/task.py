@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from salf_engine.evaluation import classification
+from salf_engine.evaluation.responses import evaluate_responses
+
 __all__ = ["SavedReport", "evaluate_task", "format_scores"]
 
 
@@ -41,15 +44,13 @@ def evaluate_task(model, p, *, progress: bool, desc: str):
     classification task, answer loss and exact match of a prompt/response task."""
     config = p.config
     if p.verbalizer is None:
-        from salf_engine.evaluation.responses import evaluate_responses
-
         return evaluate_responses(model, p.tokenizer, p.eval_split, batch_size=config.eval_batch_size,
                                   exact_match_rows=config.exact_match_rows,
-                                  max_new_tokens=config.max_new_tokens)
-    from salf_engine.evaluation.classification import evaluate
-
-    return evaluate(model, p.tokenizer, p.eval_split, p.verbalizer, batch_size=config.eval_batch_size,
-                    dtype=config.dtype, classes=list(p.task.classes), progress=progress, desc=desc)
+                                  max_new_tokens=config.max_new_tokens, progress=progress, desc=desc)
+    # through the module, so a test that replaces classification.evaluate reaches this call
+    return classification.evaluate(model, p.tokenizer, p.eval_split, p.verbalizer,
+                                   batch_size=config.eval_batch_size, dtype=config.dtype,
+                                   classes=list(p.task.classes), progress=progress, desc=desc)
 
 
 def format_scores(phase: str, s: dict[str, float]) -> str:

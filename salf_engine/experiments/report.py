@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from salf_engine.experiments.grid import ZERO_SHOT, DatasetCell, StrategyCell, cell_dir
-from salf_engine.training.rundir import atomic_write as _atomic_write
+from salf_engine.runtime.atomic import atomic_write as _atomic_write
+from salf_engine.runtime.atomic import temporary_path
 
 __all__ = ["TABLES", "cost_seconds", "collect_results", "write_tables", "print_summary", "format_hist",
            "print_demo_table"]
@@ -152,10 +152,8 @@ def write_tables(output: str | Path, datasets: Sequence[DatasetCell], strategies
 
 
 def _write_csv(path: Path, rows: list[list[Any]]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
+    with temporary_path(path) as tmp, open(tmp, "w", newline="") as fh:
         csv.writer(fh).writerows(rows)
-    tmp.replace(path)
     return path
 
 
@@ -194,20 +192,37 @@ def print_summary(summary: dict[str, Any], out=None) -> None:
     if summary.get("zero_shot"):
         rows.append(("zero-shot", summary["zero_shot"]))
     rows.append(("fine-tuned", summary["fine_tuned"]))
+    left_out = ((summary.get("responses") or {}).get("eval") or {}).get("dropped", 0)
     print("", file=out)
     print(f"model {summary['model']} on {summary['dataset']}, strategy {summary['strategy']}: "
           f"{summary['steps']} steps, {summary['examples_trained']} examples trained, "
-          f"{summary['num_eval_examples']} evaluated", file=out)
+          f"{summary['num_eval_examples']} evaluated"
+          + (f" ({left_out} left out: prompt too long for --max-length)" if left_out else ""),
+          file=out)
     _print_scores_table(rows, out)
     eps = summary.get("examples_per_second") or 0.0
-    print(f"training time {summary['train_seconds']:.1f}s ({eps:.2f} examples/s); "
+    profile = f", eof profile {summary['profile_seconds']:.1f}s" if summary.get("profile_seconds") else ""
+    print(f"training time {summary['train_seconds']:.1f}s ({eps:.2f} examples/s){profile}; "
           f"total {summary['total_seconds']:.1f}s", file=out)
+    losses = summary.get("loss_history") or []
+    if summary.get("final_loss") is not None and losses:  # final_loss: TrainState.final_loss, last 10 steps
+        print(f"training loss {summary['first_loss']:.4f} at the first step, {summary['final_loss']:.4f} "
+              f"averaged over the last {min(10, len(losses))} steps (summary.json: first_loss, final_loss)",
+              file=out)
+    profiled = summary["profiled_examples"]
     print(f"realized backprop cost-saving ratio (mean frozen depth / m): {summary['cost_saving_ratio']:.3f}; "
-          f"estimated FLOPs vs full fine-tuning (profiling of {summary['profiled_examples']} examples "
-          f"included): {summary['flops_ratio']:.3f}", file=out)
+          f"estimated FLOPs vs full fine-tuning"
+          + (f" (profiling of {profiled} examples included)" if profiled else "")
+          + f": {summary['flops_ratio']:.3f}", file=out)
     if summary.get("eof_histogram"):
         print("eof-layer histogram (profile before training):", file=out)
         print(format_hist(summary["eof_histogram"]["profile"]), file=out)
+    collapsed = summary["fine_tuned"].get("single_class")
+    if collapsed:
+        print(f"WARNING: the fine-tuned model predicts one class, {collapsed['class']!r}, for "
+              f"{collapsed['share']:.1%} of the {summary['num_eval_examples']} evaluation examples "
+              f"({collapsed['decoding']} decoding): it has collapsed to a single class (docs/schedule.md)",
+              file=out)
 
 
 def print_demo_table(zero: dict[str, float], runs: list[tuple[str, dict[str, Any]]], out=None) -> None:

@@ -11,6 +11,7 @@ looks finished. Nothing here ever touches the network.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -19,27 +20,27 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from salf_engine.errors import ModelError, UnsupportedArchitectureError
+from salf_engine.errors import ModelError
+from salf_engine.models.families import family_of
+from salf_engine.runtime.atomic import atomic_write
 
 __all__ = [
     "PackagedModel",
     "SHORT_NAMES",
-    "FALLBACK_SUPPORTED",
     "cache_dir",
     "resolve_model",
     "convert_gguf",
     "parse_dtype",
     "load_model",
+    "library_progress_bars",
 ]
-
-#: Families accepted when `salf_engine.models.families` is not importable.
-FALLBACK_SUPPORTED = ("llama", "qwen2", "gemma2", "gemma3_text", "mistral")
 
 #: Written inside a finished conversion; a cache entry without it is not used.
 MANIFEST = "salf_conversion.json"
@@ -96,6 +97,28 @@ _DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' and datasets' own progress bars ("Loading weights", "Writing model shards", "Generating
+    train split") on or off inside the block, as they were after it (``salf ... --quiet`` turns them off)."""
+    if enabled:
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    were = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were[0]:
+            hf_logging.enable_progress_bar()
+        if were[1]:
+            datasets.enable_progress_bars()
 
 
 def cache_dir() -> Path:
@@ -284,7 +307,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], *, root: str | os.PathLike[s
             "model_type": getattr(model.config, "model_type", None),
             "seconds": round(time.perf_counter() - start, 2),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a cache entry is a normal directory
@@ -308,16 +331,6 @@ def convert_gguf(gguf_path: str | os.PathLike[str], *, root: str | os.PathLike[s
 
 def _check_supported(config: Any) -> str:
     """The family name of `config`; UnsupportedArchitectureError otherwise."""
-    try:
-        from salf_engine.models.families import family_of
-    except ImportError:
-        model_type = getattr(config, "model_type", None)
-        if model_type not in FALLBACK_SUPPORTED:
-            supported = ", ".join(FALLBACK_SUPPORTED)
-            raise UnsupportedArchitectureError(
-                f"unsupported architecture {model_type!r}: the engine supports {supported}"
-            ) from None
-        return model_type
     return family_of(config)
 
 

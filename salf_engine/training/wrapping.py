@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +78,10 @@ def apply_lora(model, config: TrainConfig, layers: Sequence[int] | None = None):
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=targets, bias="none", task_type="CAUSAL_LM", **kwargs,
     )
-    return get_peft_model(model, lora_config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
+        return get_peft_model(model, lora_config)
 
 
 def param_groups(parts: DecoderParts) -> tuple[_Params, list[_Params], _Params]:
