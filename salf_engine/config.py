@@ -47,6 +47,8 @@ Loss = Literal["next-token", "semantic-ce", "cosine"]
 LRSchedule = Literal["linear", "constant"]
 #: What a non-finite loss or gradient does: stop the run (the last good checkpoint stays), or skip the step.
 NonfiniteAction = Literal["stop", "skip"]
+#: Where each training example's hidden states at the frozen floor are kept (docs/prefix_cache.md).
+PrefixCacheWhere = Literal["auto", "memory", "disk", "off"]
 DTYPES: tuple[str, ...] = get_args(DType)
 LOSSES: tuple[str, ...] = get_args(Loss)
 SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
@@ -144,6 +146,11 @@ class TrainConfig:
     dtype: DType = _opt("float32", "compute dtype (bf16: autocast; master weights stay float32)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward (less memory)")
+    prefix_cache: PrefixCacheWhere = _opt(
+        "auto", "keep each training example's hidden states at the frozen floor and start its next forward "
+                "there: auto (where exact: in memory within a quarter of the free memory, else a file in the "
+                "run directory; else off, saying why), memory or disk (refuse where not exact), off "
+                "(docs/prefix_cache.md)")
     # optimisation
     max_steps: int | None = _opt(None, "optimizer steps; overrides --epochs when set")
     epochs: int = _opt(1, "passes over the training set")

@@ -41,6 +41,7 @@ from salf_engine.schedule.sampling import PlanBatchSampler
 from salf_engine.schedule.strategies import strategy_from_config
 from salf_engine.training.checkpoint import load_trainer_state, save_trainer_state
 from salf_engine.training.cost import CostMeter
+from salf_engine.training.prefix_cache import PrefixCache, plan_prefix_cache
 from salf_engine.training.state import TrainState
 from salf_engine.training.step import finish_step, micro_batch_step, patched_forward
 from salf_engine.training.wrapping import TrainableModel, import_peft, wrap_model
@@ -198,6 +199,9 @@ class SalfTrainerMixin:
         # (epoch, the strategy's state at its start): what a checkpoint needs to replay the epoch's plans
         self._salf_epoch_start: tuple[int, dict[str, Any]] | None = None
         self._salf_user_collator = kwargs.get("data_collator") is not None
+        # each training row's states at the frozen floor (salf_config.prefix_cache; planned at train begin)
+        self.salf_prefix_cache: PrefixCache | None = None
+        self.salf_prefix_summary: dict[str, Any] = {}
         super().__init__(self.salf_wrapped.model, args, *args_rest, **kwargs)
         self.add_callback(_trainer_classes()[1](self))
 
@@ -250,6 +254,18 @@ class SalfTrainerMixin:
             self._salf_plans_ahead.append(plan)  # in step with the sampler's pending micro-batches
             yield plan
 
+    def _salf_plan_prefix_cache(self) -> None:
+        """The prefix cache ``salf_config.prefix_cache`` asks for, once the strategy has begun (its floor);
+        empty after a resume: an example's first forward in this process is a miss. Rows are the train
+        dataset's, keyed by their index in it; the disk file lives in ``args.output_dir``."""
+        dataset, args, driver = self.train_dataset, self.args, self.salf_driver
+        assert dataset is not None and driver is not None
+        lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+        self.salf_prefix_cache, self.salf_prefix_summary = plan_prefix_cache(
+            self.salf_config.prefix_cache, self.salf_strategy, self.salf_wrapped, lengths, device=args.device,
+            run_dir=Path(args.output_dir) if args.output_dir else None, generative=False,
+            world=max(1, args.world_size), wants_deviations=driver.wants_deviations, say=_log.info)
+
     def salf_state(self, global_step: int) -> dict[str, Any]:
         """The engine's state at ``global_step`` (JSON-able), as ``salf_state.json`` of a checkpoint."""
         assert self.salf_driver is not None and self.salf_sampler is not None
@@ -298,11 +314,17 @@ class SalfTrainerMixin:
         forward = patched_forward(model, row_losses=bool(getattr(self.salf_strategy, "needs_losses", False)),
                                   context=self.compute_loss_context_manager)
         total = torch.zeros((), device=self.args.device)
+        cache = self.salf_prefix_cache
         for k, (mb, batch) in enumerate(zip(local, micro_batches, strict=True)):
-            batch.pop("salf_index")
+            indices = batch.pop("salf_index")
+            if cache is not None:
+                rows, keys = cache.lookup(indices, batch["input_ids"], batch.get("attention_mask"))
+                batch["salf_prefix"] = rows
             sync = None if k == len(local) - 1 else self.accelerator.no_sync(model)
             res = micro_batch_step(forward, self.salf_wrapped, mb, batch, observe=driver.wants_observations,
                                    backward=self.accelerator.backward, sync=sync)
+            if cache is not None:
+                cache.keep(indices, keys, rows)
             total += res.loss * mb.weight
             if res.observation is not None and (res.deviations is not None or not driver.wants_deviations):
                 self.salf_seen.append(res.observation)
@@ -371,6 +393,7 @@ def _trainer_classes() -> tuple[type, type]:
             if resume is not None and hasattr(t.salf_strategy, "set_reference_weights"):
                 # ADT's warm-up reference: on_train_start saw the checkpoint's weights, not the initial ones
                 t.salf_strategy.set_reference_weights(resume["tensors"].get("reference_weights"))
+            t._salf_plan_prefix_cache()
             if resume is not None:
                 if t.salf_sampler is not None:
                     t.salf_sampler.set_epoch(int(resume["epoch"]))  # the sampler counts epochs itself
@@ -396,7 +419,11 @@ def _trainer_classes() -> tuple[type, type]:
                 t.salf_driver.after_step(state.global_step, t.salf_wrapped.parts.layers)
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.trainer.salf_wrapped.restore()
+            t = self.trainer
+            t.salf_wrapped.restore()
+            if t.salf_prefix_cache is not None:
+                t.salf_prefix_cache.close()
+                t.salf_prefix_summary = t.salf_prefix_cache.summary()
 
     class SalfTrainer(SalfTrainerMixin, Trainer):
         """``transformers.Trainer`` with SALF step plans (:class:`SalfTrainerMixin` lists the extra

@@ -7,7 +7,8 @@ without autograd and returns the usual HF output (``loss`` from the model's own 
 ``deviations`` when the patch has semantic bases and the batch carries ``salf_label`` (class
 indices); ``salf_train_embeddings`` (default: every cut 0 and a trainable embedding) runs the
 embedding with autograd; ``salf_logits="last"`` returns only the medium token's [B, V] logits (no
-loss: eof profiles). A batch without ``salf_depth`` (evaluation, generation) runs the original
+loss: eof profiles); ``salf_prefix`` (a :class:`~salf_engine.runner.prefix.FloorRows`) enters at the
+frozen floor (docs/prefix_cache.md). A batch without ``salf_depth`` (evaluation, generation) runs the original
 forward unchanged. Patch before a trainer wraps the model (DDP, FSDP, accelerate).
 """
 
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 #: The batch keys the patched forward consumes besides the model's own arguments.
-SALF_KEYS = ("salf_depth", "salf_label", "salf_train_embeddings", "salf_logits")
+SALF_KEYS = ("salf_depth", "salf_label", "salf_train_embeddings", "salf_logits", "salf_prefix")
 
 
 @dataclass
@@ -83,7 +84,8 @@ def patch_model(model: nn.Module, *, bases: Tensor | None = None, lens: str = "f
 
     @functools.wraps(original)
     def forward(*args: Any, salf_depth: Any = None, salf_label: Tensor | None = None,
-                salf_train_embeddings: bool | None = None, salf_logits: str = "all", **kwargs: Any):
+                salf_train_embeddings: bool | None = None, salf_logits: str = "all", salf_prefix: Any = None,
+                **kwargs: Any):
         if salf_depth is None:
             return original(*args, **kwargs)
         if args:
@@ -94,7 +96,7 @@ def patch_model(model: nn.Module, *, bases: Tensor | None = None, lens: str = "f
             rows = depth if isinstance(depth, list) else [depth]
             salf_train_embeddings = not any(rows) and any(q.requires_grad for q in embed)
         return _truncated_forward(causal_lm, runner, depth, salf_label, bool(salf_train_embeddings),
-                                  gradient_checkpointing, salf_logits, **kwargs)
+                                  gradient_checkpointing, salf_logits, salf_prefix, **kwargs)
 
     sig = inspect.signature(original)
     params = list(sig.parameters.values())
@@ -127,7 +129,7 @@ def runner_of(model: nn.Module) -> TruncatedRunner:
 
 
 def _truncated_forward(causal_lm: nn.Module, runner: TruncatedRunner, depth: int, salf_label: Tensor | None,
-                       train_embeddings: bool, gradient_checkpointing: bool, logits: str, *,
+                       train_embeddings: bool, gradient_checkpointing: bool, logits: str, prefix: Any, *,
                        input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                        labels: Tensor | None = None,
                        num_items_in_batch: Any = None, position_ids: Tensor | None = None,
@@ -141,7 +143,8 @@ def _truncated_forward(causal_lm: nn.Module, runner: TruncatedRunner, depth: int
         raise ConfigError("a SALF batch cannot use a KV cache")
     index = medium_index(labels, attention_mask, input_ids)
     out = runner(input_ids, attention_mask, depth=depth, last_index=index, labels=salf_label, logits=logits,
-                 gradient_checkpointing=gradient_checkpointing, train_embeddings=train_embeddings)
+                 gradient_checkpointing=gradient_checkpointing, train_embeddings=train_embeddings,
+                 prefix=prefix)
     loss = None
     if labels is not None and logits == "all":
         loss = causal_lm.loss_function(logits=out.logits, labels=labels, vocab_size=out.logits.shape[-1],

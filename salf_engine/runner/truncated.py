@@ -22,6 +22,7 @@ from salf_engine.deviation.contract import LENSES as _LENSES
 from salf_engine.deviation.contract import METRICS as _METRICS
 from salf_engine.errors import ConfigError
 from salf_engine.models.families import DecoderParts, decoder_parts, unwrap_peft
+from salf_engine.runner.prefix import FloorRows, mask_positions
 
 __all__ = ["PATCH_ATTR", "RunnerOutput", "TruncatedRunner", "is_patched", "last_token_index"]
 
@@ -227,6 +228,7 @@ class TruncatedRunner:
         logits: str = "last",
         gradient_checkpointing: bool = False,
         train_embeddings: bool = False,
+        prefix: FloorRows | None = None,
     ) -> RunnerOutput:
         """One forward in which each row's bottom ``depth`` layers are frozen (no graph), the rest trainable.
 
@@ -245,11 +247,20 @@ class TruncatedRunner:
             gradient_checkpointing: recompute each trained layer call in backward (the frozen rows are
                 never checkpointed). Also on when the model had transformers' gradient checkpointing enabled.
             train_embeddings: with every depth 0, run the embedding with autograd as well (full fine-tuning).
+            prefix: enter at ``prefix.floor`` (every depth at or above it): rows with cached floor states
+                skip ``layers[0..floor-1]``, the others run them without autograd and their floor states come
+                back in ``prefix.written`` (:mod:`~salf_engine.runner.prefix`); position ids then come from
+                the mask. No deviations (the spaces below the floor are not there for cached rows).
         """
         batch = input_ids.shape[0]
         depths, last_index, per_row = self._check_call(input_ids, attention_mask, depth, last_index, logits,
                                                        train_embeddings)
         want_dev = self.bases is not None and labels is not None
+        positions, entry, start = None, None, 0
+        if prefix is not None:
+            self._check_prefix(prefix, depths, batch, want_dev, train_embeddings)
+            positions = mask_positions(attention_mask, input_ids)
+            entry, start = self._enter_at_floor(input_ids, attention_mask, positions, prefix), prefix.floor
         # FSDP2 gathers a layer's weights at every call and reduces its gradients after its backward, so every
         # rank must make the same calls although its rows sit at other cuts: two ghost copies of row 0, one
         # frozen everywhere and one trained everywhere, give every layer both calls on every rank. One int
@@ -264,10 +275,14 @@ class TruncatedRunner:
         if perm is not None:
             input_ids, last_index = input_ids[perm], last_index[perm]
             attention_mask = attention_mask[perm] if attention_mask is not None else None
+            if entry is not None:
+                entry = entry[perm]
+                positions = positions[perm] if attention_mask is not None else positions
         frozen_at = [sum(d > i for d in depths) for i in range(self.num_layers + 1)]
         hidden, states = self._layers(input_ids, attention_mask, last_index, frozen_at, want_dev=want_dev,
                                       gradient_checkpointing=gradient_checkpointing,
-                                      train_embeddings=train_embeddings)
+                                      train_embeddings=train_embeddings, entry=entry, start=start,
+                                      positions=positions)
         rows = torch.arange(len(depths), device=input_ids.device)
         if logits == "last":
             normed = last_hidden = self.parts.final_norm(hidden[rows, last_index])
@@ -309,12 +324,58 @@ class TruncatedRunner:
             raise ConfigError(f"last_index must have one entry per row ({batch}), got {last_index.numel()}")
         return depths, last_index, per_row
 
+    def _check_prefix(self, prefix: FloorRows, depths: list[int], batch: int, want_dev: bool,
+                      train_embeddings: bool) -> None:
+        """ConfigError where a forward cannot enter at ``prefix.floor``."""
+        if not 1 <= prefix.floor <= self.num_layers:
+            raise ConfigError(f"a prefix floor must be in 1..{self.num_layers}, got {prefix.floor}")
+        if len(prefix.cached) != batch:
+            raise ConfigError(f"prefix has {len(prefix.cached)} rows for a batch of {batch}")
+        if min(depths) < prefix.floor or train_embeddings:
+            raise ConfigError(f"a row trains below the prefix floor {prefix.floor} (depths {depths})")
+        if want_dev:
+            raise ConfigError("deviations need every space; a forward entering at the floor has none "
+                              "below it")
+        if _fsdp_sharded(list(self.parts.layers)):
+            raise ConfigError("a forward entering at the floor is not built for FSDP2-sharded layers")
+
+    def _enter_at_floor(self, input_ids: Tensor, attention_mask: Tensor | None, positions: Tensor,
+                        prefix: FloorRows) -> Tensor:
+        """The [B, T, D] states at the floor, in input order: the rows without cached states run
+        ``layers[0..floor-1]`` (no autograd, their own masks), the cached rows' states go to their real
+        positions (their padding keeps the embedding's finite values, which no real token attends to);
+        fills ``prefix.written``."""
+        real = (attention_mask.bool() if attention_mask is not None
+                else torch.ones_like(input_ids, dtype=torch.bool))
+        computed = prefix.computed
+        with torch.no_grad():
+            hidden = self.parts.embed_tokens(input_ids)
+            if computed:
+                idx = torch.tensor(computed, device=input_ids.device)
+                sub = hidden[idx]
+                sub_mask = attention_mask[idx] if attention_mask is not None else None
+                kwargs = self.parts.layer_inputs(sub, sub_mask, positions[idx] if sub_mask is not None
+                                                 else positions)
+                for i in range(prefix.floor):
+                    sub = _call_layer(self.parts.layers[i], sub, **kwargs[i])
+                hidden = hidden.to(sub.dtype)
+                hidden[idx] = sub
+            for r, states in enumerate(prefix.cached):
+                if states is not None:
+                    hidden[r, real[r]] = states.to(hidden.dtype)
+            done = set(computed)
+            prefix.written = [hidden[r, real[r]].clone() if r in done else None for r in range(len(real))]
+        return hidden
+
     def _layers(self, input_ids: Tensor, attention_mask: Tensor | None, last_index: Tensor,
                 frozen_at: list[int], *, want_dev: bool, gradient_checkpointing: bool,
-                train_embeddings: bool) -> tuple[Tensor, Tensor | None]:
+                train_embeddings: bool, entry: Tensor | None = None, start: int = 0,
+                positions: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The decoder stack over rows sorted deepest first: at layer i rows ``[0, frozen_at[i])`` run
-        without autograd, the others with it. Returns the last layer's [B, T, D] output (rows in the
-        sorted order) and, with ``want_dev``, the medium-token states of spaces 0..m-1 ([m+1, B, D])."""
+        without autograd, the others with it; with ``entry`` (the states at layer ``start``, see
+        :meth:`_enter_at_floor`) from layer ``start`` on. Returns the last layer's [B, T, D] output (rows
+        in the sorted order) and, with ``want_dev``, the medium-token states of spaces 0..m-1
+        ([m+1, B, D])."""
         parts = self.parts
         m = self.num_layers
         batch = input_ids.shape[0]
@@ -322,10 +383,13 @@ class TruncatedRunner:
         rows = torch.arange(batch, device=input_ids.device)
         grad_on = torch.is_grad_enabled()
         use_ckpt = (gradient_checkpointing or _hf_checkpointing_on(layers)) and grad_on
-        with torch.set_grad_enabled(grad_on and train_embeddings):
-            embedded = parts.embed_tokens(input_ids)
+        if entry is None:
+            with torch.set_grad_enabled(grad_on and train_embeddings):
+                embedded = parts.embed_tokens(input_ids)
+        else:
+            embedded = entry
         with torch.no_grad():
-            layer_kwargs = parts.layer_inputs(embedded, attention_mask, None)
+            layer_kwargs = parts.layer_inputs(embedded, attention_mask, positions)
         sliced = _RowSlices(batch)
         states: Tensor | None = None
         if want_dev:
@@ -335,7 +399,7 @@ class TruncatedRunner:
 
         frozen, trained = embedded, None  # rows [0, k) and [k, B) of the sorted batch
         k = batch
-        for i in range(m + 1):
+        for i in range(start, m + 1):
             cut = frozen_at[i]
             if cut < k:  # rows [cut, k) reach their own cut here: they join the trained rows, detached
                 joining = frozen[cut:] if train_embeddings else frozen[cut:].detach()

@@ -160,6 +160,14 @@ class Strategy:
     def after_step(self, step: int, layers: Sequence[nn.Module] | object) -> None:
         """Called after every optimizer step; ``step`` = steps completed so far (1 after the first)."""
 
+    def floor(self, step: int) -> int:
+        """The frozen floor at optimizer step ``step`` (0-based): the lowest layer that any row of this step
+        or of any later step trains, so ``layers[0..floor-1]`` and the embedding never change again.
+        Never falls as ``step`` grows. 0 here (nothing below it is fixed): full, LoRA on every layer,
+        TOP / INT (layer 0 trains), SALF and LIFT (a row may take cut 0 in any epoch), ADT (any layer may
+        train during its warm-up); static freezes override it (docs/prefix_cache.md)."""
+        return 0
+
     # -- checkpoints ---------------------------------------------------------------------------
 
     #: Attributes that change after :meth:`begin` (observations, ADT's choice); together

@@ -49,6 +49,13 @@ class StaticStrategy(Strategy):
         self.trainable = self._mask_fn(self.num_layers)
         self.depth = self.trainable.index(True)
 
+    def floor(self, step: int) -> int:
+        """The first trained layer of the one mask, at every step: BOT-k's k, LoRA[half]'s m // 2 (its lowest
+        adapter; the embedding never trains), 0 for full, LoRA on every layer, TOP and INT."""
+        if not self._begun:
+            raise RuntimeError(f"strategy {self.label!r}: call begin() before floor()")
+        return self.depth
+
     def _micro_batches(self, epoch: int, step_size: int, micro_size: int) -> Iterator[MicroBatch]:
         for chunk in chunks(self._shuffled(epoch), step_size):
             yield MicroBatch(chunk, self.depth, list(self.trainable))

@@ -53,9 +53,10 @@ __all__ = [
 
 #: The run directory's folder of checkpoints.
 CHECKPOINTS = "checkpoints"
-#: Config fields that may differ between a run and its resumption (where it runs and how it saves);
-#: every other field must be identical.
-RESUME_MAY_CHANGE = ("device", "output", "overwrite", "save_every", "save_total_limit", "on_nonfinite")
+#: Config fields that may differ between a run and its resumption (where it runs and how it saves, and where
+#: it keeps the prefix cache: derived data, rebuilt after every resume); every other field must be identical.
+RESUME_MAY_CHANGE = ("device", "output", "overwrite", "save_every", "save_total_limit", "on_nonfinite",
+                     "prefix_cache")
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _STATE = "state.pt"

@@ -44,6 +44,7 @@ from salf_engine.schedule.driver import StrategyDriver
 from salf_engine.training import checkpoint as ckpt_mod
 from salf_engine.training.cost import CostMeter
 from salf_engine.training.inputs import Prepared, _refuse_to_clear_checkpoints, check_resume, prepare
+from salf_engine.training.prefix_cache import plan_prefix_cache
 from salf_engine.training.rundir import RunDirectory
 from salf_engine.training.state import TrainState
 from salf_engine.training.step import (
@@ -185,9 +186,16 @@ class TrainingRecipe:
         return optimizer, build_scheduler(optimizer, self.config, self.total_steps)
 
     def make_step(self) -> StepRunner:
-        """Forward and backward of a step plan (this rank's share), counted in the cost meter."""
-        return StepRunner(self.runner, self.wrapped, self.p.train_split, self.driver, self.cost, self.config,
-                          self.label_token_ids, self.pad_id, self.rank, self.world)
+        """Forward and backward of a step plan (this rank's share), counted in the cost meter, with the
+        prefix cache ``--prefix-cache`` asks for (empty after a resume: the cache is derived data, so an
+        example's first forward in this process is a miss)."""
+        p = self.p
+        self.prefix_cache, self.prefix_off = plan_prefix_cache(
+            self.config.prefix_cache, p.strategy, self.wrapped, [len(ids) for ids in p.train_split.input_ids],
+            device=p.device, run_dir=self.run_dir.path, generative=self.generative, world=self.world,
+            wants_deviations=self.driver.wants_deviations, say=self.say)
+        return StepRunner(self.runner, self.wrapped, p.train_split, self.driver, self.cost, self.config,
+                          self.label_token_ids, self.pad_id, self.rank, self.world, self.prefix_cache)
 
     @property
     def lr(self) -> float:
@@ -229,10 +237,14 @@ class TrainingRecipe:
                  + (" (LoRA)" if w.lora else ""))
         w.model.train()
         self.t_lap = time.perf_counter()
-        with tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
-                  disable=not self.progress) as self.bar:
-            while self.state.step < self.total_steps and self.epoch():
-                pass
+        try:
+            with tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
+                      disable=not self.progress) as self.bar:
+                while self.state.step < self.total_steps and self.epoch():
+                    pass
+        finally:
+            if self.prefix_cache is not None:  # derived data: a disk cache's file goes
+                self.prefix_cache.close()
         self._lap()
 
     def epoch(self) -> bool:
@@ -378,6 +390,7 @@ class TrainingRecipe:
             "loss_history": losses, "cost_saving_ratio": cost.saving(),
             "flops_ratio": cost.flops_ratio(profiled),
             "depth_histogram": cost.depth_histogram(), "eof_histogram": driver.eof_histograms(),
+            "prefix_cache": self.prefix_cache.summary() if self.prefix_cache is not None else self.prefix_off,
             "zero_shot": zero_shot.summary() if zero_shot else None, "fine_tuned": final.summary(),
             "zero_shot_eval_seconds": round(zero_shot.seconds, 3) if zero_shot else None,
             "fine_tuned_eval_seconds": round(final.seconds, 3),

@@ -6,7 +6,9 @@ its cut, the forward at its rows' cuts through the runner or the patched HF mode
 share of the step, backward, what the strategy observes) and ends each step with :func:`finish_step`
 (clipping, the non-finite policy, :func:`optimizer_step`: step, schedule, zero). The forwards differ only
 where the loops do: :func:`runner_forward` and :func:`response_forward` (the engine's classification and
-prompt/response losses) and :func:`patched_forward` (a patched HF model and its own loss).
+prompt/response losses) and :func:`patched_forward` (a patched HF model and its own loss). With a
+:class:`~salf_engine.training.prefix_cache.PrefixCache`, :func:`runner_forward` starts cached rows at the
+frozen floor and keeps the floor states of the others (docs/prefix_cache.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from salf_engine.schedule.driver import Observation, StrategyDriver
 from salf_engine.schedule.plans import MicroBatch
 from salf_engine.schedule.sampling import rank_slice
 from salf_engine.training.cost import CostMeter
+from salf_engine.training.prefix_cache import PrefixCache
 
 __all__ = [
     "Forward",
@@ -122,23 +125,30 @@ Forward = Callable[[dict[str, Any], "int | list[int]", bool], MicroBatchLoss]
 
 
 def runner_forward(runner, *, label_token_ids: torch.Tensor, config: TrainConfig,
-                   want_deviations: bool = False) -> Forward:
+                   want_deviations: bool = False, prefix_cache: PrefixCache | None = None) -> Forward:
     """The engine's classification forward: the truncated runner at the cut (autocast as ``config.dtype``
     says), then :func:`compute_loss` against the runner's current label bases; the loss is the rows' mean.
-    ``batch`` holds input_ids, attention_mask, last_index and labels ([B] class indices)."""
+    ``batch`` holds input_ids, attention_mask, last_index and labels ([B] class indices; with
+    ``prefix_cache`` also ``indices``, the rows' training-split indices: rows it keeps start at its floor,
+    the others leave their floor states in it)."""
     device = label_token_ids.device
 
     def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
         labels = batch["labels"].to(device)
+        rows = keys = None
+        if prefix_cache is not None:
+            rows, keys = prefix_cache.lookup(batch["indices"], batch["input_ids"], batch["attention_mask"])
         with autocast_context(config.dtype, device):
             out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth,
                          last_index=batch["last_index"].to(device),
                          labels=labels if want_deviations else None,
                          gradient_checkpointing=config.gradient_checkpointing,
-                         train_embeddings=train_embeddings)
-        rows = compute_loss(out, labels, label_token_ids, runner.bases, config.loss,
-                            config.semantic_temperature)
-        return MicroBatchLoss(rows.mean(), rows.detach(), out.deviations)
+                         train_embeddings=train_embeddings, prefix=rows)
+        if rows is not None:
+            prefix_cache.keep(batch["indices"], keys, rows)
+        losses = compute_loss(out, labels, label_token_ids, runner.bases, config.loss,
+                              config.semantic_temperature)
+        return MicroBatchLoss(losses.mean(), losses.detach(), out.deviations)
 
     return forward
 
@@ -302,6 +312,7 @@ class StepRunner:
     pad_id: int
     rank: int
     world: int
+    prefix_cache: PrefixCache | None = None  # each example's states at the frozen floor (prefix_cache.py)
 
     def __call__(self, plan) -> tuple[float, list[Observation]]:
         """Gradients of the step accumulated and all-reduced; returns (mean loss over the step's examples,
@@ -317,7 +328,8 @@ class StepRunner:
             forward = response_forward(self.runner, config=self.config, device=device)
         else:
             forward = runner_forward(self.runner, label_token_ids=self.label_token_ids, config=self.config,
-                                     want_deviations=self.driver.wants_deviations)
+                                     want_deviations=self.driver.wants_deviations,
+                                     prefix_cache=self.prefix_cache)
         for mb in rank_slice(plan, self.rank, self.world):
             if generative:
                 batch = collate_responses(self.train_split, mb.indices, self.pad_id)

@@ -1,0 +1,271 @@
+"""The prefix cache (issue 37): each training example's hidden states at the frozen floor, kept in memory, so
+its next forward starts at the floor instead of running the frozen layers again.
+
+The floor is :meth:`Strategy.floor <salf_engine.schedule.base.Strategy.floor>`: no row of any later step
+trains below it, so ``layers[0..floor-1]`` and the embedding never change again and an example's states
+there are the same in every epoch. They are written as a by-product of the example's own training forward
+(:class:`~salf_engine.runner.prefix.FloorRows`; no extra pass), only its real tokens, in the dtype the
+forward computed them in, keyed by the example's index in the training split and its tokens (a row whose
+tokens changed is a miss, never a stale state), in memory or in a memory-mapped file in the run directory
+(:class:`FileRows`). :func:`plan_prefix_cache` decides from ``--prefix-cache`` whether and where the run
+keeps one: never where it could not be exact (:func:`why_not_exact`). docs/prefix_cache.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from salf_engine.errors import ConfigError
+from salf_engine.runner.prefix import FloorRows
+from salf_engine.training.checkpoint import check_free_space
+
+__all__ = ["CACHE_FILE", "MEMORY_SHARE", "FileRows", "PrefixCache", "plan_prefix_cache", "why_not_exact"]
+
+#: ``auto`` keeps the cache in memory while it takes at most this share of the free memory.
+MEMORY_SHARE = 0.25
+
+
+class FileRows:
+    """Row ``i``'s ``[n_i, D]`` states in one memory-mapped file (``torch.from_file``): rows back to back in
+    split order, the whole file reserved when it is made (a full disk fails then, in one line, never
+    halfway). A row reads as None until this process wrote it: a file left by an earlier process is
+    overwritten, never trusted."""
+
+    def __init__(self, path: Path, lengths: Sequence[int], hidden_size: int, dtype: torch.dtype) -> None:
+        self.path, self.lengths, self.width = path, list(lengths), hidden_size
+        self.offsets = [0]
+        for n in self.lengths:
+            self.offsets.append(self.offsets[-1] + n * hidden_size)
+        size = max(self.offsets[-1], 1)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        try:
+            check_free_space(path.parent, size * itemsize, "the prefix cache")
+            with open(path, "wb") as f:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(f.fileno(), 0, size * itemsize)
+                else:
+                    f.truncate(size * itemsize)
+            self.data = torch.from_file(str(path), shared=True, size=size, dtype=dtype)
+        except OSError as e:
+            raise ConfigError(f"cannot write the prefix cache file {path}: {e.strerror or e}") from None
+        self.have = [False] * len(self.lengths)
+
+    def __getitem__(self, i: int) -> Tensor | None:
+        if not self.have[i]:
+            return None
+        return self.data[self.offsets[i]:self.offsets[i + 1]].view(self.lengths[i], self.width)
+
+    def __setitem__(self, i: int, states: Tensor) -> None:
+        if states.shape != (self.lengths[i], self.width):  # not this row's tokens: a miss from now on
+            self.have[i] = False
+            return
+        self.data[self.offsets[i]:self.offsets[i + 1]].copy_(states.reshape(-1))
+        self.have[i] = True
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows written."""
+        return sum(n for n, kept in zip(self.lengths, self.have, strict=True) if kept) * self.width * \
+            self.data.element_size()
+
+    def close(self) -> None:
+        """Drop the mapping and the file (derived data)."""
+        del self.data
+        self.path.unlink(missing_ok=True)
+
+
+class PrefixCache:
+    """Each training example's ``[n, D]`` states at ``floor`` (None until its first forward), in memory or in
+    ``file`` (:class:`FileRows`), with the hits (rows served from the cache) and misses (rows that ran the
+    layers below the floor) counted."""
+
+    def __init__(self, floor: int, num_rows: int, planned_bytes: int, *, file: FileRows | None = None,
+                 device: torch.device | None = None) -> None:
+        self.floor = floor
+        self.planned_bytes = planned_bytes
+        self.file, self.device = file, device
+        self._rows: Any = file if file is not None else [None] * num_rows
+        self._keys: list[int | None] = [None] * num_rows
+        self.hits = 0
+        self.misses = 0
+        self._bytes: int | None = None  # what the file held when closed
+
+    @property
+    def where(self) -> str:
+        """``"memory"`` or ``"disk"``."""
+        return "disk" if self.file is not None else "memory"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kept states take now."""
+        if self.file is not None:
+            return self.file.nbytes if self._bytes is None else self._bytes
+        return sum(t.numel() * t.element_size() for t in self._rows if t is not None)
+
+    def close(self) -> None:
+        """The end of training: a file cache drops its file (the counts and bytes stay for the summary)."""
+        if self.file is not None and self._bytes is None:
+            self._bytes = self.file.nbytes
+            self.file.close()
+
+    def lookup(self, indices: Sequence[int] | Tensor, input_ids: Tensor,
+               attention_mask: Tensor | None) -> tuple[FloorRows, list[int]]:
+        """The forward's :class:`FloorRows` (a row's states where kept for these same tokens) and each row's
+        token key, for :meth:`keep`; counts the hits and misses."""
+        idx = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
+        ids = input_ids.cpu()
+        mask = (attention_mask.cpu().bool() if attention_mask is not None
+                else torch.ones_like(ids, dtype=torch.bool))
+        keys = [hash(tuple(ids[r][mask[r]].tolist())) for r in range(len(idx))]
+        cached = [self._rows[i] if self._keys[i] == key else None for i, key in zip(idx, keys, strict=True)]
+        if self.file is not None and self.device is not None:
+            cached = [c.to(self.device) if c is not None else None for c in cached]
+        served = sum(c is not None for c in cached)
+        self.hits += served
+        self.misses += len(idx) - served
+        return FloorRows(self.floor, cached), keys
+
+    def keep(self, indices: Sequence[int] | Tensor, keys: list[int], rows: FloorRows) -> None:
+        """Keep the states the forward wrote (``rows.written``) for the rows it computed."""
+        idx = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
+        for i, key, states in zip(idx, keys, rows.written, strict=True):
+            if states is not None:
+                self._rows[i] = states
+                if self.file is None or self.file.have[i]:
+                    self._keys[i] = key
+
+    def summary(self) -> dict[str, Any]:
+        """``summary.json``'s ``prefix_cache``."""
+        return {"where": self.where, "bytes": self.nbytes, "floor": self.floor, "hits": self.hits,
+                "misses": self.misses}
+
+
+def why_not_exact(strategy: Any, wrapped: Any, *, generative: bool, world: int,
+                  wants_deviations: bool) -> str | None:
+    """Why a cached run could differ from the recomputed one (or is not built for this run); None where it
+    is exact. ``wrapped``: the :class:`~salf_engine.training.wrapping.TrainableModel`."""
+    floor = strategy.floor(0)
+    if floor == 0:
+        return (f"strategy {strategy.label!r} has floor 0 (a row may train layer 0): nothing below it stays "
+                "fixed")
+    if generative:
+        return "the prefix cache is not built for prompt/response tasks yet"
+    if world > 1:
+        return "the prefix cache is not built for several processes (DDP / FSDP2) yet"
+    if wants_deviations:
+        return f"strategy {strategy.label!r} reads every layer's deviation from the training forward"
+    # the plan's masks never train a layer below the floor; what still could: LoRA adapters there (the
+    # optimizer holds them), and an embedding tied to a head that trains (train_head)
+    trainable = {id(q) for q in wrapped.trainable}
+    always = {id(q) for q in wrapped.rest_params} & trainable
+    below = (("the embedding", wrapped.embed_params),
+             *((f"layer {i}", wrapped.layer_params[i]) for i in range(floor)))
+    for name, group in below:
+        ids = {id(q) for q in group} & trainable
+        if ids & always:
+            return f"{name} lies below the floor (layer {floor}) and trains through the head tied to it"
+        if ids and wrapped.lora:
+            return f"{name} lies below the floor (layer {floor}) and has trainable LoRA adapters"
+    parts = wrapped.parts
+    modules = (("the embedding", parts.embed), *((f"layer {i}", parts.layers[i]) for i in range(floor)))
+    for name, module in modules:
+        if _has_dropout(module):
+            return f"dropout is active in {name}, below the floor (layer {floor})"
+    p = getattr(parts.decoder, "embedding_dropout", None)
+    if isinstance(p, float) and p > 0:
+        return f"embedding dropout {p:g} is active below the floor (layer {floor})"
+    return None
+
+
+def _has_dropout(module: nn.Module) -> bool:
+    """Whether ``module`` holds a dropout with p > 0 (a module, or an attention's ``attention_dropout``)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
+            return True
+        p = getattr(sub, "attention_dropout", None)
+        if isinstance(p, float) and p > 0:
+            return True
+    return False
+
+
+def planned_bytes(lengths: Sequence[int], hidden_size: int, dtype: torch.dtype) -> int:
+    """Bytes of every training example's floor states: its tokens x D x the dtype's size."""
+    return sum(lengths) * hidden_size * torch.empty((), dtype=dtype).element_size()
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes where the cache would live: the GPU's, or the host's available memory (None: unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+#: The disk cache's file in the run directory (deleted when training ends).
+CACHE_FILE = "prefix_cache.bin"
+
+
+def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence[int], *,
+                      device: torch.device, run_dir: Path | None, generative: bool, world: int,
+                      wants_deviations: bool,
+                      say: Callable[[str], None]) -> tuple[PrefixCache | None, dict[str, Any]]:
+    """The run's cache as ``--prefix-cache`` says (auto, memory, disk, off) for training examples of
+    ``lengths`` tokens, and the summary it has while there is none. ``auto``: in memory while it takes at
+    most :data:`MEMORY_SHARE` of the free memory, else a memory-mapped file in ``run_dir`` (off without
+    one). Says in one line what it keeps and how many bytes, or why there is none; ``memory`` and ``disk``
+    where it cannot be exact, and ``disk`` without a run directory or room for the file, raise
+    :class:`~salf_engine.errors.ConfigError`."""
+    off: dict[str, Any] = {"where": "off", "bytes": 0, "floor": None, "hits": 0, "misses": 0}
+    if where == "off":
+        say("prefix cache: off (--prefix-cache off)")
+        return None, off
+    reason = why_not_exact(strategy, wrapped, generative=generative, world=world,
+                           wants_deviations=wants_deviations)
+    if reason is not None:
+        if where != "auto":
+            raise ConfigError(f"--prefix-cache {where} cannot be exact here: {reason}")
+        say(f"prefix cache: off ({reason})")
+        return None, {**off, "reason": reason}
+    floor, parts = strategy.floor(0), wrapped.parts
+    hidden, dtype = int(parts.config.hidden_size), next(parts.embed.parameters()).dtype
+    nbytes = planned_bytes(lengths, hidden, dtype)
+    what = (f"the hidden states at layer {floor} (of {parts.num_layers}) of {len(lengths)} training "
+            f"examples, {nbytes} bytes ({_mib(nbytes)}); the layers below it run once per example")
+    note = ""
+    if where == "auto":
+        free = free_memory(device)
+        where = "memory"
+        if free is None or nbytes > MEMORY_SHARE * free:
+            note = ("the free memory is unknown" if free is None else
+                    f"{_mib(nbytes)} would exceed {MEMORY_SHARE:g} of the {_mib(free)} free memory")
+            if run_dir is None:
+                say(f"prefix cache: off ({note}, and no run directory (--output) holds a disk cache)")
+                return None, {**off, "floor": floor, "reason": note}
+            where = "disk"
+    if where == "disk":
+        if run_dir is None:
+            raise ConfigError("--prefix-cache disk keeps its file in the run directory: give --output")
+        file = FileRows(Path(run_dir) / CACHE_FILE, lengths, hidden, dtype)
+        say(f"prefix cache: on disk in {file.path}{f' ({note})' if note else ''}, {what}")
+        return PrefixCache(floor, len(lengths), nbytes, file=file, device=device), off
+    say(f"prefix cache: in memory, {what}")
+    return PrefixCache(floor, len(lengths), nbytes), off
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"

@@ -1,0 +1,466 @@
+"""The prefix cache (issue 37): the floor of every strategy, the runner entering at the floor, and cached
+training against the recomputed run.
+
+Oracles: hand floors per strategy; the same runner forward recomputing the prefix (no cache) for logits and
+gradients; the recomputed run (``--prefix-cache off``, or the same loop without a cache) for weights; a hand
+count of hits and misses per epoch; forward hooks on the layers below the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import _pattern_task, _prepared
+from tiny_models import tiny_model
+
+from salf_engine.config import TrainConfig
+from salf_engine.data import collate
+from salf_engine.errors import ConfigError
+from salf_engine.runner.prefix import FloorRows, mask_positions
+from salf_engine.runner.truncated import TruncatedRunner
+from salf_engine.schedule.strategies import make_strategy
+from salf_engine.training.prefix_cache import FileRows, PrefixCache, plan_prefix_cache, why_not_exact
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# gemma3_text: sliding-window and full layers, its own rotary per layer type. sdpa attention: in float64
+# transformers' eager softmax (run in float32) turns a left-padded row's fully masked padding into NaN.
+FAMILIES = ("llama", "qwen2", "gemma3_text")
+
+
+# ---------------------------------------------------------------------------------------------- the floor
+
+@pytest.mark.parametrize(("name", "kw", "m", "floor"), [
+    ("bot25", {}, 8, 2), ("bot50", {}, 8, 4), ("bot75", {}, 8, 6), ("bot50", {}, 5, 2),
+    ("bot", {"freeze_fraction": 0.3}, 10, 3), ("bot50", {"lora": True}, 8, 4),
+    ("lora-half", {}, 8, 4), ("lora-half", {}, 5, 2),
+    ("top50", {}, 8, 0), ("int50", {}, 8, 0), ("int75", {}, 8, 0), ("full", {}, 8, 0),
+    ("lora-full", {}, 8, 0),
+    ("salf", {"budget": "uniform", "depth_schedule": "narrowing"}, 8, 0), ("lift-half", {}, 8, 0),
+    ("adt-low", {}, 8, 0),
+])
+def test_floor_of_every_strategy(name, kw, m, floor):
+    schedule = kw.pop("depth_schedule", "per-row")
+    s = make_strategy(name, schedule=schedule, **kw)
+    s.begin(m, 12)
+    assert [s.floor(step) for step in range(5)] == [floor] * 5
+    # no row of any step trains below the floor, and it never falls
+    floors, lowest = [], []
+    step = 0
+    for epoch in range(2):
+        for plan in s.epoch_plans(epoch, 4, 2):
+            floors.append(s.floor(step))
+            lowest.append(min(d for mb in plan.micro_batches for d in mb.depths))
+            step += 1
+    assert floors == sorted(floors)
+    assert all(f <= min(lowest[i:]) for i, f in enumerate(floors))
+
+
+def test_floor_needs_begin():
+    with pytest.raises(RuntimeError, match="begin"):
+        make_strategy("bot50").floor(0)
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+
+def _rows(padding_side: str, lengths=(9, 5, 12, 3), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        start = width - n if padding_side == "left" else 0
+        ids[r, start:start + n] = torch.randint(4, 60, (n,), generator=g)
+        mask[r, start:start + n] = 1
+    return ids, mask
+
+
+def test_mask_positions_hand_values():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert mask_positions(mask, mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 1, 1], [0, 1, 2, 3, 4]]
+
+
+def _forward(runner, model, ids, mask, depth, cached, floor=2):
+    model.zero_grad(set_to_none=True)
+    rows = FloorRows(floor, cached)
+    out = runner(ids, mask, depth=depth, prefix=rows)
+    F.cross_entropy(out.logits, torch.arange(ids.shape[0]) + 7, reduction="sum").backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads, rows.written
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_rows_give_the_recomputed_result(family, padding_side):
+    """All rows computed, all cached, half cached, and each row alone without padding: the same floor states,
+    logits and gradients (float64)."""
+    model = tiny_model(family, attn="sdpa").double()
+    runner = TruncatedRunner(model)
+    ids, mask = _rows(padding_side)
+    for depth in (2, [3, 2, 4, 2]):
+        ref_logits, ref_grads, written = _forward(runner, model, ids, mask, depth, [None] * 4)
+        assert [w.shape for w in written] == [(int(n), 64) for n in mask.sum(1)]
+        # each row alone (no padding at all) gives the same floor states
+        for r in range(4):
+            keep = mask[r].bool()
+            alone = FloorRows(2, [None])
+            runner(ids[r:r + 1, keep], None, depth=2, prefix=alone)
+            torch.testing.assert_close(alone.written[0], written[r], rtol=0, atol=1e-10)
+        for cached in (written, [written[0], None, written[2], None], [None, written[1], None, written[3]]):
+            logits, grads, again = _forward(runner, model, ids, mask, depth, cached)
+            torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-10)
+            assert grads.keys() == ref_grads.keys()
+            for name in grads:
+                torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=1e-10, msg=name)
+            assert [w is None for w in again] == [c is not None for c in cached]
+    # the plain runner (no prefix) places a left-padded row's tokens at p, p+1, .. after its p pads: the same
+    # relative positions, which a rotary family sees alike up to its float32 rotary tables
+    with torch.no_grad():
+        plain = runner(ids, mask, depth=2).logits
+    torch.testing.assert_close(ref_logits, plain, rtol=0, atol=1e-10 if padding_side == "right" else 1e-6)
+
+
+def test_cached_rows_never_run_a_layer_below_the_floor():
+    model = tiny_model("llama")
+    runner = TruncatedRunner(model)
+    ids, mask = _rows("left")
+    calls = {i: [] for i in range(4)}
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: calls[i].append(args[0].shape[0]))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        rows = FloorRows(2, [None] * 4)
+        runner(ids, mask, depth=2, prefix=rows)
+        assert calls == {0: [4], 1: [4], 2: [4], 3: [4]}
+        for c in calls.values():
+            c.clear()
+        runner(ids, mask, depth=2, prefix=FloorRows(2, rows.written))
+        assert calls == {0: [], 1: [], 2: [4], 3: [4]}  # every row cached: nothing below the floor runs
+        for c in calls.values():
+            c.clear()
+        runner(ids, mask, depth=2, prefix=FloorRows(2, [rows.written[0], None, None, rows.written[3]]))
+        assert calls == {0: [2], 1: [2], 2: [4], 3: [4]}  # only the two uncached rows
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_runner_refuses_a_prefix_it_cannot_take():
+    model = tiny_model("llama")
+    runner = TruncatedRunner(model, bases=torch.randn(3, 64))
+    ids, mask = _rows("left")
+    with pytest.raises(ConfigError, match="below the prefix floor"):
+        runner(ids, mask, depth=[2, 1, 2, 2], prefix=FloorRows(2, [None] * 4))
+    with pytest.raises(ConfigError, match="floor must be in 1..4"):
+        runner(ids, mask, depth=2, prefix=FloorRows(0, [None] * 4))
+    with pytest.raises(ConfigError, match="3 rows for a batch of 4"):
+        runner(ids, mask, depth=2, prefix=FloorRows(2, [None] * 3))
+    with pytest.raises(ConfigError, match="deviations need every space"):
+        runner(ids, mask, depth=2, labels=torch.zeros(4, dtype=torch.long), prefix=FloorRows(2, [None] * 4))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _varied(family: str, config: TrainConfig, *, attn: str = "eager", dtype=torch.float32):
+    """``test_train._prepared`` over the pattern task with 1 to 7 words per question (rows of one batch
+    differ in length, so padding matters) and the model in ``attn`` / ``dtype``."""
+    task = _pattern_task()
+    g = torch.Generator().manual_seed(1)
+    train = task.splits["train"]
+    for i, ex in enumerate(train):
+        words = ex.text.split()
+        train[i] = type(ex)(text=" ".join(words[: 1 + int(torch.randint(0, 5, (1,), generator=g))]),
+                            label=ex.label)
+    p = _prepared(family, config)
+    from salf_engine.data import encode_split
+
+    p.task = task
+    p.train_split = encode_split(task, p.tokenizer, "train", p.verbalizer)
+    p.model = tiny_model(family, attn=attn).to(dtype)
+    return p
+
+
+class _Recompute(PrefixCache):
+    """A cache that keeps nothing: every forward recomputes the prefix (the same forward, positions from the
+    mask, without the cache)."""
+
+    def keep(self, indices, keys, rows) -> None:
+        pass
+
+
+def _loop(family, padding_side, cached, *, epochs=3, dtype=torch.float64):
+    """Three epochs of BOT50 through the engine's one step (runner_forward + micro_batch_step) over a fixed
+    batch order, ``cached`` True (a cache), "recompute" (:class:`_Recompute`) or False (no prefix at all);
+    returns the weights, the cache and the hits / misses after each epoch."""
+    from salf_engine.training.step import micro_batch_step, runner_forward
+    from salf_engine.training.wrapping import wrap_model
+
+    cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", lr=1e-2, batch_size=4,
+                      deviation_impl="torch").validate()
+    p = _varied(family, cfg, attn="sdpa", dtype=dtype)
+    assert len(set(map(len, p.train_split.input_ids))) > 3
+    p.model.train()
+    wrapped = wrap_model(p.model, p.strategy, cfg)
+    p.strategy.begin(4, len(p.train_split))
+    runner = TruncatedRunner(wrapped.model)
+    kind = {True: PrefixCache, "recompute": _Recompute, False: None}[cached]
+    cache = kind(p.strategy.floor(0), len(p.train_split), 0) if kind else None
+    label_ids = torch.as_tensor(p.verbalizer.label_token_ids)
+    forward = runner_forward(runner, label_token_ids=label_ids, config=cfg, prefix_cache=cache)
+    optimizer = torch.optim.AdamW(wrapped.trainable, lr=1e-2)
+    counts = []
+    for epoch in range(epochs):
+        for plan in p.strategy.epoch_plans(epoch, 6, 6):
+            for mb in plan.micro_batches:
+                batch = collate(p.train_split, mb.indices, 0, padding_side=padding_side)
+                micro_batch_step(forward, wrapped, mb, batch)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if cache is not None:
+            counts.append((cache.hits, cache.misses))
+    return dict(wrapped.model.named_parameters()), cache, counts
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_training_equals_recomputed_training(family, padding_side):
+    """Float64: the weights equal the recomputed run's; right-padded, also the run without any prefix (the
+    same positions); left-padded, that run places tokens after the pads (see the done-means test)."""
+    ref, _, _ = _loop(family, padding_side, cached="recompute")
+    got, cache, counts = _loop(family, padding_side, cached=True)
+    n = 48  # the pattern task's training examples
+    # hand count: epoch 1 all misses, every later epoch all hits
+    assert counts == [(0, n), (n, n), (2 * n, n)]
+    assert cache.nbytes == _tokens() * 64 * 8
+    moved = 0
+    for name, q in got.items():
+        torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-10, msg=name)
+        moved += not name.startswith(("model.layers.0.", "model.layers.1."))
+    assert moved
+    if padding_side == "right":
+        plain, _, _ = _loop(family, padding_side, cached=False)
+        for name, q in got.items():
+            torch.testing.assert_close(q, plain[name], rtol=0, atol=1e-10, msg=name)
+
+
+def _tokens() -> int:
+    """The tokens of the varied task's training split."""
+    return sum(map(len, _varied("llama", TrainConfig(model="t", dataset="p")).train_split.input_ids))
+
+
+def _train(family="llama", resume=False, **overrides):
+    from salf_engine.training.recipe import train
+
+    cfg = TrainConfig(model="tiny", dataset="pattern", **{
+        "strategy": "bot50", "lr": 1e-3, "batch_size": 4, "epochs": 3, "warmup_ratio": 0.0,
+        "zero_shot_eval": False, "deviation_impl": "torch", **overrides}).validate()
+    p = _varied(family, cfg)
+    lines: list[str] = []
+    summary = train(cfg, progress=False, log=lines.append, prepared=p, resume=resume)
+    return summary, dict(p.model.named_parameters()), lines
+
+
+def test_done_means_bot50_three_epochs_memory_equals_off(tmp_path):
+    """The issue's check: BOT50, three epochs on a tiny model, --prefix-cache memory against off: the same
+    weights to 1e-5 (float32), hits above 0 in summary.json."""
+    off, ref, off_log = _train(prefix_cache="off")
+    got_summary, got, log = _train(prefix_cache="memory", output=str(tmp_path / "run"))
+    for name, q in got.items():
+        torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())["prefix_cache"]
+    tokens = _tokens()
+    assert saved == {"where": "memory", "bytes": tokens * 64 * 4, "floor": 2, "hits": 96, "misses": 48}
+    assert off["prefix_cache"] == {"where": "off", "bytes": 0, "floor": None, "hits": 0, "misses": 0}
+    assert "prefix cache: off (--prefix-cache off)" in off_log
+    said = [line for line in log if line.startswith("prefix cache:")]
+    assert said == [f"prefix cache: in memory, the hidden states at layer 2 (of 4) of 48 training examples, "
+                    f"{tokens * 256} bytes ({tokens * 256 / 2**20:.1f} MiB); the layers below it run once "
+                    "per example"]
+
+
+def test_disk_cache_equals_off_and_leaves_no_file(tmp_path):
+    """--prefix-cache disk: a memory-mapped file in the run directory, the same weights as off, the file gone
+    when training ends; a leftover file from an earlier run is overwritten, never read."""
+    off, ref, _ = _train(prefix_cache="off")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "prefix_cache.bin").write_bytes(b"stale" * 1000)
+    got, got_w, log = _train(prefix_cache="disk", output=str(run))
+    for name, q in got_w.items():
+        torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
+    assert got["prefix_cache"] == {"where": "disk", "bytes": _tokens() * 256, "floor": 2, "hits": 96,
+                                   "misses": 48}
+    assert [line for line in log if line.startswith("prefix cache: on disk in ")]
+    assert not (run / "prefix_cache.bin").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the option
+
+def _decide(name, where="auto", *, model=None, run_dir=None, **kw):
+    from salf_engine.training.wrapping import wrap_model
+
+    cfg = TrainConfig(model="tiny", dataset="pattern", strategy=name, **kw).validate()
+    p = _prepared("llama", cfg)
+    if model is not None:
+        p.model = model
+    wrapped = wrap_model(p.model, p.strategy, cfg)
+    p.strategy.begin(4, len(p.train_split), [1] * len(p.train_split) if p.strategy.needs_profile else None)
+    lines: list[str] = []
+    lengths = [len(ids) for ids in p.train_split.input_ids]
+    cache, off = plan_prefix_cache(where, p.strategy, wrapped, lengths, device=torch.device("cpu"),
+                                   run_dir=run_dir, generative=False, world=1,
+                                   wants_deviations=p.strategy.needs_observe, say=lines.append)
+    return cache, off, lines
+
+
+@pytest.mark.parametrize(("name", "kw", "model", "reason"), [
+    ("full", {}, None, "has floor 0"),
+    ("top50", {}, None, "has floor 0"),
+    ("salf", {"budget": "uniform"}, None, "has floor 0"),
+    ("bot50", {"lora": True, "lora_dropout": 0.0}, None, "layer 0 lies below the floor (layer 2) and has "
+                                                          "trainable LoRA adapters"),
+    ("bot50", {"train_head": True}, None, "the embedding lies below the floor (layer 2) and trains through "
+                                          "the head tied to it"),
+    ("bot50", {}, tiny_model("llama", attention_dropout=0.1), "dropout is active in layer 0"),
+])
+def test_auto_turns_off_and_memory_refuses_where_not_exact(name, kw, model, reason):
+    cache, off, lines = _decide(name, model=model, **kw)
+    assert cache is None and len(lines) == 1 and lines[0] == f"prefix cache: off ({off['reason']})"
+    assert off["where"] == "off" and reason in off["reason"]
+    for where in ("memory", "disk"):
+        with pytest.raises(ConfigError, match=rf"^--prefix-cache {where} cannot be exact here: .*"
+                                              + reason.split("(")[0]):
+            _decide(name, where, model=model, **kw)
+
+
+def test_lora_half_is_cached_at_its_lowest_adapter():
+    cache, _, lines = _decide("lora-half")
+    assert cache is not None and cache.floor == 2 and "at layer 2 (of 4)" in lines[0]
+
+
+def test_auto_goes_to_disk_when_memory_is_short(monkeypatch, tmp_path):
+    from salf_engine.training import prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "free_memory", lambda device: 1000)
+    cache, off, lines = _decide("bot50")  # no run directory: off
+    assert cache is None and off["floor"] == 2
+    assert lines == ["prefix cache: off (" + off["reason"] + ", and no run directory (--output) holds a disk "
+                     "cache)"] and "would exceed 0.25 of the 0.0 MiB free memory" in off["reason"]
+    cache, _, lines = _decide("bot50", run_dir=tmp_path)
+    assert cache.where == "disk" and cache.file.path == tmp_path / "prefix_cache.bin"
+    assert lines[0].startswith(f"prefix cache: on disk in {tmp_path / 'prefix_cache.bin'} (")
+    cache.close()
+    assert not (tmp_path / "prefix_cache.bin").exists()
+    assert _decide("bot50", "memory")[0].where == "memory"  # asked for: kept in memory anyway
+    with pytest.raises(ConfigError, match="^--prefix-cache disk keeps its file in the run directory"):
+        _decide("bot50", "disk")
+
+
+def test_disk_cache_bad_paths_are_one_line_errors(tmp_path, monkeypatch):
+    from salf_engine.training import checkpoint
+    from salf_engine.training.prefix_cache import FileRows
+
+    with pytest.raises(ConfigError, match=r"^cannot write the prefix cache file .*missing"):
+        FileRows(tmp_path / "missing" / "c.bin", [3, 2], 8, torch.float32)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: type("U", (), {"free": 10})())
+    with pytest.raises(ConfigError, match=r"^not enough free space in .* for the prefix cache: 0.0 MiB free"):
+        FileRows(tmp_path / "c.bin", [3, 2], 8, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_file_rows_read_only_what_this_process_wrote(tmp_path, dtype):
+    path = tmp_path / "c.bin"
+    path.write_bytes(b"x" * 999)  # a partial file of an earlier run
+    rows = FileRows(path, [3, 2, 4], 8, dtype)
+    assert [rows[i] for i in range(3)] == [None, None, None]
+    assert path.stat().st_size == 9 * 8 * rows.data.element_size()
+    a = torch.randn(2, 8).to(dtype)
+    rows[1] = a
+    rows[2] = torch.randn(3, 8).to(dtype)  # not row 2's length: not kept
+    assert torch.equal(rows[1], a) and rows[0] is None and rows[2] is None
+    assert rows.nbytes == 2 * 8 * a.element_size()
+    rows[1] = torch.randn(3, 8).to(dtype)  # row 1's tokens changed length: what it held is not served
+    assert rows[1] is None and rows.nbytes == 0
+
+
+def test_other_reasons():
+    class S:
+        label = "bot50"
+
+        def floor(self, step):
+            return 2
+
+    for kw, reason in (({"generative": True}, "prompt/response"), ({"world": 2}, "several processes"),
+                       ({"wants_deviations": True}, "deviation")):
+        args = {"generative": False, "world": 1, "wants_deviations": False, **kw}
+        assert reason in why_not_exact(S(), None, **args)
+
+
+def test_a_row_whose_tokens_changed_is_a_miss():
+    cache = PrefixCache(2, 3, 0)
+    ids, mask = _rows("left", lengths=(4, 3))
+    rows, keys = cache.lookup([0, 2], ids, mask)
+    rows.written = [torch.ones(4, 8), torch.ones(3, 8)]
+    cache.keep([0, 2], keys, rows)
+    again, _ = cache.lookup([0, 2], ids, mask)
+    assert [c is not None for c in again.cached] == [True, True] and (cache.hits, cache.misses) == (2, 2)
+    changed = ids.clone()
+    changed[1, -1] += 1
+    again, _ = cache.lookup([0, 2], changed, mask)
+    assert [c is not None for c in again.cached] == [True, False] and (cache.hits, cache.misses) == (3, 3)
+    assert cache.nbytes == 7 * 8 * 4 and math.isfinite(cache.planned_bytes)
+
+
+def test_resume_rebuilds_the_cache_lazily(tmp_path, interrupt_after):
+    """Killed after 18 of 36 steps (checkpoint at 16, in epoch 2), the resumed run starts with an empty cache:
+    the 8 steps left of epoch 2 miss (32 rows); epoch 3 hits those 32 and misses the 16 rows epoch 2 trained
+    before the kill. The weights equal the uninterrupted cached run's."""
+    import salf_engine.training.recipe as recipe
+
+    ref, ref_w, _ = _train(prefix_cache="memory", output=str(tmp_path / "ref"), save_every=4)
+    assert (ref["prefix_cache"]["hits"], ref["prefix_cache"]["misses"]) == (96, 48)
+    with interrupt_after(recipe, "optimizer_step", 18):
+        _train(prefix_cache="memory", output=str(tmp_path / "run"), save_every=4)
+    got, got_w, log = _train(prefix_cache="memory", output=str(tmp_path / "run"), save_every=4, resume=True)
+    assert any("resuming from" in line and "step-00000016" in line for line in log)
+    assert (got["prefix_cache"]["hits"], got["prefix_cache"]["misses"]) == (32, 32 + 16)
+    for name, q in got_w.items():
+        torch.testing.assert_close(q, ref_w[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_salf_trainer_cached_equals_off(tmp_path):
+    """SalfTrainer (HF Trainer), BOT50 for three epochs of 48 rows of several lengths (left-padded), lr 1e-3
+    as in the done-means check: salf_config.prefix_cache memory against off gives the same weights to 1e-5,
+    with the hand count."""
+    from test_hf import _args, hf_rows
+
+    from salf_engine.integrations.hf import SalfTrainer
+
+    weights, caches = {}, {}
+    for where in ("off", "memory"):
+        cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", prefix_cache=where).validate()
+        p = _varied("llama", cfg)
+        trainer = SalfTrainer(model=p.model, args=_args(tmp_path / where, max_steps=-1, num_train_epochs=3,
+                                                                  learning_rate=1e-3),
+                              train_dataset=hf_rows(p), salf_strategy="bot50", salf_config=cfg)
+        trainer.train()
+        assert trainer.state.global_step == 36
+        weights[where] = dict(p.model.named_parameters())
+        caches[where] = trainer.salf_prefix_summary
+    for name, q in weights["memory"].items():
+        torch.testing.assert_close(q, weights["off"][name], rtol=0, atol=1e-5, msg=name)
+    assert caches["off"]["where"] == "off"
+    assert {k: caches["memory"][k] for k in ("where", "floor", "hits", "misses")} == {
+        "where": "memory", "floor": 2, "hits": 96, "misses": 48}
+
+
+def test_resume_may_change_where_the_cache_lives():
+    from salf_engine.training.checkpoint import config_differences
+
+    saved = TrainConfig(model="m", dataset="d", strategy="bot50", prefix_cache="memory").to_dict()
+    given = TrainConfig(model="m", dataset="d", strategy="bot50", prefix_cache="off").to_dict()
+    assert config_differences(saved, given) == []
+    assert config_differences({k: v for k, v in saved.items() if k != "prefix_cache"}, given) == []
