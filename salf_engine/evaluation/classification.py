@@ -17,6 +17,7 @@ precision of a class never predicted is 0.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from salf_engine.training.step import autocast_context
+from salf_engine.data import collate
+from salf_engine.runtime.device import autocast_context
 
 __all__ = [
     "ClassScores",
@@ -35,7 +37,27 @@ __all__ = [
     "score_predictions",
     "predict_medium_logits",
     "evaluate",
+    "SINGLE_CLASS_SHARE",
+    "single_class",
 ]
+
+#: A run whose predictions put at least this share of the evaluation examples in one class, on data with
+#: more classes, is reported as predicting a single class (issue 38).
+SINGLE_CLASS_SHARE = 0.95
+
+
+def single_class(predictions: Sequence[int], classes: Sequence[str],
+                 threshold: float | None = None) -> dict[str, Any] | None:
+    """``{"class", "share"}`` of the most predicted class when it takes at least ``threshold`` (default
+    :data:`SINGLE_CLASS_SHARE`) of the predictions (class indices; -1, a non-label token, is no class)
+    and there are two classes or more; else None."""
+    threshold = SINGLE_CLASS_SHARE if threshold is None else threshold
+    counts = Counter(p for p in predictions if p >= 0)
+    if len(classes) < 2 or not counts:
+        return None
+    top, count = counts.most_common(1)[0]
+    share = count / len(predictions)
+    return {"class": classes[top], "share": share} if share >= threshold else None
 
 
 @dataclass
@@ -81,13 +103,21 @@ class EvalReport:
             out.pop("restricted_predictions")
         return out
 
-    def summary(self) -> dict[str, float]:
-        """The four headline numbers."""
+    def summary(self) -> dict[str, Any]:
+        """The four headline numbers, and ``single_class``: :func:`single_class` of the free predictions
+        (else of the label-restricted ones) with its ``decoding``, or None."""
+        collapsed = None
+        for decoding, preds in (("free", self.free_predictions), ("restricted", self.restricted_predictions)):
+            found = single_class(preds, self.classes)
+            if found is not None:
+                collapsed = {**found, "decoding": decoding}
+                break
         return {
             "free_accuracy": self.free.accuracy,
             "free_macro_f1": self.free.macro_f1,
             "restricted_accuracy": self.restricted.accuracy,
             "restricted_macro_f1": self.restricted.macro_f1,
+            "single_class": collapsed,
         }
 
     def to_text(self) -> str:
@@ -187,10 +217,6 @@ def evaluate(
     Batches are formed from length-sorted examples (less padding) and padded on
     the left, so the medium token is the last position of every row.
     """
-    import time
-
-    from salf_engine.data import collate
-
     classes = list(classes if classes is not None else getattr(verbalizer, "classes", None) or [])
     label_ids = torch.as_tensor(verbalizer.label_token_ids, dtype=torch.long)
     if not classes:
