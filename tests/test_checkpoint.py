@@ -3,6 +3,7 @@ checkpoints named, non-finite guards, disk checks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -297,7 +298,7 @@ SUB_ARGS = ["--dataset", "trec", "--limit", "48", "--eval-limit", "8", "--batch-
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     return env
 
@@ -306,6 +307,29 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(run / "model" / "model.safetensors"))
+
+
+def _sigkill_at_first_checkpoint(proc: subprocess.Popen, run: Path, timeout: float) -> int:
+    """Wait for ``run``'s first checkpoint, then SIGKILL ``proc`` and every process it started, all at once
+    (torchrun starts each rank in a session of its own); how many processes were killed."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    try:
+        while not list_checkpoints(run):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"no checkpoint within {timeout:.0f} s"
+            time.sleep(0.005)
+        parent = psutil.Process(proc.pid)
+        descendants = parent.children(recursive=True)
+        for victim in [parent, *descendants]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGKILL)
+        psutil.wait_procs(descendants, timeout=30)  # proc itself is reaped by proc.wait(), keeping its status
+    finally:
+        proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before the kill"
+    return 1 + len(descendants)
 
 
 @pytest.mark.parametrize("strategy", [["--strategy", "salf", "--budget", "uniform"],
@@ -319,17 +343,8 @@ def test_sigkill_then_resume_gives_identical_weights(tiny_dir, tmp_path, strateg
     cmd = [sys.executable, "-m", "salf_engine", "train", "--model", model, *SUB_ARGS, *strategy,
            "--output", str(run)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while not list_checkpoints(run):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    _sigkill_at_first_checkpoint(proc, run, timeout=120)
     assert proc.returncode == -signal.SIGKILL
-    assert not (run / "summary.json").exists(), "the run finished before the kill"
     killed_at = int(list_checkpoints(run)[0].name.split("-")[1])
     assert killed_at < 120
 
@@ -388,3 +403,56 @@ def test_resumed_wall_time_adds_up_without_checkpoint_writes(tmp_path, monkeypat
     _, got = _train(cfg, resume=True)  # steps 3-6 again from step 2's checkpoint, checkpoints at 4 and 6
     assert [got[k] for k in timing] == [6.0, 200.0, [2]]
     assert got["examples_per_second"] == whole["examples_per_second"] == 6 * 4 / 6.0
+
+
+#: Resume after SIGKILL under torchrun: two gloo processes killed (torchrun and both ranks, at once) after a
+#: checkpoint, then resumed with ``salf train --resume`` under torchrun again, end with the uninterrupted
+#: two-rank run's weights, bit for bit, and its losses and metrics lines.
+TORCHRUN_ARGS = ["--dataset", "trec", "--limit", "48", "--eval-limit", "8", "--batch-size", "2",
+                 "--lr", "1e-3", "--strategy", "salf", "--budget", "uniform", "--deviation-impl", "torch",
+                 "--no-zero-shot", "--quiet", "--device", "cpu", "--save-every", "2",
+                 "--save-total-limit", "2", "--max-steps", "40", "--max-length", "64"]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "salf_engine", "train", *args]
+
+
+def _errors(stderr: str) -> str:
+    """The ranks' one-line errors (or the end of the log)."""
+    lines = [line for line in stderr.splitlines() if "error:" in line or "Error" in line]
+    return "\n".join(lines[-10:]) or stderr[-3000:]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_torchrun_sigkill_then_resume_gives_identical_weights(tiny_dir, tmp_path):
+    model = str(tiny_dir("llama"))
+    ref = tmp_path / "ref"
+    done = subprocess.run(_torchrun("--model", model, *TORCHRUN_ARGS, "--output", str(ref)), env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, _errors(done.stderr)
+    assert done.stdout.count("run directory:") == 1  # rank 0 reports, rank 1 does not
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_torchrun("--model", model, *TORCHRUN_ARGS, "--output", str(run)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert _sigkill_at_first_checkpoint(proc, run, timeout=300) >= 3  # torchrun and its two ranks
+    killed_at = int(list_checkpoints(run)[0].name.split("-")[1])
+    assert killed_at < 40
+
+    resumed = subprocess.run(_torchrun("--resume", str(run), "--device", "cpu", "--quiet"), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, _errors(resumed.stderr)
+    assert resumed.stdout.count("resuming from") == 1
+    got, want = _weights(run), _weights(ref)
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    s_got = json.loads((run / "summary.json").read_text())
+    s_ref = json.loads((ref / "summary.json").read_text())
+    for key in ("loss_history", "steps", "examples_trained", "depth_histogram", "eof_histogram",
+                "fine_tuned"):
+        assert s_got[key] == s_ref[key], key
+    assert s_got["resumed_at_steps"] == [killed_at]
+    assert _metric_rows(run) == _metric_rows(ref)
