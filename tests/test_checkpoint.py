@@ -309,6 +309,21 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model" / "model.safetensors"))
 
 
+def _assert_same_run(run: Path, ref: Path, keys) -> dict:
+    """``run`` ended with ``ref``'s weights bit for bit, its summary's ``keys`` and its metrics lines; the
+    run's summary."""
+    got, want = _weights(run), _weights(ref)
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    s_got = json.loads((run / "summary.json").read_text())
+    s_ref = json.loads((ref / "summary.json").read_text())
+    for key in keys:
+        assert s_got[key] == s_ref[key], key
+    assert _metric_rows(run) == _metric_rows(ref)
+    return s_got
+
+
 def _sigkill_at_first_checkpoint(proc: subprocess.Popen, run: Path, timeout: float) -> int:
     """Wait for ``run``'s first checkpoint, then SIGKILL ``proc`` and every process it started, all at once
     (torchrun starts each rank in a session of its own); how many processes were killed."""
@@ -352,15 +367,7 @@ def test_sigkill_then_resume_gives_identical_weights(tiny_dir, tmp_path, strateg
                              env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
-    got, want = _weights(run), _weights(ref)
-    assert set(got) == set(want)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    s_got = json.loads((run / "summary.json").read_text())
-    s_ref = json.loads((ref / "summary.json").read_text())
-    for key in SAME:
-        assert s_got[key] == s_ref[key], key
-    assert _metric_rows(run) == _metric_rows(ref)
+    _assert_same_run(run, ref, SAME)
 
 
 def test_plain_train_never_clears_checkpoints(tmp_path, interrupt_after):
@@ -445,14 +452,5 @@ def test_torchrun_sigkill_then_resume_gives_identical_weights(tiny_dir, tmp_path
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, _errors(resumed.stderr)
     assert resumed.stdout.count("resuming from") == 1
-    got, want = _weights(run), _weights(ref)
-    assert set(got) == set(want)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    s_got = json.loads((run / "summary.json").read_text())
-    s_ref = json.loads((ref / "summary.json").read_text())
-    for key in ("loss_history", "steps", "examples_trained", "depth_histogram", "eof_histogram",
-                "fine_tuned"):
-        assert s_got[key] == s_ref[key], key
-    assert s_got["resumed_at_steps"] == [killed_at]
-    assert _metric_rows(run) == _metric_rows(ref)
+    assert _assert_same_run(run, ref, ("loss_history", "steps", "examples_trained", "depth_histogram",
+                                       "eof_histogram", "fine_tuned"))["resumed_at_steps"] == [killed_at]
