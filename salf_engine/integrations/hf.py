@@ -312,19 +312,13 @@ class SalfTrainerMixin:
             raise ConfigError("a plan batch lost micro-batches on the way (a custom collator dropped rows?)")
         driver = self.salf_driver
         forward = patched_forward(model, row_losses=bool(getattr(self.salf_strategy, "needs_losses", False)),
-                                  context=self.compute_loss_context_manager)
+                                  context=self.compute_loss_context_manager,
+                                  prefix_cache=self.salf_prefix_cache)
         total = torch.zeros((), device=self.args.device)
-        cache = self.salf_prefix_cache
         for k, (mb, batch) in enumerate(zip(local, micro_batches, strict=True)):
-            indices = batch.pop("salf_index")
-            if cache is not None:
-                rows, keys = cache.lookup(indices, batch["input_ids"], batch.get("attention_mask"))
-                batch["salf_prefix"] = rows
             sync = None if k == len(local) - 1 else self.accelerator.no_sync(model)
             res = micro_batch_step(forward, self.salf_wrapped, mb, batch, observe=driver.wants_observations,
                                    backward=self.accelerator.backward, sync=sync)
-            if cache is not None:
-                cache.keep(indices, keys, rows)
             total += res.loss * mb.weight
             if res.observation is not None and (res.deviations is not None or not driver.wants_deviations):
                 self.salf_seen.append(res.observation)

@@ -167,15 +167,26 @@ def response_forward(runner, *, config: TrainConfig, device: torch.device) -> Fo
     return forward
 
 
-def patched_forward(module, *, row_losses: bool = False, context: Callable[[], Any] | None = None) -> Forward:
+def patched_forward(module, *, row_losses: bool = False, context: Callable[[], Any] | None = None,
+                    prefix_cache: PrefixCache | None = None) -> Forward:
     """The forward of a SALF-patched HF model (:func:`~salf_engine.integrations.patching.patch_model`,
     possibly wrapped by DDP / FSDP / accelerate): ``module(**batch, salf_depth=..., ...)``, whose loss is
     the model's own over ``labels`` (-100: not supervised); ``row_losses``: also each row's mean next-token
-    loss (:func:`next_token_row_losses`); ``context``: what the forward runs in (a Trainer's autocast)."""
+    loss (:func:`next_token_row_losses`); ``context``: what the forward runs in (a Trainer's autocast).
+    ``batch`` may hold ``salf_index`` (the rows' training-split indices), which never reaches the model:
+    with ``prefix_cache`` the rows it keeps start at its floor, the others leave their floor states in it,
+    as in :func:`runner_forward`."""
 
     def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
+        batch = dict(batch)
+        indices = batch.pop("salf_index", None)
+        rows = keys = None
+        if prefix_cache is not None:
+            rows, keys = prefix_cache.lookup(indices, batch["input_ids"], batch.get("attention_mask"))
         with context() if context is not None else contextlib.nullcontext():
-            out = module(**batch, salf_depth=depth, salf_train_embeddings=train_embeddings)
+            out = module(**batch, salf_depth=depth, salf_train_embeddings=train_embeddings, salf_prefix=rows)
+        if rows is not None:
+            prefix_cache.keep(indices, keys, rows)
         rows = next_token_row_losses(out.logits, batch["labels"]) if row_losses else None
         return MicroBatchLoss(out.loss, rows, out.deviations)
 
