@@ -31,18 +31,23 @@ from salf_engine.experiments.report import cost_seconds
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "collapse"
 SST5 = ROOT.parent / "shared" / "data" / "sst5"
-#: label -> salf train options. ``default`` is ``--strategy salf`` as the CLI gives it (no budget:
-#: Algorithm 3, each sample at its eof, 5 % profiled, unprofiled samples at their class's median eof).
+#: label -> salf train options. ``default`` is ``--strategy salf`` as the CLI gave it before issue 38
+#: (no budget: Algorithm 3, each sample at its eof, 5 % profiled, unprofiled samples at their class's
+#: median eof), now spelled ``--budget none``; ``new-default`` is what ``--strategy salf`` gives since
+#: (SALF[half] narrowing, uniform budget, depth-first infill), spelled out so that it means the same in
+#: every checkout.
 _HALF = ["--strategy", "salf", "--budget", "uniform"]
+_ALG3 = ["--strategy", "salf", "--budget", "none"]
 VARIANTS = {
-    "default": ["--strategy", "salf"],
-    "default-pf1": ["--strategy", "salf", "--profile-fraction", "1"],
-    "default-mixed": ["--strategy", "salf", "--depth-schedule", "mixed"],
+    "default": _ALG3,
+    "new-default": [*_HALF, "--infill", "df", "--depth-schedule", "narrowing"],
+    "default-pf1": [*_ALG3, "--profile-fraction", "1"],
+    "default-mixed": [*_ALG3, "--depth-schedule", "mixed"],
     "narrowing": [*_HALF, "--depth-schedule", "narrowing"],
     "half": _HALF,
     "bot50": ["--strategy", "bot50"],
     "full": ["--strategy", "full"],
-    "default-mixed-pf1": ["--strategy", "salf", "--depth-schedule", "mixed", "--profile-fraction", "1"],
+    "default-mixed-pf1": [*_ALG3, "--depth-schedule", "mixed", "--profile-fraction", "1"],
     "half-pf1": [*_HALF, "--profile-fraction", "1"],
     "half-random": [*_HALF, "--depth-assignment", "loss-rank"],
 }
@@ -83,19 +88,21 @@ def write_data(out: Path) -> dict[str, Path]:
 
 def grid_cells(seeds: list[int]) -> list[tuple[int, int, str]]:
     """The most informative first (a cell takes 12-15 minutes on the shared 2-core CPU): 480 examples,
-    the CLI default against SALF[half] by eof rank and narrowing, seed by seed; then the default's
-    separated changes (full profile, mixed micro-batches) and the references; then 960 examples."""
+    the old CLI default against SALF[half] by eof rank and narrowing, seed by seed; then the old and the
+    new default's collapse rates over every seed, at 480 and 960 examples; then the old default's
+    separated changes (full profile, mixed micro-batches) and the references."""
     first = ("default", "narrowing", "half")
     second = ("default-pf1", "default-mixed", "bot50", "full", "default-mixed-pf1", "half-random")
     cells = [(480, s, v) for s in seeds[:1] for v in first]
     cells += [(480, s, "default") for s in seeds[1:3]]  # the default's collapse rate, early
     cells += [(480, s, v) for s in seeds[1:2] for v in first[1:]]
-    cells += [(480, s, "default") for s in seeds[3:]]
+    cells += [(480, s, v) for s in seeds for v in ("default", "new-default")]  # before and after
+    cells += [(960, s, v) for s in seeds for v in ("new-default", "default")]
     cells += [(480, s, v) for s in seeds[2:] for v in first[1:]]
     cells += [(480, s, v) for s in seeds for v in second]
-    cells += [(960, s, v) for s in seeds for v in (*first, "bot50")]
+    cells += [(960, s, v) for s in seeds for v in ("narrowing", "half", "bot50")]
     cells += [(480, s, v) for s in seeds for v in ("half-pf1",)]
-    return cells
+    return list(dict.fromkeys(cells))  # each cell once, at its first place
 
 
 def _cell(out: Path, cell: tuple[int, int, str]) -> Path:

@@ -166,7 +166,7 @@ class TrainConfig:
     # data sizes
     max_length: int = _opt(256, "tokens per example (longer prompts are cut)")
     limit: int | None = _opt(None, "training subset size (class-stratified, seeded)")
-    eval_limit: int | None = _opt(None, "evaluation subset size")
+    eval_limit: int | None = _opt(None, "evaluation subset size (the same rows for every seed)")
     eval_batch_size: int = _opt(32, "examples per evaluation forward")
     zero_shot_eval: bool = _opt(True, "evaluate the pretrained model before training too",
                                 flag="--no-zero-shot")

@@ -160,6 +160,25 @@ def test_holdout_split_is_carved_from_train_and_disjoint():
         encode_task(task, tiny_tokenizer(), TrainConfig(eval_split="holdout", holdout_size=60))
 
 
+def test_eval_limit_scores_every_seed_on_the_same_rows():
+    from tiny_models import tiny_tokenizer
+
+    from salf_engine.data.responses import ResponseExample, ResponseTask
+    from salf_engine.training.inputs import encode_response_task, encode_task
+
+    task = _pattern_task(n_train=60, n_test=30)
+    runs = [encode_task(task, tiny_tokenizer(), TrainConfig(limit=12, eval_limit=9, seed=s).validate())
+            for s in (0, 1)]
+    assert len(runs[0][2]) == 9 and runs[0][2].example_indices == runs[1][2].example_indices
+    assert runs[0][1].example_indices != runs[1][1].example_indices  # the training subset follows the seed
+    rows = [ResponseExample(f"question {i} ?", f"answer {i}") for i in range(40)]
+    gen = ResponseTask("qa", {"train": rows, "test": rows[:20]})
+    runs = [encode_response_task(gen, tiny_tokenizer(), TrainConfig(limit=10, eval_limit=6, seed=s).validate())
+            for s in (0, 1)]
+    assert len(runs[0][1]) == 6 and runs[0][1].responses == runs[1][1].responses
+    assert runs[0][0].responses != runs[1][0].responses
+
+
 def test_profile_fraction_profiles_a_subset():
     s = _run(max_steps=4, strategy="salf", budget="uniform", profile_fraction=0.25)
     assert s["profiled_examples"] == 12 and sum(s["eof_histogram"]["profile"]) == 12

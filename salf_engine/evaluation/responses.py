@@ -38,15 +38,17 @@ class AnswerLoss:
 
 
 def answer_loss(model: Any, split: EncodedResponses, *, batch_size: int = 8, pad_id: int = 0) -> AnswerLoss:
-    """The held-out answer loss of ``model`` on every row of ``split`` (no gradient, eval mode)."""
+    """The held-out answer loss of ``model`` on every row of ``split`` (no gradient, eval mode). Rows are
+    batched by length (a sum over rows does not depend on their order), so little of a batch is padding."""
     runner = TruncatedRunner(model)
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
+    by_length = sorted(range(len(split)), key=lambda i: len(split.input_ids[i]))
     try:
         with torch.no_grad():
             for start in range(0, len(split), batch_size):
-                rows = list(range(start, min(start + batch_size, len(split))))
+                rows = by_length[start:start + batch_size]
                 batch = collate_responses(split, rows, pad_id)
                 out = response_loss(runner, batch, 0)
                 total += float(out.total)

@@ -98,13 +98,13 @@ def encode_task(task, tokenizer, config: TrainConfig):
                                                        seed=config.seed)]
         if config.eval_limit is not None and config.eval_split != HOLDOUT:
             held = [held[j] for j in stratified_subset([full.labels[i] for i in held], config.eval_limit,
-                                                       seed=config.seed)]
+                                                       seed=HOLDOUT_SEED)]
         train_split, eval_split = subset_split(full, rest), subset_split(full, held)
     else:
         train_split = encode_split(task, tokenizer, "train", verbalizer, max_length=config.max_length,
                                    limit=config.limit, seed=config.seed)
         eval_split = encode_split(task, tokenizer, config.eval_split, verbalizer,
-                                  max_length=config.max_length, limit=config.eval_limit, seed=config.seed)
+                                  max_length=config.max_length, limit=config.eval_limit, seed=HOLDOUT_SEED)
     if len(train_split) == 0:
         raise ConfigError(f"the training split of {config.dataset} is empty")
     return verbalizer, train_split, eval_split
@@ -124,7 +124,8 @@ def load_response_task(config: TrainConfig):
 def encode_response_task(task, tokenizer, config: TrainConfig):
     """(train split, eval split) of a prompt/response task, encoded (:func:`~salf_engine.data.responses.
     encode_responses`) after drawing the subsets as :func:`encode_task` does, without classes: held-out rows
-    (the same for every seed), then ``limit`` / ``eval_limit`` rows drawn with the run's seed."""
+    (the same for every seed), then ``limit`` training rows drawn with the run's seed and ``eval_limit``
+    evaluation rows drawn with :data:`HOLDOUT_SEED` (the same for every seed)."""
     import random
 
 
@@ -143,7 +144,7 @@ def encode_response_task(task, tokenizer, config: TrainConfig):
     else:
         eval_examples = task.splits[config.eval_split]
     eval_examples = [eval_examples[i] for i in draw(list(range(len(eval_examples))), config.eval_limit,
-                                                     config.seed)]
+                                                     HOLDOUT_SEED)]
     train_examples = [task.splits["train"][i] for i in draw(train_rows, config.limit, config.seed)]
     return (encode_responses(train_examples, tokenizer, max_length=config.max_length),
             encode_responses(eval_examples, tokenizer, max_length=config.max_length))
