@@ -7,10 +7,10 @@ Every cell is one ``salf train`` run (seed, strategy) into ``OUTPUT/seed<S>/<str
 ``--max-length`` (384: at 320, 80 of 960 answers lose their final number; at 384, 20), evaluated on a
 fixed half of the test split (``--eval-limit`` 660 problems, the same for every cell: the whole split's
 1,319 took over 1.5 hours a cell at one thread) for answer loss and perplexity, and greedy final-number
-exact match on the first 100 of them. The zero-shot evaluation is the same for every cell, so only the first cell runs it. Seed 0
-of every strategy runs before seed 1, and the random-depth control after both. Finished cells are
-skipped, their ``summary.json`` and ``config.json`` kept under ``bench/results/sft/cells`` (committed)
-and put back first, so a fresh checkout resumes. One thread per worker (on a GPU: ``--workers 1``).
+exact match on the first 100 of them. The zero-shot evaluation is the same for every cell, so only
+the first cell runs it. Seed 0 of every strategy runs before seed 1, and the random-depth control after
+both. Finished cells are skipped, their ``summary.json`` and ``config.json`` kept under
+``bench/results/sft/cells`` (committed) and put back first, so a fresh checkout resumes. One thread per worker (on a GPU: ``--workers 1``).
 
     python bench/compare_sft.py [--limit 960] [--seeds 0,1] [--workers 1] [--report-only]
 
@@ -93,9 +93,10 @@ def report(out: Path, cells: list[tuple[int, str]]) -> str:
     found = {c: json.loads((_cell(out, *c) / "summary.json").read_text()) for c in cells
              if (_cell(out, *c) / "summary.json").is_file()}
     lines = ["# GSM8K supervised fine-tuning (SmolLM2-135M-Instruct)", "",
-             f"{len(found)} of {len(cells)} cells finished. Answer loss and perplexity on a fixed 660-problem "
-             "half of the test split, exact match of the final number on its first 100 problems (greedy), time = training seconds "
-             "relative to `full` of the same seed. `python bench/compare_sft.py` wrote this.", "",
+             f"{len(found)} of {len(cells)} cells finished. Answer loss and perplexity on a fixed "
+             "660-problem half of the test split, exact match of the final number on its first 100 problems "
+             "(greedy), time = training seconds relative to `full` of the same seed. "
+             "`python bench/compare_sft.py` wrote this.", "",
              "| strategy | seeds | answer loss | perplexity | exact match | backward saving | FLOPs vs full "
              "| time vs full |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -173,7 +173,7 @@ def test_eval_limit_scores_every_seed_on_the_same_rows():
     assert runs[0][1].example_indices != runs[1][1].example_indices  # the training subset follows the seed
     rows = [ResponseExample(f"question {i} ?", f"answer {i}") for i in range(40)]
     gen = ResponseTask("qa", {"train": rows, "test": rows[:20]})
-    runs = [encode_response_task(gen, tiny_tokenizer(), TrainConfig(limit=10, eval_limit=6, seed=s).validate())
+    runs = [encode_response_task(gen, tiny_tokenizer(), TrainConfig(limit=10, eval_limit=6, seed=s))
             for s in (0, 1)]
     assert len(runs[0][1]) == 6 and runs[0][1].responses == runs[1][1].responses
     assert runs[0][0].responses != runs[1][0].responses
