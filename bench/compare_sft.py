@@ -10,7 +10,8 @@ fixed half of the test split (``--eval-limit`` 660 problems, the same for every 
 exact match on the first 100 of them. The zero-shot evaluation is the same for every cell, so only
 the first cell runs it. Seed 0 of every strategy runs before seed 1, and the random-depth control after
 both. Finished cells are skipped, their ``summary.json`` and ``config.json`` kept under
-``bench/results/sft/cells`` (committed) and put back first, so a fresh checkout resumes. One thread per worker (on a GPU: ``--workers 1``).
+``bench/results/sft/cells`` (committed) and put back first, so a fresh checkout resumes. One thread per
+worker (on a GPU: ``--workers 1``).
 
     python bench/compare_sft.py [--limit 960] [--seeds 0,1] [--workers 1] [--report-only]
 
