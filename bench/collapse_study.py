@@ -33,14 +33,12 @@ RESULTS = ROOT / "bench" / "results" / "collapse"
 SST5 = ROOT.parent / "shared" / "data" / "sst5"
 #: label -> salf train options. ``default`` is ``--strategy salf`` as the CLI gave it before issue 38
 #: (no budget: Algorithm 3, each sample at its eof, 5 % profiled, unprofiled samples at their class's
-#: median eof), now spelled ``--budget none``; ``new-default`` is what ``--strategy salf`` gives since
-#: (SALF[half] narrowing, uniform budget, depth-first infill), spelled out so that it means the same in
-#: every checkout.
+#: median eof), now spelled ``--budget none``. ``narrowing`` is what ``--strategy salf`` gives since
+#: (SALF[half] narrowing), spelled out so that it means the same in every checkout.
 _HALF = ["--strategy", "salf", "--budget", "uniform"]
 _ALG3 = ["--strategy", "salf", "--budget", "none"]
 VARIANTS = {
     "default": _ALG3,
-    "new-default": [*_HALF, "--infill", "df", "--depth-schedule", "narrowing"],
     "default-pf1": [*_ALG3, "--profile-fraction", "1"],
     "default-mixed": [*_ALG3, "--depth-schedule", "mixed"],
     "narrowing": [*_HALF, "--depth-schedule", "narrowing"],
@@ -88,16 +86,16 @@ def write_data(out: Path) -> dict[str, Path]:
 
 def grid_cells(seeds: list[int]) -> list[tuple[int, int, str]]:
     """The most informative first (a cell takes 12-15 minutes on the shared 2-core CPU): 480 examples,
-    the old CLI default against SALF[half] by eof rank and narrowing, seed by seed; then the old and the
-    new default's collapse rates over every seed, at 480 and 960 examples; then the old default's
-    separated changes (full profile, mixed micro-batches) and the references."""
+    the old CLI default against SALF[half] by eof rank and narrowing (the new default), seed by seed;
+    then the old and the new default's collapse rates over every seed, at 480 and 960 examples; then the
+    old default's separated changes (full profile, mixed micro-batches) and the references."""
     first = ("default", "narrowing", "half")
     second = ("default-pf1", "default-mixed", "bot50", "full", "default-mixed-pf1", "half-random")
     cells = [(480, s, v) for s in seeds[:1] for v in first]
     cells += [(480, s, "default") for s in seeds[1:3]]  # the default's collapse rate, early
     cells += [(480, s, v) for s in seeds[1:2] for v in first[1:]]
-    cells += [(480, s, v) for s in seeds for v in ("default", "new-default")]  # before and after
-    cells += [(960, s, v) for s in seeds for v in ("new-default", "default")]
+    cells += [(480, s, v) for s in seeds for v in ("default", "narrowing")]  # the old and new default
+    cells += [(960, s, v) for s in seeds for v in ("narrowing", "default")]
     cells += [(480, s, v) for s in seeds[2:] for v in first[1:]]
     cells += [(480, s, v) for s in seeds for v in second]
     cells += [(960, s, v) for s in seeds for v in ("narrowing", "half", "bot50")]
