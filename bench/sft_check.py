@@ -3,8 +3,8 @@
 zero-shot one for both.
 
 Each strategy is one ``salf train`` run (``--limit`` training problems drawn with seed 0, one epoch, steps
-of 8, chat template, ``--max-length`` 384), evaluated on the same ``--eval-limit`` test problems (drawn
-with the same seed, so the slice is fixed) by answer loss alone (``--exact-match-rows 0``: no greedy
+of 8, chat template, ``--max-length`` 384), evaluated on the same ``--eval-limit`` test problems (the
+same rows for every seed) by answer loss alone (``--exact-match-rows 0``: no greedy
 decode). The first run also evaluates the zero-shot model; the second compares with that. Prints a table
 and exits 1 when a run fails or its fine-tuned answer loss is not below the zero-shot one.
 
