@@ -170,6 +170,8 @@ class TrainConfig:
     eval_batch_size: int = _opt(32, "examples per evaluation forward")
     zero_shot_eval: bool = _opt(True, "evaluate the pretrained model before training too",
                                 flag="--no-zero-shot")
+    eval_every_epoch: bool = _opt(False, "evaluate after every epoch too, off the training clock "
+                                         "(summary.json 'epochs': the scores against training seconds)")
     exact_match_rows: int = _opt(100, "prompt/response tasks: greedy final-number exact match on the first N "
                                       "evaluation rows (0: answer loss only)")
     max_new_tokens: int = _opt(256, "prompt/response tasks: tokens generated per row for the exact match")

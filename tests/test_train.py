@@ -179,12 +179,39 @@ def test_eval_limit_scores_every_seed_on_the_same_rows():
     assert runs[0][0].responses != runs[1][0].responses
 
 
+def test_eval_every_epoch_scores_each_epoch_and_trains_the_same(tmp_path):
+    from tiny_models import tiny_model
+
+    from salf_engine.evaluation import classification
+    from salf_engine.training import checkpoint as ckpt_mod
+
+    run = dict(max_steps=None, epochs=3, strategy="bot50")  # 48 examples in steps of 4: 12 steps an epoch
+    plain = _run(**run)
+    s = _run(**run, eval_every_epoch=True, save_every=12, output=str(tmp_path / "run"))
+    assert plain["epochs"] is None
+    assert s["loss_history"] == plain["loss_history"]  # evaluating between epochs changes no step
+    assert [(e["epoch"], e["step"]) for e in s["epochs"]] == [(1, 12), (2, 24), (3, 36)]
+    assert s["epochs"][-1]["free_macro_f1"] == s["fine_tuned"]["free_macro_f1"]
+    seconds = [e["train_seconds"] for e in s["epochs"]]
+    assert 0 < seconds[0] < seconds[1] < seconds[2]
+    # epoch 1's scores are those of the step-12 checkpoint's weights, evaluated on their own
+    weights = ckpt_mod.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000012").state["weights"]
+    model = tiny_model("llama", seed=0)
+    loaded = model.load_state_dict(weights, strict=False)  # the trained layers; the rest stays initial
+    assert weights and not loaded.unexpected_keys
+    p = _prepared("llama", TrainConfig(model="tiny", dataset="pattern"))
+    want = classification.evaluate(model.eval(), p.tokenizer, p.eval_split, p.verbalizer,
+                                   classes=list(p.task.classes)).summary()
+    assert s["epochs"][0]["free_macro_f1"] == pytest.approx(want["free_macro_f1"], abs=1e-12)
+    assert s["epochs"][0]["restricted_accuracy"] == pytest.approx(want["restricted_accuracy"], abs=1e-12)
+
+
 def test_profile_fraction_profiles_a_subset():
     s = _run(max_steps=4, strategy="salf", budget="uniform", profile_fraction=0.25)
     assert s["profiled_examples"] == 12 and sum(s["eof_histogram"]["profile"]) == 12
     full = _run(max_steps=4, strategy="salf", budget="uniform", profile_fraction=1.0)
     assert full["profiled_examples"] == 48 and full["flops_ratio"] > s["flops_ratio"]
-    default = _run(max_steps=4, strategy="salf", budget="uniform")
+    default = _run(max_steps=4, strategy="salf", budget="uniform", depth_schedule="per-row")
     assert default["profiled_examples"] == 3  # ceil(0.05 * 48): the default profiles a small fraction
 
 
@@ -206,7 +233,7 @@ def test_bf16_autocast_trains_in_bf16():
 
 
 def test_salf_strategy_reports_eofs_and_saving():
-    s = _run(max_steps=6, strategy="salf", profile_fraction=1.0)
+    s = _run(max_steps=6, strategy="salf", budget="none", profile_fraction=1.0)
     assert s["eof_histogram"] is not None and sum(s["eof_histogram"]["profile"]) == 48
     # the saving is the mean cut over the trained rows: hand-computed from the depth histogram
     hist, m = s["depth_histogram"], s["num_layers"]

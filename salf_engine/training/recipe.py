@@ -241,7 +241,8 @@ class TrainingRecipe:
             with tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
                       disable=not self.progress) as self.bar:
                 while self.state.step < self.total_steps and self.epoch():
-                    pass
+                    if config.eval_every_epoch and self.state.step < self.total_steps:
+                        self.evaluate_epoch()
         finally:
             if self.prefix_cache is not None:  # derived data: a disk cache's file goes
                 self.prefix_cache.close()
@@ -297,6 +298,25 @@ class TrainingRecipe:
         self.run_dir.log({**row, "seconds": round(time.perf_counter() - t_step, 4)})
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{step_loss:.4f}", depth=shown)
+
+    def evaluate_epoch(self) -> None:
+        """``--eval-every-epoch``: the model's evaluation after the epoch just done, off the training clock
+        and with the RNG states put back after it (the run trains exactly as without it), kept in the
+        state."""
+        self._lap()
+        rng = ckpt_mod.rng_state()
+        model = self.wrapped.model
+        model.eval()
+        report = evaluate_task(model, self.p, progress=self.progress, desc=f"epoch {self.state.epoch} eval")
+        model.train()
+        ckpt_mod.set_rng_state(rng)
+        scores = {"epoch": self.state.epoch, "step": self.state.step,
+                  "train_seconds": round(self.state.train_seconds, 3), **report.summary()}
+        self.state.epoch_evals.append(scores)
+        self.run_dir.log({"event": "eval", "phase": f"epoch {self.state.epoch}", **scores,
+                          "seconds": round(report.seconds, 3)})
+        self.say(format_scores(f"after epoch {self.state.epoch}", report.summary()))
+        self.t_lap = time.perf_counter()
 
     def checkpoint(self) -> None:
         """The whole training state after this step (checkpoint.py writes it atomically); writing it is not
@@ -392,6 +412,9 @@ class TrainingRecipe:
             "depth_histogram": cost.depth_histogram(), "eof_histogram": driver.eof_histograms(),
             "prefix_cache": self.prefix_cache.summary() if self.prefix_cache is not None else self.prefix_off,
             "zero_shot": zero_shot.summary() if zero_shot else None, "fine_tuned": final.summary(),
+            "epochs": ([*state.epoch_evals, {"epoch": state.epoch, "step": state.step,
+                                             "train_seconds": round(train_seconds, 3), **final.summary()}]
+                       if config.eval_every_epoch else None),
             "zero_shot_eval_seconds": round(zero_shot.seconds, 3) if zero_shot else None,
             "fine_tuned_eval_seconds": round(final.seconds, 3),
             "total_seconds": round(time.perf_counter() - self.t_start

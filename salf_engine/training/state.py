@@ -18,7 +18,8 @@ class TrainState:
     ``skipped`` steps, the step ``losses`` (of the steps that updated), the training and checkpoint-writing
     wall time of every process of the run so far, the steps it was resumed at, the strategy's state at the
     epoch's start (``epoch_start``: what replaying the epoch needs) and, on a resumed run until its epoch
-    is replayed, the ``resume`` point."""
+    is replayed, the ``resume`` point; ``epoch_evals``: the evaluations after each epoch
+    (``--eval-every-epoch``)."""
 
     step: int = 0
     epoch: int = 0
@@ -30,6 +31,7 @@ class TrainState:
     resumed_at: list[int] = field(default_factory=list)
     epoch_start: dict[str, Any] | None = None
     resume: ResumePoint | None = None
+    epoch_evals: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, loss: float | None) -> None:
         """One more optimizer step (and plan) done: its loss, or None for a skipped step."""
@@ -55,7 +57,8 @@ class TrainState:
         return {"step": self.step, "epoch": self.epoch, "plans_done": self.plans_done,
                 "skipped_steps": self.skipped, "losses": list(self.losses),
                 "epoch_start_strategy": self.epoch_start, "train_seconds": self.train_seconds,
-                "checkpoint_seconds": self.checkpoint_seconds, "resumed_at_steps": list(self.resumed_at)}
+                "checkpoint_seconds": self.checkpoint_seconds, "resumed_at_steps": list(self.resumed_at),
+                "epoch_evals": [dict(e) for e in self.epoch_evals]}
 
     def load_state_dict(self, state: dict[str, Any], *, total_steps: int | None = None) -> None:
         """Resume from :meth:`state_dict` (plus the strategy's ``"strategy"`` state): the epoch is replayed up
@@ -70,6 +73,7 @@ class TrainState:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.checkpoint_seconds = float(state.get("checkpoint_seconds", 0.0))
         self.resumed_at = [*state.get("resumed_at_steps", []), self.step]
+        self.epoch_evals = [dict(e) for e in state.get("epoch_evals", [])]
         if total_steps is not None and self.step >= total_steps:
             self.epoch += 1
             self.resume = None
