@@ -53,7 +53,7 @@ def epoch_seconds(cell: Path) -> list[float]:
     per: dict[int, float] = {}
     for line in (cell / "metrics.jsonl").read_text().splitlines():
         step = json.loads(line)
-        if "epoch" in step:  # the evaluation's line has none
+        if "event" not in step:  # a step's line (evaluations log an event)
             per[step["epoch"]] = per.get(step["epoch"], 0.0) + step["seconds"]
     return [per[e] for e in sorted(per)]
 

@@ -1,0 +1,198 @@
+"""Accuracy at equal wall time (issue 37): three epochs of full fine-tuning against the strategies a freezing
+engine makes cheaper from the second epoch on, scored after every epoch.
+
+Every cell is one ``salf train`` run (seed, dataset, strategy) of SmolLM2-135M into
+``OUTPUT/seed<S>/<dataset>/<strategy>``: 960 class-stratified training examples (seeded), three epochs,
+steps of 8, ``--eval-every-epoch`` on the full test split (macro-F1 with free decoding after each epoch,
+off the training clock), CLI defaults otherwise: the prefix cache is on where it is exact (BOT50,
+LoRA[half], the rising floor), learning rates are the CLI's (the weights' and LoRA's, from
+``bench/results/lr_sweep.md``). Strategies (:data:`STRATEGIES`): full, BOT50, LoRA[half], SALF[half]
+narrowing (the default ``salf``: its floor returns to 0 every epoch, so nothing is cached) and the rising
+floor (narrowing across the whole run, cached). TREC first, seed 0 then seed 1 of every strategy, then
+SST-5, then CARER, so a grid stopped part-way leaves whole answers. Finished cells are skipped, their
+``summary.json`` and ``config.json`` kept under ``bench/results/epochs/cells`` (committed) and put back
+first, so a fresh checkout resumes. One thread per worker: two workers share the 2-core CPU, so their
+times are ratios of cells that ran beside each other (``bench/results/prefix_cache_speed.md`` times the
+cache on an idle machine).
+
+    python bench/compare_epochs.py [--output runs/epochs] [--seeds 0,1] [--datasets trec,sst5,carer]
+                                   [--workers 2] [--report-only]
+
+It writes ``bench/results/epochs/report.md`` (macro-F1 and training time after each epoch, and the most
+accurate strategy at the wall time of one and of two epochs of full fine-tuning) and ``f1_vs_time.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from bench_utils import keep_cell, mean_spread, restore_kept, run_cells
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "epochs"
+DATASETS = ["trec", "sst5", "carer"]
+#: label -> salf train options of every strategy compared
+STRATEGIES = {
+    "full": ["--strategy", "full"],
+    "bot50": ["--strategy", "bot50"],
+    "lora-half": ["--strategy", "lora-half"],
+    "narrowing": ["--strategy", "salf", "--budget", "uniform", "--infill", "df", "--depth-schedule",
+                  "narrowing"],
+    "rising": ["--strategy", "salf", "--budget", "uniform", "--infill", "df", "--depth-schedule", "rising"],
+}
+EPOCHS = 3
+SETTINGS = ["--model", "smollm2-135m", "--limit", "960", "--epochs", str(EPOCHS), "--batch-size", "8",
+            "--max-length", "128", "--eval-batch-size", "64", "--eval-every-epoch", "--no-zero-shot",
+            "--discard-models", "--quiet"]
+Cell = tuple[int, str, str]  # (seed, dataset, strategy)
+
+
+def grid_cells(seeds: list[int], datasets: list[str]) -> list[Cell]:
+    """Dataset by dataset, seed by seed, every strategy."""
+    return [(seed, ds, label) for ds in datasets for seed in seeds for label in STRATEGIES]
+
+
+def _cell(out: Path, cell: Cell) -> Path:
+    seed, ds, label = cell
+    return out / f"seed{seed}" / ds / label
+
+
+def curve(summary: dict) -> list[tuple[float, float]]:
+    """(training seconds, macro-F1 with free decoding) after each epoch of a cell."""
+    return [(e["train_seconds"], e["free_macro_f1"]) for e in summary["epochs"]]
+
+
+def best_within(points: list[tuple[float, float]], seconds: float) -> tuple[int, float] | None:
+    """(epochs, macro-F1) of the last epoch finished within ``seconds`` of training; None when none is."""
+    done = [(k + 1, f1) for k, (t, f1) in enumerate(points) if t <= seconds]
+    return done[-1] if done else None
+
+
+def report(out: Path, cells: list[Cell]) -> str:
+    """``report.md`` and ``f1_vs_time.png`` from the finished cells."""
+    found = {c: json.loads((_cell(out, c) / "summary.json").read_text()) for c in cells
+             if (_cell(out, c) / "summary.json").is_file()}
+    lines = ["# Accuracy at equal wall time (issue 37): SmolLM2-135M, 960 examples, three epochs", "",
+             f"{len(found)} of {len(cells)} cells finished. Macro-F1 (free decoding, full test split) after "
+             "each epoch; time = training seconds so far relative to full fine-tuning's first epoch (same "
+             "dataset and seed); mean ± half the range over seeds. `python bench/compare_epochs.py` wrote "
+             "this.", ""]
+    datasets = list(dict.fromkeys(ds for _, ds, _ in cells))
+    seeds = sorted({s for s, _, _ in cells})
+    budgets: dict[int, dict[str, list[float]]] = {1: {}, 2: {}}
+    plot: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for ds in datasets:
+        rows = []
+        for label in STRATEGIES:
+            per_epoch: list[list[tuple[float, float]]] = [[] for _ in range(EPOCHS)]
+            for seed in seeds:
+                mine, full = found.get((seed, ds, label)), found.get((seed, ds, "full"))
+                if mine is None or full is None:
+                    continue
+                unit = curve(full)[0][0]
+                for k, (t, f1) in enumerate(curve(mine)):
+                    per_epoch[k].append((t / unit, f1))
+                for b in budgets:
+                    hit = best_within(curve(mine), b * unit)
+                    budgets[b].setdefault(f"{ds}|{label}", []).append(hit[1] if hit else float("nan"))
+            if not per_epoch[0]:
+                continue
+            rows.append(f"| {label} | {len(per_epoch[0])} | " + " | ".join(
+                f"{mean_spread([f for _, f in e])} ({sum(t for t, _ in e) / len(e):.2f})" if e else "—"
+                for e in per_epoch) + " |")
+            plot.setdefault(ds, {})[label] = [(sum(t for t, _ in e) / len(e), sum(f for _, f in e) / len(e))
+                                              for e in per_epoch if e]
+        if rows:
+            lines += [f"## {ds}", "", "| strategy | seeds | " + " | ".join(
+                f"epoch {k + 1}: macro-F1 (time)" for k in range(EPOCHS)) + " |",
+                "|---|---:|" + "---:|" * EPOCHS, *rows, ""]
+    lines += ["## The most accurate strategy at the wall time of one and of two epochs of full "
+              "fine-tuning", "",
+              "Per dataset and seed, each strategy's macro-F1 after its last epoch finished within the "
+              "budget (nan: not even its first epoch fits), then the mean over seeds.", "",
+              "| budget | dataset | " + " | ".join(STRATEGIES) + " | most accurate |",
+              "|---|---|" + "---:|" * len(STRATEGIES) + "---|"]
+    for b, scores in budgets.items():
+        for ds in datasets:
+            means = {label: _mean(scores.get(f"{ds}|{label}", [])) for label in STRATEGIES}
+            fitted = {k: v for k, v in means.items() if v == v}
+            if not fitted:
+                continue
+            winner = max(fitted, key=fitted.__getitem__)
+            lines.append(f"| {b} epoch{'s' if b > 1 else ''} of full | {ds} | "
+                         + " | ".join("—" if v != v else f"{v:.3f}" for v in means.values())
+                         + f" | {winner} |")
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "report.md").write_text(text)
+    _plot(plot, RESULTS / "f1_vs_time.png")
+    return text
+
+
+def _mean(values: list[float]) -> float:
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept) if kept and len(kept) == len(values) else float("nan")
+
+
+def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> None:
+    """One panel per dataset: macro-F1 against training time (full's first epoch = 1), a line per strategy
+    through its epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.5), squeeze=False)
+    for ax, (ds, series) in zip(axes[0], curves.items(), strict=True):
+        for label, points in series.items():
+            ax.plot([t for t, _ in points], [f for _, f in points], marker="o", label=label)
+        ax.set(title=ds, xlabel="training time (full fine-tuning's first epoch = 1)",
+               ylabel="macro-F1 (free decoding)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) the grid, then print the report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--output", default=str(ROOT / "runs" / "epochs"))
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.output)
+    cells = grid_cells([int(s) for s in args.seeds.split(",")], args.datasets.split(","))
+    if not args.report_only:
+        restore_kept(out, RESULTS)
+        todo = [c for c in cells if not (_cell(out, c) / "summary.json").is_file()]
+
+        def command(cell: Cell) -> list[str]:
+            if _cell(out, cell).exists():
+                shutil.rmtree(_cell(out, cell))  # an interrupted cell starts again
+            seed, ds, label = cell
+            return [sys.executable, "-m", "salf_engine", "train", *SETTINGS, *STRATEGIES[label],
+                    "--dataset", ds, "--data-dir", args.data_dir, "--seed", str(seed),
+                    "--output", str(_cell(out, cell))]
+
+        def done(cell: Cell) -> None:
+            keep_cell(out, RESULTS, _cell(out, cell))
+            report(out, cells)
+
+        failed = run_cells(todo, command, out, workers=args.workers, done=done, cwd=ROOT)
+    print(report(out, cells))
+    return 1 if not args.report_only and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
