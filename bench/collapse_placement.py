@@ -1,7 +1,8 @@
 """Issue 38: where SALF puts each class before training, without training: the cut of every training
-example of binary SST under ``--strategy salf`` (the CLI's default: Algorithm 3, each sample at its own
-eof, a sample outside the 5 % profile at its class's median profiled eof) and under SALF[half] by eof rank
-(``--budget uniform``), per seed and training-set size, from the same profile as the run's.
+example of binary SST under ``--strategy salf --budget none`` (the CLI's default before issue 38:
+Algorithm 3, each sample at its own eof, a sample outside the 5 % profile at its class's median profiled
+eof) and under SALF[half] by eof rank (``--budget uniform``, per-row: the profile fraction is given), per
+seed and training-set size, from the same profile as the run's.
 
     python bench/collapse_placement.py [--sizes 480,960] [--seeds 0,1,2,3,4] [--full-profile-seeds 0]
 
@@ -72,7 +73,8 @@ def main() -> int:
     pad_id = p.tokenizer.pad_token_id if p.tokenizer.pad_token_id is not None else 0
     lines = ["# Placement before training (issue 38): each class's cuts, binary SST, SmolLM2-135M", "",
              "Per cell: a class's mean cut, the share of its rows cut at >= 15 of 30 layers, and its "
-             "profiled eofs (before training). `default` is `--strategy salf` (Algorithm 3: a sample at its "
+             "profiled eofs (before training). `default` is `--budget none` (Algorithm 3, the default before "
+             "issue 38: a sample at its "
              "eof, unprofiled ones at their class's median profiled eof); `half` is `--budget uniform` "
              "(eof rank inside each class). `python bench/collapse_placement.py` wrote this.", "",
              "| examples | seed | strategy | profile | negative: mean cut / deep | positive: mean cut / deep "
@@ -84,7 +86,8 @@ def main() -> int:
             for seed in (int(x) for x in args.seeds.split(",")):
                 for fraction in (0.05, 1.0) if seed in full and n == 480 else (0.05,):
                     # with every sample profiled, the eof rank spreads each class by construction
-                    for label, budget in (("default", None), ("half", "uniform"))[:1 if fraction == 1 else 2]:
+                    cells = (("default", "none"), ("half", "uniform"))
+                    for label, budget in cells[:1 if fraction == 1 else 2]:
                         config = dataclasses.replace(base, limit=n, seed=seed, budget=budget,
                                                      profile_fraction=fraction)
                         got = _placement(p, config, runner, pad_id)

@@ -42,7 +42,7 @@ VARIANTS = {
     "default-pf1": [*_ALG3, "--profile-fraction", "1"],
     "default-mixed": [*_ALG3, "--depth-schedule", "mixed"],
     "narrowing": [*_HALF, "--depth-schedule", "narrowing"],
-    "half": _HALF,
+    "half": [*_HALF, "--depth-schedule", "per-row"],
     "bot50": ["--strategy", "bot50"],
     "full": ["--strategy", "full"],
     "default-mixed-pf1": [*_ALG3, "--depth-schedule", "mixed", "--profile-fraction", "1"],

@@ -23,6 +23,8 @@ from salf_engine.deviation.contract import (
 from salf_engine.errors import ConfigError, positive_int
 from salf_engine.schedule.names import (
     ADT_STEPS,
+    DEFAULT_ASSIGNMENT,
+    DEFAULT_BUDGET,
     DEFAULT_CUTS_PER_STEP,
     INFILLS,
     Budget,
@@ -30,6 +32,7 @@ from salf_engine.schedule.names import (
     DepthSchedule,
     Infill,
     StrategyName,
+    default_schedule,
 )
 from salf_engine.schedule.names import ASSIGNMENTS as DEPTH_ASSIGNMENTS
 from salf_engine.schedule.names import SCHEDULES as DEPTH_SCHEDULES
@@ -37,7 +40,7 @@ from salf_engine.schedule.names import SCHEDULES as DEPTH_SCHEDULES
 __all__ = ["TrainConfig", "DTYPES", "LOSSES", "METRICS", "SCHEDULES", "LENSES",
            "DEPTH_SCHEDULES", "DEPTH_ASSIGNMENTS", "INFILLS", "DEFAULT_LORA_TARGETS",
            "DEFAULT_LR", "DEFAULT_LORA_LR", "DEFAULT_PROFILE_FRACTION", "NONFINITE_ACTIONS",
-           "GENERATIVE_PRESETS", "is_generative_preset", "load_config_file"]
+           "GENERATIVE_PRESETS", "is_generative_preset", "load_config_file", "with_strategy_defaults"]
 
 # The allowed names of every choice field, defined once (as the field types); the tuples are read off them.
 # The deviation names come from `deviation.contract` and the strategy names from `schedule.names`, where
@@ -102,17 +105,21 @@ class TrainConfig:
               "evaluation (0 < f < 1)")
     # which layers to train
     strategy: StrategyName = _opt("salf", "what trains where (see README)")
-    budget: Budget | None = _opt(None, "SALF budget plan (default: none, each sample at its eof)")
-    infill: Infill | None = _opt(None, "budget infilling order (sets the quotas, not the visit order)")
-    depth_schedule: DepthSchedule = _opt(
-        "per-row", "per-row (every row of a forward at its own cut), mixed (cuts-per-step micro-batches "
-                   "of one cut each per optimizer step), paper (Algorithm 4 as written), narrowing / "
-                   "widening (per-row, the budget's depths ascending / descending over each epoch; "
-                   "no profile)")
-    depth_assignment: DepthAssignment = _opt(
-        "class-rank", "budgeted SALF: class-rank (eof rank inside each class), eof-match (Algorithm 4's "
-                      "matching) or loss-rank (last training loss inside each class, hardest deepest; no "
-                      "profile)")
+    budget: Budget | None = _opt(
+        None, "SALF budget plan (default: uniform, SALF[half]; none: Algorithm 3, each sample at its eof)")
+    infill: Infill | None = _opt(None, "budget infilling order (sets the quotas, not the visit order; "
+                                       "default: bf)")
+    depth_schedule: DepthSchedule | None = _opt(
+        None, "default: narrowing for salf, per-row with --budget none, --depth-assignment, "
+              "--profile-fraction or --cut-levels (a schedule needs --budget named). per-row (every row of "
+              "a forward at its own cut), mixed (cuts-per-step micro-batches of one cut each per optimizer "
+              "step), paper (Algorithm 4 as written), narrowing / widening (per-row, the budget's depths "
+              "ascending / descending over each epoch; no profile), rising (narrowing across the whole run: "
+              "the frozen floor rises, and the prefix cache keeps the rows below it)")
+    depth_assignment: DepthAssignment | None = _opt(
+        None, "budgeted SALF, per-row or mixed (default: class-rank): class-rank (eof rank inside each "
+              "class), eof-match (Algorithm 4's matching) or loss-rank (last training loss inside each "
+              "class, hardest deepest; no profile)")
     cuts_per_step: int = _opt(DEFAULT_CUTS_PER_STEP, "micro-batches of different depths per optimizer step "
                                                      "(SALF's mixed schedule, LIFT)")
     cut_levels: int | None = _opt(None, "per-row schedule: round each forward's depths down to at most "
@@ -350,6 +357,23 @@ def field_choices() -> dict[str, tuple[tuple[str, ...], bool]]:
         inner = [a for a in args if a is not type(None)] if optional else [tp]
         if len(inner) == 1 and typing.get_origin(inner[0]) is Literal:
             out[name] = (get_args(inner[0]), optional)
+    return out
+
+
+def with_strategy_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with the strategy's defaults filled in (``budget``, ``depth_schedule``,
+    ``depth_assignment``), so that two configs of the same strategy compare equal. A salf config with a
+    schedule and no budget was saved before issue 38, when no budget meant Algorithm 3: its budget reads
+    ``"none"``."""
+    out = dict(data)
+    name = out.get("strategy", "salf")
+    budget, schedule, assignment = out.get("budget"), out.get("depth_schedule"), out.get("depth_assignment")
+    if name == "salf" and budget is None:
+        budget = "none" if schedule is not None else DEFAULT_BUDGET
+    out["budget"] = budget
+    out["depth_schedule"] = schedule or default_schedule(name, budget, assignment,
+                                                         out.get("profile_fraction"), out.get("cut_levels"))
+    out["depth_assignment"] = assignment or DEFAULT_ASSIGNMENT
     return out
 
 

@@ -63,8 +63,10 @@ SAME = ("loss_history", "steps", "epochs_run", "examples_trained", "cost_saving_
 
 @pytest.mark.parametrize("overrides, stop_after, corrupt_newest", [
     ({"strategy": "full", "max_steps": 9}, 5, False),                       # mid-epoch
-    ({"strategy": "salf", "budget": "uniform", "epochs": 2, "batch_size": 8}, 8, True),  # epoch end
-    ({"strategy": "salf", "epochs": 2, "batch_size": 8, "train_head": True}, 8, False),  # epoch 1
+    ({"strategy": "salf", "budget": "uniform", "depth_schedule": "per-row", "epochs": 2, "batch_size": 8},
+     8, True),  # epoch end
+    ({"strategy": "salf", "budget": "none", "epochs": 2, "batch_size": 8, "train_head": True},
+     8, False),  # epoch 1
     ({"strategy": "adt-low", "max_steps": 10}, 5, False),                    # inside ADT's warm-up
     ({"strategy": "adt-high", "max_steps": 10}, 7, False),                   # after ADT chose
     ({"strategy": "full", "lora": True, "max_steps": 6}, 4, False),          # LoRA adapter + dropout
@@ -347,8 +349,9 @@ def _sigkill_at_first_checkpoint(proc: subprocess.Popen, run: Path, timeout: flo
     return 1 + len(descendants)
 
 
-@pytest.mark.parametrize("strategy", [["--strategy", "salf", "--budget", "uniform"],
-                                      ["--strategy", "adt-low"]], ids=["salf-uniform", "adt-low"])
+@pytest.mark.parametrize("strategy", [
+    ["--strategy", "salf", "--budget", "uniform", "--depth-schedule", "per-row"], ["--strategy", "adt-low"]],
+    ids=["salf-uniform", "adt-low"])
 def test_sigkill_then_resume_gives_identical_weights(tiny_dir, tmp_path, strategy):
     model = str(tiny_dir("llama"))
     ref = tmp_path / "ref"
@@ -416,7 +419,8 @@ def test_resumed_wall_time_adds_up_without_checkpoint_writes(tmp_path, monkeypat
 #: checkpoint, then resumed with ``salf train --resume`` under torchrun again, end with the uninterrupted
 #: two-rank run's weights, bit for bit, and its losses and metrics lines.
 TORCHRUN_ARGS = ["--dataset", "trec", "--limit", "48", "--eval-limit", "8", "--batch-size", "2",
-                 "--lr", "1e-3", "--strategy", "salf", "--budget", "uniform", "--deviation-impl", "torch",
+                 "--lr", "1e-3", "--strategy", "salf", "--budget", "uniform", "--depth-schedule", "per-row",
+                 "--deviation-impl", "torch",
                  "--no-zero-shot", "--quiet", "--device", "cpu", "--save-every", "2",
                  "--save-total-limit", "2", "--max-steps", "40", "--max-length", "64"]
 

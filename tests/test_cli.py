@@ -80,7 +80,8 @@ def test_lora_adapter_reloads_with_same_accuracy(tiny_dir, tmp_path, capsys):
 
 def test_salf_run_and_profile(tiny_dir, tmp_path, capsys):
     run = tmp_path / "salf"
-    assert _train(tiny_dir("gemma2"), run, "--strategy", "salf", "--profile-fraction", "1") == 0
+    algorithm3 = ["--strategy", "salf", "--budget", "none", "--profile-fraction", "1"]
+    assert _train(tiny_dir("gemma2"), run, *algorithm3) == 0
     assert (run / "eof_hist.png").stat().st_size > 0
     summary = json.loads((run / "summary.json").read_text())
     assert sum(summary["eof_histogram"]["profile"]) == 24

@@ -209,11 +209,32 @@ def test_bad_input_fails_before_anything_runs(tmp_path, monkeypatch, capsys, dat
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("text", "shared", "label", "schedule"), [
+    ("salf", {}, "salf-uniform-bf-narrowing", None),               # the default (issue 38)
+    ("salf:none", {}, "salf", None),                               # Algorithm 3
+    ("salf:uniform:df", {}, "salf-uniform-df", "per-row"),         # SALF[half] by eof rank, as always
+    ("salf:geom:bf", {}, "salf-geom-bf", "per-row"),
+    ("salf:uniform:df:narrowing", {}, "salf-uniform-df-narrowing", "narrowing"),
+    ("salf:uniform:df", {"depth_schedule": "mixed"}, "salf-uniform-df", "mixed"),  # the shared one wins
+    ("bot50", {}, "bot50", None),
+])
+def test_cell_strategies_after_the_default_changed(text, shared, label, schedule):
+    from salf_engine.experiments.grid import DatasetCell
+    from salf_engine.schedule.strategies import strategy_from_config
+
+    settings = CompareSettings(model="m", datasets=["trec"], strategies=[text], output="out",
+                               train={"depth_schedule": None, **shared})
+    cfg = settings.cell_config(DatasetCell("trec", "trec"), parse_strategy(text))
+    strategy = strategy_from_config(cfg)
+    assert (strategy.label, cfg.depth_schedule) == (label, schedule)
+    assert strategy.needs_profile == (label in ("salf", "salf-uniform-df", "salf-geom-bf"))
+
+
 def test_cell_syntax():
     assert parse_strategy("salf").label == "salf"
     assert parse_strategy("salf:half:df").label == "salf:uniform:df"
     assert parse_strategy("salf:geom").label == "salf:geom:bf"
-    assert parse_strategy("salf:none").label == "salf"
+    assert parse_strategy("salf:none").label == "salf:none"
     cell = parse_strategy("bot:0.3:lora")
     got = (cell.strategy, cell.freeze_fraction, cell.lora, cell.dirname)
     assert got == ("bot", 0.3, True, "bot_0.3_lora")
@@ -227,7 +248,7 @@ def test_cell_syntax():
     # cuts per step are micro-batches of one cut each: the cell runs the mixed schedule
     assert cell.config_fields()["depth_schedule"] == "mixed" and cell.config_fields()["cuts_per_step"] == 2
     assert "depth_schedule" not in parse_strategy("salf:uniform:df").config_fields()  # per-row default
-    with pytest.raises(ConfigError, match="needs a salf budget"):
+    with pytest.raises(ConfigError, match="depth schedule 'paper' needs the budget plan named"):
         parse_strategy("salf:paper")
     cell = parse_strategy("salf:uniform:df:narrowing")
     assert cell.config_fields()["depth_schedule"] == "narrowing"

@@ -127,7 +127,8 @@ def _oracle(cfg, plans) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("strategy,kw", [("salf", {"budget": "uniform"}), ("int50", {})])
+@pytest.mark.parametrize("strategy,kw", [("salf", {"budget": "uniform", "depth_schedule": "per-row"}),
+                                         ("int50", {})])
 def test_three_loops_equal_a_plain_torch_loop(tmp_path, recorded_plans, strategy, kw):
     cfg = _config(strategy, **kw)
     got = {}

@@ -165,6 +165,46 @@ def test_train_help_shows_defaults():
         assert twice not in flat, twice
 
 
+@pytest.mark.parametrize(("line", "label"), [
+    ([], "salf-uniform-bf-narrowing"),                                    # the default (issue 38)
+    (["--budget", "uniform"], "salf-uniform-bf-narrowing"),
+    (["--budget", "none"], "salf"),                                       # Algorithm 3
+    (["--budget", "uniform", "--depth-schedule", "per-row"], "salf-uniform-bf"),  # SALF[half] by eof rank
+    (["--profile-fraction", "1"], "salf-uniform-bf"),
+    (["--depth-assignment", "eof-match"], "salf-uniform-bf"),
+    (["--budget", "geom", "--cut-levels", "2"], "salf-geom-bf"),
+    (["--budget", "uniform", "--depth-schedule", "narrowing", "--cut-levels", "2"],
+     "salf-uniform-bf-narrowing"),
+], ids=str)
+def test_cli_strategy_salf_resolves_to_the_default(line, label):
+    from salf_engine.schedule.strategies import strategy_from_config
+
+    args = cli.parse_args(["train", "--model", "m", "--output", "o", "--strategy", "salf", *line])
+    assert strategy_from_config(TrainConfig(**fields_from_args(args)).validate()).label == label
+    flat = " ".join(cli.build_parser().commands["train"].format_help().split())
+    assert "SALF budget plan (default: uniform, SALF[half]; none: Algorithm 3" in flat
+    assert "default: narrowing for salf, per-row with --budget none" in flat
+
+
+def test_a_run_saved_before_the_default_changed_does_not_resume_as_another_strategy(tmp_path):
+    """A config.json with no budget and the per-row schedule ran Algorithm 3: --resume refuses it until
+    --budget none says so, and the new default differs from it by name."""
+    from salf_engine.training.inputs import check_resume
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = TrainConfig(model="tiny", output=str(run)).to_dict()
+    saved.update(budget=None, depth_schedule="per-row", depth_assignment="class-rank")  # as written before
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="needs the budget plan named: --budget none for Algorithm 3"):
+        TrainConfig(**fields_from_args(cli.parse_args(["train", "--resume", str(run)]))).validate()
+    args = cli.parse_args(["train", "--resume", str(run), "--budget", "none"])
+    check_resume(TrainConfig(**fields_from_args(args)).validate())  # the same run: no difference
+    with pytest.raises(ConfigError, match="budget: 'none' -> 'uniform'; .*depth_schedule: 'per-row' -> "
+                                          "'narrowing'"):
+        check_resume(TrainConfig(model="tiny", output=str(run)).validate())
+
+
 def test_run_directory_config_round_trips(tmp_path):
     """A config.json as `train` writes it resolves, through --config, to the same TrainConfig."""
     cfg = _custom()
@@ -203,14 +243,15 @@ def test_a_run_config_never_sets_where_eval_and_profile_write(tmp_path):
 @pytest.mark.parametrize(("fields", "needle"), [
     (dict(strategy="salf", cuts_per_step=2), "cuts_per_step counts the micro-batches of the 'mixed'"),
     (dict(strategy="bot50", cut_levels=2), "cut_levels rounds the per-row schedule's depths"),
-    (dict(strategy="salf", depth_schedule="mixed", cut_levels=2), "cut_levels rounds the per-row"),
+    (dict(strategy="salf", budget="none", depth_schedule="mixed", cut_levels=2),
+     "cut_levels rounds the per-row"),
     (dict(strategy="salf", cut_levels=0), "cut_levels must be a positive integer"),
 ])
 def test_step_layout_options_that_would_do_nothing_are_refused(fields, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         TrainConfig(**fields).validate()
     # what each of them means, spelled so, is valid
-    TrainConfig(strategy="salf", depth_schedule="mixed", cuts_per_step=2).validate()
+    TrainConfig(strategy="salf", budget="none", depth_schedule="mixed", cuts_per_step=2).validate()
     TrainConfig(strategy="salf", cut_levels=2).validate()
     TrainConfig(strategy="lift-star-half", cuts_per_step=2).validate()  # LIFT's rotation has micro-batches
 

@@ -61,7 +61,8 @@ def _plain_loop(p, plans) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("strategy,kw", [("full", {}), ("bot50", {}), ("salf", {"budget": "uniform"})])
+@pytest.mark.parametrize("strategy,kw", [("full", {}), ("bot50", {}),
+                                         ("salf", {"budget": "uniform", "depth_schedule": "per-row"})])
 def test_train_equals_a_plain_torch_loop(strategy, kw, monkeypatch):
     """train()'s weights after 5 steps equal those of a plain torch loop over the HF forward that trains the
     same rows at the same cuts (the plans the run made, recorded as it made them)."""

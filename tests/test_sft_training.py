@@ -166,7 +166,7 @@ def test_salf_on_answers_profiles_every_row_unless_told_and_says_so():
     ``profile_fraction`` SALF profiles every row (docs/sft.md); given one, it is kept; classification keeps
     its 5 % default."""
     said: list[str] = []
-    cfg = _config("salf", budget="uniform", infill="df", max_steps=1)
+    cfg = _config("salf", budget="uniform", infill="df", depth_schedule="per-row", max_steps=1)
     assert cfg.profile_fraction is None and cfg.resolved_profile_fraction() == 1.0
     p = _prepared(cfg)
     summary = train(cfg, progress=False, log=said.append, prepared=p)

@@ -130,7 +130,8 @@ def test_step_size_counts_examples_for_every_strategy():
     """Every strategy's epoch has ceil(N / step) steps of exactly `step` examples (the last aside)."""
     n, step = 101, 8
     for name, opts in [("full", {}), ("bot50", {}), ("lift-star-half", {}), ("salf", {}),
-                       ("salf", dict(budget="arith", infill="df")), ("salf", dict(budget="geom")),
+                       ("salf", dict(budget="none")), ("salf", dict(budget="arith", infill="df")),
+                       ("salf", dict(budget="geom")),
                        ("adt-low", {}), ("salf", dict(budget="uniform", schedule="paper"))]:
         s = started(name, n=n, **opts)
         sizes = [len(p) for p in all_plans(s, batch_size=step)]
@@ -200,15 +201,16 @@ def test_every_salf_step_mixes_classes():
     n, m = 480, 30
     labels = [i % 6 for i in range(n)]
     eofs = [min(m, 3 * y + (i % 3)) for i, y in enumerate(labels)]  # each class its own few eofs
-    for options in [dict(budget="uniform", infill="df"), dict(budget="arith", infill="df"),
-                    dict(budget="geom", infill="bf"), {}]:
+    for options in [dict(budget="uniform", infill="df", schedule="per-row"),
+                    dict(budget="arith", infill="df", schedule="per-row"),
+                    dict(budget="geom", infill="bf", schedule="per-row"), dict(budget="none")]:
         s = make_strategy("salf", **options)
         s.begin(m, n, eofs, 0, labels=labels)
         plans = all_plans(s, batch_size=8)
         assert all(len(p) == 8 for p in plans)
         for p in plans:
             assert len({labels[i] for i in p.indices}) > 1, options
-        if options:  # budgeted: every class trains at most of the budget's depths
+        if options["budget"] != "none":  # budgeted: every class trains at most of the budget's depths
             used = set(s.depths)
             for y in range(6):
                 mine = {s.depths[i] for i in range(n) if labels[i] == y}
@@ -220,7 +222,7 @@ def test_bf_df_change_quotas_not_the_visit_order():
     eofs, labels = eofs_for(n), classes_for(n)
     plans = {}
     for infill in ("bf", "df"):
-        s = make_strategy("salf", budget="geom", infill=infill)
+        s = make_strategy("salf", budget="geom", infill=infill, schedule="per-row")
         s.begin(M, n, eofs, 0, labels=labels)
         plans[infill] = s
         assert Counter(s.depths) == Counter(
@@ -269,7 +271,7 @@ def test_algorithm3_salf_uses_eofs_and_observe_refreshes_next_epoch():
     n = 40
     eofs = eofs_for(n)
     eofs[0] = M  # eof m (frozen boundary) clamps to m-1
-    s = make_strategy("salf")
+    s = make_strategy("salf", budget="none")
     assert s.needs_profile and s.needs_observe
     s.begin(M, n, eofs, 0)
     assert s.depths == [min(e, M - 1) for e in eofs]
@@ -291,16 +293,17 @@ def test_unprofiled_samples_get_depths():
     n = 30
     eofs = [None if i % 3 else e for i, e in enumerate(eofs_for(n))]
     labels = classes_for(n, 3)
-    for options in [{}, dict(budget="uniform"), dict(budget="arith", assignment="eof-match")]:
+    for options in [dict(budget="none"), dict(budget="uniform", schedule="per-row"),
+                    dict(budget="arith", assignment="eof-match")]:
         s = make_strategy("salf", **options)
         s.begin(M, n, eofs, 0, labels=labels)
         assert len(s.depths) == n and all(0 <= d < M for d in s.depths)
     with pytest.raises(ConfigError, match="no profiled eof"):
-        make_strategy("salf").begin(M, 3, [None] * 3, 0)
+        make_strategy("salf", budget="none").begin(M, 3, [None] * 3, 0)
 
 
 def test_observe_frozen_boundary():
-    s = make_strategy("salf", boundary="frozen")
+    s = make_strategy("salf", budget="none", boundary="frozen")
     s.begin(4, 2, [0, 0], 0)
     dev = torch.tensor([[1.0, 0.9, 0.2, 0.1, 0.0], [1.0, 1.0, 1.0, 1.0, 0.0]])
     s.observe([0, 1], dev)
@@ -315,8 +318,8 @@ def test_observe_frozen_boundary():
         dict(name="lora-half"),
         dict(name="lift-half"),
         dict(name="lift-star-half"),
-        dict(name="salf"),
-        dict(name="salf", budget="geom", infill="df"),
+        dict(name="salf", budget="none"),
+        dict(name="salf", budget="geom", infill="df", schedule="per-row"),
         dict(name="salf", budget="arith", schedule="paper"),
         dict(name="int75"),
         dict(name="adt-high"),
@@ -488,7 +491,8 @@ def test_lora_half_mask_selects_adapter_layers(llama8):
         ),
         (lambda: make_strategy("salf", budget="geom", infill="zz"), r"unknown infilling order 'zz'.*bf, df"),
         (lambda: make_strategy("salf", boundary="middle"), r"unknown eof boundary"),
-        (lambda: make_strategy("salf", infill="df"), r"infilling order 'df' fills a budget plan's shares"),
+        (lambda: make_strategy("salf", budget="none", infill="df"),
+         r"infilling order 'df' fills a budget plan's shares"),
         (lambda: make_strategy("salf", schedule="fast"), r"unknown depth schedule 'fast'"),
         (lambda: make_strategy("salf", assignment="x"), r"unknown depth assignment 'x'"),
         (lambda: make_strategy("salf", cuts_per_step=0), r"cuts_per_step must be a positive integer"),
@@ -501,9 +505,9 @@ def test_lora_half_mask_selects_adapter_layers(llama8):
         (lambda: started("int25", m=3), r"= 0 of the model's 3 layers"),
         (lambda: started("adt-high", freeze_fraction=0.25, m=3), r"freezes floor"),
         (lambda: started("lora-half", m=1), r"at least 2 layers"),
-        (lambda: make_strategy("salf").begin(8, 4, None, 0), r"needs per-sample eofs"),
-        (lambda: make_strategy("salf").begin(8, 4, [0, 1], 0), r"got 2 eofs for 4 samples"),
-        (lambda: make_strategy("salf").begin(8, 2, [0, 9], 0), r"eofs must lie in 0\.\.8"),
+        (lambda: make_strategy("salf", budget="none").begin(8, 4, None, 0), r"needs per-sample eofs"),
+        (lambda: make_strategy("salf", budget="none").begin(8, 4, [0, 1], 0), r"got 2 eofs for 4 samples"),
+        (lambda: make_strategy("salf", budget="none").begin(8, 2, [0, 9], 0), r"eofs must lie in 0\.\.8"),
         (lambda: make_strategy("full").begin(0, 4), r"num_layers must be"),
         (lambda: make_strategy("full").begin(8, 0), r"num_samples must be"),
         (lambda: started("full").epoch_plans(0, 0), r"step_size \(batch_size\) must be a positive integer"),
@@ -531,7 +535,7 @@ def test_epoch_plans_before_begin():
 def test_per_row_steps_take_the_static_order_with_each_row_at_its_depth():
     n = 40
     eofs, labels = eofs_for(n), classes_for(n)
-    salf = make_strategy("salf", budget="uniform", seed=5)
+    salf = make_strategy("salf", budget="uniform", schedule="per-row", seed=5)
     salf.begin(M, n, eofs, 5, labels=labels)
     bot = make_strategy("bot50", seed=5)
     bot.begin(M, n, None, 5, labels=labels)
@@ -561,7 +565,7 @@ def test_round_to_levels_hand_computed():
 
 def test_cut_levels_bound_the_distinct_cuts_of_every_forward():
     n = 64
-    s = started("salf", n=n, budget="geom", infill="df", cut_levels=2)
+    s = started("salf", n=n, budget="geom", infill="df", schedule="per-row", cut_levels=2)
     plans = all_plans(s, batch_size=16, micro=8)
     for p in plans:
         for mb in p.micro_batches:
@@ -611,7 +615,7 @@ def test_time_varying_depth_splits_a_forward_at_the_position_boundary():
 @pytest.mark.parametrize("schedule", ["narrowing", "widening", "paper"])
 def test_time_varying_schedules_need_a_budget(schedule):
     with pytest.raises(ConfigError, match=f"'{schedule}' schedule .* needs a salf budget plan"):
-        make_strategy("salf", schedule=schedule)
+        make_strategy("salf", budget="none", schedule=schedule)
 
 
 # ------------------------------------------------------------------------ loss-ranked depth (issue 19)
@@ -652,7 +656,7 @@ def test_loss_rank_trains_the_hardest_sample_of_each_class_deepest_from_the_next
     assert copy.losses == [None] * 4 and copy.depths == s.depths
 
 
-@pytest.mark.parametrize("options", [{}, {"budget": "uniform", "schedule": "narrowing"},
+@pytest.mark.parametrize("options", [{"budget": "none"}, {"budget": "uniform", "schedule": "narrowing"},
                                      {"budget": "uniform", "schedule": "paper"}], ids=str)
 def test_loss_rank_needs_a_budget_and_a_per_row_or_mixed_schedule(options):
     with pytest.raises(ConfigError, match="'loss-rank' assignment .* needs a salf budget plan"):
@@ -671,3 +675,43 @@ def test_cost_meter_state_round_trip_and_an_old_checkpoint():
     again.load_state_dict(old)
     again.add_plan(all_plans(started("top50"))[0])
     assert again.frozen_fraction() is None and again.saving() == 0.0
+
+
+# ------------------------------------------------------------------ what bare ``salf`` means (issue 38)
+
+
+def test_default_salf_is_the_uniform_plan_narrowing():
+    # m = 4, N = 12, uniform quotas [3, 3, 3, 3] (hand-computed): the rows at positions 0-2 of the epoch train
+    # from layer 0, 3-5 from 1, 6-8 from 2, 9-11 from 3; forwards of 4 rows
+    for options in ({}, dict(budget="uniform"), dict(budget="uniform", infill="df")):
+        s = make_strategy("salf", seed=0, **options)
+        assert s.label == f"salf-uniform-{options.get('infill', 'bf')}-narrowing"
+        assert not s.needs_profile and not s.needs_observe
+        s.begin(4, 12, None, 0, labels=[0, 1, 2] * 4)
+        rows = [mb.row_depths for p in s.epoch_plans(0, 4, 4) for mb in p.micro_batches]
+        assert rows == [[0, 0, 0, 1], [1, 1, 2, 2], [2, 3, 3, 3]], options
+
+
+def test_budget_none_is_algorithm3_and_a_given_schedule_or_eof_option_keeps_the_eof_rank():
+    alg3 = make_strategy("salf", budget="none")
+    assert alg3.label == "salf" and alg3.needs_profile and alg3.needs_observe
+    alg3.begin(M, 5, [0, 3, 7, 8, 2], 0)
+    assert alg3.depths == [0, 3, 7, 7, 2]  # each sample at its own eof (m clamps to m-1)
+    assert make_strategy("salf", budget="none", schedule="mixed").label == "salf"
+    # SALF[half] by eof rank: a per-row schedule named, or an option that places rows by eof
+    for options in (dict(budget="uniform", schedule="per-row"), dict(assignment="class-rank"),
+                    dict(budget="uniform", profile_fraction=0.5), dict(assignment="eof-match"),
+                    dict(cut_levels=2)):
+        s = make_strategy("salf", **options)
+        assert s.label == "salf-uniform-bf" and s.needs_profile, options
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    (dict(schedule="per-row"), "depth schedule 'per-row' needs the budget plan named: --budget none"),
+    (dict(schedule="mixed"), "depth schedule 'mixed' needs the budget plan named"),
+    (dict(budget="uniform", schedule="narrowing", assignment="eof-match"),
+     "the 'narrowing' schedule places rows by their position in the epoch, not by eof"),
+], ids=str)
+def test_a_schedule_without_a_budget_or_eof_match_on_narrowing_is_refused(options, needle):
+    with pytest.raises(ConfigError, match=needle):
+        make_strategy("salf", **options)

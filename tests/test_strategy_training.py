@@ -21,12 +21,14 @@ from salf_engine.training.recipe import train
 M = 4  # tiny_model's default depth
 
 CASES = [
-    ("full", {}), ("lift-half", {}), ("lift-star-half", {}), ("salf", {}),
-    ("salf", {"budget": "uniform", "infill": "df"}), ("salf", {"budget": "arith", "infill": "bf"}),
-    ("salf", {"budget": "geom", "infill": "df"}), ("salf", {"budget": "arith", "schedule": "paper"}),
+    ("full", {}), ("lift-half", {}), ("lift-star-half", {}), ("salf", {}), ("salf", {"budget": "none"}),
+    ("salf", {"budget": "uniform", "infill": "df", "schedule": "per-row"}),
+    ("salf", {"budget": "arith", "infill": "bf", "schedule": "per-row"}),
+    ("salf", {"budget": "geom", "infill": "df", "schedule": "per-row"}),
+    ("salf", {"budget": "arith", "schedule": "paper"}),
     ("salf", {"budget": "uniform", "assignment": "eof-match", "schedule": "mixed",
               "cuts_per_step": 2}),
-    ("salf", {"budget": "uniform", "infill": "df", "cut_levels": 2}),
+    ("salf", {"budget": "uniform", "infill": "df", "schedule": "per-row", "cut_levels": 2}),
     ("salf", {"budget": "uniform", "schedule": "narrowing"}),
     ("salf", {"budget": "geom", "schedule": "widening"}),
     ("salf", {"budget": "uniform", "assignment": "loss-rank"}),

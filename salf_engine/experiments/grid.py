@@ -4,7 +4,9 @@ Strategy cells are written ``NAME[:OPTION]...`` (shell-safe, no quoting needed),
 :data:`salf_engine.schedule.names.STRATEGIES`, OPTIONs among: a budget plan (``uniform`` -- alias
 ``half`` --, ``arith``, ``geom``, ``none``; salf only), an infilling order (``bf``, ``df``; with a
 budget), a freeze fraction in (0, 1) (``bot``/``top``/``int``/``adt-*``), ``lora`` (LoRA adapters
-under that strategy). Examples: ``salf`` (Algorithm 3), ``salf:uniform:df`` (SALF[half]),
+under that strategy). A cell with a budget plan and no schedule runs ``per-row`` unless the shared settings
+name one (bare ``salf`` runs the CLI's default). Examples: ``salf`` (the default: uniform plan,
+narrowing), ``salf:none`` (Algorithm 3), ``salf:uniform:df`` (SALF[half] by eof rank, per-row),
 ``salf:geom:bf``, ``bot:0.3``, ``adt-high:0.25``, ``bot50:lora``.
 Datasets are preset names or local files, optionally labelled ``LABEL=SOURCE``. Every cell runs in
 ``OUTPUT/cells/<dataset>/<strategy>/`` (:func:`cell_dir`); the runner is `salf_engine.experiments.compare`.
@@ -40,9 +42,12 @@ CELL_SYNTAX = (
     "strategy cells: NAME[:OPTION]... with NAME one of {names}; OPTIONs: a budget plan "
     "(uniform = half, arith, geom, none; salf only), an infilling order (bf, df; with a budget), a freeze "
     "fraction in (0, 1) (bot/top/int/adt), 'lora' (LoRA adapters), 'paper' (Algorithm 4's schedule), "
-    "'narrowing' / 'widening' (time-varying per-row depths), 'eof-match', 'class-rank' or 'loss-rank' "
+    "'narrowing' / 'widening' (time-varying per-row depths), 'rising' (narrowing across the run), "
+    "'eof-match', 'class-rank' or 'loss-rank' "
     "(budgeted SALF's depth assignment), cutsN (N cuts per optimizer step). "
-    "Examples: salf (Algorithm 3), salf:uniform:df (SALF[half]), salf:arith:df:paper, salf:geom:bf, "
+    "A budget plan without a schedule runs per-row. Examples: salf (the default: uniform plan, narrowing), "
+    "salf:none (Algorithm 3), salf:uniform:df (SALF[half] by eof rank, per-row), salf:arith:df:paper, "
+    "salf:geom:bf, "
     "bot50, bot:0.3, adt-high:0.25, bot50:lora, lift-star-half:cuts1"
 )
 
@@ -60,7 +65,7 @@ class StrategyCell:
     infill: str | None = None
     freeze_fraction: float | None = None
     lora: bool = False
-    schedule: str | None = None       # "paper", "narrowing", "widening"; None = the config's
+    schedule: str | None = None       # "paper", "narrowing", "widening", "rising"; None = the config's
     assignment: str | None = None     # "eof-match" / "class-rank" / "loss-rank"; None = the config's
     cuts_per_step: int | None = None  # None = the config's; given, the cell runs the mixed schedule
 
@@ -68,7 +73,9 @@ class StrategyCell:
     def label(self) -> str:
         """Canonical spelling, e.g. ``salf:uniform:df``; the row name in the tables."""
         parts = [self.strategy]
-        if self.budget is not None:
+        if self.budget == "none":
+            parts.append("none")
+        elif self.budget is not None:
             parts += [self.budget, self.infill or "bf"]
         if self.freeze_fraction is not None:
             parts.append(f"{self.freeze_fraction:g}")
@@ -95,6 +102,12 @@ class StrategyCell:
         if self.cuts_per_step is not None and self.schedule is None:
             fields["depth_schedule"] = "mixed"  # cuts per step are micro-batches: the mixed schedule's
         return fields
+
+    @property
+    def default_schedule(self) -> str | None:
+        """The depth schedule of a cell when neither it nor the shared settings name one: ``per-row`` for a
+        budget plan (SALF by eof rank, as the cell syntax always meant), else the config's default."""
+        return "per-row" if self.budget not in (None, "none") else None
 
 
 @dataclass(frozen=True)
@@ -146,7 +159,7 @@ def parse_strategy(text: str) -> StrategyCell:
         elif key == "lora":
             once("'lora'", lora)
             lora = True
-        elif key in ("paper", "narrowing", "widening"):
+        elif key in ("paper", "narrowing", "widening", "rising"):
             once("schedule", schedule)
             schedule = key
         elif key in ("eof-match", "class-rank", "loss-rank"):
@@ -162,25 +175,23 @@ def parse_strategy(text: str) -> StrategyCell:
                 raise ConfigError(
                     f"unknown option {opt!r} in strategy cell {text!r}; options: budget plans "
                     f"{', '.join(_BUDGET_ALIASES)}, infilling orders {', '.join(INFILLS)}, "
-                    "a freeze fraction in (0, 1), lora, paper, narrowing, widening, eof-match, class-rank, "
-                    "loss-rank, cutsN"
+                    "a freeze fraction in (0, 1), lora, paper, narrowing, widening, rising, eof-match, "
+                    "class-rank, loss-rank, cutsN"
                 ) from None
             once("freeze fraction", fraction)
             if not (math.isfinite(value) and 0 < value < 1):
                 raise ConfigError(f"freeze fraction in cell {text!r} must lie strictly between 0 and 1")
             fraction = value
-    if budget == "none":
-        budget = None
-    if infill is not None and budget is None:
+    if infill is not None and budget in (None, "none"):
         raise ConfigError(f"cell {text!r}: an infilling order needs a budget plan (uniform, arith, geom)")
-    if budget is not None and infill is None:
+    if budget not in (None, "none") and infill is None:
         infill = "bf"
+    cell = StrategyCell(name, budget, infill, fraction, lora, schedule, assignment, cuts)
     # make_strategy checks the combination (a budget on a non-salf strategy, a fraction that clashes ...)
     make_strategy(name, budget=budget, infill=infill, freeze_fraction=fraction, lora=lora,
-                  schedule=schedule or ("mixed" if cuts else "per-row"),
-                  assignment=assignment or "class-rank",
+                  schedule=schedule or ("mixed" if cuts else cell.default_schedule), assignment=assignment,
                   **({"cuts_per_step": cuts} if cuts else {}))
-    return StrategyCell(name, budget, infill, fraction, lora, schedule, assignment, cuts)
+    return cell
 
 
 def parse_dataset(text: str, data_dir: str | None = None) -> DatasetCell:
@@ -267,6 +278,8 @@ class CompareSettings:
                 f"compare sets {', '.join(clash)} per cell; remove them from the shared settings")
         fields = dict(self.train)
         fields.update(strategy.config_fields())
+        if fields.get("depth_schedule") is None:
+            fields["depth_schedule"] = strategy.default_schedule
         fields["lora"] = bool(strategy.lora or self.train.get("lora", False))
         return TrainConfig(model=self.model, dataset=dataset.source, data_dir=self.data_dir,
                            output=str(cell_dir(self.output, dataset, strategy)), overwrite=True,

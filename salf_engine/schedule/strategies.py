@@ -15,11 +15,14 @@ from salf_engine.schedule.names import (
     ADT_STEPS,
     ASSIGNMENTS,
     BUDGETS,
+    DEFAULT_ASSIGNMENT,
+    DEFAULT_BUDGET,
     DEFAULT_CUTS_PER_STEP,
     INFILLS,
     SCHEDULES,
     STRATEGIES,
     TIMED_SCHEDULES,
+    default_schedule,
 )
 from salf_engine.schedule.paper import PaperScheduleStrategy
 from salf_engine.schedule.plans import (
@@ -75,11 +78,12 @@ def make_strategy(
     boundary: str = "trainable",
     lora: bool = False,
     adt_steps: int = ADT_STEPS,
-    schedule: str = "per-row",
-    assignment: str = "class-rank",
+    schedule: str | None = None,
+    assignment: str | None = None,
     cuts_per_step: int = DEFAULT_CUTS_PER_STEP,
     cut_levels: int | None = None,
     observe: bool = True,
+    profile_fraction: float | None = None,
 ) -> Strategy:
     """Build a strategy by name (see :data:`STRATEGIES`).
 
@@ -88,23 +92,27 @@ def make_strategy(
     - ``lift-half``: uniform-budget quotas, samples placed at random (seeded), visited front to end
       over the depths (micro-batches of depth 0, 1, .., m-1, then again); trains only
       ``layers[depth]``. ``lift-star-half``: the same depths, trains ``layers[depth..]``.
-    - ``salf``: without ``budget`` (or ``"none"``), Algorithm 3: each sample at its profiled eof. With
-      ``budget`` in uniform / arith / geom, Algorithm 4's quotas
+    - ``salf``: the default (issue 38) is the ``uniform`` budget under the ``narrowing`` schedule (label
+      ``salf-uniform-bf-narrowing``; no profile). Without ``schedule``, a salf budget plan (given or the
+      default uniform) runs ``narrowing`` unless ``assignment``, ``profile_fraction`` or ``cut_levels`` is
+      given, which asks for ``per-row`` (:func:`~salf_engine.schedule.names.default_schedule`); a ``schedule``
+      needs the budget named. ``budget="none"``: Algorithm 3, each sample at its profiled eof (``per-row``
+      unless ``schedule`` says ``mixed``). With ``budget`` in uniform / arith / geom, Algorithm 4's quotas
       (:func:`~salf_engine.schedule.budgets.budget_quotas`, filled ``infill`` = ``bf`` (default) or ``df``)
-      filled by ``assignment``: ``class-rank`` (default; every class spread over the depths by its
-      samples' eof rank inside the class, :func:`~salf_engine.schedule.budgets.assign_depths_by_class`),
-      ``eof-match`` (:func:`~salf_engine.schedule.budgets.assign_depths`) or ``loss-rank`` (inside each class
-      by
-      the samples' last training loss, hardest deepest: random until the first epoch has seen them,
-      re-placed at every later epoch; no profile). Under the ``per-row`` schedule
-      (default) the samples come in the static strategies' shuffled order and every row of a forward
-      runs at its own depth (at most ``cut_levels`` distinct cuts per forward when given); under
-      ``mixed`` every optimizer step holds ``cuts_per_step`` micro-batches of one depth each. Either
-      way the eofs seen in the training forward re-assign the depths at the next epoch.
-      ``schedule="paper"`` (budget needed) runs Algorithm 4 as written instead: depth 0 first,
-      ascending, eofs recomputed at the visit. ``"narrowing"`` / ``"widening"`` (budget needed) keep
-      the per-row forwards but give each row the budget's depth of its position in the epoch
-      (ascending / descending over the epoch); no eof is used, so nothing is profiled.
+      filled by ``assignment``: ``class-rank`` (default; every class spread over the depths by its samples'
+      eof rank inside the class, :func:`~salf_engine.schedule.budgets.assign_depths_by_class`), ``eof-match``
+      (:func:`~salf_engine.schedule.budgets.assign_depths`) or ``loss-rank`` (inside each class by the
+      samples' last training loss, hardest deepest: random until the first epoch has seen them, re-placed at
+      every later epoch; no profile). Under the ``per-row`` schedule the samples come in the static
+      strategies' shuffled order and every row of a forward runs at its own depth (at most ``cut_levels``
+      distinct cuts per forward when given); under ``mixed`` every optimizer step holds ``cuts_per_step``
+      micro-batches of one depth each. Either way the eofs seen in the training forward re-assign the depths
+      at the next epoch. ``schedule="paper"`` (budget needed) runs Algorithm 4 as written instead: depth 0
+      first, ascending, eofs recomputed at the visit. ``"narrowing"`` / ``"widening"`` (budget needed) keep
+      the per-row forwards but give each row the budget's depth of its position in the epoch (ascending /
+      descending over the epoch); no eof is used, so nothing is profiled. ``"rising"`` (budget needed) is
+      narrowing across the whole run (``begin`` needs the run's epochs): the depths never fall, so the frozen
+      floor rises and the prefix cache keeps the rows' states below it.
     - ``botNN``: freeze the bottom ``floor(NN% m)`` layers (depth = that count).
     - ``topNN``: freeze the top ``floor(NN% m)`` layers (depth 0).
     - ``intNN``: freeze ``floor(NN% m)`` interleaved layers, see :func:`interleaved_frozen`
@@ -116,10 +124,16 @@ def make_strategy(
 
     ``boundary`` ("trainable" | "frozen") decides how observed deviations become eofs; ``observe=False``
     keeps SALF's profiled eofs for the whole run (prompt/response tasks: the training forward measures no
-    answer deviation). ``lora=True``
+    answer deviation). ``profile_fraction``: only whether it is given matters here (see ``salf``).
+    ``lora=True``
     asks for LoRA adapters under any strategy. A fraction that rounds to zero or all layers is rejected
     by :meth:`Strategy.begin` (when m is known).
     """
+    _check_given(name, budget, schedule, assignment)
+    if name == "salf":
+        budget = budget or DEFAULT_BUDGET
+    schedule = schedule or default_schedule(name, budget, assignment, profile_fraction, cut_levels)
+    assignment = assignment or DEFAULT_ASSIGNMENT
     _check_options(name, budget, infill, boundary, schedule, assignment, cuts_per_step, cut_levels, adt_steps)
     fraction = _resolve_fraction(name, freeze_fraction)
     common = dict(seed=seed, uses_lora=bool(lora))
@@ -155,7 +169,19 @@ def strategy_from_config(config) -> Strategy:
                          boundary=config.eof_boundary, lora=config.lora, adt_steps=config.adt_steps,
                          schedule=config.depth_schedule, assignment=config.depth_assignment,
                          cuts_per_step=config.cuts_per_step, cut_levels=config.cut_levels,
-                         observe=not config.generative)
+                         observe=not config.generative, profile_fraction=config.profile_fraction)
+
+
+def _check_given(name, budget, schedule, assignment) -> None:
+    """What the options as given (before the defaults) may not combine: a salf schedule without a budget
+    (a config saved before issue 38 meant Algorithm 3 by it), eof-match on an eof-free schedule."""
+    if name == "salf" and budget is None and schedule in SCHEDULES:
+        raise ConfigError(f"depth schedule {schedule!r} needs the budget plan named: --budget none for "
+                          "Algorithm 3 (what a config saved without a budget ran before issue 38), or "
+                          "uniform, arith, geom")
+    if assignment == "eof-match" and schedule in set(TIMED_SCHEDULES) - {"paper"}:
+        raise ConfigError(f"the {schedule!r} schedule places rows by their position in the epoch, not by "
+                          "eof: drop the 'eof-match' assignment or use depth_schedule 'per-row'")
 
 
 def _check_options(name, budget, infill, boundary, schedule, assignment, cuts_per_step, cut_levels,
@@ -191,7 +217,7 @@ def _check_options(name, budget, infill, boundary, schedule, assignment, cuts_pe
     per_row_salf = name == "salf" and schedule in ROW_ORDERS
     if cut_levels is not None and not per_row_salf:
         raise ConfigError("cut_levels rounds the per-row schedule's depths: it needs strategy 'salf' with "
-                          f"depth_schedule 'per-row', 'narrowing' or 'widening' (got {name!r}, {schedule!r})")
+                          f"a per-row depth_schedule ({', '.join(ROW_ORDERS)}; got {name!r}, {schedule!r})")
     if per_row_salf and cuts_per_step != DEFAULT_CUTS_PER_STEP:
         raise ConfigError("cuts_per_step counts the micro-batches of the 'mixed' schedule; the per-row "
                           "schedule has none: add depth_schedule 'mixed' (or use cut_levels)")
@@ -201,10 +227,10 @@ def _salf(budget, infill, schedule, assignment, cuts_per_step, cut_levels, obser
           common) -> Strategy:
     """SALF with its budget, schedule and assignment (checked by :func:`_check_options`)."""
     rows = dict(order=schedule, cut_levels=cut_levels, **common)
-    if budget is None or budget == "none":  # Algorithm 3: each sample at its eof
+    if budget == "none":  # Algorithm 3: each sample at its eof
         s: Strategy = SampleDepthStrategy("salf", algorithm3_depths, cuts_per_step=cuts_per_step,
                                           refresh=observe, boundary=boundary, **rows)
-    elif schedule in ("narrowing", "widening"):  # no eof decides anything: no profile
+    elif schedule in ("narrowing", "widening", "rising"):  # no eof decides anything: no profile
         s = SampleDepthStrategy("salf", quota_depths(budget, infill), **rows)
         s.label = f"salf-{budget}-{infill}-{schedule}"
         return s

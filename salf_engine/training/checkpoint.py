@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from salf_engine.config import with_strategy_defaults
 from salf_engine.errors import CheckpointError, ConfigError
 from salf_engine.runtime.atomic import atomic_save, atomic_write, fsync_dir, fsync_file
 
@@ -286,7 +287,9 @@ def load_latest(run_dir: str | Path, *, say: Callable[[str], None] | None = None
 
 def config_differences(saved: dict[str, Any], given: dict[str, Any],
                        may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
-    """``name: saved -> given`` for every field that differs and may not change on resume."""
+    """``name: saved -> given`` for every field that differs and may not change on resume (the strategy's
+    defaults filled in on both sides: :func:`~salf_engine.config.with_strategy_defaults`)."""
+    saved, given = with_strategy_defaults(saved), with_strategy_defaults(given)
     out = []
     for name in sorted(set(saved) | set(given)):
         if name in may_change:
