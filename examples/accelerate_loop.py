@@ -10,6 +10,7 @@ engine's own loop and ``SalfTrainer``.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ def train_loop(accelerator: Accelerator, model: Any, strategy: Any, cfg: TrainCo
     rows = classification_rows(train_split, label_token_ids)
     driver = StrategyDriver(strategy, runner_of(wrapped.model), train_split, cfg, pad_id=pad_id)
     driver.profile()
-    driver.begin(wrapped.parts.layers)
+    step_size = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
+    driver.begin(wrapped.parts.layers, epochs=math.ceil(max_steps / math.ceil(len(train_split) / step_size)))
     cost = CostMeter(wrapped.parts.num_layers, lora=wrapped.lora)
     forward = patched_forward(module, row_losses=bool(getattr(strategy, "needs_losses", False)))
     world, rank = accelerator.num_processes, accelerator.process_index

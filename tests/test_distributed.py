@@ -30,7 +30,7 @@ def _loop(rank: int, world: int, fsdp: bool = False) -> dict:
     from salf_engine.training.step import build_optimizer, build_scheduler, optimizer_step
     from salf_engine.training.wrapping import wrap_model
 
-    cfg = _config("salf", budget="uniform", max_steps=STEPS)
+    cfg = _config("salf", budget="uniform", depth_schedule="per-row", max_steps=STEPS)
     p = _prepared("qwen2", cfg)
     torch.manual_seed(0)
     bases = semantic_bases(p.model, p.verbalizer.label_token_ids)
@@ -153,7 +153,7 @@ def _engine_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def _engine_config(micro: int):
     from test_hf import _config
 
-    return _config("salf", budget="uniform", batch_size=micro, max_steps=STEPS)
+    return _config("salf", budget="uniform", depth_schedule="per-row", batch_size=micro, max_steps=STEPS)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -186,3 +186,262 @@ def test_engine_train_under_two_ranks_equals_one_process(tmp_path):
         assert got["loss_history"] == pytest.approx(single["loss_history"], rel=1e-4)
         for name, q in p.model.named_parameters():
             torch.testing.assert_close(ranks[r]["weights"][name], q.detach(), rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------ the prefix cache under two ranks
+
+def _spawn(target, tmp_path, *args, timeout: float = 240) -> list[dict]:
+    """``target(rank, 2, *args)`` in two spawned processes; what each saved in ``tmp_path/out{rank}.pt``. A
+    process still running after ``timeout`` seconds is killed (a test never hangs)."""
+    import time
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, 2, *args)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
+    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    return [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+
+
+def _torchrun_env(rank: int, world: int, port: int) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bot50_run(where: str, batch_size: int, output: str | None = None):
+    """train(): BOT50 for three epochs over 48 rows of 1 to 5 words (test_prefix_cache's), at lr 5e-4 (the
+    uncached run's left-padded rows see float32 rotary tables at positions that depend on their batch's
+    padding, which moves its weights by about 1e-5 between batchings at lr 1e-3; docs/prefix_cache.md);
+    (summary, weights, the log's prefix cache lines)."""
+    from test_prefix_cache import _varied
+
+    from salf_engine.config import TrainConfig
+    from salf_engine.training.recipe import train
+
+    cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", lr=5e-4, batch_size=batch_size,
+                      epochs=3, warmup_ratio=0.0, zero_shot_eval=False, deviation_impl="torch",
+                      prefix_cache=where, output=output).validate()
+    p = _varied("llama", cfg)
+    lines: list[str] = []
+    summary = train(cfg, progress=False, log=lines.append, prepared=p)
+    return (summary, {n: q.detach().clone() for n, q in p.model.named_parameters()},
+            [line for line in lines if line.startswith("prefix cache")])
+
+
+def _cache_engine_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """train() under torchrun's environment: BOT50 for three epochs with --prefix-cache off, then disk (the
+    ranks share the file); then how the cache is planned under two ranks."""
+    import socket
+
+    from test_prefix_cache import _decide
+
+    from salf_engine.errors import ConfigError
+
+    _torchrun_env(rank, world, port)
+    try:
+        out: dict = {}
+        for where in ("off", "disk"):
+            summary, weights, lines = _bot50_run(where, MICRO // world, str(Path(out_dir) / where))
+            out[where] = {"summary": summary, "weights": weights, "lines": lines}
+        out["auto, no run directory"] = _decide("bot50", world=world)[1]
+        try:
+            _decide("bot50", "memory", world=world)
+        except ConfigError as e:
+            out["memory"] = str(e)
+        name = socket.gethostname
+        socket.gethostname = lambda: f"node{rank}"  # as if each rank ran on its own node
+        try:
+            out["two nodes"] = _decide("bot50", run_dir=Path(out_dir), world=world)[1]
+        finally:
+            socket.gethostname = name
+        torch.save(out, Path(out_dir) / f"out{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_engine_prefix_cache_under_two_ranks(tmp_path):
+    """BOT50, three epochs, 48 rows, through train() under two ranks: the cache (one file the ranks share, so
+    a row kept by one rank in an epoch is served to the other in the next) gives off's weights to 1e-5 and
+    one process's with the doubled batch; the hand count over both ranks: every row misses in epoch 1 and
+    hits in epochs 2 and 3 (96 hits, 48 misses), which rank-local caches could not reach (rows change ranks
+    between epochs). ``memory`` is refused, ``auto`` without a run directory or across nodes is off."""
+    from test_prefix_cache import _tokens
+
+    ranks = _spawn(_cache_engine_worker, tmp_path, _free_port(), str(tmp_path))
+    single, single_w, _ = _bot50_run("memory", MICRO)
+    tokens = _tokens()
+    for got in ranks:
+        kept = {"where": "disk", "bytes": tokens * 64 * 4, "floor": 2, "hits": 96, "misses": 48}
+        assert got["disk"]["summary"]["prefix_cache"] == kept
+        assert single["prefix_cache"]["hits"] == 96 and single["prefix_cache"]["misses"] == 48
+        for name, q in single_w.items():
+            torch.testing.assert_close(got["disk"]["weights"][name], got["off"]["weights"][name], rtol=0,
+                                       atol=1e-5, msg=name)
+            torch.testing.assert_close(got["disk"]["weights"][name], q.detach(), rtol=0, atol=1e-5, msg=name)
+        assert got["memory"] == ("--prefix-cache memory keeps one process's rows, but the 2 ranks share one "
+                                 "file in the run directory: use --prefix-cache disk or auto")
+        assert got["auto, no run directory"]["reason"] == ("the 2 ranks share the cache through a file in "
+                                                           "the run directory: give --output")
+        assert got["two nodes"]["reason"] == "the ranks run on 2 nodes, which cannot share the cache's file"
+    said, file = ranks[0]["disk"]["lines"], tmp_path / "disk" / "prefix_cache.bin"
+    assert len(said) == 1 and said[0].startswith(f"prefix cache: on disk in {file} (shared by the 2 ranks), "
+                                                 "the hidden states at layer 2")
+    assert not file.exists()
+    # rows do change ranks between epochs: a cache of each rank's own rows would hit fewer
+    stays = _rank_local_hits(48, 3, MICRO, 2)
+    assert stays < 96
+
+
+def _rank_local_hits(n: int, epochs: int, micro: int, world: int) -> int:
+    """The hits a cache of each rank's own rows would have over BOT50's plans: a row is a hit only when it
+    comes back to the rank that kept it."""
+    from salf_engine.schedule.strategies import make_strategy
+
+    s = make_strategy("bot50")
+    s.begin(4, n, epochs=epochs)
+    kept_on: dict[int, int] = {}
+    hits = 0
+    for epoch in range(epochs):
+        for plan in s.epoch_plans(epoch, micro, micro):
+            for r in range(world):
+                for mb in rank_slice(plan, r, world):
+                    for i in mb.indices:
+                        hits += kept_on.get(i) == r
+                        kept_on[i] = r
+    return hits
+
+
+def _patched_cached_loop(rank: int, world: int, fsdp: bool, where: str, run_dir: str, strategy: dict) -> dict:
+    """Two epochs of ``strategy`` (config fields) through the patched forward (SalfTrainer's path) with the
+    prefix cache ``where`` (under two ranks a file they share), FSDP2 per decoder layer then the root (or
+    DDP) when world > 1; the weights, the cache's summary and the step plans."""
+    from test_prefix_cache import _varied
+
+    from salf_engine.config import TrainConfig
+    from salf_engine.integrations.hf import left_pad_collate
+    from salf_engine.integrations.patching import patch_model, runner_of
+    from salf_engine.schedule.driver import StrategyDriver
+    from salf_engine.training.prefix_cache import plan_prefix_cache
+    from salf_engine.training.step import (
+        build_optimizer,
+        build_scheduler,
+        micro_batch_step,
+        optimizer_step,
+        patched_forward,
+    )
+    from salf_engine.training.wrapping import wrap_model
+
+    epochs = 2
+    cfg = TrainConfig(model="tiny", dataset="pattern", lr=5e-4, batch_size=MICRO, grad_accum=ACCUM,
+                      epochs=epochs, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=None,
+                      zero_shot_eval=False, deviation_impl="torch", **strategy).validate()
+    p = _varied("qwen2", cfg)
+    label_ids = p.verbalizer.label_token_ids
+    rows = [{"input_ids": [*ids, int(label_ids[c])], "labels": [-100] * len(ids) + [int(label_ids[c])]}
+            for ids, c in zip(p.train_split.input_ids, p.train_split.labels, strict=True)]
+    wrapped = wrap_model(p.model, p.strategy, cfg)
+    patch_model(wrapped.model, deviation_impl="torch")
+    module = wrapped.model
+    if world > 1 and fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in wrapped.parts.layers:
+            fully_shard(layer)
+        fully_shard(wrapped.model)
+        wrapped.refresh()
+    elif world > 1:
+        module = torch.nn.parallel.DistributedDataParallel(wrapped.model, find_unused_parameters=True)
+    driver = StrategyDriver(p.strategy, runner_of(wrapped.model), p.train_split, cfg, pad_id=0)
+    driver.begin(wrapped.parts.layers, epochs=epochs)
+    lengths = [len(r["input_ids"]) for r in rows]
+    cache, _ = plan_prefix_cache(where, p.strategy, wrapped, lengths, device=torch.device("cpu"),
+                                 run_dir=Path(run_dir), generative=False, world=world, wants_deviations=False,
+                                 say=lambda _msg: None)
+    optimizer = build_optimizer(wrapped.trainable, cfg, cfg.lr)
+    scheduler = build_scheduler(optimizer, cfg, epochs * len(rows) // (MICRO * ACCUM))
+    wrapped.model.train()
+    step, plans = 0, []
+    for epoch in range(epochs):
+        for plan in driver.epoch_plans(epoch, MICRO * ACCUM, MICRO):
+            plans.append(plan)
+            forward = patched_forward(module, prefix_cache=cache, floor=plan.floor)
+            local = rank_slice(plan, rank, world)
+            for k, mb in enumerate(local):
+                batch = left_pad_collate([rows[i] for i in mb.indices], 0)
+                batch["salf_index"] = torch.tensor(mb.indices)
+                last = k == len(local) - 1
+                sync = module.no_sync() if world > 1 and not fsdp and not last else None
+                if fsdp and world > 1:
+                    module.set_requires_gradient_sync(last)
+                micro_batch_step(forward, wrapped, mb, batch, sync=sync)
+            optimizer_step(optimizer, scheduler, wrapped.trainable, None)
+            step += 1
+            driver.after_step(step, wrapped.parts.layers)
+    summary = None
+    if cache is not None:
+        cache.close()
+        summary = cache.summary()
+    weights = {n: (q.full_tensor() if hasattr(q, "full_tensor") else q).detach().clone()
+               for n, q in wrapped.model.named_parameters()}
+    return {"weights": weights, "cache": summary, "plans": plans}
+
+
+def _patched_worker(rank: int, world: int, init_file: str, out_dir: str, fsdp: bool, strategy: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = {where: _patched_cached_loop(rank, world, fsdp, where, out_dir, strategy)
+               for where in ("off", "disk")}
+        for run in out.values():
+            del run["plans"]  # the main process plans the same steps
+        torch.save(out, Path(out_dir) / f"out{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+RISING = {"strategy": "salf", "budget": "uniform", "depth_schedule": "rising"}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fsdp2_prefix_cache_with_a_rising_floor(tmp_path):
+    """The patched forward (SalfTrainer's path) under FSDP2, SALF's rising floor for two epochs with the cache
+    the ranks share: the 24 rows kept at layer 1 in epoch 1 re-enter there in epoch 2, the others at 0, so a
+    rank's rows enter at other layers than the other rank's. Every rank still calls each layer below the
+    floor once (a ghost row where none of its rows needs it): the layers' all-gathers stay in step and
+    nothing hangs (without the ghost, this run hangs). The weights equal the uncached run's and one
+    process's with the doubled batch, with the hand count (24 hits, 48 misses) over both ranks."""
+    from test_prefix_cache import _rising_count
+
+    fsdp, strategy = True, RISING
+    ranks = _spawn(_patched_worker, tmp_path, str(tmp_path / "init"), str(tmp_path), fsdp, strategy)
+    single = _patched_cached_loop(0, 1, False, "memory", str(tmp_path), strategy)
+    hand = _rising_count(single["plans"])[:2]
+    assert hand == (24, 48)
+    assert (single["cache"]["hits"], single["cache"]["misses"]) == hand
+    for got in ranks:
+        assert got["off"]["cache"] is None and got["disk"]["cache"]["where"] == "disk"
+        assert (got["disk"]["cache"]["hits"], got["disk"]["cache"]["misses"]) == hand
+        for name, q in single["weights"].items():
+            torch.testing.assert_close(got["disk"]["weights"][name], got["off"]["weights"][name], rtol=0,
+                                       atol=1e-5, msg=name)
+            torch.testing.assert_close(got["disk"]["weights"][name], q, rtol=0, atol=1e-5, msg=name)

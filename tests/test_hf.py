@@ -67,7 +67,8 @@ def _hf_run(tmp_path, strategy: str, trainer_cls=SalfTrainer, **kw):
     return p, trainer, events
 
 
-@pytest.mark.parametrize("strategy,kw", [("salf", {"budget": "uniform"}), ("full", {}), ("adt-low", {}),
+@pytest.mark.parametrize("strategy,kw", [("salf", {"budget": "uniform", "depth_schedule": "per-row"}),
+                                         ("full", {}), ("adt-low", {}),
                                          ("salf", {"budget": "uniform", "depth_assignment": "loss-rank"})])
 def test_hf_trainer_equals_engine_loop(tmp_path, strategy, kw):
     cfg = _config(strategy, **kw)
@@ -192,7 +193,8 @@ def test_trainer_strategy_given_once(tmp_path):
     assert trainer.salf_strategy.label == "bot50"  # the config's strategy, not the default "salf"
 
 
-@pytest.mark.parametrize("strategy,kw", [("salf", {"budget": "uniform"}), ("adt-low", {})])
+@pytest.mark.parametrize("strategy,kw", [("salf", {"budget": "uniform", "depth_schedule": "per-row"}),
+                                         ("adt-low", {})])
 def test_trainer_resume_restores_the_engine_state(tmp_path, strategy, kw):
     """Trainer checkpoints hold salf_state.json; resuming from one ends with the uninterrupted weights."""
     import json

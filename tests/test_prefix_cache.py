@@ -84,9 +84,9 @@ def test_mask_positions_hand_values():
     assert mask_positions(mask, mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 1, 1], [0, 1, 2, 3, 4]]
 
 
-def _forward(runner, model, ids, mask, depth, cached, floor=2):
+def _forward(runner, model, ids, mask, depth, cached, floor=2, layers=None):
     model.zero_grad(set_to_none=True)
-    rows = FloorRows(floor, cached)
+    rows = FloorRows(floor, cached, layers=layers)
     out = runner(ids, mask, depth=depth, prefix=rows)
     F.cross_entropy(out.logits, torch.arange(ids.shape[0]) + 7, reduction="sum").backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -191,29 +191,33 @@ class _Recompute(PrefixCache):
         pass
 
 
-def _loop(family, padding_side, cached, *, epochs=3, dtype=torch.float64):
-    """Three epochs of BOT50 through the engine's one step (runner_forward + micro_batch_step) over a fixed
-    batch order, ``cached`` True (a cache), "recompute" (:class:`_Recompute`) or False (no prefix at all);
-    returns the weights, the cache and the hits / misses after each epoch."""
+def _loop(family, padding_side, cached, *, epochs=3, dtype=torch.float64, strategy=None, on_plan=None):
+    """Three epochs of BOT50 (or the config fields ``strategy``) through the engine's one step
+    (runner_forward at each plan's floor + micro_batch_step) over a fixed batch order, ``cached`` True (a
+    cache), "recompute" (:class:`_Recompute`) or False (no prefix at all); ``on_plan(plan)`` before each
+    step. Returns the weights, the cache and the hits / misses after each epoch."""
     from salf_engine.training.step import micro_batch_step, runner_forward
     from salf_engine.training.wrapping import wrap_model
 
-    cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", lr=1e-2, batch_size=4,
-                      deviation_impl="torch").validate()
+    cfg = TrainConfig(model="tiny", dataset="pattern", lr=1e-2, batch_size=4, deviation_impl="torch",
+                      **(strategy or {"strategy": "bot50"})).validate()
     p = _varied(family, cfg, attn="sdpa", dtype=dtype)
     assert len(set(map(len, p.train_split.input_ids))) > 3
     p.model.train()
     wrapped = wrap_model(p.model, p.strategy, cfg)
-    p.strategy.begin(4, len(p.train_split))
+    p.strategy.begin(4, len(p.train_split), epochs=epochs)
     runner = TruncatedRunner(wrapped.model)
     kind = {True: PrefixCache, "recompute": _Recompute, False: None}[cached]
     cache = kind(p.strategy.floor(0), len(p.train_split), 0) if kind else None
     label_ids = torch.as_tensor(p.verbalizer.label_token_ids)
-    forward = runner_forward(runner, label_token_ids=label_ids, config=cfg, prefix_cache=cache)
     optimizer = torch.optim.AdamW(wrapped.trainable, lr=1e-2)
     counts = []
     for epoch in range(epochs):
         for plan in p.strategy.epoch_plans(epoch, 6, 6):
+            if on_plan is not None:
+                on_plan(plan)
+            forward = runner_forward(runner, label_token_ids=label_ids, config=cfg, prefix_cache=cache,
+                                     floor=plan.floor if cache is not None else None)
             for mb in plan.micro_batches:
                 batch = collate(p.train_split, mb.indices, 0, padding_side=padding_side)
                 micro_batch_step(forward, wrapped, mb, batch)
@@ -299,7 +303,7 @@ def test_disk_cache_equals_off_and_leaves_no_file(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the option
 
-def _decide(name, where="auto", *, model=None, run_dir=None, **kw):
+def _decide(name, where="auto", *, model=None, run_dir=None, world=1, **kw):
     from salf_engine.training.wrapping import wrap_model
 
     cfg = TrainConfig(model="tiny", dataset="pattern", strategy=name, **kw).validate()
@@ -307,11 +311,12 @@ def _decide(name, where="auto", *, model=None, run_dir=None, **kw):
     if model is not None:
         p.model = model
     wrapped = wrap_model(p.model, p.strategy, cfg)
-    p.strategy.begin(4, len(p.train_split), [1] * len(p.train_split) if p.strategy.needs_profile else None)
+    p.strategy.begin(4, len(p.train_split), [1] * len(p.train_split) if p.strategy.needs_profile else None,
+                     epochs=3)
     lines: list[str] = []
     lengths = [len(ids) for ids in p.train_split.input_ids]
     cache, off = plan_prefix_cache(where, p.strategy, wrapped, lengths, device=torch.device("cpu"),
-                                   run_dir=run_dir, generative=False, world=1,
+                                   run_dir=run_dir, generative=False, world=world,
                                    wants_deviations=p.strategy.needs_observe, say=lines.append)
     return cache, off, lines
 
@@ -376,7 +381,7 @@ def test_file_rows_read_only_what_this_process_wrote(tmp_path, dtype):
     path.write_bytes(b"x" * 999)  # a partial file of an earlier run
     rows = FileRows(path, [3, 2, 4], 8, dtype)
     assert [rows[i] for i in range(3)] == [None, None, None]
-    assert path.stat().st_size == 9 * 8 * rows.data.element_size()
+    assert path.stat().st_size == 8 * (3 * 3 + 2) + 9 * 8 * rows.data.element_size()  # the row table first
     a = torch.randn(2, 8).to(dtype)
     rows[1] = a
     rows[2] = torch.randn(3, 8).to(dtype)  # not row 2's length: not kept
@@ -386,6 +391,31 @@ def test_file_rows_read_only_what_this_process_wrote(tmp_path, dtype):
     assert rows[1] is None and rows.nbytes == 0
 
 
+def test_file_rows_shared_by_two_ranks(tmp_path):
+    """Two ranks of one node map one file (no process group here: each rank's agreement is its own): a row
+    rank 0 keeps is served to rank 1 with its layer, a changed row is not; the summary's hits and misses add
+    up over the ranks; only rank 0 removes the file."""
+    path = tmp_path / "c.bin"
+    zero = PrefixCache(2, 2, 0, file=FileRows(path, [3, 2], 8, torch.float32, rank=0, world=2))
+    one = PrefixCache(2, 2, 0, file=FileRows(path, [3, 2], 8, torch.float32, rank=1, world=2))
+    ids, mask = _rows("left", lengths=(3, 2))
+    rows, keys = zero.lookup([0, 1], ids, mask)
+    rows.written = [torch.ones(3, 8), torch.full((2, 8), 2.0)]
+    zero.keep([0, 1], keys, rows)
+    changed = ids.clone()
+    changed[0, -1] += 1
+    got, _ = one.lookup([1, 0], changed.flip(0), mask.flip(0))
+    assert got.cached[0] is not None and torch.equal(got.cached[0], torch.full((2, 8), 2.0))
+    assert got.cached[1] is None and got.layers == [2, 0]
+    assert (one.hits, one.misses) == (1, 1) and (zero.hits, zero.misses) == (0, 2)
+    assert one.summary() == zero.summary() == {"where": "disk", "bytes": 5 * 8 * 4, "floor": 2, "hits": 1,
+                                               "misses": 3}
+    one.close()
+    assert path.exists() and one.summary()["hits"] == 1
+    zero.close()
+    assert not path.exists()
+
+
 def test_other_reasons():
     class S:
         label = "bot50"
@@ -393,8 +423,10 @@ def test_other_reasons():
         def floor(self, step):
             return 2
 
-    for kw, reason in (({"generative": True}, "prompt/response"), ({"world": 2}, "several processes"),
-                       ({"wants_deviations": True}, "deviation")):
+        def max_floor(self):
+            return 2
+
+    for kw, reason in (({"generative": True}, "prompt/response"), ({"wants_deviations": True}, "deviation")):
         args = {"generative": False, "world": 1, "wants_deviations": False, **kw}
         assert reason in why_not_exact(S(), None, **args)
 
@@ -431,21 +463,26 @@ def test_resume_rebuilds_the_cache_lazily(tmp_path, interrupt_after):
         torch.testing.assert_close(q, ref_w[name], rtol=0, atol=1e-5, msg=name)
 
 
-def test_salf_trainer_cached_equals_off(tmp_path):
-    """SalfTrainer (HF Trainer), BOT50 for three epochs of 48 rows of several lengths (left-padded), lr 1e-3
-    as in the done-means check: salf_config.prefix_cache memory against off gives the same weights to 1e-5,
-    with the hand count."""
+@pytest.mark.parametrize(("fields", "floor", "hits"), [
+    ({"strategy": "bot50"}, 2, 96),
+    ({"strategy": "salf", "budget": "uniform", "depth_schedule": "rising"}, 3, 60),  # hand count: below
+])
+def test_salf_trainer_cached_equals_off(tmp_path, fields, floor, hits):
+    """SalfTrainer (HF Trainer), BOT50 and SALF's rising schedule (the Trainer's steps give it the run's
+    epochs, each plan its floor) for three epochs of 48 rows of several lengths (left-padded), lr 1e-3 as in
+    the done-means check: salf_config.prefix_cache memory against off gives the same weights to 1e-5, with
+    the hand count."""
     from test_hf import _args, hf_rows
 
     from salf_engine.integrations.hf import SalfTrainer
 
     weights, caches = {}, {}
     for where in ("off", "memory"):
-        cfg = TrainConfig(model="tiny", dataset="pattern", strategy="bot50", prefix_cache=where).validate()
+        cfg = TrainConfig(model="tiny", dataset="pattern", prefix_cache=where, **fields).validate()
         p = _varied("llama", cfg)
         trainer = SalfTrainer(model=p.model, args=_args(tmp_path / where, max_steps=-1, num_train_epochs=3,
                                                                   learning_rate=1e-3),
-                              train_dataset=hf_rows(p), salf_strategy="bot50", salf_config=cfg)
+                              train_dataset=hf_rows(p), salf_strategy=fields["strategy"], salf_config=cfg)
         trainer.train()
         assert trainer.state.global_step == 36
         weights[where] = dict(p.model.named_parameters())
@@ -454,7 +491,7 @@ def test_salf_trainer_cached_equals_off(tmp_path):
         torch.testing.assert_close(q, weights["off"][name], rtol=0, atol=1e-5, msg=name)
     assert caches["off"]["where"] == "off"
     assert {k: caches["memory"][k] for k in ("where", "floor", "hits", "misses")} == {
-        "where": "memory", "floor": 2, "hits": 96, "misses": 48}
+        "where": "memory", "floor": floor, "hits": hits, "misses": 48}
 
 
 def test_resume_may_change_where_the_cache_lives():
@@ -464,3 +501,272 @@ def test_resume_may_change_where_the_cache_lives():
     given = TrainConfig(model="m", dataset="d", strategy="bot50", prefix_cache="off").to_dict()
     assert config_differences(saved, given) == []
     assert config_differences({k: v for k, v in saved.items() if k != "prefix_cache"}, given) == []
+
+
+# ---------------------------------------------------------------------------------------------- rising floor
+
+RISING = {"strategy": "salf", "budget": "uniform", "depth_schedule": "rising"}
+
+
+def _rising(m=4, n=48, epochs=3, step=4, micro=4, **kw):
+    """A begun ``rising`` strategy and its plans over ``epochs`` epochs."""
+    s = make_strategy("salf", budget=kw.pop("budget", "uniform"), schedule="rising", **kw)
+    s.begin(m, n, epochs=epochs)
+    return s, [plan for e in range(epochs) for plan in s.epoch_plans(e, step, micro)]
+
+
+def _rising_count(plans, start=0):
+    """The hand count of a cached run over ``plans`` from step ``start`` on (an empty cache there): a row seen
+    at a floor f >= 1 is a hit when an earlier step at a floor >= 1 kept it, and runs the layers from the one
+    it was kept at (0 when not kept) to f. Returns (hits, misses, per step {layer: rows run below the
+    floor})."""
+    kept: dict[int, int] = {}
+    hits = misses = 0
+    runs = []
+    for plan in plans[start:]:
+        ran: dict[int, int] = {}
+        if plan.floor:
+            for i in plan.indices:
+                hits += i in kept
+                misses += i not in kept
+                for layer in range(kept.get(i, 0), plan.floor):
+                    ran[layer] = ran.get(layer, 0) + 1
+                kept[i] = plan.floor
+        runs.append(ran)
+    return hits, misses, runs
+
+
+def test_rising_depths_hand_values():
+    """m = 4, N = 6, E = 2, uniform budget (quotas 2, 2, 2, 0: depths 0 0 1 1 2 2): row t of the run's 12
+    takes depth sorted[t // 2], in the static strategies' shuffled order; steps of 4 rows in forwards of 2;
+    after the E epochs every row stays at the top depth."""
+    s, plans = _rising(m=4, n=6, epochs=2, step=4, micro=2)
+    assert s.label == "salf-uniform-bf-rising" and not s.needs_profile
+    assert [[mb.depths for mb in plan.micro_batches] for plan in plans] == [
+        [[0, 0], [0, 0]], [[1, 1]], [[1, 1], [2, 2]], [[2, 2]]]
+    assert [plan.floor for plan in plans] == [0, 1, 1, 2] == [s.floor(k) for k in range(4)]
+    assert s.max_floor() == 2
+    assert [[mb.depths for mb in plan.micro_batches] for plan in s.epoch_plans(2, 4, 2)] == [
+        [[2, 2], [2, 2]], [[2, 2]]]
+    static = make_strategy("full")
+    static.begin(4, 6)
+    for e in range(3):
+        assert [plan.indices for plan in s.epoch_plans(e, 4, 2)] == [
+            plan.indices for plan in static.epoch_plans(e, 4, 2)]
+
+
+@pytest.mark.parametrize(("budget", "m", "n", "epochs", "step", "micro", "kw"), [
+    ("uniform", 4, 48, 3, 4, 4, {}), ("arith", 5, 23, 3, 5, 2, {"infill": "df"}),
+    ("geom", 6, 30, 2, 8, 3, {"cut_levels": 2}), ("uniform", 8, 13, 4, 3, 3, {"cut_levels": 1}),
+])
+def test_rising_depths_never_fall(budget, m, n, epochs, step, micro, kw):
+    """The run's depths never fall (also rounded to cut levels); without rounding each depth takes E times its
+    budget quota; every epoch trains every row once; a step's floor is the lowest depth of it and every later
+    step, at most ``max_floor``."""
+    from collections import Counter
+
+    from salf_engine.schedule.budgets import budget_quotas
+
+    s, plans = _rising(m, n, epochs, step, micro, budget=budget, **kw)
+    rows = [d for plan in plans for mb in plan.micro_batches for d in mb.depths]
+    assert rows == sorted(rows)
+    if "cut_levels" not in kw:
+        quotas = budget_quotas(budget, kw.get("infill", "bf"), m, n)
+        assert Counter(rows) == {k: epochs * q for k, q in enumerate(quotas) if q}
+    per_epoch = -(-n // step)
+    for e in range(epochs):
+        assert sorted(i for plan in plans[e * per_epoch:(e + 1) * per_epoch] for i in plan.indices) == list(
+            range(n))
+    lowest = [min(mb.depth for mb in plan.micro_batches) for plan in plans]
+    floors = [plan.floor for plan in plans]
+    assert floors == [min(lowest[k:]) for k in range(len(plans))]
+    assert floors == [s.floor(k) for k in range(len(plans))]
+    assert floors[-1] <= s.max_floor() == max(s.depths)
+
+
+def test_rising_needs_a_budget_and_the_run_epochs():
+    from salf_engine.experiments.compare import parse_strategy
+
+    cell = parse_strategy("salf:uniform:df:rising")
+    assert (cell.label, cell.schedule, cell.infill) == ("salf:uniform:df:rising", "rising", "df")
+    with pytest.raises(ConfigError, match="'rising' schedule .* needs a salf budget plan"):
+        make_strategy("salf", budget="none", schedule="rising")
+    s = make_strategy("salf", budget="uniform", schedule="rising")
+    with pytest.raises(ConfigError, match=r"over the whole run: begin\(\) needs the run's epochs"):
+        s.begin(4, 12)
+    s.begin(4, 12, epochs=2)
+    assert s.floor(0) == 0  # the first row's depth: no step size needed
+    with pytest.raises(RuntimeError, match="call epoch_plans"):
+        s.floor(1)
+
+
+def test_rows_cached_below_the_floor_run_only_the_layers_up_to_it():
+    """Floor 3 of 4 layers: a row kept at layer 1 runs layers 1-2, one kept at 2 runs layer 2, one kept at the
+    floor none, an uncached one 0-2, all under no_grad (forward hooks); the floor states, logits and
+    gradients equal those of the forward computing every row (float64)."""
+    model = tiny_model("llama", attn="sdpa").double()
+    runner = TruncatedRunner(model)
+    ids, mask = _rows("left")
+    kept = {}
+    for f in (1, 2, 3):
+        rows = FloorRows(f, [None] * 4)
+        with torch.no_grad():
+            runner(ids, mask, depth=3, prefix=rows)
+        kept[f] = rows.written
+    ref_logits, ref_grads, ref_written = _forward(runner, model, ids, mask, 3, [None] * 4, floor=3)
+    calls = []
+    hooks = [layer.register_forward_hook(
+        lambda mod, args, out, i=i: calls.append((i, args[0].shape[0], torch.is_grad_enabled())))
+        for i, layer in enumerate(model.model.layers)]
+    try:
+        cached = [kept[1][0], None, kept[3][2], kept[2][3]]
+        logits, grads, written = _forward(runner, model, ids, mask, 3, cached, floor=3, layers=[1, 0, 3, 2])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [(0, 1, False), (1, 2, False), (2, 3, False), (3, 4, True)]
+    assert written[2] is None
+    for r in (0, 1, 3):
+        torch.testing.assert_close(written[r], ref_written[r], rtol=0, atol=1e-10)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-10)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=1e-10, msg=name)
+    with pytest.raises(ConfigError, match="cached states at layer 3 lie outside 0..2"):
+        runner(ids, mask, depth=3, prefix=FloorRows(2, [kept[3][0], None, None, None], layers=[3, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_cache_keeps_each_rows_layer(where, tmp_path):
+    """At floor 0 the cache is not used (counted neither way); a row kept at layer 1 is served at floor 3 with
+    its layer, and kept again at 3; a lookup at a lower floor never serves it; a row whose tokens changed
+    is a miss."""
+    ids, mask = _rows("left", lengths=(4, 3))
+    file = FileRows(tmp_path / "c.bin", [4, 5, 3], 8, torch.float32) if where == "disk" else None
+    cache = PrefixCache(0, 3, 0, file=file)
+    assert cache.lookup([0, 2], ids, mask) == (None, []) and (cache.hits, cache.misses) == (0, 0)
+    rows, keys = cache.lookup([0, 2], ids, mask, 1)
+    assert rows.cached == [None, None] and rows.layers == [0, 0] and (cache.hits, cache.misses) == (0, 2)
+    rows.written = [torch.ones(4, 8), torch.full((3, 8), 2.0)]
+    cache.keep([0, 2], keys, rows)
+    rows, keys = cache.lookup([0, 2], ids, mask, 3)
+    assert rows.layers == [1, 1] and rows.computed == [0, 1] and (cache.hits, cache.misses) == (2, 2)
+    assert torch.equal(rows.cached[1], torch.full((3, 8), 2.0))
+    rows.written = [torch.full((4, 8), 3.0), None]
+    cache.keep([0, 2], keys, rows)
+    rows, _ = cache.lookup([0, 2], ids, mask, 3)
+    assert rows.layers == [3, 1] and rows.computed == [1]
+    assert torch.equal(rows.cached[0], torch.full((4, 8), 3.0))
+    rows, _ = cache.lookup([0, 2], ids, mask, 2)  # never happens in a run (the floor never falls): not served
+    assert rows.cached[0] is None and rows.layers == [0, 1]
+    changed = ids.clone()
+    changed[1, -1] += 1
+    rows, _ = cache.lookup([0, 2], changed, mask, 3)
+    assert rows.cached[1] is None and cache.summary()["floor"] == 3
+    if file is not None:
+        file.close()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rising_cached_training_equals_recomputed_training(family, padding_side):
+    """SALF's rising schedule, float64, three epochs of 8 steps of 6 (the floor is step // 6: 0, 1, 2, 3): the
+    weights equal the recomputed run's to 1e-10 (right-padded also the run without any prefix), with the
+    hand count: epoch 1 keeps the 12 rows of its steps at floor 1 (12 misses), epoch 2 meets them again (12
+    hits, 36 misses), epoch 3 hits all 48."""
+    ref, _, _ = _loop(family, padding_side, "recompute", strategy=RISING)
+    got, cache, counts = _loop(family, padding_side, True, strategy=RISING)
+    assert counts == [(0, 12), (12, 48), (60, 48)]
+    _, plans = _rising(step=6, micro=6)
+    assert [plan.floor for plan in plans] == [k // 6 for k in range(24)]
+    assert _rising_count(plans)[:2] == (60, 48)
+    assert cache.floor == 3 and cache.nbytes == _tokens() * 64 * 8
+    for name, q in got.items():
+        torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-10, msg=name)
+    if padding_side == "right":
+        plain, _, _ = _loop(family, padding_side, False, strategy=RISING)
+        for name, q in got.items():
+            torch.testing.assert_close(q, plain[name], rtol=0, atol=1e-10, msg=name)
+
+
+def test_rising_rows_run_only_the_layers_above_where_they_were_kept():
+    """Forward hooks on every decoder layer through the rising loop: below a step's floor only no_grad calls
+    run, and at each step layer i runs exactly the rows the hand count says (those kept below i + 1, or not
+    kept): a cached row never runs a layer below the one it was kept at."""
+    _, plans = _rising(step=6, micro=6)
+    expected = _rising_count(plans)[2]
+    seen: list[dict[int, int]] = []
+    floor = [0]
+    grads = set()
+
+    def on_plan(plan):
+        floor[0] = plan.floor
+        seen.append({})
+
+    def hook(module, args, out):
+        i = getattr(getattr(module, "self_attn", None), "layer_idx", None)
+        if i is not None and type(module).__name__.endswith("DecoderLayer") and i < floor[0]:
+            seen[-1][i] = seen[-1].get(i, 0) + args[0].shape[0]
+            grads.add(torch.is_grad_enabled())
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        _loop("llama", "left", True, strategy=RISING, on_plan=on_plan)
+    finally:
+        handle.remove()
+    assert seen == expected and grads == {False}
+    assert sum(ran.get(0, 0) for ran in expected) == 48  # each miss runs layer 0 once, a hit never
+    assert any(ran and min(ran) > 0 for ran in expected)  # steps whose rows all enter above layer 0
+
+
+def test_rising_floor_cached_equals_off(tmp_path):
+    """Issue 37 items 2 and 6 through train(), float32, left padding: SALF's rising schedule for three epochs
+    (48 rows, steps of 4: the floor is step // 9) with --prefix-cache memory and disk gives off's weights to
+    1e-5; 60 hits (12 in epoch 2: the rows epoch 1 kept at floor 1; 48 in epoch 3) and 48 misses (12 + 36),
+    the hand count from the plans."""
+    off, ref, _ = _train(prefix_cache="off", **RISING)
+    assert off["prefix_cache"]["where"] == "off"
+    _, plans = _rising()
+    assert [plan.floor for plan in plans] == [k // 9 for k in range(36)]
+    assert _rising_count(plans)[:2] == (60, 48)
+    tokens = _tokens()
+    for where in ("memory", "disk"):
+        run = tmp_path / where
+        got, got_w, log = _train(prefix_cache=where, output=str(run), **RISING)
+        for name, q in got_w.items():
+            torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
+        saved = json.loads((run / "summary.json").read_text())["prefix_cache"]
+        assert saved == {"where": where, "bytes": tokens * 256, "floor": 3, "hits": 60, "misses": 48}
+        said = [line for line in log if line.startswith("prefix cache:")]
+        assert len(said) == 1
+        assert ("the hidden states at the rising floor (layer 0 at the start, at most 3 of 4) of 48 training "
+                "examples") in said[0]
+        assert not (run / "prefix_cache.bin").exists()
+
+
+def test_rising_resume_gives_the_uninterrupted_weights(tmp_path, interrupt_after):
+    """Killed after 18 of 36 steps (checkpoint at 16, in epoch 2 at floor 1), the resumed rising run starts
+    with an empty cache: its 8 steps left of epoch 2 miss (32 rows), epoch 3 hits those 32 and misses the 16
+    rows epoch 2 trained before the kill (the hand count from step 16). The weights equal the uninterrupted
+    cached run's."""
+    import salf_engine.training.recipe as recipe
+
+    ref, ref_w, _ = _train(prefix_cache="memory", output=str(tmp_path / "ref"), save_every=4, **RISING)
+    assert (ref["prefix_cache"]["hits"], ref["prefix_cache"]["misses"]) == (60, 48)
+    with interrupt_after(recipe, "optimizer_step", 18):
+        _train(prefix_cache="memory", output=str(tmp_path / "run"), save_every=4, **RISING)
+    got, got_w, log = _train(prefix_cache="memory", output=str(tmp_path / "run"), save_every=4, resume=True,
+                             **RISING)
+    assert any("resuming from" in line and "step-00000016" in line for line in log)
+    assert _rising_count(_rising()[1], start=16)[:2] == (32, 48)
+    assert (got["prefix_cache"]["hits"], got["prefix_cache"]["misses"]) == (32, 48)
+    for name, q in got_w.items():
+        torch.testing.assert_close(q, ref_w[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_auto_checks_below_the_highest_floor_a_rising_run_reaches():
+    """why_not_exact looks below the run's top floor (3), not floor(0) = 0: dropout there turns auto off."""
+    cache, _, lines = _decide("salf", budget="uniform", depth_schedule="rising")
+    assert cache is not None and cache.floor == 0 and "rising floor" in lines[0]
+    model = tiny_model("llama", attention_dropout=0.1)
+    cache, off, _ = _decide("salf", model=model, budget="uniform", depth_schedule="rising")
+    assert cache is None and "dropout is active in layer 0, below the floor (layer 3)" in off["reason"]

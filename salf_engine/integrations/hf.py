@@ -311,14 +311,17 @@ class SalfTrainerMixin:
         if len(micro_batches) != len(local):
             raise ConfigError("a plan batch lost micro-batches on the way (a custom collator dropped rows?)")
         driver = self.salf_driver
-        forward = patched_forward(model, row_losses=bool(getattr(self.salf_strategy, "needs_losses", False)),
-                                  context=self.compute_loss_context_manager,
-                                  prefix_cache=self.salf_prefix_cache)
+        losses = bool(getattr(self.salf_strategy, "needs_losses", False))
+        forward = patched_forward(model, row_losses=losses, context=self.compute_loss_context_manager,
+                                  prefix_cache=self.salf_prefix_cache, floor=plan.floor)
+        # a rank's weight-0 stand-in row is another rank's: it leaves the cache (the ranks share it) alone
+        stand_in = patched_forward(model, row_losses=losses, context=self.compute_loss_context_manager)
         total = torch.zeros((), device=self.args.device)
         for k, (mb, batch) in enumerate(zip(local, micro_batches, strict=True)):
             sync = None if k == len(local) - 1 else self.accelerator.no_sync(model)
-            res = micro_batch_step(forward, self.salf_wrapped, mb, batch, observe=driver.wants_observations,
-                                   backward=self.accelerator.backward, sync=sync)
+            res = micro_batch_step(forward if mb.weight > 0 else stand_in, self.salf_wrapped, mb, batch,
+                                   observe=driver.wants_observations, backward=self.accelerator.backward,
+                                   sync=sync)
             total += res.loss * mb.weight
             if res.observation is not None and (res.deviations is not None or not driver.wants_deviations):
                 self.salf_seen.append(res.observation)
@@ -383,7 +386,10 @@ def _trainer_classes() -> tuple[type, type]:
                 t.salf_driver.load_state_dict(resume["driver"])  # the profile of the interrupted run
             else:
                 t.salf_driver.profile()
-            t.salf_driver.begin(t.salf_wrapped.parts.layers)
+            # the epochs the Trainer's steps cover (SALF's rising schedule spreads its depths over them)
+            per_epoch = t.salf_sampler.steps_per_epoch if t.salf_sampler is not None else 0
+            epochs = math.ceil(state.max_steps / per_epoch) if per_epoch and state.max_steps > 0 else None
+            t.salf_driver.begin(t.salf_wrapped.parts.layers, epochs)
             if resume is not None and hasattr(t.salf_strategy, "set_reference_weights"):
                 # ADT's warm-up reference: on_train_start saw the checkpoint's weights, not the initial ones
                 t.salf_strategy.set_reference_weights(resume["tensors"].get("reference_weights"))

@@ -248,9 +248,10 @@ class TruncatedRunner:
                 never checkpointed). Also on when the model had transformers' gradient checkpointing enabled.
             train_embeddings: with every depth 0, run the embedding with autograd as well (full fine-tuning).
             prefix: enter at ``prefix.floor`` (every depth at or above it): rows with cached floor states
-                skip ``layers[0..floor-1]``, the others run them without autograd and their floor states come
-                back in ``prefix.written`` (:mod:`~salf_engine.runner.prefix`); position ids then come from
-                the mask. No deviations (the spaces below the floor are not there for cached rows).
+                skip ``layers[0..floor-1]``, rows cached at a lower layer l skip ``layers[0..l-1]``, the
+                others run them all; all without autograd, and the floor states of the rows that ran a layer
+                come back in ``prefix.written`` (:mod:`~salf_engine.runner.prefix`); position ids then come
+                from the mask. No deviations (the spaces below the floor are not there for cached rows).
         """
         batch = input_ids.shape[0]
         depths, last_index, per_row = self._check_call(input_ids, attention_mask, depth, last_index, logits,
@@ -269,6 +270,9 @@ class TruncatedRunner:
             input_ids, attention_mask, last_index = (_with_ghosts(x) for x in (input_ids, attention_mask,
                                                                                 last_index))
             depths = [*depths, self.num_layers, 0]
+            if entry is not None:  # the ghosts enter at the floor with row 0
+                entry = _with_ghosts(entry)
+                positions = _with_ghosts(positions) if positions.shape[0] == batch else positions
         # deepest first (stable): the rows frozen at layer i are rows [0, frozen_at[i])
         order = sorted(range(len(depths)), key=lambda r: -depths[r])
         perm = torch.tensor(order, device=input_ids.device) if order != sorted(order) else None
@@ -329,41 +333,51 @@ class TruncatedRunner:
         """ConfigError where a forward cannot enter at ``prefix.floor``."""
         if not 1 <= prefix.floor <= self.num_layers:
             raise ConfigError(f"a prefix floor must be in 1..{self.num_layers}, got {prefix.floor}")
-        if len(prefix.cached) != batch:
+        if len(prefix.cached) != batch or (prefix.layers is not None and len(prefix.layers) != batch):
             raise ConfigError(f"prefix has {len(prefix.cached)} rows for a batch of {batch}")
+        above = [s for s in prefix.starts if not 0 <= s <= prefix.floor]
+        if above:
+            raise ConfigError(f"cached states at layer {above[0]} lie outside 0..{prefix.floor} (the floor)")
         if min(depths) < prefix.floor or train_embeddings:
             raise ConfigError(f"a row trains below the prefix floor {prefix.floor} (depths {depths})")
         if want_dev:
             raise ConfigError("deviations need every space; a forward entering at the floor has none "
                               "below it")
-        if _fsdp_sharded(list(self.parts.layers)):
-            raise ConfigError("a forward entering at the floor is not built for FSDP2-sharded layers")
 
     def _enter_at_floor(self, input_ids: Tensor, attention_mask: Tensor | None, positions: Tensor,
                         prefix: FloorRows) -> Tensor:
-        """The [B, T, D] states at the floor, in input order: the rows without cached states run
-        ``layers[0..floor-1]`` (no autograd, their own masks), the cached rows' states go to their real
-        positions (their padding keeps the embedding's finite values, which no real token attends to);
-        fills ``prefix.written``."""
+        """The [B, T, D] states at the floor, in input order: the cached rows' states go to their real
+        positions (their padding keeps the embedding's finite values, which no real token attends to), then
+        each row runs the layers from its entry (0 without cached states, else its states' layer) to the
+        floor (no autograd, their own masks: the rows entering at or below a layer run it together); fills
+        ``prefix.written``."""
         real = (attention_mask.bool() if attention_mask is not None
                 else torch.ones_like(input_ids, dtype=torch.bool))
-        computed = prefix.computed
+        starts = prefix.starts
         with torch.no_grad():
             hidden = self.parts.embed_tokens(input_ids)
-            if computed:
-                idx = torch.tensor(computed, device=input_ids.device)
+            for r, states in enumerate(prefix.cached):
+                if states is not None:
+                    hidden[r, real[r]] = states.to(hidden.dtype)
+            # FSDP2 gathers a layer's shards at every call, so every rank calls each layer below the floor
+            # once, whatever its rows keep: row 0 runs from layer 0 as a ghost (its result unused) where no
+            # row of this rank needs the layers there
+            ghost = {0} if _fsdp_sharded(list(self.parts.layers)) else set()
+            entries = sorted({s for s in starts if s < prefix.floor} | ghost)
+            for k, lo in enumerate(entries):
+                hi = entries[k + 1] if k + 1 < len(entries) else prefix.floor
+                rows = [r for r, s in enumerate(starts) if s <= lo]
+                idx = torch.tensor(rows or [0], device=input_ids.device)
                 sub = hidden[idx]
                 sub_mask = attention_mask[idx] if attention_mask is not None else None
                 kwargs = self.parts.layer_inputs(sub, sub_mask, positions[idx] if sub_mask is not None
                                                  else positions)
-                for i in range(prefix.floor):
+                for i in range(lo, hi):
                     sub = _call_layer(self.parts.layers[i], sub, **kwargs[i])
-                hidden = hidden.to(sub.dtype)
-                hidden[idx] = sub
-            for r, states in enumerate(prefix.cached):
-                if states is not None:
-                    hidden[r, real[r]] = states.to(hidden.dtype)
-            done = set(computed)
+                if rows:
+                    hidden = hidden.to(sub.dtype)
+                    hidden[idx] = sub
+            done = set(prefix.computed)
             prefix.written = [hidden[r, real[r]].clone() if r in done else None for r in range(len(real))]
         return hidden
 

@@ -72,6 +72,8 @@ class Strategy:
         self.num_samples = 0
         self.labels: list[int] = []
         self.probe: Callable[[list[int]], list[int]] | None = None
+        self.epochs: int | None = None
+        self.step_size: int | None = None
         self._begun = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -84,14 +86,17 @@ class Strategy:
         seed: int | None = None,
         *,
         labels: Sequence[int] | torch.Tensor | None = None,
+        epochs: int | None = None,
     ) -> None:
         """Fix the model depth m, the training-set size N, the profiled eof per sample (SALF; ``None``
         for a sample that was not profiled) and the class label per sample (for class-mixed steps).
 
-        ``seed`` overrides the seed given to :func:`make_strategy`.
+        ``seed`` overrides the seed given to :func:`make_strategy`. ``epochs``: the epochs the run trains
+        (the ``rising`` schedule spreads its depths over them; the others ignore it).
         """
         self.num_layers = positive_int(num_layers, "num_layers")
         self.num_samples = positive_int(num_samples, "num_samples")
+        self.epochs = None if epochs is None else positive_int(epochs, "epochs")
         if seed is not None:
             self.seed = seed
         if labels is None:
@@ -131,14 +136,22 @@ class Strategy:
         aside), micro-batches of at most ``micro_batch_size`` (default ``step_size``) at one cut each.
 
         Consume lazily (one plan per optimizer step): ADT's masks change after its warm-up steps and the
-        ``paper`` schedule picks a depth's samples when training reaches that depth.
+        ``paper`` schedule picks a depth's samples when training reaches that depth. Each plan carries its
+        step's :meth:`floor` (``StepPlan.floor``; every epoch holds ``ceil(N / step_size)`` steps).
         """
         if not self._begun:
             raise RuntimeError(f"strategy {self.label!r}: call begin() before epoch_plans()")
         size = positive_int(step_size, "step_size (batch_size)")
         micro = size if micro_batch_size is None else positive_int(micro_batch_size, "micro_batch_size")
         micro = min(micro, size)
-        return pack_steps(self._micro_batches(epoch, size, micro), size, micro)
+        self.step_size = size
+        return self._with_floors(epoch, pack_steps(self._micro_batches(epoch, size, micro), size, micro))
+
+    def _with_floors(self, epoch: int, plans: Iterator[StepPlan]) -> Iterator[StepPlan]:
+        first = epoch * -(-self.num_samples // (self.step_size or 1))
+        for j, plan in enumerate(plans):
+            plan.floor = self.floor(first + j)
+            yield plan
 
     def _micro_batches(self, epoch: int, step_size: int, micro_size: int) -> Iterator[MicroBatch]:
         raise NotImplementedError
@@ -165,8 +178,14 @@ class Strategy:
         or of any later step trains, so ``layers[0..floor-1]`` and the embedding never change again.
         Never falls as ``step`` grows. 0 here (nothing below it is fixed): full, LoRA on every layer,
         TOP / INT (layer 0 trains), SALF and LIFT (a row may take cut 0 in any epoch), ADT (any layer may
-        train during its warm-up); static freezes override it (docs/prefix_cache.md)."""
+        train during its warm-up); static freezes and SALF's ``rising`` schedule override it
+        (docs/prefix_cache.md)."""
         return 0
+
+    def max_floor(self) -> int:
+        """The highest floor the run can reach (an upper bound of every :meth:`floor`): the layers whose
+        exactness the prefix cache checks. The floor itself where it never changes."""
+        return self.floor(0)
 
     # -- checkpoints ---------------------------------------------------------------------------
 

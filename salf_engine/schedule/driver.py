@@ -145,11 +145,14 @@ class StrategyDriver:
         self.profile_seconds = time.perf_counter() - t0
         self.profiled = len(chosen)
 
-    def begin(self, layers: Any) -> None:
-        """``strategy.begin`` with the profile, the probe hook, then ``on_train_start(layers)``."""
+    def begin(self, layers: Any, epochs: int | None = None) -> None:
+        """``strategy.begin`` with the profile, the probe hook, then ``on_train_start(layers)``; ``epochs``:
+        the epochs the run trains (default the config's), which SALF's ``rising`` schedule spreads its
+        depths over."""
         strategy = self.strategy
         strategy.begin(self.runner.num_layers, len(self.train_split), self.eofs, self.config.seed,
-                       labels=list(self.train_split.labels))
+                       labels=list(self.train_split.labels),
+                       epochs=self.config.epochs if epochs is None else epochs)
         strategy.probe = self.probe
         strategy.on_train_start(layers)
 

@@ -37,9 +37,11 @@ class MicroBatch:
 
 @dataclass
 class StepPlan:
-    """One optimizer step: its micro-batches, whose gradients accumulate before the update."""
+    """One optimizer step: its micro-batches, whose gradients accumulate before the update, and the
+    strategy's frozen floor at the step (``Strategy.floor``; where the prefix cache enters)."""
 
     micro_batches: list[MicroBatch]
+    floor: int = 0
 
     @property
     def indices(self) -> list[int]:

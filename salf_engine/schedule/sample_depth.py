@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from salf_engine.deviation.compute import eof_layers
-from salf_engine.errors import positive_int
+from salf_engine.errors import ConfigError, positive_int
 from salf_engine.schedule.base import Strategy
 from salf_engine.schedule.budgets import (
     assign_depths,
@@ -32,7 +32,7 @@ __all__ = ["DEFAULT_CUTS_PER_STEP", "ROW_ORDERS", "SampleDepthStrategy", "algori
            "quota_depths", "salf_depths"]
 
 #: Schedules whose forwards take ``micro_size`` rows of the shuffled order, each row at its own cut.
-ROW_ORDERS = ("per-row", "narrowing", "widening")
+ROW_ORDERS = ("per-row", "narrowing", "widening", "rising")
 
 
 class SampleDepthStrategy(Strategy):
@@ -50,7 +50,11 @@ class SampleDepthStrategy(Strategy):
     that is set (see :func:`round_to_levels`). ``"narrowing"`` and ``"widening"`` take the same order
     and rows, but a row's depth follows its position in the epoch: the epoch's depths sorted ascending
     (the trained scope narrows from every layer to the top one, Algorithm 4's visit order) or
-    descending (it widens), every epoch again.
+    descending (it widens), every epoch again. ``"rising"`` is narrowing across the whole run: the row at
+    position t of the run (0 .. E*N-1 over ``begin``'s E epochs, each epoch in the same shuffled order)
+    takes the depth at quantile t / (E*N) of the budget's ascending depths, so the depths never fall, each
+    budget depth gets E times its quota, and the frozen floor (:meth:`floor`) rises; steps after the E-th
+    epoch stay at the top depth.
     ``mask``: ``"above"`` trains ``layers[depth..]``, ``"single"`` only ``layers[depth]``. Depths above m-1
     (eof m under the "frozen" boundary) are clamped to m-1 so that every sample trains at least one layer.
 
@@ -90,9 +94,37 @@ class SampleDepthStrategy(Strategy):
         self._stale = False
 
     def _setup(self, eofs: list[int | None] | None) -> None:
+        if self.order == "rising" and self.epochs is None:
+            raise ConfigError(f"strategy {self.label!r} spreads its depths over the whole run: begin() needs "
+                              "the run's epochs")
         self.eofs = eofs
         self.losses = [None] * self.num_samples
         self._assign()
+
+    def _run_depths(self, start: int, count: int) -> list[int]:
+        """``rising``: the depths of the rows at positions ``start .. start+count-1`` of the run (position t
+        at quantile t / (E*N) of the budget's ascending depths)."""
+        assert self.epochs is not None
+        ranked, n = sorted(self.depths), self.num_samples
+        return [ranked[min(t // self.epochs, n - 1)] for t in range(start, start + count)]
+
+    def floor(self, step: int) -> int:
+        """``rising``: the depth of step ``step``'s first row (the depths never fall over the run, and a
+        forward's rounding to ``cut_levels`` keeps its lowest depth); 0 under every other schedule."""
+        if self.order != "rising":
+            return super().floor(step)
+        if not self._begun:
+            raise RuntimeError(f"strategy {self.label!r}: call begin() before floor()")
+        if step and self.step_size is None:
+            raise RuntimeError(f"strategy {self.label!r}: a step's rows depend on the step size: call "
+                               "epoch_plans() before floor()")
+        size = self.step_size or self.num_samples
+        epoch, j = divmod(step, -(-self.num_samples // size))
+        return self._run_depths(epoch * self.num_samples + j * size, 1)[0]
+
+    def max_floor(self) -> int:
+        """``rising``: the run's top depth; 0 under every other schedule."""
+        return max(self.depths) if self.order == "rising" else super().max_floor()
 
     def _assign(self) -> None:
         top = self.num_layers - 1
@@ -107,6 +139,8 @@ class SampleDepthStrategy(Strategy):
             order = self._shuffled(epoch)
             if self.order == "per-row":
                 row_depths = [self.depths[i] for i in order]
+            elif self.order == "rising":  # the depth follows the position in the run
+                row_depths = self._run_depths(epoch * self.num_samples, self.num_samples)
             else:  # the depth follows the position in the epoch, not the sample
                 row_depths = sorted(self.depths, reverse=self.order == "widening")
             for start in range(0, len(order), micro_size):

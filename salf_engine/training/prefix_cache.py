@@ -7,13 +7,16 @@ there are the same in every epoch. They are written as a by-product of the examp
 (:class:`~salf_engine.runner.prefix.FloorRows`; no extra pass), only its real tokens, in the dtype the
 forward computed them in, keyed by the example's index in the training split and its tokens (a row whose
 tokens changed is a miss, never a stale state), in memory or in a memory-mapped file in the run directory
-(:class:`FileRows`). :func:`plan_prefix_cache` decides from ``--prefix-cache`` whether and where the run
-keeps one: never where it could not be exact (:func:`why_not_exact`). docs/prefix_cache.md.
+(:class:`FileRows`). Where the floor rises (SALF's ``rising`` schedule), a row kept at a lower layer runs the
+layers from there to the new floor in its next forward, and its states at the new floor replace the old.
+:func:`plan_prefix_cache` decides from ``--prefix-cache`` whether and where the run keeps one: never where it
+could not be exact (:func:`why_not_exact`). docs/prefix_cache.md.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 
 from salf_engine.errors import ConfigError
 from salf_engine.runner.prefix import FloorRows
+from salf_engine.runtime.distributed import gather_objects, rank_and_world
 from salf_engine.training.checkpoint import check_free_space
 
 __all__ = ["CACHE_FILE", "MEMORY_SHARE", "FileRows", "PrefixCache", "plan_prefix_cache", "why_not_exact"]
@@ -31,30 +35,71 @@ __all__ = ["CACHE_FILE", "MEMORY_SHARE", "FileRows", "PrefixCache", "plan_prefix
 MEMORY_SHARE = 0.25
 
 
-class FileRows:
-    """Row ``i``'s ``[n_i, D]`` states in one memory-mapped file (``torch.from_file``): rows back to back in
-    split order, the whole file reserved when it is made (a full disk fails then, in one line, never
-    halfway). A row reads as None until this process wrote it: a file left by an earlier process is
-    overwritten, never trusted."""
+class _Column:
+    """One int64 column of :class:`FileRows`' row table, read and written like a list of ints."""
 
-    def __init__(self, path: Path, lengths: Sequence[int], hidden_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, values: Tensor) -> None:
+        self.values = values
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.values[i])
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self.values[i] = value
+
+
+def _agreed(error: str | None, world: int) -> str | None:
+    """The first rank's error (None: none had one), on every rank: all go on or all stop."""
+    if world == 1:
+        return error
+    return next((e for e in gather_objects(error) if e is not None), None)
+
+
+class FileRows:
+    """Row ``i``'s ``[n_i, D]`` states in one memory-mapped file (``torch.from_file``, a shared mapping):
+    a table of each row's (written, layer, token key) and each rank's (hits, misses), then the rows back to
+    back in split order; the whole file reserved when it is made (a full disk fails then, in one line, never
+    halfway). A row reads as None until a process of this run wrote it: the file is made anew, and one left
+    by an earlier or killed run is never trusted. Under ``world`` > 1 processes on one node, rank 0 makes the
+    file and every rank maps it, so a row written by one rank is served to whichever rank runs it next."""
+
+    def __init__(self, path: Path, lengths: Sequence[int], hidden_size: int, dtype: torch.dtype, *,
+                 rank: int = 0, world: int = 1) -> None:
         self.path, self.lengths, self.width = path, list(lengths), hidden_size
+        self.rank, self.world = rank, world
         self.offsets = [0]
         for n in self.lengths:
             self.offsets.append(self.offsets[-1] + n * hidden_size)
-        size = max(self.offsets[-1], 1)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        try:
-            check_free_space(path.parent, size * itemsize, "the prefix cache")
-            with open(path, "wb") as f:
-                if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(f.fileno(), 0, size * itemsize)
-                else:
-                    f.truncate(size * itemsize)
-            self.data = torch.from_file(str(path), shared=True, size=size, dtype=dtype)
-        except OSError as e:
-            raise ConfigError(f"cannot write the prefix cache file {path}: {e.strerror or e}") from None
-        self.have = [False] * len(self.lengths)
+        table = 8 * (3 * len(self.lengths) + 2 * world)  # int64 entries; the rows start 8-byte aligned
+        size = table + max(self.offsets[-1], 1) * itemsize
+        error = None
+        if rank == 0:
+            try:
+                check_free_space(path.parent, size, "the prefix cache")
+                with open(path, "wb") as f:
+                    if hasattr(os, "posix_fallocate"):
+                        os.posix_fallocate(f.fileno(), 0, size)
+                    else:
+                        f.truncate(size)
+            except ConfigError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"cannot write the prefix cache file {path}: {e.strerror or e}"
+        error = _agreed(error, world)
+        if error is None:
+            try:
+                raw = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+            except (OSError, RuntimeError) as e:
+                error = f"cannot map the prefix cache file {path} on rank {rank}: {e}"
+            error = _agreed(error, world)
+        if error is not None:
+            raise ConfigError(error)
+        ints = raw[:table].view(torch.int64)
+        rows = ints[:3 * len(self.lengths)].view(-1, 3)
+        self.have, self.layers, self.keys = _Column(rows[:, 0]), _Column(rows[:, 1]), _Column(rows[:, 2])
+        self.counts = ints[3 * len(self.lengths):].view(world, 2)  # each rank's (hits, misses)
+        self.data = raw[table:].view(dtype)
 
     def __getitem__(self, i: int) -> Tensor | None:
         if not self.have[i]:
@@ -63,27 +108,32 @@ class FileRows:
 
     def __setitem__(self, i: int, states: Tensor) -> None:
         if states.shape != (self.lengths[i], self.width):  # not this row's tokens: a miss from now on
-            self.have[i] = False
+            self.have[i] = 0
             return
         self.data[self.offsets[i]:self.offsets[i + 1]].copy_(states.reshape(-1))
-        self.have[i] = True
+        self.have[i] = 1
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the rows written."""
-        return sum(n for n, kept in zip(self.lengths, self.have, strict=True) if kept) * self.width * \
+        """Bytes of the rows written (by every rank)."""
+        written = self.have.values.bool().tolist()
+        return sum(n for n, kept in zip(self.lengths, written, strict=True) if kept) * self.width * \
             self.data.element_size()
 
     def close(self) -> None:
-        """Drop the mapping and the file (derived data)."""
+        """Drop the mapping and (rank 0) the file (derived data)."""
         del self.data
-        self.path.unlink(missing_ok=True)
+        self.have = self.layers = self.keys = self.counts = None  # type: ignore[assignment]
+        if self.rank == 0:
+            self.path.unlink(missing_ok=True)
 
 
 class PrefixCache:
-    """Each training example's ``[n, D]`` states at ``floor`` (None until its first forward), in memory or in
-    ``file`` (:class:`FileRows`), with the hits (rows served from the cache) and misses (rows that ran the
-    layers below the floor) counted."""
+    """Each training example's ``[n, D]`` states at the floor its last forward had (None until its first
+    forward at a floor above 0), in memory or in ``file`` (:class:`FileRows`), with the layer they are at
+    and the hits (rows served from the cache) and misses (rows that ran every layer below the floor)
+    counted. ``floor``: the floor of a :meth:`lookup` that names none (a static freeze's), and after a
+    lookup the floor it had (a rising floor's latest)."""
 
     def __init__(self, floor: int, num_rows: int, planned_bytes: int, *, file: FileRows | None = None,
                  device: torch.device | None = None) -> None:
@@ -91,10 +141,12 @@ class PrefixCache:
         self.planned_bytes = planned_bytes
         self.file, self.device = file, device
         self._rows: Any = file if file is not None else [None] * num_rows
-        self._keys: list[int | None] = [None] * num_rows
-        self.hits = 0
+        self._keys: Any = file.keys if file is not None else [None] * num_rows
+        self._layers: Any = file.layers if file is not None else [0] * num_rows  # each kept row's layer
+        self.hits = 0  # this process's
         self.misses = 0
         self._bytes: int | None = None  # what the file held when closed
+        self._counts: tuple[int, int] | None = None  # every rank's hits and misses when closed
 
     @property
     def where(self) -> str:
@@ -111,53 +163,75 @@ class PrefixCache:
     def close(self) -> None:
         """The end of training: a file cache drops its file (the counts and bytes stay for the summary)."""
         if self.file is not None and self._bytes is None:
-            self._bytes = self.file.nbytes
+            self._bytes, self._counts = self.file.nbytes, self.counts
             self.file.close()
 
-    def lookup(self, indices: Sequence[int] | Tensor, input_ids: Tensor,
-               attention_mask: Tensor | None) -> tuple[FloorRows, list[int]]:
-        """The forward's :class:`FloorRows` (a row's states where kept for these same tokens) and each row's
-        token key, for :meth:`keep`; counts the hits and misses."""
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(hits, misses) of every rank sharing the file (read after the step's collectives); this
+        process's otherwise."""
+        if self._counts is not None:
+            return self._counts
+        if self.file is None or self.file.world == 1:
+            return self.hits, self.misses
+        hits, misses = self.file.counts.sum(0).tolist()
+        return int(hits), int(misses)
+
+    def lookup(self, indices: Sequence[int] | Tensor, input_ids: Tensor, attention_mask: Tensor | None,
+               floor: int | None = None) -> tuple[FloorRows | None, list[int]]:
+        """The forward's :class:`FloorRows` at ``floor`` (the step's ``Strategy.floor``; default
+        ``self.floor``): a row's states where kept for these same tokens at a layer at most the floor (a
+        row kept below it runs the layers up to it), and each row's token key, for :meth:`keep`; counts the
+        hits and misses. At floor 0 the forward runs without a prefix: (None, []), counted neither way."""
+        self.floor = self.floor if floor is None else floor
+        if self.floor == 0:
+            return None, []
         idx = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
         ids = input_ids.cpu()
         mask = (attention_mask.cpu().bool() if attention_mask is not None
                 else torch.ones_like(ids, dtype=torch.bool))
         keys = [hash(tuple(ids[r][mask[r]].tolist())) for r in range(len(idx))]
-        cached = [self._rows[i] if self._keys[i] == key else None for i, key in zip(idx, keys, strict=True)]
+        cached = [self._rows[i] if self._keys[i] == key and self._layers[i] <= self.floor else None
+                  for i, key in zip(idx, keys, strict=True)]
         if self.file is not None and self.device is not None:
             cached = [c.to(self.device) if c is not None else None for c in cached]
+        layers = [self._layers[i] if c is not None else 0 for i, c in zip(idx, cached, strict=True)]
         served = sum(c is not None for c in cached)
         self.hits += served
         self.misses += len(idx) - served
-        return FloorRows(self.floor, cached), keys
+        if self.file is not None:
+            self.file.counts[self.file.rank] = torch.tensor([self.hits, self.misses])
+        return FloorRows(self.floor, cached, layers=layers), keys
 
     def keep(self, indices: Sequence[int] | Tensor, keys: list[int], rows: FloorRows) -> None:
-        """Keep the states the forward wrote (``rows.written``) for the rows it computed."""
+        """Keep the states the forward wrote (``rows.written``, at ``rows.floor``) for the rows it ran."""
         idx = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
         for i, key, states in zip(idx, keys, rows.written, strict=True):
             if states is not None:
                 self._rows[i] = states
+                self._layers[i] = rows.floor
                 if self.file is None or self.file.have[i]:
                     self._keys[i] = key
 
     def summary(self) -> dict[str, Any]:
         """``summary.json``'s ``prefix_cache``."""
-        return {"where": self.where, "bytes": self.nbytes, "floor": self.floor, "hits": self.hits,
-                "misses": self.misses}
+        hits, misses = self.counts
+        return {"where": self.where, "bytes": self.nbytes, "floor": self.floor, "hits": hits,
+                "misses": misses}
 
 
 def why_not_exact(strategy: Any, wrapped: Any, *, generative: bool, world: int,
-                  wants_deviations: bool) -> str | None:
+                  wants_deviations: bool, dropout: bool = True) -> str | None:
     """Why a cached run could differ from the recomputed one (or is not built for this run); None where it
-    is exact. ``wrapped``: the :class:`~salf_engine.training.wrapping.TrainableModel`."""
-    floor = strategy.floor(0)
+    is exact. ``wrapped``: the :class:`~salf_engine.training.wrapping.TrainableModel`. The checks cover the
+    layers below the highest floor the run reaches (``Strategy.max_floor``). ``dropout=False``: dropout is
+    no reason (an evaluation runs in eval mode)."""
+    floor = strategy.max_floor()
     if floor == 0:
         return (f"strategy {strategy.label!r} has floor 0 (a row may train layer 0): nothing below it stays "
                 "fixed")
     if generative:
         return "the prefix cache is not built for prompt/response tasks yet"
-    if world > 1:
-        return "the prefix cache is not built for several processes (DDP / FSDP2) yet"
     if wants_deviations:
         return f"strategy {strategy.label!r} reads every layer's deviation from the training forward"
     # the plan's masks never train a layer below the floor; what still could: LoRA adapters there (the
@@ -172,6 +246,8 @@ def why_not_exact(strategy: Any, wrapped: Any, *, generative: bool, world: int,
             return f"{name} lies below the floor (layer {floor}) and trains through the head tied to it"
         if ids and wrapped.lora:
             return f"{name} lies below the floor (layer {floor}) and has trainable LoRA adapters"
+    if not dropout:
+        return None
     parts = wrapped.parts
     modules = (("the embedding", parts.embed), *((f"layer {i}", parts.layers[i]) for i in range(floor)))
     for name, module in modules:
@@ -229,24 +305,40 @@ def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence
     most :data:`MEMORY_SHARE` of the free memory, else a memory-mapped file in ``run_dir`` (off without
     one). Says in one line what it keeps and how many bytes, or why there is none; ``memory`` and ``disk``
     where it cannot be exact, and ``disk`` without a run directory or room for the file, raise
-    :class:`~salf_engine.errors.ConfigError`."""
+    :class:`~salf_engine.errors.ConfigError`. Under ``world`` > 1 processes (every rank calls it) the ranks of
+    one node share the file (``auto``, ``disk``; ``memory`` is refused), and ranks on several nodes keep
+    none (docs/prefix_cache.md, "Several processes")."""
     off: dict[str, Any] = {"where": "off", "bytes": 0, "floor": None, "hits": 0, "misses": 0}
     if where == "off":
         say("prefix cache: off (--prefix-cache off)")
         return None, off
     reason = why_not_exact(strategy, wrapped, generative=generative, world=world,
                            wants_deviations=wants_deviations)
+    if reason is None and world > 1:
+        reason = _several_nodes()
     if reason is not None:
         if where != "auto":
             raise ConfigError(f"--prefix-cache {where} cannot be exact here: {reason}")
         say(f"prefix cache: off ({reason})")
         return None, {**off, "reason": reason}
-    floor, parts = strategy.floor(0), wrapped.parts
+    floor, top, parts = strategy.floor(0), strategy.max_floor(), wrapped.parts
     hidden, dtype = int(parts.config.hidden_size), next(parts.embed.parameters()).dtype
     nbytes = planned_bytes(lengths, hidden, dtype)
-    what = (f"the hidden states at layer {floor} (of {parts.num_layers}) of {len(lengths)} training "
-            f"examples, {nbytes} bytes ({_mib(nbytes)}); the layers below it run once per example")
+    at = (f"at layer {floor} (of {parts.num_layers})" if floor == top else
+          f"at the rising floor (layer {floor} at the start, at most {top} of {parts.num_layers})")
+    what = (f"the hidden states {at} of {len(lengths)} training examples, {nbytes} bytes ({_mib(nbytes)}); "
+            f"the layers below it run once per example{'' if floor == top else ' once frozen'}")
     note = ""
+    if world > 1:  # the ranks of one node share one file (docs/prefix_cache.md, "Several processes")
+        if where == "memory":
+            raise ConfigError(f"--prefix-cache memory keeps one process's rows, but the {world} ranks share "
+                              "one file in the run directory: use --prefix-cache disk or auto")
+        note = f"shared by the {world} ranks"
+        if where == "auto" and run_dir is None:
+            reason = f"the {world} ranks share the cache through a file in the run directory: give --output"
+            say(f"prefix cache: off ({reason})")
+            return None, {**off, "floor": floor, "reason": reason}
+        where = "disk"
     if where == "auto":
         free = free_memory(device)
         where = "memory"
@@ -260,11 +352,21 @@ def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence
     if where == "disk":
         if run_dir is None:
             raise ConfigError("--prefix-cache disk keeps its file in the run directory: give --output")
-        file = FileRows(Path(run_dir) / CACHE_FILE, lengths, hidden, dtype)
+        file = FileRows(Path(run_dir) / CACHE_FILE, lengths, hidden, dtype, rank=rank_and_world()[0],
+                        world=world)
         say(f"prefix cache: on disk in {file.path}{f' ({note})' if note else ''}, {what}")
         return PrefixCache(floor, len(lengths), nbytes, file=file, device=device), off
     say(f"prefix cache: in memory, {what}")
     return PrefixCache(floor, len(lengths), nbytes), off
+
+
+def _several_nodes() -> str | None:
+    """Why the ranks cannot share one cache file: they run on several nodes (hosts), which share no page
+    cache; None on one node. A collective: every rank calls it."""
+    hosts = set(gather_objects(socket.gethostname()))
+    if len(hosts) > 1:
+        return f"the ranks run on {len(hosts)} nodes, which cannot share the cache's file"
+    return None
 
 
 def _mib(nbytes: int) -> str:

@@ -125,19 +125,22 @@ Forward = Callable[[dict[str, Any], "int | list[int]", bool], MicroBatchLoss]
 
 
 def runner_forward(runner, *, label_token_ids: torch.Tensor, config: TrainConfig,
-                   want_deviations: bool = False, prefix_cache: PrefixCache | None = None) -> Forward:
+                   want_deviations: bool = False, prefix_cache: PrefixCache | None = None,
+                   floor: int | None = None) -> Forward:
     """The engine's classification forward: the truncated runner at the cut (autocast as ``config.dtype``
     says), then :func:`compute_loss` against the runner's current label bases; the loss is the rows' mean.
     ``batch`` holds input_ids, attention_mask, last_index and labels ([B] class indices; with
-    ``prefix_cache`` also ``indices``, the rows' training-split indices: rows it keeps start at its floor,
-    the others leave their floor states in it)."""
+    ``prefix_cache`` also ``indices``, the rows' training-split indices: rows it keeps start at the floor,
+    ``floor`` (the step's ``StepPlan.floor``; default the cache's), the others leave their floor states in
+    it)."""
     device = label_token_ids.device
 
     def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
         labels = batch["labels"].to(device)
         rows = keys = None
         if prefix_cache is not None:
-            rows, keys = prefix_cache.lookup(batch["indices"], batch["input_ids"], batch["attention_mask"])
+            rows, keys = prefix_cache.lookup(batch["indices"], batch["input_ids"], batch["attention_mask"],
+                                             floor)
         with autocast_context(config.dtype, device):
             out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth,
                          last_index=batch["last_index"].to(device),
@@ -168,21 +171,21 @@ def response_forward(runner, *, config: TrainConfig, device: torch.device) -> Fo
 
 
 def patched_forward(module, *, row_losses: bool = False, context: Callable[[], Any] | None = None,
-                    prefix_cache: PrefixCache | None = None) -> Forward:
+                    prefix_cache: PrefixCache | None = None, floor: int | None = None) -> Forward:
     """The forward of a SALF-patched HF model (:func:`~salf_engine.integrations.patching.patch_model`,
     possibly wrapped by DDP / FSDP / accelerate): ``module(**batch, salf_depth=..., ...)``, whose loss is
     the model's own over ``labels`` (-100: not supervised); ``row_losses``: also each row's mean next-token
     loss (:func:`next_token_row_losses`); ``context``: what the forward runs in (a Trainer's autocast).
     ``batch`` may hold ``salf_index`` (the rows' training-split indices), which never reaches the model:
-    with ``prefix_cache`` the rows it keeps start at its floor, the others leave their floor states in it,
-    as in :func:`runner_forward`."""
+    with ``prefix_cache`` the rows it keeps start at the floor (``floor``: the step's), the others leave
+    their floor states in it, as in :func:`runner_forward`."""
 
     def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
         batch = dict(batch)
         indices = batch.pop("salf_index", None)
         rows = keys = None
         if prefix_cache is not None:
-            rows, keys = prefix_cache.lookup(indices, batch["input_ids"], batch.get("attention_mask"))
+            rows, keys = prefix_cache.lookup(indices, batch["input_ids"], batch.get("attention_mask"), floor)
         with context() if context is not None else contextlib.nullcontext():
             out = module(**batch, salf_depth=depth, salf_train_embeddings=train_embeddings, salf_prefix=rows)
         if rows is not None:
@@ -336,17 +339,20 @@ class StepRunner:
         # supervised token weighs 1 / (supervised tokens in the step), whatever its micro-batch and rank
         per = self.train_split.supervised(plan.indices) if generative else len(plan)
         if generative:
-            forward = response_forward(self.runner, config=self.config, device=device)
+            forward = stand_in = response_forward(self.runner, config=self.config, device=device)
         else:
             forward = runner_forward(self.runner, label_token_ids=self.label_token_ids, config=self.config,
                                      want_deviations=self.driver.wants_deviations,
-                                     prefix_cache=self.prefix_cache)
+                                     prefix_cache=self.prefix_cache, floor=plan.floor)
+            # a rank's weight-0 stand-in row is another rank's: it leaves the cache (the ranks share it) alone
+            stand_in = runner_forward(self.runner, label_token_ids=self.label_token_ids, config=self.config,
+                                      want_deviations=self.driver.wants_deviations)
         for mb in rank_slice(plan, self.rank, self.world):
             if generative:
                 batch = collate_responses(self.train_split, mb.indices, self.pad_id)
             else:
                 batch = collate(self.train_split, mb.indices, self.pad_id, padding_side="left")
-            res = micro_batch_step(forward, self.wrapped, mb, batch,
+            res = micro_batch_step(forward if mb.weight > 0 else stand_in, self.wrapped, mb, batch,
                                    weight=(mb.weight > 0) / per if generative else None,
                                    observe=self.driver.wants_observations)
             if mb.weight > 0:
