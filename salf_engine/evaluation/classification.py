@@ -211,11 +211,14 @@ def evaluate(
     classes: Sequence[str] | None = None,
     progress: bool = True,
     desc: str = "eval",
+    prefix=None,
 ) -> EvalReport:
     """Score `model` on an EncodedSplit: one no-grad forward per batch, logits at the medium token only.
 
     Batches are formed from length-sorted examples (less padding) and padded on
-    the left, so the medium token is the last position of every row.
+    the left, so the medium token is the last position of every row. ``prefix``: an
+    :class:`~salf_engine.training.eval_prefix.EvalPrefix` of `model` (begun at this evaluation's floor);
+    above floor 0 the forward goes through it and enters at the floor where a row's states are kept.
     """
     classes = list(classes if classes is not None else getattr(verbalizer, "classes", None) or [])
     label_ids = torch.as_tensor(verbalizer.label_token_ids, dtype=torch.long)
@@ -243,7 +246,10 @@ def evaluate(
             ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"].to(device)
             with autocast_context(dtype, device):
-                logits = predict_medium_logits(model, ids, mask)
+                if prefix is not None and prefix.floor > 0:
+                    logits = prefix.logits(idx, ids, mask)
+                else:
+                    logits = predict_medium_logits(model, ids, mask)
             top = logits.argmax(dim=-1).cpu()
             restricted = logits[:, label_ids.to(logits.device)].argmax(dim=-1).cpu()
             for j, i in enumerate(idx):

@@ -39,18 +39,20 @@ class SavedReport:
         return self._data["text"]
 
 
-def evaluate_task(model, p, *, progress: bool, desc: str):
+def evaluate_task(model, p, *, progress: bool, desc: str, prefix=None):
     """The evaluation split's report of ``p`` (a ``training.inputs.Prepared``): accuracy and macro-F1 of a
-    classification task, answer loss and exact match of a prompt/response task."""
+    classification task, answer loss and exact match of a prompt/response task. ``prefix``: the run's
+    :class:`~salf_engine.training.eval_prefix.EvalPrefix` (a classification task's; None: the plain forward)."""
     config = p.config
     if p.verbalizer is None:
         return evaluate_responses(model, p.tokenizer, p.eval_split, batch_size=config.eval_batch_size,
                                   exact_match_rows=config.exact_match_rows,
                                   max_new_tokens=config.max_new_tokens, progress=progress, desc=desc)
     # through the module, so a test that replaces classification.evaluate reaches this call
+    extra = {} if prefix is None else {"prefix": prefix}
     return classification.evaluate(model, p.tokenizer, p.eval_split, p.verbalizer,
                                    batch_size=config.eval_batch_size, dtype=config.dtype,
-                                   classes=list(p.task.classes), progress=progress, desc=desc)
+                                   classes=list(p.task.classes), progress=progress, desc=desc, **extra)
 
 
 def format_scores(phase: str, s: dict[str, float]) -> str:

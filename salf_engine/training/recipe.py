@@ -34,6 +34,7 @@ from salf_engine.config import TrainConfig
 from salf_engine.deviation.semantics import semantic_bases
 from salf_engine.errors import CheckpointError
 from salf_engine.evaluation.plots import eof_histogram_png
+from salf_engine.training.eval_prefix import EvalPrefix, eval_floor, plan_eval_prefix
 from salf_engine.evaluation.task import SavedReport, evaluate_task, format_scores
 from salf_engine.runner.truncated import TruncatedRunner
 from salf_engine.runtime.distributed import (
@@ -95,9 +96,10 @@ class TrainingRecipe:
         self.setup()
         ckpt = self.open_run()
         try:
-            self.zero_shot = self.zero_shot_eval(ckpt)
             self.wrapped, self.runner = self.make_model()
             self.driver = self.make_strategy(ckpt)
+            self.eval_prefix = self.make_eval_prefix(ckpt)
+            self.zero_shot = self.zero_shot_eval(ckpt)
             self.optimizer, self.scheduler = self.make_optimizer()
             self.check_disk_space(resuming=ckpt is not None)
             self.cost = CostMeter(self.runner.num_layers, lora=self.wrapped.lora)
@@ -152,12 +154,30 @@ class TrainingRecipe:
         if not self.config.zero_shot_eval:
             return None
         self.say(f"zero-shot evaluation on {len(p.eval_split)} {_eval_name(self.config)} examples ...")
-        zero_shot = evaluate_task(p.model, p, progress=self.progress, desc="zero-shot eval")
+        zero_shot = self._evaluate(p.model, "zero-shot eval")
         run.log({"event": "eval", "phase": "zero-shot", **zero_shot.summary(),
                  "seconds": round(zero_shot.seconds, 3)})
         run.write_json("zero_shot_eval.json", zero_shot.to_dict())
         self.say(format_scores("zero-shot", zero_shot.summary()))
         return zero_shot
+
+    def make_eval_prefix(self, ckpt) -> EvalPrefix | None:
+        """The evaluation prefix cache (off with ``--prefix-cache off``) where this process evaluates more
+        than once and it is exact: the evaluation rows' states at the floor, kept from one evaluation to the
+        next (the zero-shot evaluation runs after the model is wrapped and the strategy begun: its floor)."""
+        config = self.config
+        evaluations = (int(ckpt is None and config.zero_shot_eval) + 1
+                       + int(config.eval_every_epoch and self.run_epochs > 1))
+        return plan_eval_prefix(config.prefix_cache, self.p.strategy, self.wrapped,
+                                [len(ids) for ids in self.p.eval_split.input_ids], generative=self.generative,
+                                world=self.world, evaluations=evaluations, say=self.say)
+
+    def _evaluate(self, model, desc: str):
+        """The evaluation split's report of ``model``, through the evaluation prefix cache (if any) at this
+        evaluation's floor (the next training step's)."""
+        if self.eval_prefix is not None:
+            self.eval_prefix.begin(eval_floor(self.p.strategy, self.state.step, self.total_steps))
+        return evaluate_task(model, self.p, progress=self.progress, desc=desc, prefix=self.eval_prefix)
 
     # ---- builders
     def make_model(self) -> tuple[TrainableModel, TruncatedRunner]:
@@ -177,8 +197,13 @@ class TrainingRecipe:
             driver.load_state_dict(ckpt.meta["driver"])
         else:
             driver.profile(progress=self.progress, say=self.say)
-        driver.begin(self.wrapped.parts.layers)
+        driver.begin(self.wrapped.parts.layers, epochs=self.run_epochs)
         return driver
+
+    @property
+    def run_epochs(self) -> int:
+        """The epochs the run's steps cover (--max-steps may end inside one, or go on past --epochs)."""
+        return math.ceil(self.total_steps / math.ceil(len(self.p.train_split) / self.step_size))
 
     def make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """AdamW over the trainable parameters and its learning-rate schedule over the run's steps."""
@@ -192,7 +217,7 @@ class TrainingRecipe:
         p = self.p
         self.prefix_cache, self.prefix_off = plan_prefix_cache(
             self.config.prefix_cache, p.strategy, self.wrapped, [len(ids) for ids in p.train_split.input_ids],
-            device=p.device, run_dir=self.run_dir.path, generative=self.generative, world=self.world,
+            device=p.device, run_dir=p.out_dir, generative=self.generative, world=self.world,
             wants_deviations=self.driver.wants_deviations, say=self.say)
         return StepRunner(self.runner, self.wrapped, p.train_split, self.driver, self.cost, self.config,
                           self.label_token_ids, self.pad_id, self.rank, self.world, self.prefix_cache)
@@ -307,7 +332,7 @@ class TrainingRecipe:
         rng = ckpt_mod.rng_state()
         model = self.wrapped.model
         model.eval()
-        report = evaluate_task(model, self.p, progress=self.progress, desc=f"epoch {self.state.epoch} eval")
+        report = self._evaluate(model, f"epoch {self.state.epoch} eval")
         model.train()
         ckpt_mod.set_rng_state(rng)
         scores = {"epoch": self.state.epoch, "step": self.state.step,
@@ -351,7 +376,7 @@ class TrainingRecipe:
         w.restore()
         w.model.eval()
         self.say(f"evaluating the fine-tuned model on {len(p.eval_split)} {_eval_name(config)} examples ...")
-        final = evaluate_task(w.model, p, progress=self.progress, desc="fine-tuned eval")
+        final = self._evaluate(w.model, "fine-tuned eval")
         self.run_dir.log({"event": "eval", "phase": "fine-tuned", "step": self.state.step, **final.summary(),
                           "seconds": round(final.seconds, 3)})
         self.say(format_scores("fine-tuned", final.summary()))
@@ -411,6 +436,7 @@ class TrainingRecipe:
             "flops_ratio": cost.flops_ratio(profiled),
             "depth_histogram": cost.depth_histogram(), "eof_histogram": driver.eof_histograms(),
             "prefix_cache": self.prefix_cache.summary() if self.prefix_cache is not None else self.prefix_off,
+            "eval_prefix_cache": self.eval_prefix.summary() if self.eval_prefix is not None else None,
             "zero_shot": zero_shot.summary() if zero_shot else None, "fine_tuned": final.summary(),
             "epochs": ([*state.epoch_evals, {"epoch": state.epoch, "step": state.step,
                                              "train_seconds": round(train_seconds, 3), **final.summary()}]
