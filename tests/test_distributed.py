@@ -375,7 +375,7 @@ def _patched_cached_loop(rank: int, world: int, fsdp: bool, where: str, run_dir:
     driver.begin(wrapped.parts.layers, epochs=epochs)
     lengths = [len(r["input_ids"]) for r in rows]
     cache, _ = plan_prefix_cache(where, p.strategy, wrapped, lengths, device=torch.device("cpu"),
-                                 run_dir=Path(run_dir), generative=False, world=world, wants_deviations=False,
+                                 run_dir=Path(run_dir), world=world, wants_deviations=False,
                                  say=lambda _msg: None)
     optimizer = build_optimizer(wrapped.trainable, cfg, cfg.lr)
     scheduler = build_scheduler(optimizer, cfg, epochs * len(rows) // (MICRO * ACCUM))

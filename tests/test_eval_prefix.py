@@ -14,9 +14,9 @@ from test_train import _pattern_task
 from salf_engine.config import TrainConfig
 from salf_engine.data import collate, encode_split
 from salf_engine.evaluation import classification
-from salf_engine.training.eval_prefix import EvalPrefix, eval_floor
 from salf_engine.schedule.strategies import make_strategy
 from salf_engine.training import recipe
+from salf_engine.training.eval_prefix import EvalPrefix, eval_floor
 
 
 def _prepared(family: str = "llama", **overrides):

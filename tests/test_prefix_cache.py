@@ -316,7 +316,7 @@ def _decide(name, where="auto", *, model=None, run_dir=None, world=1, **kw):
     lines: list[str] = []
     lengths = [len(ids) for ids in p.train_split.input_ids]
     cache, off = plan_prefix_cache(where, p.strategy, wrapped, lengths, device=torch.device("cpu"),
-                                   run_dir=run_dir, generative=False, world=world,
+                                   run_dir=run_dir, world=world,
                                    wants_deviations=p.strategy.needs_observe, say=lines.append)
     return cache, off, lines
 
@@ -426,9 +426,7 @@ def test_other_reasons():
         def max_floor(self):
             return 2
 
-    for kw, reason in (({"generative": True}, "prompt/response"), ({"wants_deviations": True}, "deviation")):
-        args = {"generative": False, "world": 1, "wants_deviations": False, **kw}
-        assert reason in why_not_exact(S(), None, **args)
+    assert "deviation" in why_not_exact(S(), None, world=1, wants_deviations=True)
 
 
 def test_a_row_whose_tokens_changed_is_a_miss():

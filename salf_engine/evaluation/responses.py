@@ -37,9 +37,12 @@ class AnswerLoss:
         return math.exp(self.loss)
 
 
-def answer_loss(model: Any, split: EncodedResponses, *, batch_size: int = 8, pad_id: int = 0) -> AnswerLoss:
+def answer_loss(model: Any, split: EncodedResponses, *, batch_size: int = 8, pad_id: int = 0,
+                prefix: Any = None) -> AnswerLoss:
     """The held-out answer loss of ``model`` on every row of ``split`` (no gradient, eval mode). Rows are
-    batched by length (a sum over rows does not depend on their order), so little of a batch is padding."""
+    batched by length (a sum over rows does not depend on their order), so little of a batch is padding.
+    ``prefix``: an :class:`~salf_engine.training.eval_prefix.EvalPrefix` of ``model`` (begun at this
+    evaluation's floor); above floor 0 a row enters at the floor where its states are kept."""
     runner = TruncatedRunner(model)
     was_training = model.training
     model.eval()
@@ -50,7 +53,8 @@ def answer_loss(model: Any, split: EncodedResponses, *, batch_size: int = 8, pad
             for start in range(0, len(split), batch_size):
                 rows = by_length[start:start + batch_size]
                 batch = collate_responses(split, rows, pad_id)
-                out = response_loss(runner, batch, 0)
+                out = (prefix.response_loss(rows, batch) if prefix is not None and prefix.floor > 0
+                       else response_loss(runner, batch, 0))
                 total += float(out.total)
                 tokens += out.tokens
     finally:
@@ -149,12 +153,13 @@ class ResponseReport:
 
 def evaluate_responses(model: Any, tokenizer: Any, split: EncodedResponses, *, batch_size: int = 8,
                        exact_match_rows: int = 100, max_new_tokens: int = 256, progress: bool = False,
-                       desc: str = "eval") -> ResponseReport:
-    """Answer loss over ``split`` and, with ``exact_match_rows`` > 0, greedy exact match on its first rows
-    (with a progress bar over the decoded rows when ``progress``)."""
+                       desc: str = "eval", prefix: Any = None) -> ResponseReport:
+    """Answer loss over ``split`` (through ``prefix``, an evaluation prefix cache, when given) and, with
+    ``exact_match_rows`` > 0, greedy exact match on its first rows (with a progress bar over the decoded
+    rows when ``progress``; the plain ``generate``)."""
     t0 = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    answer = answer_loss(model, split, batch_size=batch_size, pad_id=pad_id)
+    answer = answer_loss(model, split, batch_size=batch_size, pad_id=pad_id, prefix=prefix)
     match = None
     if exact_match_rows > 0:
         match = exact_match(model, tokenizer, split, split.responses, rows=exact_match_rows,

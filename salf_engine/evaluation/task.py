@@ -42,12 +42,14 @@ class SavedReport:
 def evaluate_task(model, p, *, progress: bool, desc: str, prefix=None):
     """The evaluation split's report of ``p`` (a ``training.inputs.Prepared``): accuracy and macro-F1 of a
     classification task, answer loss and exact match of a prompt/response task. ``prefix``: the run's
-    :class:`~salf_engine.training.eval_prefix.EvalPrefix` (a classification task's; None: the plain forward)."""
+    :class:`~salf_engine.training.eval_prefix.EvalPrefix` (None: the plain forward; a prompt/response task's
+    greedy decode never uses it)."""
     config = p.config
     if p.verbalizer is None:
         return evaluate_responses(model, p.tokenizer, p.eval_split, batch_size=config.eval_batch_size,
                                   exact_match_rows=config.exact_match_rows,
-                                  max_new_tokens=config.max_new_tokens, progress=progress, desc=desc)
+                                  max_new_tokens=config.max_new_tokens, progress=progress, desc=desc,
+                                  prefix=prefix)
     # through the module, so a test that replaces classification.evaluate reaches this call
     extra = {} if prefix is None else {"prefix": prefix}
     return classification.evaluate(model, p.tokenizer, p.eval_split, p.verbalizer,

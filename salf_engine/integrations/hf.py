@@ -263,7 +263,7 @@ class SalfTrainerMixin:
         lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
         self.salf_prefix_cache, self.salf_prefix_summary = plan_prefix_cache(
             self.salf_config.prefix_cache, self.salf_strategy, self.salf_wrapped, lengths, device=args.device,
-            run_dir=Path(args.output_dir) if args.output_dir else None, generative=False,
+            run_dir=Path(args.output_dir) if args.output_dir else None,
             world=max(1, args.world_size), wants_deviations=driver.wants_deviations, say=_log.info)
 
     def salf_state(self, global_step: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from salf_engine.errors import ConfigError
 from salf_engine.runner.chunked_loss import DEFAULT_CHUNK, head_cross_entropy
+from salf_engine.runner.prefix import FloorRows
 
 __all__ = ["ResponseLoss", "response_loss"]
 
@@ -39,9 +40,10 @@ class ResponseLoss:
 
 def response_loss(runner: Any, batch: dict[str, Tensor], depth: int | list[int] | Tensor, *,
                   chunk_size: int = DEFAULT_CHUNK, gradient_checkpointing: bool = False,
-                  train_embeddings: bool = False) -> ResponseLoss:
+                  train_embeddings: bool = False, prefix: FloorRows | None = None) -> ResponseLoss:
     """The response-only next-token loss of ``batch`` (``input_ids``, ``attention_mask``, ``labels``: [B, T],
-    ``-100`` where nothing is supervised), each row frozen below its ``depth`` (an int, or one per row)."""
+    ``-100`` where nothing is supervised), each row frozen below its ``depth`` (an int, or one per row);
+    ``prefix``: enter at its floor (the runner's ``prefix``; docs/prefix_cache.md)."""
     missing = [key for key in ("input_ids", "attention_mask", "labels") if key not in batch]
     if missing:
         raise ConfigError(f"an SFT batch needs input_ids, attention_mask and labels; missing {missing}")
@@ -49,7 +51,7 @@ def response_loss(runner: Any, batch: dict[str, Tensor], depth: int | list[int] 
     labels = batch["labels"].to(device)
     out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth,
                  logits="none", gradient_checkpointing=gradient_checkpointing,
-                 train_embeddings=train_embeddings)
+                 train_embeddings=train_embeddings, prefix=prefix)
     targets = labels[:, 1:]
     head = runner.parts.head
     vocab = runner.parts.lm_head.weight.shape[0]

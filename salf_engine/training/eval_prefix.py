@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from salf_engine.runner.response_loss import ResponseLoss, response_loss
 from salf_engine.runner.truncated import TruncatedRunner
 from salf_engine.training.prefix_cache import PrefixCache, planned_bytes, why_not_exact
 
@@ -43,7 +44,8 @@ def _digest(module: nn.Module) -> bytes:
 
 class EvalPrefix:
     """The evaluation rows' states at the floor, kept from one evaluation of a run to the next (in memory).
-    :meth:`begin` names each evaluation's floor; :meth:`logits` is its forward for a batch (floor > 0)."""
+    :meth:`begin` names each evaluation's floor; :meth:`logits` (a classification task's) and
+    :meth:`response_loss` (a prompt/response task's answer loss) are its forward for a batch (floor > 0)."""
 
     def __init__(self, model: nn.Module, num_rows: int,
                  say: Callable[[str], None] = lambda _msg: None) -> None:
@@ -84,6 +86,18 @@ class EvalPrefix:
         assert out.logits is not None
         return out.logits.float()
 
+    @torch.no_grad()
+    def response_loss(self, indices: Sequence[int], batch: dict[str, Tensor]) -> ResponseLoss:
+        """The answer loss of a :func:`~salf_engine.data.responses.collate_responses` batch (rows ``indices``
+        of the evaluation split; floor > 0), entering at the floor where the row's states (all its real
+        tokens) are kept; keeps the states the forward computed."""
+        rows, keys = self.cache.lookup(indices, batch["input_ids"], batch["attention_mask"], self.floor)
+        if rows is None:
+            raise ValueError("an evaluation enters at the floor only above layer 0")
+        out = response_loss(self.runner, batch, self.runner.num_layers, prefix=rows)
+        self.cache.keep(indices, keys, rows)
+        return out
+
     def summary(self) -> dict[str, Any]:
         """``summary.json``'s ``eval_prefix_cache``: bytes kept, the last evaluation's floor, hits (rows that
         entered at a kept layer) and misses (rows that ran every layer below the floor)."""
@@ -91,8 +105,8 @@ class EvalPrefix:
                 "misses": self.cache.misses}
 
 
-def plan_eval_prefix(where: str, strategy: Any, wrapped: Any, lengths: Sequence[int], *, generative: bool,
-                     world: int, evaluations: int, say: Callable[[str], None]) -> EvalPrefix | None:
+def plan_eval_prefix(where: str, strategy: Any, wrapped: Any, lengths: Sequence[int], *, world: int,
+                     evaluations: int, say: Callable[[str], None]) -> EvalPrefix | None:
     """The run's evaluation cache for evaluation examples of ``lengths`` tokens, or None: with fewer than
     two evaluations in this process (nothing to reuse; nothing said), ``--prefix-cache off``, several
     processes, or where the training cache could not be exact (:func:`why_not_exact`; dropout aside). Says
@@ -103,8 +117,7 @@ def plan_eval_prefix(where: str, strategy: Any, wrapped: Any, lengths: Sequence[
         say("eval prefix cache: off (--prefix-cache off)")
         return None
     reason = ("the evaluation prefix cache is not built for several processes (DDP / FSDP2) yet" if world > 1
-              else why_not_exact(strategy, wrapped, generative=generative, world=world,
-                                 wants_deviations=False, dropout=False))
+              else why_not_exact(strategy, wrapped, world=world, wants_deviations=False, dropout=False))
     if reason is not None:
         say(f"eval prefix cache: off ({reason})")
         return None

@@ -220,18 +220,16 @@ class PrefixCache:
                 "misses": misses}
 
 
-def why_not_exact(strategy: Any, wrapped: Any, *, generative: bool, world: int,
-                  wants_deviations: bool, dropout: bool = True) -> str | None:
-    """Why a cached run could differ from the recomputed one (or is not built for this run); None where it
-    is exact. ``wrapped``: the :class:`~salf_engine.training.wrapping.TrainableModel`. The checks cover the
-    layers below the highest floor the run reaches (``Strategy.max_floor``). ``dropout=False``: dropout is
-    no reason (an evaluation runs in eval mode)."""
+def why_not_exact(strategy: Any, wrapped: Any, *, world: int, wants_deviations: bool,
+                  dropout: bool = True) -> str | None:
+    """Why a cached run could differ from the recomputed one; None where it is exact (classification and
+    prompt/response tasks alike). ``wrapped``: the :class:`~salf_engine.training.wrapping.TrainableModel`.
+    The checks cover the layers below the highest floor the run reaches (``Strategy.max_floor``).
+    ``dropout=False``: dropout is no reason (an evaluation runs in eval mode)."""
     floor = strategy.max_floor()
     if floor == 0:
         return (f"strategy {strategy.label!r} has floor 0 (a row may train layer 0): nothing below it stays "
                 "fixed")
-    if generative:
-        return "the prefix cache is not built for prompt/response tasks yet"
     if wants_deviations:
         return f"strategy {strategy.label!r} reads every layer's deviation from the training forward"
     # the plan's masks never train a layer below the floor; what still could: LoRA adapters there (the
@@ -297,8 +295,7 @@ CACHE_FILE = "prefix_cache.bin"
 
 
 def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence[int], *,
-                      device: torch.device, run_dir: Path | None, generative: bool, world: int,
-                      wants_deviations: bool,
+                      device: torch.device, run_dir: Path | None, world: int, wants_deviations: bool,
                       say: Callable[[str], None]) -> tuple[PrefixCache | None, dict[str, Any]]:
     """The run's cache as ``--prefix-cache`` says (auto, memory, disk, off) for training examples of
     ``lengths`` tokens, and the summary it has while there is none. ``auto``: in memory while it takes at
@@ -312,8 +309,7 @@ def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence
     if where == "off":
         say("prefix cache: off (--prefix-cache off)")
         return None, off
-    reason = why_not_exact(strategy, wrapped, generative=generative, world=world,
-                           wants_deviations=wants_deviations)
+    reason = why_not_exact(strategy, wrapped, world=world, wants_deviations=wants_deviations)
     if reason is None and world > 1:
         reason = _several_nodes()
     if reason is not None:

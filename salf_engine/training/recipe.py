@@ -34,7 +34,6 @@ from salf_engine.config import TrainConfig
 from salf_engine.deviation.semantics import semantic_bases
 from salf_engine.errors import CheckpointError
 from salf_engine.evaluation.plots import eof_histogram_png
-from salf_engine.training.eval_prefix import EvalPrefix, eval_floor, plan_eval_prefix
 from salf_engine.evaluation.task import SavedReport, evaluate_task, format_scores
 from salf_engine.runner.truncated import TruncatedRunner
 from salf_engine.runtime.distributed import (
@@ -44,6 +43,7 @@ from salf_engine.runtime.distributed import (
 from salf_engine.schedule.driver import StrategyDriver
 from salf_engine.training import checkpoint as ckpt_mod
 from salf_engine.training.cost import CostMeter
+from salf_engine.training.eval_prefix import EvalPrefix, eval_floor, plan_eval_prefix
 from salf_engine.training.inputs import Prepared, _refuse_to_clear_checkpoints, check_resume, prepare
 from salf_engine.training.prefix_cache import plan_prefix_cache
 from salf_engine.training.rundir import RunDirectory
@@ -169,8 +169,8 @@ class TrainingRecipe:
         evaluations = (int(ckpt is None and config.zero_shot_eval) + 1
                        + int(config.eval_every_epoch and self.run_epochs > 1))
         return plan_eval_prefix(config.prefix_cache, self.p.strategy, self.wrapped,
-                                [len(ids) for ids in self.p.eval_split.input_ids], generative=self.generative,
-                                world=self.world, evaluations=evaluations, say=self.say)
+                                [len(ids) for ids in self.p.eval_split.input_ids], world=self.world,
+                                evaluations=evaluations, say=self.say)
 
     def _evaluate(self, model, desc: str):
         """The evaluation split's report of ``model``, through the evaluation prefix cache (if any) at this
@@ -217,7 +217,7 @@ class TrainingRecipe:
         p = self.p
         self.prefix_cache, self.prefix_off = plan_prefix_cache(
             self.config.prefix_cache, p.strategy, self.wrapped, [len(ids) for ids in p.train_split.input_ids],
-            device=p.device, run_dir=p.out_dir, generative=self.generative, world=self.world,
+            device=p.device, run_dir=p.out_dir, world=self.world,
             wants_deviations=self.driver.wants_deviations, say=self.say)
         return StepRunner(self.runner, self.wrapped, p.train_split, self.driver, self.cost, self.config,
                           self.label_token_ids, self.pad_id, self.rank, self.world, self.prefix_cache)

@@ -7,8 +7,8 @@ share of the step, backward, what the strategy observes) and ends each step with
 (clipping, the non-finite policy, :func:`optimizer_step`: step, schedule, zero). The forwards differ only
 where the loops do: :func:`runner_forward` and :func:`response_forward` (the engine's classification and
 prompt/response losses) and :func:`patched_forward` (a patched HF model and its own loss). With a
-:class:`~salf_engine.training.prefix_cache.PrefixCache`, :func:`runner_forward` starts cached rows at the
-frozen floor and keeps the floor states of the others (docs/prefix_cache.md).
+:class:`~salf_engine.training.prefix_cache.PrefixCache`, :func:`runner_forward` and :func:`response_forward`
+start cached rows at the frozen floor and keep the floor states of the others (docs/prefix_cache.md).
 """
 
 from __future__ import annotations
@@ -156,15 +156,24 @@ def runner_forward(runner, *, label_token_ids: torch.Tensor, config: TrainConfig
     return forward
 
 
-def response_forward(runner, *, config: TrainConfig, device: torch.device) -> Forward:
+def response_forward(runner, *, config: TrainConfig, device: torch.device,
+                     prefix_cache: PrefixCache | None = None, floor: int | None = None) -> Forward:
     """The engine's prompt/response forward (:func:`~salf_engine.data.responses.collate_responses` batches):
     the response-only loss (:func:`~salf_engine.runner.response_loss.response_loss`); the loss is its token
-    sum, the row losses each row's mean."""
+    sum, the row losses each row's mean. With ``prefix_cache`` (``batch["indices"]``: the rows'
+    training-split indices) the rows it keeps (every real token, prompt and response) start at the floor
+    (``floor``: the step's), the others leave their floor states in it, as in :func:`runner_forward`."""
 
     def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
+        rows = keys = None
+        if prefix_cache is not None:
+            rows, keys = prefix_cache.lookup(batch["indices"], batch["input_ids"], batch["attention_mask"],
+                                             floor)
         with autocast_context(config.dtype, device):
             out = response_loss(runner, batch, depth, gradient_checkpointing=config.gradient_checkpointing,
-                                train_embeddings=train_embeddings)
+                                train_embeddings=train_embeddings, prefix=rows)
+        if rows is not None:
+            prefix_cache.keep(batch["indices"], keys, rows)
         return MicroBatchLoss(out.total, out.rows, None)
 
     return forward
@@ -339,7 +348,10 @@ class StepRunner:
         # supervised token weighs 1 / (supervised tokens in the step), whatever its micro-batch and rank
         per = self.train_split.supervised(plan.indices) if generative else len(plan)
         if generative:
-            forward = stand_in = response_forward(self.runner, config=self.config, device=device)
+            forward = response_forward(self.runner, config=self.config, device=device,
+                                       prefix_cache=self.prefix_cache, floor=plan.floor)
+            # a rank's weight-0 stand-in row is another rank's: it leaves the cache (the ranks share it) alone
+            stand_in = response_forward(self.runner, config=self.config, device=device)
         else:
             forward = runner_forward(self.runner, label_token_ids=self.label_token_ids, config=self.config,
                                      want_deviations=self.driver.wants_deviations,
@@ -350,6 +362,7 @@ class StepRunner:
         for mb in rank_slice(plan, self.rank, self.world):
             if generative:
                 batch = collate_responses(self.train_split, mb.indices, self.pad_id)
+                batch["indices"] = mb.indices  # the cache's keys; never reaches the model
             else:
                 batch = collate(self.train_split, mb.indices, self.pad_id, padding_side="left")
             res = micro_batch_step(forward if mb.weight > 0 else stand_in, self.wrapped, mb, batch,
