@@ -1,6 +1,6 @@
 """Supervised fine-tuning of SmolLM2-135M on GSM8K: full, LoRA[half], BOT50, generative SALF[half] (rows
-placed by their answer's eof), SALF[half] narrowing, and the same uniform budget at random depths; the
-held-out answer loss against training wall time.
+placed by their answer's eof), SALF[half] narrowing, two cached epochs of LoRA[half], and the same uniform
+budget at random depths; the held-out answer loss against training wall time.
 
 Every cell is one ``salf train`` run (seed, strategy) into ``OUTPUT/seed<S>/<strategy>``: ``--limit``
 (960) training problems drawn with the seed, one epoch, steps of 8, chat template, rows cut at
@@ -42,9 +42,12 @@ STRATEGIES = {
     "full": ["--strategy", "full"],
     "lora-half": ["--strategy", "lora-half"],
     "bot50": ["--strategy", "bot50"],
-    "salf-half": [*_HALF, "--profile-fraction", "1"],
+    "salf-half": [*_HALF, "--depth-schedule", "per-row", "--profile-fraction", "1"],
     "salf-half-narrowing": [*_HALF, "--depth-schedule", "narrowing"],
-    "salf-half-random": [*_HALF, "--depth-assignment", "loss-rank"],
+    "salf-half-random": [*_HALF, "--depth-schedule", "per-row", "--depth-assignment", "loss-rank"],
+    # two epochs of LoRA[half] with the prefix cache (on by default where exact): its second epoch
+    # skips the frozen bottom half; LoRA[half] beat BOT50 in the quick check (docs/sft.md)
+    "lora-half-2ep-cached": ["--strategy", "lora-half", "--epochs", "2"],
 }
 #: strategies run after every seed of the others
 CONTROLS = ("salf-half-random",)
