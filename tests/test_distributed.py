@@ -17,6 +17,21 @@ from salf_engine.schedule.sampling import rank_slice
 STEPS, MICRO, ACCUM, LR = 3, 4, 2, 1e-2
 
 
+def _distribute(wrapped, world: int, fsdp: bool):
+    """The module a rank drives: FSDP2 per decoder layer, then the root (in place), DDP, or the model."""
+    if world > 1 and fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in wrapped.parts.layers:
+            fully_shard(layer)
+        fully_shard(wrapped.model)
+        wrapped.refresh()
+        return wrapped.model
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(wrapped.model, find_unused_parameters=True)
+    return wrapped.model
+
+
 def _loop(rank: int, world: int, fsdp: bool = False) -> dict:
     """SALF (profile + Algorithm-3 observations) through the patched forward; DDP (or FSDP2 per decoder
     layer, then the root) when world > 1."""
@@ -37,16 +52,7 @@ def _loop(rank: int, world: int, fsdp: bool = False) -> dict:
     rows = hf_rows(p)
     wrapped = wrap_model(p.model, p.strategy, cfg)
     patch_model(wrapped.model, bases=bases, deviation_impl="torch")
-    module = wrapped.model
-    if world > 1 and fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in wrapped.parts.layers:
-            fully_shard(layer)
-        fully_shard(wrapped.model)
-        wrapped.refresh()
-    elif world > 1:
-        module = torch.nn.parallel.DistributedDataParallel(wrapped.model, find_unused_parameters=True)
+    module = _distribute(wrapped, world, fsdp)
     driver = StrategyDriver(p.strategy, runner_of(wrapped.model), p.train_split, cfg, pad_id=0)
     driver.profile()
     driver.begin(wrapped.parts.layers)
@@ -361,16 +367,7 @@ def _patched_cached_loop(rank: int, world: int, fsdp: bool, where: str, run_dir:
             for ids, c in zip(p.train_split.input_ids, p.train_split.labels, strict=True)]
     wrapped = wrap_model(p.model, p.strategy, cfg)
     patch_model(wrapped.model, deviation_impl="torch")
-    module = wrapped.model
-    if world > 1 and fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in wrapped.parts.layers:
-            fully_shard(layer)
-        fully_shard(wrapped.model)
-        wrapped.refresh()
-    elif world > 1:
-        module = torch.nn.parallel.DistributedDataParallel(wrapped.model, find_unused_parameters=True)
+    module = _distribute(wrapped, world, fsdp)
     driver = StrategyDriver(p.strategy, runner_of(wrapped.model), p.train_split, cfg, pad_id=0)
     driver.begin(wrapped.parts.layers, epochs=epochs)
     lengths = [len(r["input_ids"]) for r in rows]
