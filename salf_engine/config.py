@@ -23,8 +23,6 @@ from salf_engine.deviation.contract import (
 from salf_engine.errors import ConfigError, positive_int
 from salf_engine.schedule.names import (
     ADT_STEPS,
-    DEFAULT_ASSIGNMENT,
-    DEFAULT_BUDGET,
     DEFAULT_CUTS_PER_STEP,
     INFILLS,
     Budget,
@@ -32,7 +30,7 @@ from salf_engine.schedule.names import (
     DepthSchedule,
     Infill,
     StrategyName,
-    default_schedule,
+    strategy_defaults,
 )
 from salf_engine.schedule.names import ASSIGNMENTS as DEPTH_ASSIGNMENTS
 from salf_engine.schedule.names import SCHEDULES as DEPTH_SCHEDULES
@@ -367,13 +365,12 @@ def with_strategy_defaults(data: dict[str, Any]) -> dict[str, Any]:
     ``"none"``."""
     out = dict(data)
     name = out.get("strategy", "salf")
-    budget, schedule, assignment = out.get("budget"), out.get("depth_schedule"), out.get("depth_assignment")
-    if name == "salf" and budget is None:
-        budget = "none" if schedule is not None else DEFAULT_BUDGET
-    out["budget"] = budget
-    out["depth_schedule"] = schedule or default_schedule(name, budget, assignment,
-                                                         out.get("profile_fraction"), out.get("cut_levels"))
-    out["depth_assignment"] = assignment or DEFAULT_ASSIGNMENT
+    budget, schedule = out.get("budget"), out.get("depth_schedule")
+    if name == "salf" and budget is None and schedule is not None:
+        budget = "none"
+    out["budget"], out["depth_schedule"], out["depth_assignment"] = strategy_defaults(
+        name, budget, schedule, out.get("depth_assignment"), out.get("profile_fraction"),
+        out.get("cut_levels"))
     return out
 
 

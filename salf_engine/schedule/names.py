@@ -11,7 +11,8 @@ from typing import Literal, get_args
 
 __all__ = ["ADT_STEPS", "ASSIGNMENTS", "BUDGETS", "DEFAULT_ASSIGNMENT", "DEFAULT_BUDGET",
            "DEFAULT_CUTS_PER_STEP", "INFILLS", "SCHEDULES", "STRATEGIES", "TIMED_SCHEDULES", "Budget",
-           "DepthAssignment", "DepthSchedule", "Infill", "StrategyName", "default_schedule"]
+           "DepthAssignment", "DepthSchedule", "Infill", "StrategyName", "default_schedule",
+           "strategy_defaults"]
 
 #: Every strategy name (``bot`` / ``top`` / ``int`` take ``freeze_fraction``).
 StrategyName = Literal["full", "lora-full", "lora-half", "lift-half", "lift-star-half", "salf", "bot25",
@@ -61,3 +62,14 @@ def default_schedule(name: str, budget: str | None, assignment: str | None, prof
     if name == "salf" and budget != "none" and eof_options == (None, None, None):
         return "narrowing"
     return "per-row"
+
+
+def strategy_defaults(name: str, budget: str | None, schedule: str | None, assignment: str | None,
+                      profile_fraction: float | None, cut_levels: int | None) -> tuple[str | None, str, str]:
+    """(budget, schedule, assignment) with the defaults filled in where not given: ``salf``'s budget plan
+    :data:`DEFAULT_BUDGET`, the schedule :func:`default_schedule`, the assignment :data:`DEFAULT_ASSIGNMENT`.
+    The one home of those defaults, for ``make_strategy`` and for comparing saved configs."""
+    if name == "salf" and budget is None:
+        budget = DEFAULT_BUDGET
+    schedule = schedule or default_schedule(name, budget, assignment, profile_fraction, cut_levels)
+    return budget, schedule, assignment or DEFAULT_ASSIGNMENT

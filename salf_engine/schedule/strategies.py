@@ -15,14 +15,12 @@ from salf_engine.schedule.names import (
     ADT_STEPS,
     ASSIGNMENTS,
     BUDGETS,
-    DEFAULT_ASSIGNMENT,
-    DEFAULT_BUDGET,
     DEFAULT_CUTS_PER_STEP,
     INFILLS,
     SCHEDULES,
     STRATEGIES,
     TIMED_SCHEDULES,
-    default_schedule,
+    strategy_defaults,
 )
 from salf_engine.schedule.paper import PaperScheduleStrategy
 from salf_engine.schedule.plans import (
@@ -130,10 +128,8 @@ def make_strategy(
     by :meth:`Strategy.begin` (when m is known).
     """
     _check_given(name, budget, schedule, assignment)
-    if name == "salf":
-        budget = budget or DEFAULT_BUDGET
-    schedule = schedule or default_schedule(name, budget, assignment, profile_fraction, cut_levels)
-    assignment = assignment or DEFAULT_ASSIGNMENT
+    budget, schedule, assignment = strategy_defaults(name, budget, schedule, assignment, profile_fraction,
+                                                     cut_levels)
     _check_options(name, budget, infill, boundary, schedule, assignment, cuts_per_step, cut_levels, adt_steps)
     fraction = _resolve_fraction(name, freeze_fraction)
     common = dict(seed=seed, uses_lora=bool(lora))
