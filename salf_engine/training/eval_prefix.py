@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from salf_engine.runner.response_loss import ResponseLoss, response_loss
 from salf_engine.runner.truncated import TruncatedRunner
-from salf_engine.training.prefix_cache import PrefixCache, planned_bytes, why_not_exact
+from salf_engine.training.prefix_cache import PrefixCache, floor_rows, planned_bytes, why_not_exact
 
 __all__ = ["EvalPrefix", "eval_floor", "plan_eval_prefix"]
 
@@ -78,11 +78,10 @@ class EvalPrefix:
     def logits(self, indices: Sequence[int], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """float32 [B, V] logits at each row's last token (rows ``indices`` of the evaluation split; floor
         > 0), entering at the floor where the row's states are kept; keeps the states the forward computed."""
-        rows, keys = self.cache.lookup(indices, input_ids, attention_mask, self.floor)
-        if rows is None:
-            raise ValueError("an evaluation enters at the floor only above layer 0")
-        out = self.runner(input_ids, attention_mask, depth=self.runner.num_layers, prefix=rows)
-        self.cache.keep(indices, keys, rows)
+        with floor_rows(self.cache, indices, input_ids, attention_mask, self.floor) as rows:
+            if rows is None:
+                raise ValueError("an evaluation enters at the floor only above layer 0")
+            out = self.runner(input_ids, attention_mask, depth=self.runner.num_layers, prefix=rows)
         assert out.logits is not None
         return out.logits.float()
 
@@ -91,11 +90,10 @@ class EvalPrefix:
         """The answer loss of a :func:`~salf_engine.data.responses.collate_responses` batch (rows ``indices``
         of the evaluation split; floor > 0), entering at the floor where the row's states (all its real
         tokens) are kept; keeps the states the forward computed."""
-        rows, keys = self.cache.lookup(indices, batch["input_ids"], batch["attention_mask"], self.floor)
-        if rows is None:
-            raise ValueError("an evaluation enters at the floor only above layer 0")
-        out = response_loss(self.runner, batch, self.runner.num_layers, prefix=rows)
-        self.cache.keep(indices, keys, rows)
+        with floor_rows(self.cache, indices, batch["input_ids"], batch["attention_mask"], self.floor) as rows:
+            if rows is None:
+                raise ValueError("an evaluation enters at the floor only above layer 0")
+            out = response_loss(self.runner, batch, self.runner.num_layers, prefix=rows)
         return out
 
     def summary(self) -> dict[str, Any]:

@@ -15,9 +15,10 @@ could not be exact (:func:`why_not_exact`). docs/prefix_cache.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from salf_engine.runner.prefix import FloorRows
 from salf_engine.runtime.distributed import gather_objects, rank_and_world
 from salf_engine.training.checkpoint import check_free_space
 
-__all__ = ["CACHE_FILE", "MEMORY_SHARE", "FileRows", "PrefixCache", "plan_prefix_cache", "why_not_exact"]
+__all__ = ["CACHE_FILE", "MEMORY_SHARE", "FileRows", "PrefixCache", "floor_rows", "plan_prefix_cache",
+           "why_not_exact"]
 
 #: ``auto`` keeps the cache in memory while it takes at most this share of the free memory.
 MEMORY_SHARE = 0.25
@@ -218,6 +220,21 @@ class PrefixCache:
         hits, misses = self.counts
         return {"where": self.where, "bytes": self.nbytes, "floor": self.floor, "hits": hits,
                 "misses": misses}
+
+
+@contextlib.contextmanager
+def floor_rows(cache: PrefixCache | None, indices: Sequence[int] | Tensor | None, input_ids: Tensor,
+               attention_mask: Tensor | None, floor: int | None = None) -> Iterator[FloorRows | None]:
+    """A forward's rows at the floor: ``cache``'s :meth:`~PrefixCache.lookup` for the rows ``indices`` (None
+    without a cache, or at floor 0), and once the forward inside the ``with`` is done, the states it
+    computed kept (:meth:`~PrefixCache.keep`). The one home of a cached forward's lookup and keep."""
+    if cache is None:
+        yield None
+        return
+    rows, keys = cache.lookup(indices, input_ids, attention_mask, floor)
+    yield rows
+    if rows is not None:
+        cache.keep(indices, keys, rows)
 
 
 def why_not_exact(strategy: Any, wrapped: Any, *, world: int, wants_deviations: bool,

@@ -33,7 +33,7 @@ from salf_engine.schedule.driver import Observation, StrategyDriver
 from salf_engine.schedule.plans import MicroBatch
 from salf_engine.schedule.sampling import rank_slice
 from salf_engine.training.cost import CostMeter
-from salf_engine.training.prefix_cache import PrefixCache
+from salf_engine.training.prefix_cache import PrefixCache, floor_rows
 
 __all__ = [
     "Forward",
@@ -137,18 +137,14 @@ def runner_forward(runner, *, label_token_ids: torch.Tensor, config: TrainConfig
 
     def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
         labels = batch["labels"].to(device)
-        rows = keys = None
-        if prefix_cache is not None:
-            rows, keys = prefix_cache.lookup(batch["indices"], batch["input_ids"], batch["attention_mask"],
-                                             floor)
-        with autocast_context(config.dtype, device):
+        with (floor_rows(prefix_cache, batch.get("indices"), batch["input_ids"], batch["attention_mask"],
+                         floor) as rows,
+              autocast_context(config.dtype, device)):
             out = runner(batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth,
                          last_index=batch["last_index"].to(device),
                          labels=labels if want_deviations else None,
                          gradient_checkpointing=config.gradient_checkpointing,
                          train_embeddings=train_embeddings, prefix=rows)
-        if rows is not None:
-            prefix_cache.keep(batch["indices"], keys, rows)
         losses = compute_loss(out, labels, label_token_ids, runner.bases, config.loss,
                               config.semantic_temperature)
         return MicroBatchLoss(losses.mean(), losses.detach(), out.deviations)
@@ -165,15 +161,11 @@ def response_forward(runner, *, config: TrainConfig, device: torch.device,
     (``floor``: the step's), the others leave their floor states in it, as in :func:`runner_forward`."""
 
     def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
-        rows = keys = None
-        if prefix_cache is not None:
-            rows, keys = prefix_cache.lookup(batch["indices"], batch["input_ids"], batch["attention_mask"],
-                                             floor)
-        with autocast_context(config.dtype, device):
+        with (floor_rows(prefix_cache, batch.get("indices"), batch["input_ids"], batch["attention_mask"],
+                         floor) as rows,
+              autocast_context(config.dtype, device)):
             out = response_loss(runner, batch, depth, gradient_checkpointing=config.gradient_checkpointing,
                                 train_embeddings=train_embeddings, prefix=rows)
-        if rows is not None:
-            prefix_cache.keep(batch["indices"], keys, rows)
         return MicroBatchLoss(out.total, out.rows, None)
 
     return forward
@@ -192,13 +184,10 @@ def patched_forward(module, *, row_losses: bool = False, context: Callable[[], A
     def forward(batch: dict[str, Any], depth, train_embeddings: bool) -> MicroBatchLoss:
         batch = dict(batch)
         indices = batch.pop("salf_index", None)
-        rows = keys = None
-        if prefix_cache is not None:
-            rows, keys = prefix_cache.lookup(indices, batch["input_ids"], batch.get("attention_mask"), floor)
-        with context() if context is not None else contextlib.nullcontext():
+        with (floor_rows(prefix_cache, indices, batch["input_ids"], batch.get("attention_mask"),
+                         floor) as rows,
+              context() if context is not None else contextlib.nullcontext()):
             out = module(**batch, salf_depth=depth, salf_train_embeddings=train_embeddings, salf_prefix=rows)
-        if rows is not None:
-            prefix_cache.keep(indices, keys, rows)
         rows = next_token_row_losses(out.logits, batch["labels"]) if row_losses else None
         return MicroBatchLoss(out.loss, rows, out.deviations)
 
@@ -347,18 +336,18 @@ class StepRunner:
         # classification: every example weighs 1 / (examples in the step); a prompt/response task: every
         # supervised token weighs 1 / (supervised tokens in the step), whatever its micro-batch and rank
         per = self.train_split.supervised(plan.indices) if generative else len(plan)
-        if generative:
-            forward = response_forward(self.runner, config=self.config, device=device,
-                                       prefix_cache=self.prefix_cache, floor=plan.floor)
-            # a rank's weight-0 stand-in row is another rank's: it leaves the cache (the ranks share it) alone
-            stand_in = response_forward(self.runner, config=self.config, device=device)
-        else:
-            forward = runner_forward(self.runner, label_token_ids=self.label_token_ids, config=self.config,
-                                     want_deviations=self.driver.wants_deviations,
-                                     prefix_cache=self.prefix_cache, floor=plan.floor)
-            # a rank's weight-0 stand-in row is another rank's: it leaves the cache (the ranks share it) alone
-            stand_in = runner_forward(self.runner, label_token_ids=self.label_token_ids, config=self.config,
-                                      want_deviations=self.driver.wants_deviations)
+
+        def make_forward(cache: PrefixCache | None) -> Forward:
+            if generative:
+                return response_forward(self.runner, config=self.config, device=device, prefix_cache=cache,
+                                        floor=plan.floor)
+            return runner_forward(self.runner, label_token_ids=self.label_token_ids, config=self.config,
+                                  want_deviations=self.driver.wants_deviations, prefix_cache=cache,
+                                  floor=plan.floor)
+
+        forward = make_forward(self.prefix_cache)
+        # a rank's weight-0 stand-in row is another rank's: it leaves the cache (the ranks share it) alone
+        stand_in = make_forward(None)
         for mb in rank_slice(plan, self.rank, self.world):
             if generative:
                 batch = collate_responses(self.train_split, mb.indices, self.pad_id)
