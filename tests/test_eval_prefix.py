@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_prefix_cache import _varied
+from test_prefix_cache import _shorten, _varied
 from test_train import _pattern_task
 
 from salf_engine.config import TrainConfig
@@ -20,19 +20,14 @@ from salf_engine.training.eval_prefix import EvalPrefix, eval_floor
 
 
 def _prepared(family: str = "llama", **overrides):
-    """The varied pattern task, its evaluation questions also of 1 to 7 words (padding matters)."""
+    """The varied pattern task, its evaluation questions also of 1 to 5 words (padding matters)."""
     cfg = TrainConfig(model="tiny", dataset="pattern", **{
         "strategy": "bot50", "lr": 1e-3, "batch_size": 4, "epochs": 3, "warmup_ratio": 0.0,
         "zero_shot_eval": True, "eval_every_epoch": True, "eval_batch_size": 5, "deviation_impl": "torch",
         **overrides}).validate()
     p = _varied(family, cfg)
     task = _pattern_task()
-    g = torch.Generator().manual_seed(2)
-    test = task.splits["test"]
-    for i, ex in enumerate(test):
-        words = ex.text.split()
-        test[i] = type(ex)(text=" ".join(words[: 1 + int(torch.randint(0, 5, (1,), generator=g))]),
-                           label=ex.label)
+    _shorten(task.splits["test"], seed=2)
     p.task = task
     p.train_split = encode_split(task, p.tokenizer, "train", p.verbalizer)
     p.eval_split = encode_split(task, p.tokenizer, "test", p.verbalizer)

@@ -164,16 +164,21 @@ def test_runner_refuses_a_prefix_it_cannot_take():
 
 # ---------------------------------------------------------------------------------------------- training
 
+def _shorten(examples: list, seed: int) -> None:
+    """Cut each example (in place) to its first 1 to 5 words, drawn with ``seed``: rows of one batch differ
+    in length, so padding matters."""
+    g = torch.Generator().manual_seed(seed)
+    for i, ex in enumerate(examples):
+        words = ex.text.split()
+        examples[i] = type(ex)(text=" ".join(words[: 1 + int(torch.randint(0, 5, (1,), generator=g))]),
+                               label=ex.label)
+
+
 def _varied(family: str, config: TrainConfig, *, attn: str = "eager", dtype=torch.float32):
-    """``test_train._prepared`` over the pattern task with 1 to 7 words per question (rows of one batch
+    """``test_train._prepared`` over the pattern task with 1 to 5 words per question (rows of one batch
     differ in length, so padding matters) and the model in ``attn`` / ``dtype``."""
     task = _pattern_task()
-    g = torch.Generator().manual_seed(1)
-    train = task.splits["train"]
-    for i, ex in enumerate(train):
-        words = ex.text.split()
-        train[i] = type(ex)(text=" ".join(words[: 1 + int(torch.randint(0, 5, (1,), generator=g))]),
-                            label=ex.label)
+    _shorten(task.splits["train"], seed=1)
     p = _prepared(family, config)
     from salf_engine.data import encode_split
 
