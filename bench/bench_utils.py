@@ -406,8 +406,9 @@ def restore_kept(out: Path, results: Path) -> None:
 
 
 def scatter_by_dataset(points: dict[str, dict[str, list[tuple[float, float]]]], path: Path,
-                       xlabel: str) -> None:
-    """One panel per dataset (``points[dataset][label]`` = (x, macro-F1) per seed), saved as a PNG."""
+                       xlabel: str, *, lines: bool = False) -> None:
+    """One panel per dataset (``points[dataset][label]`` = (x, macro-F1) per seed, or with ``lines`` a
+    label's points in order, drawn as one line through them), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -418,7 +419,11 @@ def scatter_by_dataset(points: dict[str, dict[str, list[tuple[float, float]]]], 
     fig, axes = plt.subplots(1, len(points), figsize=(5.5 * len(points), 4.5), squeeze=False)
     for ax, (ds, series) in zip(axes[0], points.items(), strict=True):
         for label, xy in series.items():
-            ax.scatter([x for x, _ in xy], [y for _, y in xy], label=label, s=20)
+            xs, ys = [x for x, _ in xy], [y for _, y in xy]
+            if lines:
+                ax.plot(xs, ys, marker="o", label=label)
+            else:
+                ax.scatter(xs, ys, label=label, s=20)
         ax.set(title=ds, xlabel=xlabel, ylabel="macro-F1 (free decoding)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")

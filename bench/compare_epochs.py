@@ -30,7 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench_utils import keep_cell, mean_spread, restore_kept, run_cells
+from bench_utils import keep_cell, mean_spread, restore_kept, run_cells, scatter_by_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "epochs"
@@ -129,36 +129,14 @@ def report(out: Path, cells: list[Cell]) -> str:
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "report.md").write_text(text)
-    _plot(plot, RESULTS / "f1_vs_time.png")
+    scatter_by_dataset(plot, RESULTS / "f1_vs_time.png", "training time (full fine-tuning's first epoch = 1)",
+                       lines=True)
     return text
 
 
 def _mean(values: list[float]) -> float:
     kept = [v for v in values if v == v]
     return sum(kept) / len(kept) if kept and len(kept) == len(values) else float("nan")
-
-
-def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> None:
-    """One panel per dataset: macro-F1 against training time (full's first epoch = 1), a line per strategy
-    through its epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not curves:
-        return
-    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.5), squeeze=False)
-    for ax, (ds, series) in zip(axes[0], curves.items(), strict=True):
-        for label, points in series.items():
-            ax.plot([t for t, _ in points], [f for _, f in points], marker="o", label=label)
-        ax.set(title=ds, xlabel="training time (full fine-tuning's first epoch = 1)",
-               ylabel="macro-F1 (free decoding)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
