@@ -8,10 +8,10 @@ Every cell is one ``salf train`` run (seed, strategy) into ``OUTPUT/seed<S>/<str
 fixed half of the test split (``--eval-limit`` 660 problems, the same for every cell: the whole split's
 1,319 took over 1.5 hours a cell at one thread) for answer loss and perplexity, and greedy final-number
 exact match on the first 100 of them. The zero-shot evaluation is the same for every cell, so only
-the first cell runs it. Seed 0 of every strategy runs before seed 1, and the random-depth control after
-both. Finished cells are skipped, their ``summary.json`` and ``config.json`` kept under
-``bench/results/sft/cells`` (committed) and put back first, so a fresh checkout resumes. One thread per
-worker (on a GPU: ``--workers 1``).
+the first cell runs it. Seed 0 of every strategy runs before seed 1; the random-depth control and then
+the cached two-epoch run come after both seeds of the other five. Finished cells are skipped, their
+``summary.json`` and ``config.json`` kept under ``bench/results/sft/cells`` (committed) and put back
+first, so a fresh checkout resumes. One thread per worker (on a GPU: ``--workers 1``).
 
     python bench/compare_sft.py [--limit 960] [--seeds 0,1] [--workers 1] [--report-only]
 
@@ -49,8 +49,9 @@ STRATEGIES = {
     # skips the frozen bottom half; LoRA[half] beat BOT50 in the quick check (docs/sft.md)
     "lora-half-2ep-cached": ["--strategy", "lora-half", "--epochs", "2"],
 }
-#: strategies run after every seed of the others
-CONTROLS = ("salf-half-random",)
+#: run after every seed of the five strategies above them: the random-depth control, then the two-epoch
+#: cached run (the costliest cell), so a stopped grid leaves the five strategies' seeds whole
+LATER = ("salf-half-random", "lora-half-2ep-cached")
 SETTINGS = ["--model", "smollm2-135m", "--dataset", "gsm8k", "--epochs", "1", "--batch-size", "8",
             "--eval-batch-size", "8", "--exact-match-rows", "100", "--max-new-tokens", "256", "--quiet",
             "--eval-limit", "660"]
@@ -69,9 +70,9 @@ def _command(out: Path, seed: int, label: str, limit: int, data_dir: str, max_le
 
 
 def grid_cells(seeds: list[int]) -> list[tuple[int, str]]:
-    """Seed 0 of every strategy before seed 1, the controls after every seed of the others."""
-    main = [(seed, label) for seed in seeds for label in STRATEGIES if label not in CONTROLS]
-    return main + [(seed, label) for label in CONTROLS for seed in seeds]
+    """Seed 0 of every strategy before seed 1; the ``LATER`` ones after every seed of the others."""
+    main = [(seed, label) for seed in seeds for label in STRATEGIES if label not in LATER]
+    return main + [(seed, label) for label in LATER for seed in seeds]
 
 
 def run(out: Path, cells: list[tuple[int, str]], limit: int, data_dir: str, workers: int,
