@@ -260,13 +260,15 @@ def _tokens() -> int:
     return sum(map(len, _varied("llama", TrainConfig(model="t", dataset="p")).train_split.input_ids))
 
 
-def _train(family="llama", resume=False, **overrides):
+def _train(family="llama", resume=False, device="cpu", **overrides):
     from salf_engine.training.recipe import train
 
     cfg = TrainConfig(model="tiny", dataset="pattern", **{
         "strategy": "bot50", "lr": 1e-3, "batch_size": 4, "epochs": 3, "warmup_ratio": 0.0,
         "zero_shot_eval": False, "deviation_impl": "torch", **overrides}).validate()
     p = _varied(family, cfg)
+    p.device = torch.device(device)
+    p.model.to(p.device)
     lines: list[str] = []
     summary = train(cfg, progress=False, log=lines.append, prepared=p, resume=resume)
     return summary, dict(p.model.named_parameters()), lines
@@ -354,7 +356,7 @@ def test_lora_half_is_cached_at_its_lowest_adapter():
 def test_auto_goes_to_disk_when_memory_is_short(monkeypatch, tmp_path):
     from salf_engine.training import prefix_cache
 
-    monkeypatch.setattr(prefix_cache, "free_memory", lambda device: 1000)
+    monkeypatch.setattr(prefix_cache, "free_memory", lambda: 1000)
     cache, off, lines = _decide("bot50")  # no run directory: off
     assert cache is None and off["floor"] == 2
     assert lines == ["prefix cache: off (" + off["reason"] + ", and no run directory (--output) holds a disk "
@@ -773,3 +775,106 @@ def test_auto_checks_below_the_highest_floor_a_rising_run_reaches():
     model = tiny_model("llama", attention_dropout=0.1)
     cache, off, _ = _decide("salf", model=model, budget="uniform", depth_schedule="rising")
     assert cache is None and "dropout is active in layer 0, below the floor (layer 3)" in off["reason"]
+
+
+# ---------------------------------------------------------------------------- the GPU path's pinned rows
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pinned_rows_keep_what_was_written_and_drop_stale_copies(dtype):
+    """On a CPU the pinned store's calls copy in place: a row reads back what was written, an unwritten row or
+    one whose length changed reads None, and a copy taken ahead before a new write is never served."""
+    from salf_engine.training.prefix_cache import PinnedRows
+
+    rows = PinnedRows([3, 2, 4], 8, dtype, torch.device("cpu"))
+    assert [rows[i] for i in range(3)] == [None, None, None]
+    a, b = torch.randn(2, 8).to(dtype), torch.randn(2, 8).to(dtype)
+    rows[1] = a
+    a.zero_()  # the store holds a copy, not the caller's tensor
+    assert rows[1] is not None and not torch.equal(rows[1], a)
+    rows[1] = b
+    rows.prefetch([0, 1])  # row 0 is not written: nothing to copy
+    assert set(rows.ahead) == {1}
+    c = torch.randn(2, 8).to(dtype)
+    rows[1] = c  # after the prefetch: its copy is stale
+    assert rows.ahead == {} and torch.equal(rows[1], c) and rows.served_ahead == 0
+    rows.prefetch([1])
+    assert torch.equal(rows[1], c) and rows.served_ahead == 1 and rows.ahead == {}
+    rows[2] = torch.randn(3, 8).to(dtype)  # not row 2's length
+    assert rows[2] is None
+    assert rows.nbytes == 2 * 8 * c.element_size()
+
+
+def test_copy_ahead_makes_the_next_plan_first_only_where_plans_are_fixed():
+    """The order of events, by hand: with a pinned cache and fixed plans, plan k+1 is made and its rows
+    prefetched before plan k is handed out; otherwise each plan is made when it is asked for."""
+    from types import SimpleNamespace
+
+    from salf_engine.training.prefix_cache import copy_ahead
+
+    events: list[str] = []
+
+    def plans():
+        for k in range(3):
+            events.append(f"make {k}")
+            yield SimpleNamespace(indices=[2 * k, 2 * k + 1])
+
+    cache = SimpleNamespace(pinned=object(), prefetch=lambda idx: events.append(f"prefetch {list(idx)}"))
+    for plan in copy_ahead(plans(), cache, fixed=True):
+        events.append(f"step {plan.indices[0] // 2}")
+    assert events == ["make 0", "make 1", "prefetch [2, 3]", "step 0", "make 2", "prefetch [4, 5]", "step 1",
+                      "step 2"]
+    for kw in ({"cache": cache, "fixed": False}, {"cache": SimpleNamespace(pinned=None), "fixed": True},
+               {"cache": None, "fixed": True}):
+        events.clear()
+        for plan in copy_ahead(plans(), kw["cache"], fixed=kw["fixed"]):
+            events.append(f"step {plan.indices[0] // 2}")
+        assert events == ["make 0", "step 0", "make 1", "step 1", "make 2", "step 2"]
+
+
+def test_plans_fixed_only_for_static_strategies():
+    made = [make_strategy(name, **kw) for name, kw in [
+        ("bot50", {}), ("lora-half", {}), ("full", {}), ("adt-low", {}), ("lift-half", {}),
+        ("salf", {"budget": "uniform", "schedule": "rising"}), ("salf", {})]]
+    assert [s.plans_fixed for s in made] == [True, True, True, False, False, False, False]
+
+
+def _pinned_rows_made(monkeypatch) -> list:
+    """Every :class:`PinnedRows` the cache plans from now on (on a CPU too)."""
+    from salf_engine.training import prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "PINNED_ON", ("cuda", "cpu"))
+    made, real = [], prefix_cache.PinnedRows
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(prefix_cache, "PinnedRows", spy)
+    return made
+
+
+def _check_pinned_run(monkeypatch, tmp_path, device: str, atol: float) -> list:
+    """BOT50, three epochs with the pinned store against --prefix-cache off on ``device``: the same weights,
+    96 hits, and the hand count of rows served from a copy ahead: every hit but those of each later epoch's
+    first step (48 examples, steps of 4: 2 epochs x 11 steps x 4 rows)."""
+    _, ref, _ = _train(prefix_cache="off", device=device)
+    made = _pinned_rows_made(monkeypatch)
+    summary, got, log = _train(prefix_cache="memory", output=str(tmp_path / "run"), device=device)
+    for name, q in got.items():
+        torch.testing.assert_close(q, ref[name], rtol=0, atol=atol, msg=name)
+    assert summary["prefix_cache"]["hits"] == 96 and summary["prefix_cache"]["where"] == "memory"
+    assert made[0].served_ahead == 2 * 11 * 4
+    assert any(line.startswith("prefix cache: in pinned host memory,") for line in log)
+    return made
+
+
+def test_pinned_cache_training_equals_off(monkeypatch, tmp_path):
+    """The GPU path's store and copy ahead, run on the CPU (copies in place)."""
+    _check_pinned_run(monkeypatch, tmp_path, "cpu", 1e-5)
+
+
+@pytest.mark.cuda
+def test_pinned_cache_on_a_gpu_equals_off(monkeypatch, tmp_path):
+    """On a GPU: the cache in pinned host memory, written and copied ahead on a side stream."""
+    made = _check_pinned_run(monkeypatch, tmp_path, "cuda", 1e-4)
+    assert made[0].data.is_pinned() and made[0].stream is not None

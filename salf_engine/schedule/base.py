@@ -189,6 +189,11 @@ class Strategy:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    #: Whether an epoch's plans depend only on :meth:`begin`'s inputs and the epoch, never on what training
+    #: observes or changes, so the next plan may be made before this step runs (the prefix cache's copy
+    #: ahead on a GPU, ``training.prefix_cache.copy_ahead``).
+    plans_fixed: bool = False
+
     #: Attributes that change after :meth:`begin` (observations, ADT's choice); together
     #: with ``begin``'s deterministic setup they are the strategy's whole state.
     _state_attrs: tuple[str, ...] = ()

@@ -39,6 +39,8 @@ def interleaved_frozen(fraction: float, num_layers: int) -> list[int]:
 class StaticStrategy(Strategy):
     """One fixed mask for every step (full, LoRA, BOT, TOP, INT); samples shuffled each epoch."""
 
+    plans_fixed = True  # the mask and each epoch's shuffle are set before training
+
     def __init__(self, name: str, mask_fn: Callable[[int], list[bool]], **kwargs) -> None:
         super().__init__(name, **kwargs)
         self._mask_fn = mask_fn

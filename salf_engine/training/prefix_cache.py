@@ -30,11 +30,13 @@ from salf_engine.runner.prefix import FloorRows
 from salf_engine.runtime.distributed import gather_objects, rank_and_world
 from salf_engine.training.checkpoint import check_free_space
 
-__all__ = ["CACHE_FILE", "MEMORY_SHARE", "FileRows", "PrefixCache", "floor_rows", "plan_prefix_cache",
-           "why_not_exact"]
+__all__ = ["CACHE_FILE", "MEMORY_SHARE", "FileRows", "PinnedRows", "PrefixCache", "copy_ahead", "floor_rows",
+           "plan_prefix_cache", "why_not_exact"]
 
 #: ``auto`` keeps the cache in memory while it takes at most this share of the free memory.
 MEMORY_SHARE = 0.25
+#: The device types whose memory cache is :class:`PinnedRows` (host memory, copied ahead).
+PINNED_ON = ("cuda",)
 
 
 class _Column:
@@ -130,6 +132,84 @@ class FileRows:
             self.path.unlink(missing_ok=True)
 
 
+class PinnedRows:
+    """Row ``i``'s ``[n_i, D]`` states in one host buffer, back to back in split order: the GPU path's memory
+    cache (docs/prefix_cache.md, "On a GPU"). On CUDA the buffer is pinned, a row's states are copied into it
+    on a side stream once the forward that computed them is done, and :meth:`prefetch` starts copying the next
+    step's rows back to the GPU on that stream while the current step runs, so a step waits only on its own
+    rows' copy (an event), never on a synchronous transfer. On a CPU the same calls copy in place."""
+
+    def __init__(self, lengths: Sequence[int], hidden_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.lengths, self.width, self.device = list(lengths), hidden_size, device
+        self.offsets = [0]
+        for n in self.lengths:
+            self.offsets.append(self.offsets[-1] + n * hidden_size)
+        cuda = device.type == "cuda"
+        self.data = torch.empty(self.offsets[-1], dtype=dtype, pin_memory=cuda)
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.have = [0] * len(self.lengths)
+        self.layers = [0] * len(self.lengths)
+        self.keys: list[int | None] = [None] * len(self.lengths)
+        self.ahead: dict[int, tuple[Tensor, Any]] = {}  # row -> (its states on the device, the copy's event)
+        self.served_ahead = 0  # rows read that a prefetch had copied
+
+    def _host(self, i: int) -> Tensor:
+        return self.data[self.offsets[i]:self.offsets[i + 1]].view(self.lengths[i], self.width)
+
+    def _side(self) -> Any:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _to_device(self, i: int) -> tuple[Tensor, Any]:
+        """Row ``i`` copied to the device on the side stream (after every copy queued there before), and the
+        event that marks the copy done (None on a CPU)."""
+        with self._side():
+            states = self._host(i).to(self.device, non_blocking=True)
+            event = None
+            if self.stream is not None:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        return states, event
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Start copying the rows ``indices`` hold (those written) to the device, to be taken by
+        :meth:`__getitem__`."""
+        for i in indices:
+            if self.have[i] and i not in self.ahead:
+                self.ahead[i] = self._to_device(i)
+
+    def __getitem__(self, i: int) -> Tensor | None:
+        if not self.have[i]:
+            self.ahead.pop(i, None)
+            return None
+        ahead = self.ahead.pop(i, None)
+        self.served_ahead += ahead is not None
+        states, event = ahead or self._to_device(i)
+        if event is not None:  # the compute stream waits for this row's copy, and owns its memory from now
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            states.record_stream(current)
+        return states
+
+    def __setitem__(self, i: int, states: Tensor) -> None:
+        self.ahead.pop(i, None)  # a copy taken before this write is stale
+        if states.shape != (self.lengths[i], self.width):  # not this row's tokens: a miss from now on
+            self.have[i] = 0
+            return
+        if self.stream is not None:  # the forward that computed the states comes first
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            states.record_stream(self.stream)
+        with self._side():
+            self._host(i).copy_(states.detach().reshape(self.lengths[i], self.width), non_blocking=True)
+        self.have[i] = 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows written."""
+        return sum(n for n, kept in zip(self.lengths, self.have, strict=True) if kept) * self.width * \
+            self.data.element_size()
+
+
 class PrefixCache:
     """Each training example's ``[n, D]`` states at the floor its last forward had (None until its first
     forward at a floor above 0), in memory or in ``file`` (:class:`FileRows`), with the layer they are at
@@ -138,13 +218,14 @@ class PrefixCache:
     lookup the floor it had (a rising floor's latest)."""
 
     def __init__(self, floor: int, num_rows: int, planned_bytes: int, *, file: FileRows | None = None,
-                 device: torch.device | None = None) -> None:
+                 pinned: PinnedRows | None = None, device: torch.device | None = None) -> None:
         self.floor = floor
         self.planned_bytes = planned_bytes
-        self.file, self.device = file, device
-        self._rows: Any = file if file is not None else [None] * num_rows
-        self._keys: Any = file.keys if file is not None else [None] * num_rows
-        self._layers: Any = file.layers if file is not None else [0] * num_rows  # each kept row's layer
+        self.file, self.pinned, self.device = file, pinned, device
+        store = file if file is not None else pinned
+        self._rows: Any = store if store is not None else [None] * num_rows
+        self._keys: Any = store.keys if store is not None else [None] * num_rows
+        self._layers: Any = store.layers if store is not None else [0] * num_rows  # each kept row's layer
         self.hits = 0  # this process's
         self.misses = 0
         self._bytes: int | None = None  # what the file held when closed
@@ -155,9 +236,17 @@ class PrefixCache:
         """``"memory"`` or ``"disk"``."""
         return "disk" if self.file is not None else "memory"
 
+    def prefetch(self, indices: Sequence[int] | Tensor) -> None:
+        """Start copying the kept states of the rows ``indices`` (a later step's) to the device, where the
+        cache sits in pinned host memory (a GPU run); nothing otherwise. :meth:`lookup` takes them."""
+        if self.pinned is not None:
+            self.pinned.prefetch(_ints(indices))
+
     @property
     def nbytes(self) -> int:
         """Bytes the kept states take now."""
+        if self.pinned is not None:
+            return self.pinned.nbytes
         if self.file is not None:
             return self.file.nbytes if self._bytes is None else self._bytes
         return sum(t.numel() * t.element_size() for t in self._rows if t is not None)
@@ -188,7 +277,7 @@ class PrefixCache:
         self.floor = self.floor if floor is None else floor
         if self.floor == 0:
             return None, []
-        idx = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
+        idx = _ints(indices)
         ids = input_ids.cpu()
         mask = (attention_mask.cpu().bool() if attention_mask is not None
                 else torch.ones_like(ids, dtype=torch.bool))
@@ -207,7 +296,7 @@ class PrefixCache:
 
     def keep(self, indices: Sequence[int] | Tensor, keys: list[int], rows: FloorRows) -> None:
         """Keep the states the forward wrote (``rows.written``, at ``rows.floor``) for the rows it ran."""
-        idx = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
+        idx = _ints(indices)
         for i, key, states in zip(idx, keys, rows.written, strict=True):
             if states is not None:
                 self._rows[i] = states
@@ -220,6 +309,10 @@ class PrefixCache:
         hits, misses = self.counts
         return {"where": self.where, "bytes": self.nbytes, "floor": self.floor, "hits": hits,
                 "misses": misses}
+
+
+def _ints(indices: Sequence[int] | Tensor) -> list[int]:
+    return [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
 
 
 @contextlib.contextmanager
@@ -235,6 +328,22 @@ def floor_rows(cache: PrefixCache | None, indices: Sequence[int] | Tensor | None
     yield rows
     if rows is not None:
         cache.keep(indices, keys, rows)
+
+
+def copy_ahead(plans: Iterator[Any], cache: PrefixCache | None, *, fixed: bool) -> Iterator[Any]:
+    """``plans``, each one yielded once the next one's kept rows have started copying to the device, so the
+    copy runs beside this step (a cache in pinned host memory, a GPU run). Only where ``fixed`` (the
+    strategy's ``plans_fixed``): there making the next plan before this step runs changes no plan and no
+    checkpoint. Otherwise ``plans`` as they are."""
+    if cache is None or cache.pinned is None or not fixed:
+        yield from plans
+        return
+    upcoming = next(plans, None)
+    while upcoming is not None:
+        plan, upcoming = upcoming, next(plans, None)
+        if upcoming is not None:
+            cache.prefetch(upcoming.indices)
+        yield plan
 
 
 def why_not_exact(strategy: Any, wrapped: Any, *, world: int, wants_deviations: bool,
@@ -290,10 +399,9 @@ def planned_bytes(lengths: Sequence[int], hidden_size: int, dtype: torch.dtype) 
     return sum(lengths) * hidden_size * torch.empty((), dtype=dtype).element_size()
 
 
-def free_memory(device: torch.device) -> int | None:
-    """Free bytes where the cache would live: the GPU's, or the host's available memory (None: unknown)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+def free_memory() -> int | None:
+    """The host's available memory in bytes, where a memory cache lives (on a GPU too: pinned); None:
+    unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -316,12 +424,12 @@ def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence
                       say: Callable[[str], None]) -> tuple[PrefixCache | None, dict[str, Any]]:
     """The run's cache as ``--prefix-cache`` says (auto, memory, disk, off) for training examples of
     ``lengths`` tokens, and the summary it has while there is none. ``auto``: in memory while it takes at
-    most :data:`MEMORY_SHARE` of the free memory, else a memory-mapped file in ``run_dir`` (off without
-    one). Says in one line what it keeps and how many bytes, or why there is none; ``memory`` and ``disk``
-    where it cannot be exact, and ``disk`` without a run directory or room for the file, raise
-    :class:`~salf_engine.errors.ConfigError`. Under ``world`` > 1 processes (every rank calls it) the ranks of
-    one node share the file (``auto``, ``disk``; ``memory`` is refused), and ranks on several nodes keep
-    none (docs/prefix_cache.md, "Several processes")."""
+    most :data:`MEMORY_SHARE` of the host's free memory (:class:`PinnedRows` on a GPU), else a memory-mapped
+    file in ``run_dir`` (off without one). Says in one line what it keeps and how many bytes, or why there is
+    none; ``memory`` and ``disk`` where it cannot be exact, and ``disk`` without a run directory or room for
+    the file, raise :class:`~salf_engine.errors.ConfigError`. Under ``world`` > 1 processes (every rank calls
+    it) the ranks of one node share the file (``auto``, ``disk``; ``memory`` is refused), and ranks on
+    several nodes keep none (docs/prefix_cache.md, "Several processes")."""
     off: dict[str, Any] = {"where": "off", "bytes": 0, "floor": None, "hits": 0, "misses": 0}
     if where == "off":
         say("prefix cache: off (--prefix-cache off)")
@@ -353,7 +461,7 @@ def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence
             return None, {**off, "floor": floor, "reason": reason}
         where = "disk"
     if where == "auto":
-        free = free_memory(device)
+        free = free_memory()
         where = "memory"
         if free is None or nbytes > MEMORY_SHARE * free:
             note = ("the free memory is unknown" if free is None else
@@ -369,6 +477,10 @@ def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence
                         world=world)
         say(f"prefix cache: on disk in {file.path}{f' ({note})' if note else ''}, {what}")
         return PrefixCache(floor, len(lengths), nbytes, file=file, device=device), off
+    if device.type in PINNED_ON:  # pinned host memory, copied ahead on a side stream (PinnedRows)
+        say(f"prefix cache: in pinned host memory, {what}")
+        pinned = PinnedRows(lengths, hidden, dtype, device)
+        return PrefixCache(floor, len(lengths), nbytes, pinned=pinned), off
     say(f"prefix cache: in memory, {what}")
     return PrefixCache(floor, len(lengths), nbytes), off
 

@@ -45,7 +45,7 @@ from salf_engine.training import checkpoint as ckpt_mod
 from salf_engine.training.cost import CostMeter
 from salf_engine.training.eval_prefix import EvalPrefix, eval_floor, plan_eval_prefix
 from salf_engine.training.inputs import Prepared, _refuse_to_clear_checkpoints, check_resume, prepare
-from salf_engine.training.prefix_cache import plan_prefix_cache
+from salf_engine.training.prefix_cache import copy_ahead, plan_prefix_cache
 from salf_engine.training.rundir import RunDirectory
 from salf_engine.training.state import TrainState
 from salf_engine.training.step import (
@@ -287,7 +287,8 @@ class TrainingRecipe:
         state.start_epoch(start, len(replayed))
         if resume is not None:
             ckpt_mod.set_rng_state(self.resume_rng)
-        for plan in plans:  # lazily: a strategy may change its masks after a step (ADT)
+        # lazily: a strategy may change its masks after a step (ADT); a GPU's pinned cache copies ahead
+        for plan in copy_ahead(plans, self.prefix_cache, fixed=self.p.strategy.plans_fixed):
             self.step(plan)
             if config.save_every and state.step % config.save_every == 0 and self.run_dir.path:
                 self.checkpoint()
