@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench_utils import keep_cell, mean_spread, restore_kept, run_cells
+from bench_utils import keep_cell, mean_spread, restore_kept, run_cells, scatter_by_dataset
 
 from salf_engine.experiments.report import cost_seconds
 
@@ -126,6 +126,12 @@ def report(out: Path, cells: list[tuple[int, str]]) -> str:
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "report.md").write_text(text)
+    points: dict[str, list[tuple[float, float]]] = {}
+    for (_, label), s in found.items():
+        points.setdefault(label, []).append((cost_seconds(s), s["fine_tuned"]["answer_loss"]))
+    scatter_by_dataset({"GSM8K, SmolLM2-135M-Instruct": points}, RESULTS / "loss_vs_time.png",
+                       "training seconds (cells beside one another on 2 cores)",
+                       ylabel="answer loss (660 held-out problems)")
     return text
 
 
