@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from bench_utils import (
     append_csv,
+    cached_forward,
     cpu_name,
     quantiles,
     read_csv,
@@ -210,8 +211,9 @@ def _inputs(model: torch.nn.Module, args: argparse.Namespace) -> SimpleNamespace
 
 def _configs(model: torch.nn.Module, inp: SimpleNamespace, args: argparse.Namespace
              ) -> tuple[list[Config], dict[str, Any]]:
-    """The configurations to time (full, the runner at several cuts, static freezing, SALF[half]'s rows,
-    the runner returning deviations), each with its own AdamW."""
+    """The configurations to time (full, the runner at several cuts, static freezing, BOT50 entering at its
+    floor from the prefix cache, SALF[half]'s rows, the runner returning deviations), each with its own
+    AdamW."""
     from salf_engine.runner.truncated import TruncatedRunner
 
     ids, mask, labels, m, half = inp.ids, inp.mask, inp.labels, inp.m, inp.half
@@ -235,6 +237,7 @@ def _configs(model: torch.nn.Module, inp: SimpleNamespace, args: argparse.Namesp
         f"static_k{half}", lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1],
         frozen=[embed.weight, *prefix_params(half)],
     ))
+    configs.append(Config(f"cached_k{half}", cached_forward(runner, ids, mask, half)))  # BOT50, an epoch >= 2
     if tied:
         configs.append(Config(
             f"static_k{half}_head",

@@ -326,6 +326,31 @@ def step_compositions(runner, ids: torch.Tensor, mask: torch.Tensor, depths: lis
     return out
 
 
+def cached_forward(runner, ids: torch.Tensor, mask: torch.Tensor, floor: int) -> Callable[[], torch.Tensor]:
+    """BOT-``floor``'s step with the prefix cache (docs/prefix_cache.md), as a forward returning [B, V]
+    logits: the batch enters at ``floor`` with its kept states (the first call runs the frozen layers and
+    keeps them, as a first epoch does). On a GPU the states sit in the pinned host store and are copied
+    ahead during the step's backward, as the engine's loop copies the next step's rows; on a CPU in memory."""
+    from salf_engine.training.prefix_cache import PINNED_ON, PinnedRows, PrefixCache, floor_rows
+
+    rows = list(range(ids.shape[0]))
+    lengths = mask.sum(1).tolist()
+    pinned = None
+    if ids.device.type in PINNED_ON:
+        hidden = runner.model.config.hidden_size
+        dtype = next(runner.model.parameters()).dtype
+        pinned = PinnedRows(lengths, hidden, dtype, ids.device)
+    cache = PrefixCache(floor, len(rows), 0, pinned=pinned)
+
+    def forward() -> torch.Tensor:
+        with floor_rows(cache, rows, ids, mask, floor) as prefix:
+            logits = runner(ids, mask, depth=floor, prefix=prefix).logits
+        cache.prefetch(rows)  # the next step's rows (the same batch here), beside this step's backward
+        return logits
+
+    return forward
+
+
 def run_cells(todo: list, command: Callable[[object], list[str]], log_dir: Path, *, workers: int,
               done: Callable[[object], None], skip: Callable[[object], bool] = lambda cell: False,
               cwd: Path | None = None) -> list:
@@ -406,9 +431,10 @@ def restore_kept(out: Path, results: Path) -> None:
 
 
 def scatter_by_dataset(points: dict[str, dict[str, list[tuple[float, float]]]], path: Path,
-                       xlabel: str, *, lines: bool = False) -> None:
-    """One panel per dataset (``points[dataset][label]`` = (x, macro-F1) per seed, or with ``lines`` a
-    label's points in order, drawn as one line through them), saved as a PNG."""
+                       xlabel: str, *, lines: bool = False, ylabel: str = "macro-F1 (free decoding)") -> None:
+    """One panel per dataset (``points[dataset][label]`` = (x, y) per seed, y macro-F1 unless ``ylabel``
+    says otherwise, or with ``lines`` a label's points in order, drawn as one line through them), saved
+    as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -424,9 +450,9 @@ def scatter_by_dataset(points: dict[str, dict[str, list[tuple[float, float]]]], 
                 ax.plot(xs, ys, marker="o", label=label)
             else:
                 ax.scatter(xs, ys, label=label, s=20)
-        ax.set(title=ds, xlabel=xlabel, ylabel="macro-F1 (free decoding)")
+        ax.set(title=ds, xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

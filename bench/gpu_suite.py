@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_deviation import MODELS, bytes_read, make_case, provider_fn, torch_lean  # noqa: E402
 from bench_utils import (  # noqa: E402
+    cached_forward,
     env_info,
     markdown_table,
     measure_bandwidth,
@@ -277,6 +278,7 @@ def _bench_model(name: str, spec: StepModel, device: torch.device, dtype: torch.
     if not spec.lora:
         frozen.append(parts.embed.weight)
     configs.append(StepConfig(f"static_k{half}", half, plain, frozen=frozen))
+    configs.append(StepConfig(f"cached_k{half}", half, cached_forward(runner, ids, mask, half)))
     for step_name, forward in step_compositions(runner, ids, mask, salf_half_depths(spec.batch, m)).items():
         configs.append(StepConfig(step_name, half, forward))
     trainable = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
