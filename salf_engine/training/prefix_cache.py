@@ -59,7 +59,30 @@ def _agreed(error: str | None, world: int) -> str | None:
     return next((e for e in gather_objects(error) if e is not None), None)
 
 
-class FileRows:
+class _FlatRows:
+    """Rows of ``[n_i, D]`` states back to back in one flat tensor ``data`` (set by the subclass), in split
+    order: where each row lies, its view, and the bytes of the rows written."""
+
+    def __init__(self, lengths: Sequence[int], hidden_size: int) -> None:
+        self.lengths, self.width = list(lengths), hidden_size
+        self.offsets = [0]
+        for n in self.lengths:
+            self.offsets.append(self.offsets[-1] + n * hidden_size)
+        self.data = torch.empty(0)
+
+    def _row(self, i: int) -> Tensor:
+        return self.data[self.offsets[i]:self.offsets[i + 1]].view(self.lengths[i], self.width)
+
+    def _fits(self, i: int, states: Tensor) -> bool:
+        """Whether ``states`` have row ``i``'s shape (another shape: its tokens changed)."""
+        return tuple(states.shape) == (self.lengths[i], self.width)
+
+    def _bytes(self, written: Sequence[Any]) -> int:
+        kept = sum(n for n, w in zip(self.lengths, written, strict=True) if w)
+        return kept * self.width * self.data.element_size()
+
+
+class FileRows(_FlatRows):
     """Row ``i``'s ``[n_i, D]`` states in one memory-mapped file (``torch.from_file``, a shared mapping):
     a table of each row's (written, layer, token key) and each rank's (hits, misses), then the rows back to
     back in split order; the whole file reserved when it is made (a full disk fails then, in one line, never
@@ -69,11 +92,8 @@ class FileRows:
 
     def __init__(self, path: Path, lengths: Sequence[int], hidden_size: int, dtype: torch.dtype, *,
                  rank: int = 0, world: int = 1) -> None:
-        self.path, self.lengths, self.width = path, list(lengths), hidden_size
-        self.rank, self.world = rank, world
-        self.offsets = [0]
-        for n in self.lengths:
-            self.offsets.append(self.offsets[-1] + n * hidden_size)
+        super().__init__(lengths, hidden_size)
+        self.path, self.rank, self.world = path, rank, world
         itemsize = torch.empty((), dtype=dtype).element_size()
         table = 8 * (3 * len(self.lengths) + 2 * world)  # int64 entries; the rows start 8-byte aligned
         size = table + max(self.offsets[-1], 1) * itemsize
@@ -108,21 +128,19 @@ class FileRows:
     def __getitem__(self, i: int) -> Tensor | None:
         if not self.have[i]:
             return None
-        return self.data[self.offsets[i]:self.offsets[i + 1]].view(self.lengths[i], self.width)
+        return self._row(i)
 
     def __setitem__(self, i: int, states: Tensor) -> None:
-        if states.shape != (self.lengths[i], self.width):  # not this row's tokens: a miss from now on
+        if not self._fits(i, states):  # not this row's tokens: a miss from now on
             self.have[i] = 0
             return
-        self.data[self.offsets[i]:self.offsets[i + 1]].copy_(states.reshape(-1))
+        self._row(i).copy_(states)
         self.have[i] = 1
 
     @property
     def nbytes(self) -> int:
         """Bytes of the rows written (by every rank)."""
-        written = self.have.values.bool().tolist()
-        return sum(n for n, kept in zip(self.lengths, written, strict=True) if kept) * self.width * \
-            self.data.element_size()
+        return self._bytes(self.have.values.bool().tolist())
 
     def close(self) -> None:
         """Drop the mapping and (rank 0) the file (derived data)."""
@@ -132,7 +150,7 @@ class FileRows:
             self.path.unlink(missing_ok=True)
 
 
-class PinnedRows:
+class PinnedRows(_FlatRows):
     """Row ``i``'s ``[n_i, D]`` states in one host buffer, back to back in split order: the GPU path's memory
     cache (docs/prefix_cache.md, "On a GPU"). On CUDA the buffer is pinned, a row's states are copied into it
     on a side stream once the forward that computed them is done, and :meth:`prefetch` starts copying the next
@@ -141,10 +159,8 @@ class PinnedRows:
 
     def __init__(self, lengths: Sequence[int], hidden_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
-        self.lengths, self.width, self.device = list(lengths), hidden_size, device
-        self.offsets = [0]
-        for n in self.lengths:
-            self.offsets.append(self.offsets[-1] + n * hidden_size)
+        super().__init__(lengths, hidden_size)
+        self.device = device
         cuda = device.type == "cuda"
         self.data = torch.empty(self.offsets[-1], dtype=dtype, pin_memory=cuda)
         self.stream = torch.cuda.Stream(device) if cuda else None
@@ -154,9 +170,6 @@ class PinnedRows:
         self.ahead: dict[int, tuple[Tensor, Any]] = {}  # row -> (its states on the device, the copy's event)
         self.served_ahead = 0  # rows read that a prefetch had copied
 
-    def _host(self, i: int) -> Tensor:
-        return self.data[self.offsets[i]:self.offsets[i + 1]].view(self.lengths[i], self.width)
-
     def _side(self) -> Any:
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
@@ -164,7 +177,7 @@ class PinnedRows:
         """Row ``i`` copied to the device on the side stream (after every copy queued there before), and the
         event that marks the copy done (None on a CPU)."""
         with self._side():
-            states = self._host(i).to(self.device, non_blocking=True)
+            states = self._row(i).to(self.device, non_blocking=True)
             event = None
             if self.stream is not None:
                 event = torch.cuda.Event()
@@ -193,21 +206,20 @@ class PinnedRows:
 
     def __setitem__(self, i: int, states: Tensor) -> None:
         self.ahead.pop(i, None)  # a copy taken before this write is stale
-        if states.shape != (self.lengths[i], self.width):  # not this row's tokens: a miss from now on
+        if not self._fits(i, states):  # not this row's tokens: a miss from now on
             self.have[i] = 0
             return
         if self.stream is not None:  # the forward that computed the states comes first
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             states.record_stream(self.stream)
         with self._side():
-            self._host(i).copy_(states.detach().reshape(self.lengths[i], self.width), non_blocking=True)
+            self._row(i).copy_(states.detach(), non_blocking=True)
         self.have[i] = 1
 
     @property
     def nbytes(self) -> int:
         """Bytes of the rows written."""
-        return sum(n for n, kept in zip(self.lengths, self.have, strict=True) if kept) * self.width * \
-            self.data.element_size()
+        return self._bytes(self.have)
 
 
 class PrefixCache:
