@@ -297,7 +297,8 @@ def test_engine_prefix_cache_under_two_ranks(tmp_path):
     single, single_w, _ = _bot50_run("memory", MICRO)
     tokens = _tokens()
     for got in ranks:
-        kept = {"where": "disk", "bytes": tokens * 64 * 4, "floor": 2, "hits": 96, "misses": 48}
+        kept = {"where": "disk", "bytes": tokens * 64 * 4, "floor": 2, "hits": 96, "misses": 48,
+                "skipped_layer_forwards": 192}
         assert got["disk"]["summary"]["prefix_cache"] == kept
         assert single["prefix_cache"]["hits"] == 96 and single["prefix_cache"]["misses"] == 48
         for name, q in single_w.items():

@@ -283,8 +283,15 @@ def test_done_means_bot50_three_epochs_memory_equals_off(tmp_path):
         torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())["prefix_cache"]
     tokens = _tokens()
-    assert saved == {"where": "memory", "bytes": tokens * 64 * 4, "floor": 2, "hits": 96, "misses": 48}
-    assert off["prefix_cache"] == {"where": "off", "bytes": 0, "floor": None, "hits": 0, "misses": 0}
+    # each hit skips the 2 layers below the floor: 96 x 2 layer forwards
+    assert saved == {"where": "memory", "bytes": tokens * 64 * 4, "floor": 2, "hits": 96, "misses": 48,
+                     "skipped_layer_forwards": 192}
+    assert off["prefix_cache"] == {"where": "off", "bytes": 0, "floor": None, "hits": 0, "misses": 0,
+                                   "skipped_layer_forwards": 0}
+    # FLOPs by hand (m = 4, in layer forwards per example): BOT50 costs 4 forward + 2 x 2 backward = 8 of
+    # full's 12; 144 examples trained, less the 192 forwards the cache saved: (1152 - 192) / 1728 = 5 / 9
+    assert off["flops_ratio"] == pytest.approx(8 / 12)
+    assert got_summary["flops_ratio"] == pytest.approx(5 / 9)
     assert "prefix cache: off (--prefix-cache off)" in off_log
     said = [line for line in log if line.startswith("prefix cache:")]
     assert said == [f"prefix cache: in memory, the hidden states at layer 2 (of 4) of 48 training examples, "
@@ -303,7 +310,7 @@ def test_disk_cache_equals_off_and_leaves_no_file(tmp_path):
     for name, q in got_w.items():
         torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
     assert got["prefix_cache"] == {"where": "disk", "bytes": _tokens() * 256, "floor": 2, "hits": 96,
-                                   "misses": 48}
+                                   "misses": 48, "skipped_layer_forwards": 192}
     assert [line for line in log if line.startswith("prefix cache: on disk in ")]
     assert not (run / "prefix_cache.bin").exists()
 
@@ -388,7 +395,7 @@ def test_file_rows_read_only_what_this_process_wrote(tmp_path, dtype):
     path.write_bytes(b"x" * 999)  # a partial file of an earlier run
     rows = FileRows(path, [3, 2, 4], 8, dtype)
     assert [rows[i] for i in range(3)] == [None, None, None]
-    assert path.stat().st_size == 8 * (3 * 3 + 2) + 9 * 8 * rows.data.element_size()  # the row table first
+    assert path.stat().st_size == 8 * (3 * 3 + 3) + 9 * 8 * rows.data.element_size()  # the row table first
     a = torch.randn(2, 8).to(dtype)
     rows[1] = a
     rows[2] = torch.randn(3, 8).to(dtype)  # not row 2's length: not kept
@@ -416,7 +423,7 @@ def test_file_rows_shared_by_two_ranks(tmp_path):
     assert got.cached[1] is None and got.layers == [2, 0]
     assert (one.hits, one.misses) == (1, 1) and (zero.hits, zero.misses) == (0, 2)
     assert one.summary() == zero.summary() == {"where": "disk", "bytes": 5 * 8 * 4, "floor": 2, "hits": 1,
-                                               "misses": 3}
+                                               "misses": 3, "skipped_layer_forwards": 2}
     one.close()
     assert path.exists() and one.summary()["hits"] == 1
     zero.close()
@@ -740,7 +747,10 @@ def test_rising_floor_cached_equals_off(tmp_path):
         for name, q in got_w.items():
             torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
         saved = json.loads((run / "summary.json").read_text())["prefix_cache"]
-        assert saved == {"where": where, "bytes": tokens * 256, "floor": 3, "hits": 60, "misses": 48}
+        # skipped, by hand: epoch 2 serves the 12 rows kept at layer 1 (12); epoch 3 serves the 24 rows
+        # epoch 2 kept at floor 1 and the 24 it kept at floor 2 (24 + 48)
+        assert saved == {"where": where, "bytes": tokens * 256, "floor": 3, "hits": 60, "misses": 48,
+                         "skipped_layer_forwards": 84}
         said = [line for line in log if line.startswith("prefix cache:")]
         assert len(said) == 1
         assert ("the hidden states at the rising floor (layer 0 at the start, at most 3 of 4) of 48 training "

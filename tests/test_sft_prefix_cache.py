@@ -115,7 +115,7 @@ def test_sft_cached_training_equals_off(monkeypatch, strategy, kw):
         torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
     tokens = sum(map(len, p.train_split.input_ids))
     assert got["prefix_cache"] == {"where": "memory", "bytes": tokens * 64 * 4, "floor": 2, "hits": 48,
-                                   "misses": 24}
+                                   "misses": 24, "skipped_layer_forwards": 96}
     assert off["prefix_cache"]["where"] == "off" and "prefix cache: off (--prefix-cache off)" in off_lines
     assert [line for line in lines if line.startswith("prefix cache:")] == [
         f"prefix cache: in memory, the hidden states at layer 2 (of 4) of {N_TRAIN} training examples, "

@@ -72,12 +72,12 @@ class CostMeter:
             return None
         return self._frozen / (self.examples * self.m) if self.examples else 0.0
 
-    def flops_ratio(self, profiled: int = 0) -> float:
-        """Estimated training FLOPs (``profiled`` forward-only examples included) relative to full
-        fine-tuning of the same examples."""
+    def flops_ratio(self, profiled: int = 0, skipped: int = 0) -> float:
+        """Estimated training FLOPs (``profiled`` forward-only examples included, ``skipped`` layer forwards
+        the prefix cache saved taken out) relative to full fine-tuning of the same examples."""
         if not self.examples:
             return 0.0
-        return (self._units + profiled * self.m) / (3 * self.m * self.examples)
+        return (self._units - skipped + profiled * self.m) / (3 * self.m * self.examples)
 
     def depth_histogram(self) -> list[int]:
         """Trained examples per cut depth 0..m."""

@@ -84,18 +84,19 @@ class _FlatRows:
 
 class FileRows(_FlatRows):
     """Row ``i``'s ``[n_i, D]`` states in one memory-mapped file (``torch.from_file``, a shared mapping):
-    a table of each row's (written, layer, token key) and each rank's (hits, misses), then the rows back to
-    back in split order; the whole file reserved when it is made (a full disk fails then, in one line, never
-    halfway). A row reads as None until a process of this run wrote it: the file is made anew, and one left
-    by an earlier or killed run is never trusted. Under ``world`` > 1 processes on one node, rank 0 makes the
-    file and every rank maps it, so a row written by one rank is served to whichever rank runs it next."""
+    a table of each row's (written, layer, token key) and each rank's (hits, misses, skipped), then the rows
+    back to back in split order; the whole file reserved when it is made (a full disk fails then, in one
+    line, never halfway). A row reads as None until a process of this run wrote it: the file is made anew,
+    and one left by an earlier or killed run is never trusted. Under ``world`` > 1 processes on one node,
+    rank 0 makes the file and every rank maps it, so a row written by one rank is served to whichever rank
+    runs it next."""
 
     def __init__(self, path: Path, lengths: Sequence[int], hidden_size: int, dtype: torch.dtype, *,
                  rank: int = 0, world: int = 1) -> None:
         super().__init__(lengths, hidden_size)
         self.path, self.rank, self.world = path, rank, world
         itemsize = torch.empty((), dtype=dtype).element_size()
-        table = 8 * (3 * len(self.lengths) + 2 * world)  # int64 entries; the rows start 8-byte aligned
+        table = 8 * (3 * len(self.lengths) + 3 * world)  # int64 entries; the rows start 8-byte aligned
         size = table + max(self.offsets[-1], 1) * itemsize
         error = None
         if rank == 0:
@@ -122,7 +123,7 @@ class FileRows(_FlatRows):
         ints = raw[:table].view(torch.int64)
         rows = ints[:3 * len(self.lengths)].view(-1, 3)
         self.have, self.layers, self.keys = _Column(rows[:, 0]), _Column(rows[:, 1]), _Column(rows[:, 2])
-        self.counts = ints[3 * len(self.lengths):].view(world, 2)  # each rank's (hits, misses)
+        self.counts = ints[3 * len(self.lengths):].view(world, 3)  # each rank's (hits, misses, skipped)
         self.data = raw[table:].view(dtype)
 
     def __getitem__(self, i: int) -> Tensor | None:
@@ -240,8 +241,9 @@ class PrefixCache:
         self._layers: Any = store.layers if store is not None else [0] * num_rows  # each kept row's layer
         self.hits = 0  # this process's
         self.misses = 0
+        self.skipped = 0  # layer forwards the served rows did not run (each: the layer it entered at)
         self._bytes: int | None = None  # what the file held when closed
-        self._counts: tuple[int, int] | None = None  # every rank's hits and misses when closed
+        self._counts: tuple[int, int, int] | None = None  # every rank's hits, misses, skipped when closed
 
     @property
     def where(self) -> str:
@@ -270,15 +272,15 @@ class PrefixCache:
             self.file.close()
 
     @property
-    def counts(self) -> tuple[int, int]:
-        """(hits, misses) of every rank sharing the file (read after the step's collectives); this
-        process's otherwise."""
+    def counts(self) -> tuple[int, int, int]:
+        """(hits, misses, skipped layer forwards) of every rank sharing the file (read after the step's
+        collectives); this process's otherwise."""
         if self._counts is not None:
             return self._counts
         if self.file is None or self.file.world == 1:
-            return self.hits, self.misses
-        hits, misses = self.file.counts.sum(0).tolist()
-        return int(hits), int(misses)
+            return self.hits, self.misses, self.skipped
+        hits, misses, skipped = self.file.counts.sum(0).tolist()
+        return int(hits), int(misses), int(skipped)
 
     def lookup(self, indices: Sequence[int] | Tensor, input_ids: Tensor, attention_mask: Tensor | None,
                floor: int | None = None) -> tuple[FloorRows | None, list[int]]:
@@ -302,8 +304,9 @@ class PrefixCache:
         served = sum(c is not None for c in cached)
         self.hits += served
         self.misses += len(idx) - served
+        self.skipped += sum(layers)
         if self.file is not None:
-            self.file.counts[self.file.rank] = torch.tensor([self.hits, self.misses])
+            self.file.counts[self.file.rank] = torch.tensor([self.hits, self.misses, self.skipped])
         return FloorRows(self.floor, cached, layers=layers), keys
 
     def keep(self, indices: Sequence[int] | Tensor, keys: list[int], rows: FloorRows) -> None:
@@ -318,9 +321,9 @@ class PrefixCache:
 
     def summary(self) -> dict[str, Any]:
         """``summary.json``'s ``prefix_cache``."""
-        hits, misses = self.counts
+        hits, misses, skipped = self.counts
         return {"where": self.where, "bytes": self.nbytes, "floor": self.floor, "hits": hits,
-                "misses": misses}
+                "misses": misses, "skipped_layer_forwards": skipped}
 
 
 def _ints(indices: Sequence[int] | Tensor) -> list[int]:
@@ -442,7 +445,8 @@ def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence
     the file, raise :class:`~salf_engine.errors.ConfigError`. Under ``world`` > 1 processes (every rank calls
     it) the ranks of one node share the file (``auto``, ``disk``; ``memory`` is refused), and ranks on
     several nodes keep none (docs/prefix_cache.md, "Several processes")."""
-    off: dict[str, Any] = {"where": "off", "bytes": 0, "floor": None, "hits": 0, "misses": 0}
+    off: dict[str, Any] = {"where": "off", "bytes": 0, "floor": None, "hits": 0, "misses": 0,
+                           "skipped_layer_forwards": 0}
     if where == "off":
         say("prefix cache: off (--prefix-cache off)")
         return None, off

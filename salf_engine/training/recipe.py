@@ -434,7 +434,8 @@ class TrainingRecipe:
             "first_loss": losses[0] if losses else None,
             "final_loss": state.final_loss(),
             "loss_history": losses, "cost_saving_ratio": cost.saving(),
-            "flops_ratio": cost.flops_ratio(profiled),
+            "flops_ratio": cost.flops_ratio(
+                profiled, skipped=self.prefix_cache.counts[2] if self.prefix_cache is not None else 0),
             "depth_histogram": cost.depth_histogram(), "eof_histogram": driver.eof_histograms(),
             "prefix_cache": self.prefix_cache.summary() if self.prefix_cache is not None else self.prefix_off,
             "eval_prefix_cache": self.eval_prefix.summary() if self.eval_prefix is not None else None,
