@@ -102,9 +102,9 @@ def test_demo_code_path_on_tiny_model(tiny_dir, tmp_path, capsys):
     assert cli.main(["demo", "--model", str(tiny_dir("llama")), "--limit", "16", "--eval-limit", "12",
                      "--output", str(out), "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (
-        ["zero-shot"], ["salf:uniform:df"], ["salf:uniform:df:narrowing"], ["bot50"], ["full"])}
-    assert set(rows) == {"zero-shot", "salf:uniform:df", "salf:uniform:df:narrowing", "bot50", "full"}
+    names = {"zero-shot", "salf:uniform:df", "salf:uniform:df:narrowing", "bot50", "bot50:ep3", "full"}
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] and line.split()[0] in names}
+    assert set(rows) == names
     assert float(rows["bot50"][5]) == pytest.approx(0.5)  # the static freeze the demo sets SALF against
     salf = json.loads((out / "cells" / "trec" / "salf_uniform_df" / "summary.json").read_text())
     full = json.loads((out / "cells" / "trec" / "full" / "summary.json").read_text())
@@ -117,6 +117,15 @@ def test_demo_code_path_on_tiny_model(tiny_dir, tmp_path, capsys):
     cells = out / "cells" / "trec"
     narrowing = json.loads((cells / "salf_uniform_df_narrowing" / "summary.json").read_text())
     assert narrowing["profiled_examples"] == 0 < salf["profiled_examples"]
+    # BOT50 for three epochs, its frozen half cached: 48 examples, epochs 2 and 3 served from the cache
+    ep3 = json.loads((cells / "bot50_ep3" / "summary.json").read_text())
+    assert ep3["examples_trained"] == 48 and ep3["epochs_run"] == 3
+    m = ep3["num_layers"]
+    assert ep3["prefix_cache"]["hits"] == 32 and ep3["prefix_cache"]["misses"] == 16
+    # FLOPs against full's one epoch, by hand: 48 rows at m + 2 (m - m // 2) layer units, less the m // 2
+    # layers below the floor for each of the 32 hits, over full's 16 rows at 3m
+    hand = (48 * (m + 2 * (m - m // 2)) - 32 * (m // 2)) / (16 * 3 * m)
+    assert float(rows["bot50:ep3"][6]) == pytest.approx(hand, abs=0.005)
 
 
 @pytest.mark.parametrize(

@@ -259,6 +259,28 @@ def test_cell_syntax():
         parse_strategy("salf:uniform:narrowing:loss-rank")
     with pytest.raises(ConfigError, match="unknown option 'cuts0'"):
         parse_strategy("salf:uniform:cuts0")
+    cell = parse_strategy("bot50:ep3")
+    assert (cell.label, cell.dirname, cell.config_fields()["epochs"]) == ("bot50:ep3", "bot50_ep3", 3)
+    assert "epochs" not in parse_strategy("bot50").config_fields()
+    assert parse_strategy("salf:uniform:df:rising:ep2").label == "salf:uniform:df:rising:ep2"
+    with pytest.raises(ConfigError, match="unknown option 'ep0'"):
+        parse_strategy("bot50:ep0")
+    with pytest.raises(ConfigError, match="more than one epoch count"):
+        parse_strategy("bot50:ep2:ep3")
+
+
+def test_a_cell_with_its_own_epochs():
+    from salf_engine.experiments.grid import DatasetCell
+
+    settings = CompareSettings(model="m", datasets=["trec"], strategies=["bot50:ep3", "full"], output="out",
+                               train={"epochs": 1})
+    trec = DatasetCell("trec", "trec")
+    assert settings.cell_config(trec, parse_strategy("bot50:ep3")).epochs == 3
+    assert settings.cell_config(trec, parse_strategy("full")).epochs == 1
+    fixed = CompareSettings(model="m", datasets=["trec"], strategies=["bot50:ep3"], output="out",
+                            train={"max_steps": 4})
+    with pytest.raises(ConfigError, match=r"^cell 'bot50:ep3' sets its epochs, but --max-steps"):
+        fixed.cell_config(trec, parse_strategy("bot50:ep3"))
 
 
 def test_help_documents_the_cell_syntax(capsys):

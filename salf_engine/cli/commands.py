@@ -207,8 +207,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_demo(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("demo",
-                       help="zero-shot vs SALF[half] (eof rank, narrowing) vs BOT50 vs full fine-tuning "
-                            "(SmolLM2-135M, TREC)")
+                       help="zero-shot vs SALF[half] (eof rank, narrowing) vs BOT50 (one epoch; three, "
+                            "cached) vs full fine-tuning (SmolLM2-135M, TREC)")
     p.add_argument("--output", default="runs/demo", help="demo directory (replaced on every demo run)")
     p.add_argument("--model", default=None, help="default smollm2-135m")
     p.add_argument("--strategy", default=None,

@@ -44,11 +44,11 @@ CELL_SYNTAX = (
     "fraction in (0, 1) (bot/top/int/adt), 'lora' (LoRA adapters), 'paper' (Algorithm 4's schedule), "
     "'narrowing' / 'widening' (time-varying per-row depths), 'rising' (narrowing across the run), "
     "'eof-match', 'class-rank' or 'loss-rank' "
-    "(budgeted SALF's depth assignment), cutsN (N cuts per optimizer step). "
+    "(budgeted SALF's depth assignment), cutsN (N cuts per optimizer step), epN (N epochs for this cell). "
     "A budget plan without a schedule runs per-row. Examples: salf (the default: uniform plan, narrowing), "
     "salf:none (Algorithm 3), salf:uniform:df (SALF[half] by eof rank, per-row), salf:arith:df:paper, "
     "salf:geom:bf, "
-    "bot50, bot:0.3, adt-high:0.25, bot50:lora, lift-star-half:cuts1"
+    "bot50, bot:0.3, adt-high:0.25, bot50:lora, lift-star-half:cuts1, bot50:ep3"
 )
 
 _BUDGET_ALIASES = {"uniform": "uniform", "half": "uniform", "arith": "arith", "geom": "geom", "none": "none"}
@@ -68,6 +68,7 @@ class StrategyCell:
     schedule: str | None = None       # "paper", "narrowing", "widening", "rising"; None = the config's
     assignment: str | None = None     # "eof-match" / "class-rank" / "loss-rank"; None = the config's
     cuts_per_step: int | None = None  # None = the config's; given, the cell runs the mixed schedule
+    epochs: int | None = None         # None = the shared settings' epochs
 
     @property
     def label(self) -> str:
@@ -84,6 +85,8 @@ class StrategyCell:
             parts.append(f"cuts{self.cuts_per_step}")
         if self.lora:
             parts.append("lora")
+        if self.epochs is not None:
+            parts.append(f"ep{self.epochs}")
         return ":".join(parts)
 
     @property
@@ -96,7 +99,7 @@ class StrategyCell:
         fields = {"strategy": self.strategy, "budget": self.budget, "infill": self.infill,
                   "freeze_fraction": self.freeze_fraction, "lora": self.lora}
         for key, value in (("depth_schedule", self.schedule), ("depth_assignment", self.assignment),
-                           ("cuts_per_step", self.cuts_per_step)):
+                           ("cuts_per_step", self.cuts_per_step), ("epochs", self.epochs)):
             if value is not None:
                 fields[key] = value
         if self.cuts_per_step is not None and self.schedule is None:
@@ -143,6 +146,7 @@ def parse_strategy(text: str) -> StrategyCell:
     schedule: str | None = None
     assignment: str | None = None
     cuts: int | None = None
+    epochs: int | None = None
 
     def once(kind: str, current: object) -> None:
         if current is not None and current is not False:
@@ -168,6 +172,9 @@ def parse_strategy(text: str) -> StrategyCell:
         elif re.fullmatch(r"cuts[1-9][0-9]*", key):
             once("cuts per step", cuts)
             cuts = int(key[4:])
+        elif re.fullmatch(r"ep[1-9][0-9]*", key):
+            once("epoch count", epochs)
+            epochs = int(key[2:])
         else:
             try:
                 value = float(key)
@@ -176,7 +183,7 @@ def parse_strategy(text: str) -> StrategyCell:
                     f"unknown option {opt!r} in strategy cell {text!r}; options: budget plans "
                     f"{', '.join(_BUDGET_ALIASES)}, infilling orders {', '.join(INFILLS)}, "
                     "a freeze fraction in (0, 1), lora, paper, narrowing, widening, rising, eof-match, "
-                    "class-rank, loss-rank, cutsN"
+                    "class-rank, loss-rank, cutsN, epN"
                 ) from None
             once("freeze fraction", fraction)
             if not (math.isfinite(value) and 0 < value < 1):
@@ -186,7 +193,7 @@ def parse_strategy(text: str) -> StrategyCell:
         raise ConfigError(f"cell {text!r}: an infilling order needs a budget plan (uniform, arith, geom)")
     if budget not in (None, "none") and infill is None:
         infill = "bf"
-    cell = StrategyCell(name, budget, infill, fraction, lora, schedule, assignment, cuts)
+    cell = StrategyCell(name, budget, infill, fraction, lora, schedule, assignment, cuts, epochs)
     # make_strategy checks the combination (a budget on a non-salf strategy, a fraction that clashes ...)
     make_strategy(name, budget=budget, infill=infill, freeze_fraction=fraction, lora=lora,
                   schedule=schedule or ("mixed" if cuts else cell.default_schedule), assignment=assignment,
@@ -276,6 +283,9 @@ class CompareSettings:
         if clash:
             raise ConfigError(
                 f"compare sets {', '.join(clash)} per cell; remove them from the shared settings")
+        if strategy.epochs is not None and self.train.get("max_steps") is not None:
+            raise ConfigError(f"cell {strategy.label!r} sets its epochs, but --max-steps fixes every cell's "
+                              "steps; drop one")
         fields = dict(self.train)
         fields.update(strategy.config_fields())
         if fields.get("depth_schedule") is None:

@@ -226,7 +226,8 @@ def print_summary(summary: dict[str, Any], out=None) -> None:
 
 
 def print_demo_table(zero: dict[str, float], runs: list[tuple[str, dict[str, Any]]], out=None) -> None:
-    """The demo's table: zero-shot, then each run (the last one is ``full``) with its cost against full."""
+    """The demo's table: zero-shot, then each run (the last one is ``full``) with its cost against full's run
+    (FLOPs too: a run of more epochs costs more than full's one)."""
     out = out if out is not None else sys.stdout
     full = runs[-1][1]
     w = max(18, *(len(label) for label, _ in runs))
@@ -239,4 +240,5 @@ def print_demo_table(zero: dict[str, float], runs: list[tuple[str, dict[str, Any
         seconds = cost_seconds(s)
         print(f"{label:{w}s} {s['fine_tuned']['free_accuracy']:9.4f} {s['fine_tuned']['free_macro_f1']:9.4f} "
               f"{seconds:8.1f} ({seconds / cost_seconds(full):.2f}x) "
-              f"{s['cost_saving_ratio']:9.3f} {s['flops_ratio']:7.2f}", file=out)
+              f"{s['cost_saving_ratio']:9.3f} "
+              f"{s['flops_ratio'] * s['examples_trained'] / full['examples_trained']:7.2f}", file=out)
