@@ -52,8 +52,9 @@ def report(out: Path, cells: list[Cell]) -> str:
     lines = ["# LoRA[half] with and without its dropout (issue 37)", "",
              "SmolLM2-135M, LoRA[half] (lr 3e-3), 960 training examples, one epoch, steps of 8, "
              "`--max-length 128`, macro-F1 (free decoding) on 500 examples held out of the training split "
-             "(never the test split), `--prefix-cache off`; a seed's two settings ran side by side at one "
-             "thread each. `python bench/lora_dropout.py` wrote this.", ""]
+             "(never the test split), `--prefix-cache off`, one thread per run (TREC's: a seed's two "
+             "settings side by side; SST-5's and CARER's: one after the other, beside one other job). "
+             "`python bench/lora_dropout.py` wrote this.", ""]
     for ds in dict.fromkeys(c[0] for c in cells):
         rows, diffs, ratios = [], [], []
         for seed in dict.fromkeys(c[1] for c in cells if c[0] == ds):
