@@ -406,15 +406,18 @@ def mean_spread(values: Sequence[float]) -> str:
 KEPT = ("summary.json", "config.json")
 
 
-def keep_cell(out: Path, results: Path, cell_dir: Path) -> None:
+def keep_cell(out: Path, results: Path, cell_dir: Path, *, discard_models: bool = False) -> None:
     """Copy a finished cell's summary and config from ``out/...`` to ``results/cells/...`` (runs/ is not
-    committed)."""
+    committed); ``discard_models`` then deletes the cell's ``model/`` and ``checkpoints/`` (tables need
+    only the summary)."""
     import shutil
 
     dst = results / "cells" / cell_dir.relative_to(out)
     dst.mkdir(parents=True, exist_ok=True)
     for name in KEPT:
         shutil.copy2(cell_dir / name, dst / name)
+    for name in ("model", "checkpoints") if discard_models else ():
+        shutil.rmtree(cell_dir / name, ignore_errors=True)
 
 
 def restore_kept(out: Path, results: Path) -> None:

@@ -47,7 +47,7 @@ STRATEGIES = {
 EPOCHS = 3
 SETTINGS = ["--model", "smollm2-135m", "--limit", "960", "--epochs", str(EPOCHS), "--batch-size", "8",
             "--max-length", "128", "--eval-batch-size", "64", "--eval-every-epoch", "--no-zero-shot",
-            "--discard-models", "--quiet"]
+            "--quiet"]
 Cell = tuple[int, str, str]  # (seed, dataset, strategy)
 
 
@@ -70,6 +70,13 @@ def best_within(points: list[tuple[float, float]], seconds: float) -> tuple[int,
     """(epochs, macro-F1) of the last epoch finished within ``seconds`` of training; None when none is."""
     done = [(k + 1, f1) for k, (t, f1) in enumerate(points) if t <= seconds]
     return done[-1] if done else None
+
+
+def cell_command(out: Path, cell: Cell, data_dir: str) -> list[str]:
+    """The ``salf train`` command line of one cell."""
+    seed, ds, label = cell
+    return [sys.executable, "-m", "salf_engine", "train", *SETTINGS, *STRATEGIES[label], "--dataset", ds,
+            "--data-dir", data_dir, "--seed", str(seed), "--output", str(_cell(out, cell))]
 
 
 def report(out: Path, cells: list[Cell]) -> str:
@@ -158,13 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         def command(cell: Cell) -> list[str]:
             if _cell(out, cell).exists():
                 shutil.rmtree(_cell(out, cell))  # an interrupted cell starts again
-            seed, ds, label = cell
-            return [sys.executable, "-m", "salf_engine", "train", *SETTINGS, *STRATEGIES[label],
-                    "--dataset", ds, "--data-dir", args.data_dir, "--seed", str(seed),
-                    "--output", str(_cell(out, cell))]
+            return cell_command(out, cell, args.data_dir)
 
         def done(cell: Cell) -> None:
-            keep_cell(out, RESULTS, _cell(out, cell))
+            keep_cell(out, RESULTS, _cell(out, cell), discard_models=True)
             report(out, cells)
 
         failed = run_cells(todo, command, out, workers=args.workers, done=done, cwd=ROOT)

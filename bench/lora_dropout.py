@@ -31,7 +31,7 @@ REPORT = ROOT / "bench" / "results" / "lora_dropout.md"
 DROPOUTS = ("0.05", "0")  # the default, then none
 SETTINGS = ["--model", "smollm2-135m", "--strategy", "lora-half", "--limit", "960", "--epochs", "1",
             "--batch-size", "8", "--max-length", "128", "--eval-batch-size", "64", "--eval-split", "holdout",
-            "--holdout-size", "500", "--no-zero-shot", "--prefix-cache", "off", "--discard-models", "--quiet"]
+            "--holdout-size", "500", "--no-zero-shot", "--prefix-cache", "off", "--quiet"]
 Cell = tuple[str, int, str]  # (dataset, seed, dropout)
 
 
@@ -43,6 +43,13 @@ def grid_cells(datasets: list[str], seeds: list[int]) -> list[Cell]:
 def _cell(out: Path, cell: Cell) -> Path:
     ds, seed, p = cell
     return out / ds / f"seed{seed}" / f"drop{p}"
+
+
+def cell_command(out: Path, cell: Cell, data_dir: str) -> list[str]:
+    """The ``salf train`` command line of one cell."""
+    ds, seed, p = cell
+    return [sys.executable, "-m", "salf_engine", "train", *SETTINGS, "--dataset", ds, "--data-dir", data_dir,
+            "--seed", str(seed), "--lora-dropout", p, "--output", str(_cell(out, cell))]
 
 
 def report(out: Path, cells: list[Cell]) -> str:
@@ -101,13 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         def command(cell: Cell) -> list[str]:
             if _cell(out, cell).exists():
                 shutil.rmtree(_cell(out, cell))  # an interrupted cell starts again
-            ds, seed, p = cell
-            return [sys.executable, "-m", "salf_engine", "train", *SETTINGS, "--dataset", ds,
-                    "--data-dir", args.data_dir, "--seed", str(seed), "--lora-dropout", p,
-                    "--output", str(_cell(out, cell))]
+            return cell_command(out, cell, args.data_dir)
 
         def done(cell: Cell) -> None:
-            keep_cell(out, RESULTS, _cell(out, cell))
+            keep_cell(out, RESULTS, _cell(out, cell), discard_models=True)
             report(out, cells)
 
         failed = run_cells(todo, command, out, workers=args.workers, done=done, cwd=ROOT)

@@ -1,0 +1,79 @@
+"""Every cell command the bench grids start is one `salf` accepts: an option a subcommand lacks fails the
+whole grid at its first second (bench/lora_dropout.py's SST-5/CARER cells once did, with --discard-models,
+a `compare` option, on `train`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from salf_engine.cli.commands import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import compare_epochs  # noqa: E402
+import compare_repro  # noqa: E402
+import compare_sft  # noqa: E402
+import lora_dropout  # noqa: E402
+
+
+def _salf_argv(cmd: list[str]) -> list[str]:
+    assert cmd[:3] == [sys.executable, "-m", "salf_engine"], cmd[:3]
+    return cmd[3:]
+
+
+def _grid_commands(out: Path) -> dict[str, list[list[str]]]:
+    data = str(ROOT.parent / "shared" / "data")
+    return {
+        "lora_dropout": [lora_dropout.cell_command(out, c, data)
+                         for c in lora_dropout.grid_cells(["trec", "sst5", "carer"], [0, 1])],
+        "compare_epochs": [compare_epochs.cell_command(out, c, data)
+                           for c in compare_epochs.grid_cells([0, 1], list(compare_epochs.DATASETS))],
+        "compare_sft": [compare_sft._command(out, seed, label, 960, data, 384, zero_shot=seed == 0)
+                        for seed, label in compare_sft.grid_cells([0, 1])],
+        "compare_repro": [compare_repro._command("smollm2-135m", out, *c, data)
+                          for c in compare_repro.cells()],
+    }
+
+
+@pytest.mark.parametrize("grid", ["lora_dropout", "compare_epochs", "compare_sft", "compare_repro"])
+def test_every_cell_command_parses(grid, tmp_path, capsys):
+    commands = _grid_commands(tmp_path)[grid]
+    assert commands
+    for cmd in commands:
+        try:
+            args = parse_args(_salf_argv(cmd))
+        except SystemExit:
+            pytest.fail(f"{grid}: salf refused {cmd[3:]}: {capsys.readouterr().err.strip()}")
+        assert args.output.startswith(str(tmp_path))
+
+
+def test_lora_dropout_cells_set_the_dropout_they_are_named_for(tmp_path):
+    for cell in lora_dropout.grid_cells(["sst5"], [1]):
+        args = parse_args(_salf_argv(lora_dropout.cell_command(tmp_path, cell, "data")))
+        got = (args.dataset, args.seed, args.lora_dropout, args.prefix_cache)
+        assert got == ("sst5", 1, float(cell[2]), "off")
+
+
+def test_keep_cell_copies_the_summary_and_can_discard_the_model(tmp_path):
+    from bench_utils import keep_cell, restore_kept
+
+    out, results = tmp_path / "runs", tmp_path / "results"
+    cell = out / "seed0" / "full"
+    (cell / "model").mkdir(parents=True)
+    (cell / "model" / "weights.bin").write_bytes(b"x")
+    (cell / "summary.json").write_text('{"a": 1}')
+    (cell / "config.json").write_text('{"b": 2}')
+    (cell / "metrics.jsonl").write_text("")
+    keep_cell(out, results, cell)
+    assert (cell / "model" / "weights.bin").is_file()
+    keep_cell(out, results, cell, discard_models=True)
+    assert not (cell / "model").exists() and (cell / "summary.json").is_file()
+    kept = results / "cells" / "seed0" / "full"
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "summary.json"]
+    fresh = tmp_path / "fresh"
+    restore_kept(fresh, results)
+    assert (fresh / "seed0" / "full" / "summary.json").read_text() == '{"a": 1}'
