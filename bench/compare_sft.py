@@ -13,7 +13,11 @@ the cached two-epoch run come after both seeds of the other five. Finished cells
 ``summary.json`` and ``config.json`` kept under ``bench/results/sft/cells`` (committed) and put back
 first, so a fresh checkout resumes. One thread per worker (on a GPU: ``--workers 1``).
 
-    python bench/compare_sft.py [--limit 960] [--seeds 0,1] [--workers 1] [--report-only]
+    python bench/compare_sft.py [--limit 960] [--seeds 0,1] [--workers 1] [--report-only] [--quiet-timing]
+
+Cells that share the 2-core CPU give noisy times. ``--quiet-timing`` times the five strategies alone, one
+after the other at one thread, on the first ``QUIET_LIMIT`` problems of seed 0 (the same batches for each,
+their evaluation cut to 8 problems and not timed); the report gives those ratios beside the grid's.
 
 On the 2-core CPU a cell takes 20-60 minutes at one thread; the 2,000-problem grid (``--limit 2000``)
 needs a GPU (docs/gpu.md).
@@ -52,6 +56,9 @@ STRATEGIES = {
 #: run after every seed of the five strategies above them: the random-depth control, then the two-epoch
 #: cached run (the costliest cell), so a stopped grid leaves the five strategies' seeds whole
 LATER = ("salf-half-random", "lora-half-2ep-cached")
+#: problems (steps of 8) each strategy trains in the quiet timing; the rest of its settings are the grid's
+QUIET_LIMIT = 64
+QUIET = [label for label in STRATEGIES if label not in LATER]
 SETTINGS = ["--model", "smollm2-135m", "--dataset", "gsm8k", "--epochs", "1", "--batch-size", "8",
             "--eval-batch-size", "8", "--exact-match-rows", "100", "--max-new-tokens", "256", "--quiet",
             "--eval-limit", "660"]
@@ -78,7 +85,6 @@ def grid_cells(seeds: list[int]) -> list[tuple[int, str]]:
 def run(out: Path, cells: list[tuple[int, str]], limit: int, data_dir: str, workers: int,
         max_length: int) -> int:
     """Run the unfinished cells, ``workers`` at a time; keep each finished one; 1 if any failed."""
-    restore_kept(out, RESULTS)  # the committed cells
     todo = [c for c in cells if not (_cell(out, *c) / "summary.json").is_file()]
 
     def command(cell: tuple[int, str]) -> list[str]:
@@ -91,6 +97,41 @@ def run(out: Path, cells: list[tuple[int, str]], limit: int, data_dir: str, work
         report(out, cells)
 
     return 1 if run_cells(todo, command, out, workers=workers, done=done, cwd=ROOT) else 0
+
+
+def quiet_command(quiet: Path, label: str, data_dir: str, max_length: int) -> list[str]:
+    """One strategy's quiet-timing run: the grid's command on ``QUIET_LIMIT`` problems, 8 evaluated."""
+    return [*_command(quiet, 0, label, QUIET_LIMIT, data_dir, max_length, zero_shot=False),
+            "--eval-limit", "8", "--exact-match-rows", "0"]
+
+
+def run_quiet(out: Path, data_dir: str, max_length: int) -> int:
+    """Time the ``QUIET`` strategies alone, one at a time, on ``QUIET_LIMIT`` problems (``out/quiet``)."""
+    quiet = out / "quiet"
+    todo = [(0, label) for label in QUIET if not (_cell(quiet, 0, label) / "summary.json").is_file()]
+
+    def command(cell: tuple[int, str]) -> list[str]:
+        shutil.rmtree(_cell(quiet, *cell), ignore_errors=True)
+        return quiet_command(quiet, cell[1], data_dir, max_length)
+
+    def done(cell: tuple[int, str]) -> None:
+        keep_cell(quiet, RESULTS / "quiet", _cell(quiet, *cell), discard_models=True)
+
+    return 1 if run_cells(todo, command, quiet, workers=1, done=done, cwd=ROOT) else 0
+
+
+def _quiet_lines(out: Path) -> list[str]:
+    """The quiet timing's table (empty until its ``full`` run is there)."""
+    quiet = {label: json.loads((_cell(out / "quiet", 0, label) / "summary.json").read_text())
+             for label in QUIET if (_cell(out / "quiet", 0, label) / "summary.json").is_file()}
+    if "full" not in quiet:
+        return []
+    full = cost_seconds(quiet["full"])
+    lines = ["", f"## Quiet timing: each strategy alone, one thread, {QUIET_LIMIT} problems of seed 0", "",
+             "| strategy | training s | time vs full | FLOPs vs full |", "|---|---:|---:|---:|"]
+    lines += [f"| {label} | {cost_seconds(s):.0f} | {cost_seconds(s) / full:.3f} | {s['flops_ratio']:.3f} |"
+              for label, s in quiet.items()]
+    return lines
 
 
 def report(out: Path, cells: list[tuple[int, str]]) -> str:
@@ -123,7 +164,7 @@ def report(out: Path, cells: list[tuple[int, str]]) -> str:
                      f"{mean_spread([f['exact_match'] for f in fine if f['exact_match'] is not None])} | "
                      f"{mean_spread([s['cost_saving_ratio'] for _, s in mine])} | "
                      f"{mean_spread([s['flops_ratio'] for _, s in mine])} | {mean_spread(ratio)} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + _quiet_lines(out)) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "report.md").write_text(text)
     points: dict[str, list[tuple[float, float]]] = {}
@@ -145,11 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--quiet-timing", action="store_true", help="time each strategy alone (nothing else)")
     args = ap.parse_args(argv)
     cells = grid_cells([int(seed) for seed in args.seeds.split(",")])
     out = Path(args.output)
-    status = 0 if args.report_only else run(out, cells, args.limit, args.data_dir, args.workers,
-                                            args.max_length)
+    restore_kept(out, RESULTS)  # the committed cells
+    restore_kept(out / "quiet", RESULTS / "quiet")
+    if args.quiet_timing:
+        status = run_quiet(out, args.data_dir, args.max_length)
+    elif args.report_only:
+        status = 0
+    else:
+        status = run(out, cells, args.limit, args.data_dir, args.workers, args.max_length)
     print(report(out, cells))
     return status
 

@@ -33,7 +33,8 @@ def _grid_commands(out: Path) -> dict[str, list[list[str]]]:
         "compare_epochs": [compare_epochs.cell_command(out, c, data)
                            for c in compare_epochs.grid_cells([0, 1], list(compare_epochs.DATASETS))],
         "compare_sft": [compare_sft._command(out, seed, label, 960, data, 384, zero_shot=seed == 0)
-                        for seed, label in compare_sft.grid_cells([0, 1])],
+                        for seed, label in compare_sft.grid_cells([0, 1])]
+        + [compare_sft.quiet_command(out / "quiet", label, data, 384) for label in compare_sft.QUIET],
         "compare_repro": [compare_repro._command("smollm2-135m", out, *c, data)
                           for c in compare_repro.cells()],
     }
@@ -77,3 +78,13 @@ def test_keep_cell_copies_the_summary_and_can_discard_the_model(tmp_path):
     fresh = tmp_path / "fresh"
     restore_kept(fresh, results)
     assert (fresh / "seed0" / "full" / "summary.json").read_text() == '{"a": 1}'
+
+
+def test_quiet_sft_timing_trains_the_grids_settings_on_fewer_problems(tmp_path):
+    args = parse_args(_salf_argv(compare_sft.quiet_command(tmp_path, "bot50", "data", 384)))
+    grid_cmd = compare_sft._command(tmp_path, 0, "bot50", 960, "data", 384, zero_shot=False)
+    grid = parse_args(_salf_argv(grid_cmd))
+    assert (args.limit, args.eval_limit, args.exact_match_rows) == (compare_sft.QUIET_LIMIT, 8, 0)
+    assert (grid.limit, grid.eval_limit, grid.exact_match_rows) == (960, 660, 100)
+    differ = {k for k in vars(args) if getattr(args, k) != getattr(grid, k)}
+    assert differ == {"limit", "eval_limit", "exact_match_rows"}
