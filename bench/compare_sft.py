@@ -42,16 +42,18 @@ RESULTS = ROOT / "bench" / "results" / "sft"
 #: ``salf-half-random`` is the control: the same uniform budget, depths drawn at random (loss rank has no
 #: loss to rank in the first epoch), so it answers whether the answer's eof orders problems usefully.
 _HALF = ["--strategy", "salf", "--budget", "uniform", "--infill", "df"]
+#: the LoRA cells keep the dropout the grid's first LoRA cell ran with (the default then; 0 now)
+_LORA = ["--strategy", "lora-half", "--lora-dropout", "0.05"]
 STRATEGIES = {
     "full": ["--strategy", "full"],
-    "lora-half": ["--strategy", "lora-half"],
+    "lora-half": _LORA,
     "bot50": ["--strategy", "bot50"],
     "salf-half": [*_HALF, "--depth-schedule", "per-row", "--profile-fraction", "1"],
     "salf-half-narrowing": [*_HALF, "--depth-schedule", "narrowing"],
     "salf-half-random": [*_HALF, "--depth-schedule", "per-row", "--depth-assignment", "loss-rank"],
     # two epochs of LoRA[half] with the prefix cache (on by default where exact): its second epoch
     # skips the frozen bottom half; LoRA[half] beat BOT50 in the quick check (docs/sft.md)
-    "lora-half-2ep-cached": ["--strategy", "lora-half", "--epochs", "2"],
+    "lora-half-2ep-cached": [*_LORA, "--epochs", "2"],
 }
 #: run after every seed of the five strategies above them: the random-depth control, then the two-epoch
 #: cached run (the costliest cell), so a stopped grid leaves the five strategies' seeds whole

@@ -143,7 +143,7 @@ class TrainConfig:
     lora: bool = _opt(False, "train LoRA adapters (PEFT) instead of the weights")
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: int = _opt(16, "LoRA alpha (scaling = alpha / r)")
-    lora_dropout: float = _opt(0.05, "LoRA dropout")
+    lora_dropout: float = _opt(0.0, "LoRA dropout (0: PEFT skips its dropout module; docs/prefix_cache.md)")
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS),
                                            metadata={"help": "module names LoRA adapts"})
     load_in_4bit: bool = _opt(False, "load the weights in 4 bits (bitsandbytes; needs --lora and a GPU)")

@@ -108,3 +108,16 @@ def test_run_directory_writes_and_clears(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 1}\n'
     RunDirectory(tmp_path / "run").close()  # a new run over it drops the finished marker first
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize(("dropout", "kind"), [(None, torch.nn.Identity), (0.05, torch.nn.Dropout)])
+def test_lora_half_runs_without_dropout_unless_asked(dropout, kind):
+    """The default LoRA[half] has no dropout module (bench/results/lora_dropout.md); --lora-dropout 0.05
+    brings PEFT's back."""
+    cfg = _config("lora-half", **({} if dropout is None else {"lora_dropout": dropout}))
+    p = _prepared("qwen2", cfg)
+    wrapped = wrap_model(p.model, p.strategy, cfg)
+    drops = [m.lora_dropout["default"] for m in wrapped.model.modules() if hasattr(m, "lora_dropout")]
+    assert drops and all(type(d) is kind for d in drops)
+    if dropout is not None:
+        assert all(d.p == dropout for d in drops)
