@@ -122,6 +122,8 @@ def test_demo_code_path_on_tiny_model(tiny_dir, tmp_path, capsys):
     assert ep3["examples_trained"] == 48 and ep3["epochs_run"] == 3
     m = ep3["num_layers"]
     assert ep3["prefix_cache"]["hits"] == 32 and ep3["prefix_cache"]["misses"] == 16
+    one = json.loads((cells / "bot50" / "summary.json").read_text())["prefix_cache"]  # one epoch: none kept
+    assert one["where"] == "off" and one["reason"].startswith("the run trains one epoch")
     # FLOPs against full's one epoch, by hand: 48 rows at m + 2 (m - m // 2) layer units, less the m // 2
     # layers below the floor for each of the 32 hits, over full's 16 rows at 3m
     hand = (48 * (m + 2 * (m - m // 2)) - 32 * (m // 2)) / (16 * 3 * m)

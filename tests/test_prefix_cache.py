@@ -317,7 +317,7 @@ def test_disk_cache_equals_off_and_leaves_no_file(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the option
 
-def _decide(name, where="auto", *, model=None, run_dir=None, world=1, **kw):
+def _decide(name, where="auto", *, model=None, run_dir=None, world=1, epochs=None, **kw):
     from salf_engine.training.wrapping import wrap_model
 
     cfg = TrainConfig(model="tiny", dataset="pattern", strategy=name, **kw).validate()
@@ -331,7 +331,8 @@ def _decide(name, where="auto", *, model=None, run_dir=None, world=1, **kw):
     lengths = [len(ids) for ids in p.train_split.input_ids]
     cache, off = plan_prefix_cache(where, p.strategy, wrapped, lengths, device=torch.device("cpu"),
                                    run_dir=run_dir, world=world,
-                                   wants_deviations=p.strategy.needs_observe, say=lines.append)
+                                   wants_deviations=p.strategy.needs_observe, say=lines.append,
+                                   epochs=epochs)
     return cache, off, lines
 
 
@@ -358,6 +359,14 @@ def test_auto_turns_off_and_memory_refuses_where_not_exact(name, kw, model, reas
 def test_lora_half_is_cached_at_its_lowest_adapter():
     cache, _, lines = _decide("lora-half")
     assert cache is not None and cache.floor == 2 and "at layer 2 (of 4)" in lines[0]
+
+
+def test_auto_keeps_nothing_for_a_run_of_one_epoch():
+    cache, off, lines = _decide("bot50", epochs=1)
+    assert cache is None and off["where"] == "off" and off["hits"] == 0
+    assert lines == ["prefix cache: off (the run trains one epoch: no example's states would be read back)"]
+    assert _decide("bot50", epochs=2)[0].where == "memory"
+    assert _decide("bot50", "memory", epochs=1)[0].where == "memory"  # asked for: kept anyway
 
 
 def test_auto_goes_to_disk_when_memory_is_short(monkeypatch, tmp_path):

@@ -254,17 +254,19 @@ class SalfTrainerMixin:
             self._salf_plans_ahead.append(plan)  # in step with the sampler's pending micro-batches
             yield plan
 
-    def _salf_plan_prefix_cache(self) -> None:
-        """The prefix cache ``salf_config.prefix_cache`` asks for, once the strategy has begun (its floor);
-        empty after a resume: an example's first forward in this process is a miss. Rows are the train
-        dataset's, keyed by their index in it; the disk file lives in ``args.output_dir``."""
+    def _salf_plan_prefix_cache(self, epochs: int | None) -> None:
+        """The prefix cache ``salf_config.prefix_cache`` asks for, once the strategy has begun (its floor),
+        for a run of ``epochs`` (None: unknown); empty after a resume: an example's first forward in this
+        process is a miss. Rows are the train dataset's, keyed by their index in it; the disk file lives in
+        ``args.output_dir``."""
         dataset, args, driver = self.train_dataset, self.args, self.salf_driver
         assert dataset is not None and driver is not None
         lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
         self.salf_prefix_cache, self.salf_prefix_summary = plan_prefix_cache(
             self.salf_config.prefix_cache, self.salf_strategy, self.salf_wrapped, lengths, device=args.device,
             run_dir=Path(args.output_dir) if args.output_dir else None,
-            world=max(1, args.world_size), wants_deviations=driver.wants_deviations, say=_log.info)
+            world=max(1, args.world_size), wants_deviations=driver.wants_deviations, say=_log.info,
+            epochs=epochs)
 
     def salf_state(self, global_step: int) -> dict[str, Any]:
         """The engine's state at ``global_step`` (JSON-able), as ``salf_state.json`` of a checkpoint."""
@@ -393,7 +395,7 @@ def _trainer_classes() -> tuple[type, type]:
             if resume is not None and hasattr(t.salf_strategy, "set_reference_weights"):
                 # ADT's warm-up reference: on_train_start saw the checkpoint's weights, not the initial ones
                 t.salf_strategy.set_reference_weights(resume["tensors"].get("reference_weights"))
-            t._salf_plan_prefix_cache()
+            t._salf_plan_prefix_cache(epochs)
             if resume is not None:
                 if t.salf_sampler is not None:
                     t.salf_sampler.set_epoch(int(resume["epoch"]))  # the sampler counts epochs itself

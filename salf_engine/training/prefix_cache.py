@@ -436,15 +436,17 @@ CACHE_FILE = "prefix_cache.bin"
 
 def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence[int], *,
                       device: torch.device, run_dir: Path | None, world: int, wants_deviations: bool,
-                      say: Callable[[str], None]) -> tuple[PrefixCache | None, dict[str, Any]]:
+                      say: Callable[[str], None], epochs: int | None = None
+                      ) -> tuple[PrefixCache | None, dict[str, Any]]:
     """The run's cache as ``--prefix-cache`` says (auto, memory, disk, off) for training examples of
     ``lengths`` tokens, and the summary it has while there is none. ``auto``: in memory while it takes at
     most :data:`MEMORY_SHARE` of the host's free memory (:class:`PinnedRows` on a GPU), else a memory-mapped
     file in ``run_dir`` (off without one). Says in one line what it keeps and how many bytes, or why there is
     none; ``memory`` and ``disk`` where it cannot be exact, and ``disk`` without a run directory or room for
-    the file, raise :class:`~salf_engine.errors.ConfigError`. Under ``world`` > 1 processes (every rank calls
-    it) the ranks of one node share the file (``auto``, ``disk``; ``memory`` is refused), and ranks on
-    several nodes keep none (docs/prefix_cache.md, "Several processes")."""
+    the file, raise :class:`~salf_engine.errors.ConfigError`. ``auto`` also keeps none for a run of one
+    epoch (``epochs``, None where unknown): no example would be read back. Under ``world`` > 1 processes
+    (every rank calls it) the ranks of one node share the file (``auto``, ``disk``; ``memory`` is refused),
+    and ranks on several nodes keep none (docs/prefix_cache.md, "Several processes")."""
     off: dict[str, Any] = {"where": "off", "bytes": 0, "floor": None, "hits": 0, "misses": 0,
                            "skipped_layer_forwards": 0}
     if where == "off":
@@ -456,6 +458,10 @@ def plan_prefix_cache(where: str, strategy: Any, wrapped: Any, lengths: Sequence
     if reason is not None:
         if where != "auto":
             raise ConfigError(f"--prefix-cache {where} cannot be exact here: {reason}")
+        say(f"prefix cache: off ({reason})")
+        return None, {**off, "reason": reason}
+    if where == "auto" and epochs is not None and epochs <= 1:
+        reason = "the run trains one epoch: no example's states would be read back"
         say(f"prefix cache: off ({reason})")
         return None, {**off, "reason": reason}
     floor, top, parts = strategy.floor(0), strategy.max_floor(), wrapped.parts

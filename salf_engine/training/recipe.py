@@ -218,7 +218,7 @@ class TrainingRecipe:
         self.prefix_cache, self.prefix_off = plan_prefix_cache(
             self.config.prefix_cache, p.strategy, self.wrapped, [len(ids) for ids in p.train_split.input_ids],
             device=p.device, run_dir=p.out_dir, world=self.world,
-            wants_deviations=self.driver.wants_deviations, say=self.say)
+            wants_deviations=self.driver.wants_deviations, say=self.say, epochs=self.run_epochs)
         return StepRunner(self.runner, self.wrapped, p.train_split, self.driver, self.cost, self.config,
                           self.label_token_ids, self.pad_id, self.rank, self.world, self.prefix_cache)
 
