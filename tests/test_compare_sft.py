@@ -51,9 +51,10 @@ def test_report_over_hand_made_cells(tmp_path, monkeypatch):
 def test_report_adds_the_quiet_timing_once_full_is_timed(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_sft, "RESULTS", tmp_path / "results")
     out = tmp_path / "runs"
-    quiet = {"full": {"train_seconds": 200.0, "flops_ratio": 1.0},
-             "lora-half": {"train_seconds": 130.0, "flops_ratio": 0.5},
-             "salf-half": {"train_seconds": 100.0, "profile_seconds": 20.0, "flops_ratio": 0.62}}
+    quiet = {"full": {"train_seconds": 200.0, "flops_ratio": 1.0, "cost_saving_ratio": 0.0},
+             "lora-half": {"train_seconds": 130.0, "flops_ratio": 0.5, "cost_saving_ratio": 0.5},
+             "salf-half": {"train_seconds": 100.0, "profile_seconds": 20.0, "flops_ratio": 0.62,
+                           "cost_saving_ratio": 0.34}}
     cells = compare_sft.grid_cells([0])
     assert "Quiet timing" not in compare_sft.report(out, cells)  # nothing timed yet
     for label, s in quiet.items():
@@ -67,5 +68,5 @@ def test_report_adds_the_quiet_timing_once_full_is_timed(tmp_path, monkeypatch):
     text = compare_sft.report(out, cells)
     assert f"## Quiet timing: each strategy alone, one thread, {compare_sft.QUIET_LIMIT} problems" in text
     # 130 / 200; (100 + 20 profiling) / 200
-    assert ("| full | 200 | 1.000 | 1.000 |\n| lora-half | 130 | 0.650 | 0.500 |\n"
-            "| salf-half | 120 | 0.600 | 0.620 |") in text
+    assert ("| full | 200 | 0 | 0.000 | 1.000 | 1.000 |\n| lora-half | 130 | 0 | 0.500 | 0.650 | 0.500 |\n"
+            "| salf-half | 120 | 20 | 0.340 | 0.600 | 0.620 |") in text
