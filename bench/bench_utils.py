@@ -353,11 +353,12 @@ def cached_forward(runner, ids: torch.Tensor, mask: torch.Tensor, floor: int) ->
 
 def run_cells(todo: list, command: Callable[[object], list[str]], log_dir: Path, *, workers: int,
               done: Callable[[object], None], skip: Callable[[object], bool] = lambda cell: False,
-              cwd: Path | None = None) -> list:
+              cwd: Path | None = None, start_until: float | None = None) -> list:
     """Run one subprocess per cell of ``todo`` (taken in order), ``workers`` at a time, one thread each
     (OMP / MKL), offline; ``done(cell)`` after each success (under a lock: keep its results, rewrite the
-    report), cells with ``skip(cell)`` passed over when their turn comes. Each worker appends its cells'
-    output to ``log_dir/worker<k>.log``. Returns the failed cells."""
+    report), cells with ``skip(cell)`` passed over when their turn comes. No cell starts once
+    ``time.time()`` passes ``start_until`` (running ones finish; the rest wait for the next run). Each
+    worker appends its cells' output to ``log_dir/worker<k>.log``. Returns the failed cells."""
     import threading
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
@@ -371,6 +372,10 @@ def run_cells(todo: list, command: Callable[[object], list[str]], log_dir: Path,
             while True:
                 with lock:
                     if not todo:
+                        return
+                    if start_until is not None and time.time() >= start_until:
+                        print(f"not started (past --start-within): {todo}", flush=True)
+                        todo.clear()
                         return
                     cell = todo.pop(0)
                     if skip(cell):
@@ -418,6 +423,42 @@ def keep_cell(out: Path, results: Path, cell_dir: Path, *, discard_models: bool 
         shutil.copy2(cell_dir / name, dst / name)
     for name in ("model", "checkpoints") if discard_models else ():
         shutil.rmtree(cell_dir / name, ignore_errors=True)
+
+
+def run_grid(cells: Iterable, cell_dir: Callable[[object], Path], command: Callable[[object], list[str]],
+             out: Path, results: Path, *, workers: int, after: Callable[[object], None] = lambda cell: None,
+             discard_models: bool = False, restart: bool = True, start_within: float | None = None) -> list:
+    """Run (or resume) a grid of ``salf`` runs under ``out``, ``workers`` at a time (``run_cells``): every
+    cell whose ``cell_dir(cell)`` holds no ``summary.json``, also when another run finished it meanwhile.
+    ``restart`` removes what an interrupted run of the cell left first. After each success the cell is
+    kept in ``results`` (``keep_cell``), then ``after(cell)`` runs (rewrite the report). No cell starts
+    after ``start_within`` hours. Returns the failed cells."""
+    import shutil
+
+    def finished(cell) -> bool:
+        return (cell_dir(cell) / "summary.json").is_file()
+
+    def run(cell) -> list[str]:
+        if restart:
+            shutil.rmtree(cell_dir(cell), ignore_errors=True)
+        return command(cell)
+
+    def done(cell) -> None:
+        keep_cell(out, results, cell_dir(cell), discard_models=discard_models)
+        after(cell)
+
+    until = None if start_within is None else time.time() + 3600 * start_within
+    return run_cells([c for c in cells if not finished(c)], run, out, workers=workers, done=done,
+                     skip=finished, cwd=ROOT, start_until=until)
+
+
+def add_grid_options(ap, *, workers: int) -> None:
+    """The options every grid driver takes: ``--workers``, ``--report-only`` and ``--start-within``."""
+    ap.add_argument("--workers", type=int, default=workers, help="cells at a time, one thread each")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the finished cells")
+    ap.add_argument("--start-within", type=float, default=None, metavar="HOURS",
+                    help="start no cell after this many hours (running cells finish; the rest wait for the "
+                         "next run, which resumes)")
 
 
 def restore_kept(out: Path, results: Path) -> None:

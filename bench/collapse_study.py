@@ -24,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench_utils import keep_cell, mean_spread, restore_kept, run_cells
+from bench_utils import add_grid_options, mean_spread, restore_kept, run_grid
 
 from salf_engine.experiments.report import cost_seconds
 
@@ -194,7 +194,7 @@ def main() -> int:
     ap.add_argument("--split", choices=("val", "test"), default="val")
     ap.add_argument("--trace", action="store_true", help="log every trained row (the study's snapshot)")
     ap.add_argument("--only", default=None, help="comma-separated variants to run (default: the grid)")
-    ap.add_argument("--report-only", action="store_true")
+    add_grid_options(ap, workers=1)
     args = ap.parse_args()
     out = Path(args.output)
     cells = grid_cells([int(s) for s in args.seeds.split(",")])
@@ -206,11 +206,8 @@ def main() -> int:
         return 0
     data = write_data(out)[args.split]
     restore_kept(out, RESULTS)
-    todo = [c for c in cells if not (_cell(out, c) / "summary.json").is_file()]
 
     def command(cell) -> list[str]:
-        if _cell(out, cell).exists():
-            shutil.rmtree(_cell(out, cell))  # an interrupted cell starts again
         n, seed, variant = cell
         trace = []
         if args.trace:
@@ -222,14 +219,14 @@ def main() -> int:
                 "--dataset", str(data), "--limit", str(n), "--seed", str(seed),
                 "--output", str(_cell(out, cell))]
 
-    def done(cell) -> None:
-        keep_cell(out, RESULTS, _cell(out, cell))
+    def after(cell) -> None:
         shutil.copy2(_cell(out, cell) / "eval.json", RESULTS / "cells" / _cell(out, cell).relative_to(out))
         report(out, cells)
         placement(out)
 
-    return 1 if run_cells(todo, command, out, workers=1, done=done, cwd=ROOT) else 0
-
+    failed = run_grid(cells, lambda cell: _cell(out, cell), command, out, RESULTS, workers=args.workers,
+                      after=after, start_within=args.start_within)
+    return 1 if failed else 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -16,7 +16,7 @@ times are ratios of cells that ran beside each other (``bench/results/prefix_cac
 cache on an idle machine).
 
     python bench/compare_epochs.py [--output runs/epochs] [--seeds 0,1] [--datasets trec,sst5,carer]
-                                   [--workers 2] [--report-only]
+                                   [--workers 2] [--start-within HOURS] [--report-only]
 
 It writes ``bench/results/epochs/report.md`` (macro-F1 and training time after each epoch, and the most
 accurate strategy at the wall time of one and of two epochs of full fine-tuning) and ``f1_vs_time.png``.
@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from bench_utils import keep_cell, mean_spread, restore_kept, run_cells, scatter_by_dataset
+from bench_utils import add_grid_options, mean_spread, restore_kept, run_grid, scatter_by_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "epochs"
@@ -153,28 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--datasets", default=",".join(DATASETS))
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--report-only", action="store_true")
+    add_grid_options(ap, workers=2)
     args = ap.parse_args(argv)
     out = Path(args.output)
     cells = grid_cells([int(s) for s in args.seeds.split(",")], args.datasets.split(","))
-    if not args.report_only:
-        restore_kept(out, RESULTS)
-        todo = [c for c in cells if not (_cell(out, c) / "summary.json").is_file()]
-
-        def command(cell: Cell) -> list[str]:
-            if _cell(out, cell).exists():
-                shutil.rmtree(_cell(out, cell))  # an interrupted cell starts again
-            return cell_command(out, cell, args.data_dir)
-
-        def done(cell: Cell) -> None:
-            keep_cell(out, RESULTS, _cell(out, cell), discard_models=True)
-            report(out, cells)
-
-        failed = run_cells(todo, command, out, workers=args.workers, done=done, cwd=ROOT)
+    restore_kept(out, RESULTS)  # the committed cells
+    failed = [] if args.report_only else run_grid(
+        cells, lambda cell: _cell(out, cell), lambda cell: cell_command(out, cell, args.data_dir), out,
+        RESULTS, workers=args.workers, after=lambda cell: report(out, cells), discard_models=True,
+        start_within=args.start_within)
     print(report(out, cells))
-    return 1 if not args.report_only and failed else 0
-
+    return 1 if failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

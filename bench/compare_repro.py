@@ -42,7 +42,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench_utils import keep_cell, mean_spread, restore_kept, run_cells, scatter_by_dataset
+from bench_utils import add_grid_options, mean_spread, restore_kept, run_grid, scatter_by_dataset
 
 from salf_engine.experiments.report import cost_seconds
 
@@ -156,25 +156,17 @@ def _command(model: str, out: Path, seed: int, dataset: str, strategy: str, spli
 
 
 def run(model: str, out: Path, data_dir: str, workers: int = 2, only: list[Cell] | None = None,
-        results: Path = ROOT / "bench" / "results" / "repro", grid: list[Cell] | None = None) -> int:
+        results: Path = ROOT / "bench" / "results" / "repro", grid: list[Cell] | None = None,
+        start_within: float | None = None) -> int:
     """Run every unfinished cell (of ``only``, if given), ``workers`` at a time, rewriting the report of
-    ``grid`` (default: ``only``) in ``results`` after each; returns 1 if any failed."""
+    ``grid`` (default: ``only``) in ``results`` after each; returns 1 if any failed. A cell is a ``salf
+    compare`` grid, which resumes itself: an interrupted one goes on where it stopped."""
     restore_kept(out, results)
-    todo = [c for c in (cells() if only is None else only)
-            if not (_cell_dir(out, *c) / "summary.json").is_file()]
-
-    def done(cell: Cell) -> None:
-        _keep(out, results, cell)
-        report(out, results, grid or only)
-
-    failed = run_cells(todo, lambda cell: _command(model, out, *cell, data_dir), out, workers=workers,
-                       done=done, skip=lambda cell: (_cell_dir(out, *cell) / "summary.json").is_file(),
-                       cwd=ROOT)  # skip: finished meanwhile (by a run started earlier)
+    failed = run_grid(cells() if only is None else only, lambda cell: _cell_dir(out, *cell),
+                      lambda cell: _command(model, out, *cell, data_dir), out, results, workers=workers,
+                      after=lambda cell: report(out, results, grid or only), restart=False,
+                      start_within=start_within)
     return 1 if failed else 0
-
-
-def _keep(out: Path, results: Path, cell: Cell) -> None:
-    keep_cell(out, results, _cell_dir(out, *cell))
 
 
 def _load(out: Path, grid: list[Cell]) -> dict[Cell, dict]:
@@ -262,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--output", default=None, help="cell directories (default runs/repro)")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--workers", type=int, default=2)
+    add_grid_options(ap, workers=2)
     ap.add_argument("--ablations", action="store_true", help="only run the ablation cells")
     ap.add_argument("--per-row", action="store_true",
                     help="only the cells of PER_ROW (two seeds, every dataset), into runs/repro-per-row and "
@@ -273,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="only issue 19's regimes (REGIME_CELLS: 4x the data, two epochs), into runs/regimes "
                          "and bench/results/regimes")
     ap.add_argument("--results", default=None, help="where the report goes (default bench/results/repro)")
-    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     args = ap.parse_args(argv)
     name = ("repro-per-row" if args.per_row else "study" if args.study else "regimes" if args.regimes
             else "repro")
@@ -285,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.study:  # the per-row rerun's cells: the strategies the study's variants are compared with
         restore_kept(out, ROOT / "bench" / "results" / "repro-per-row")
         grid = STUDY_CELLS + PER_ROW_CELLS
-    status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, only, results, grid)
+    status = 0 if args.report_only else run(args.model, out, args.data_dir, args.workers, only, results, grid,
+                                             args.start_within)
     print(report(out, results, grid).read_text())
     return status
 

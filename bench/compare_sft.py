@@ -13,25 +13,26 @@ the cached two-epoch run come after both seeds of the other five. Finished cells
 ``summary.json`` and ``config.json`` kept under ``bench/results/sft/cells`` (committed) and put back
 first, so a fresh checkout resumes. One thread per worker (on a GPU: ``--workers 1``).
 
-    python bench/compare_sft.py [--limit 960] [--seeds 0,1] [--workers 1] [--report-only] [--quiet-timing]
+    python bench/compare_sft.py [--limit 960] [--seeds 0,1] [--workers 1] [--start-within HOURS]
+                                [--report-only] [--quiet-timing]
 
 Cells that share the 2-core CPU give noisy times. ``--quiet-timing`` times the five strategies alone, one
 after the other at one thread, on the first ``QUIET_LIMIT`` problems of seed 0 (the same batches for each,
 their evaluation cut to 8 problems and not timed); the report gives those ratios beside the grid's.
 
-On the 2-core CPU a cell takes 20-60 minutes at one thread; the 2,000-problem grid (``--limit 2000``)
-needs a GPU (docs/gpu.md).
+On the 2-core CPU a cell takes 1.2-2.3 hours at one thread (training, then 20-25 minutes of evaluation;
+``--start-within`` keeps a session from starting one it cannot finish); the 2,000-problem grid
+(``--limit 2000``) needs a GPU (docs/gpu.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from bench_utils import keep_cell, mean_spread, restore_kept, run_cells, scatter_by_dataset
+from bench_utils import add_grid_options, mean_spread, restore_kept, run_grid, scatter_by_dataset
 
 from salf_engine.experiments.report import cost_seconds
 
@@ -85,20 +86,14 @@ def grid_cells(seeds: list[int]) -> list[tuple[int, str]]:
 
 
 def run(out: Path, cells: list[tuple[int, str]], limit: int, data_dir: str, workers: int,
-        max_length: int) -> int:
+        max_length: int, start_within: float | None = None) -> int:
     """Run the unfinished cells, ``workers`` at a time; keep each finished one; 1 if any failed."""
-    todo = [c for c in cells if not (_cell(out, *c) / "summary.json").is_file()]
-
     def command(cell: tuple[int, str]) -> list[str]:
-        if _cell(out, *cell).exists():
-            shutil.rmtree(_cell(out, *cell))  # an interrupted cell starts again
         return _command(out, *cell, limit, data_dir, max_length, zero_shot=cell == cells[0])
 
-    def done(cell: tuple[int, str]) -> None:
-        keep_cell(out, RESULTS, _cell(out, *cell))
-        report(out, cells)
-
-    return 1 if run_cells(todo, command, out, workers=workers, done=done, cwd=ROOT) else 0
+    failed = run_grid(cells, lambda cell: _cell(out, *cell), command, out, RESULTS, workers=workers,
+                      after=lambda cell: report(out, cells), start_within=start_within)
+    return 1 if failed else 0
 
 
 def quiet_command(quiet: Path, label: str, data_dir: str, max_length: int) -> list[str]:
@@ -110,16 +105,10 @@ def quiet_command(quiet: Path, label: str, data_dir: str, max_length: int) -> li
 def run_quiet(out: Path, data_dir: str, max_length: int) -> int:
     """Time the ``QUIET`` strategies alone, one at a time, on ``QUIET_LIMIT`` problems (``out/quiet``)."""
     quiet = out / "quiet"
-    todo = [(0, label) for label in QUIET if not (_cell(quiet, 0, label) / "summary.json").is_file()]
-
-    def command(cell: tuple[int, str]) -> list[str]:
-        shutil.rmtree(_cell(quiet, *cell), ignore_errors=True)
-        return quiet_command(quiet, cell[1], data_dir, max_length)
-
-    def done(cell: tuple[int, str]) -> None:
-        keep_cell(quiet, RESULTS / "quiet", _cell(quiet, *cell), discard_models=True)
-
-    return 1 if run_cells(todo, command, quiet, workers=1, done=done, cwd=ROOT) else 0
+    failed = run_grid([(0, label) for label in QUIET], lambda cell: _cell(quiet, *cell),
+                      lambda cell: quiet_command(quiet, cell[1], data_dir, max_length), quiet,
+                      RESULTS / "quiet", workers=1, discard_models=True)
+    return 1 if failed else 0
 
 
 def _quiet_lines(out: Path) -> list[str]:
@@ -188,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=960)
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--report-only", action="store_true")
+    add_grid_options(ap, workers=1)
     ap.add_argument("--quiet-timing", action="store_true", help="time each strategy alone (nothing else)")
     args = ap.parse_args(argv)
     cells = grid_cells([int(seed) for seed in args.seeds.split(",")])
@@ -201,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.report_only:
         status = 0
     else:
-        status = run(out, cells, args.limit, args.data_dir, args.workers, args.max_length)
+        status = run(out, cells, args.limit, args.data_dir, args.workers, args.max_length,
+                     args.start_within)
     print(report(out, cells))
     return status
 

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from bench_utils import keep_cell, markdown_table, mean_spread, restore_kept, run_cells
+from bench_utils import add_grid_options, markdown_table, mean_spread, restore_kept, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "lora_dropout"
@@ -103,31 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default=",".join(DATASETS), help="the datasets to run (the report has all)")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--report-only", action="store_true")
+    add_grid_options(ap, workers=2)
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     cells = grid_cells(args.datasets.split(","), seeds)
     every = grid_cells(list(DATASETS), seeds)  # the report's: cells of datasets not run now included
     out = Path(args.output)
-    failed: list = []
     restore_kept(out, RESULTS)  # the committed cells
-    if not args.report_only:
-        todo = [c for c in cells if not (_cell(out, c) / "summary.json").is_file()]
-
-        def command(cell: Cell) -> list[str]:
-            if _cell(out, cell).exists():
-                shutil.rmtree(_cell(out, cell))  # an interrupted cell starts again
-            return cell_command(out, cell, args.data_dir)
-
-        def done(cell: Cell) -> None:
-            keep_cell(out, RESULTS, _cell(out, cell), discard_models=True)
-            report(out, every)
-
-        failed = run_cells(todo, command, out, workers=args.workers, done=done, cwd=ROOT)
+    failed = [] if args.report_only else run_grid(
+        cells, lambda cell: _cell(out, cell), lambda cell: cell_command(out, cell, args.data_dir), out,
+        RESULTS, workers=args.workers, after=lambda cell: report(out, every), discard_models=True,
+        start_within=args.start_within)
     print(report(out, every))
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

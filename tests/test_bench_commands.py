@@ -88,3 +88,46 @@ def test_quiet_sft_timing_trains_the_grids_settings_on_fewer_problems(tmp_path):
     assert (grid.limit, grid.eval_limit, grid.exact_match_rows) == (960, 660, 100)
     differ = {k for k in vars(args) if getattr(args, k) != getattr(grid, k)}
     assert differ == {"limit", "eval_limit", "exact_match_rows"}
+
+
+def _fake_cell(code: int = 0) -> list[str]:
+    """A cell command that writes what ``salf train`` leaves in a finished run (and exits with ``code``)."""
+    script = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
+              "(d / 'summary.json').write_text('{}'); (d / 'config.json').write_text('{}'); "
+              f"sys.exit({code})")
+    return [sys.executable, "-c", script]
+
+
+def test_run_grid_resumes_restarts_and_keeps_the_finished_cells(tmp_path):
+    from bench_utils import run_grid
+
+    out, results = tmp_path / "runs", tmp_path / "results"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "summary.json").write_text('{"old": 1}')  # finished by an earlier run
+    (out / "b").mkdir()
+    (out / "b" / "partial.bin").write_bytes(b"x")  # left by a killed run
+    bad = ["c"]
+    seen: list[str] = []
+    failed = run_grid(["a", "b", "c", "d"], lambda cell: out / cell,
+                      lambda cell: [*_fake_cell(1 if cell in bad else 0), str(out / cell)], out, results,
+                      workers=1, after=seen.append)
+    assert failed == ["c"] and seen == ["b", "d"]
+    assert (out / "a" / "summary.json").read_text() == '{"old": 1}'  # not run again
+    assert not (out / "b" / "partial.bin").exists()  # restarted from nothing
+    assert sorted(p.name for p in (results / "cells").iterdir()) == ["b", "d"]
+    assert sorted(p.name for p in (results / "cells" / "d").iterdir()) == ["config.json", "summary.json"]
+
+
+def test_run_grid_keeps_a_resumable_cells_partial_work_and_starts_nothing_past_its_hours(tmp_path):
+    from bench_utils import run_grid
+
+    out, results = tmp_path / "runs", tmp_path / "results"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "partial.bin").write_bytes(b"x")
+    run_grid(["a"], lambda cell: out / cell, lambda cell: [*_fake_cell(), str(out / cell)], out, results,
+             workers=1, restart=False)
+    assert (out / "a" / "partial.bin").is_file() and (results / "cells" / "a" / "summary.json").is_file()
+    assert run_grid(["b", "c"], lambda cell: out / cell, lambda cell: [*_fake_cell(), str(out / cell)], out,
+                    results, workers=2, start_within=0) == []
+    assert not (out / "b").exists() and not (out / "c").exists()
+
