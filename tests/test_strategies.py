@@ -715,3 +715,34 @@ def test_budget_none_is_algorithm3_and_a_given_schedule_or_eof_option_keeps_the_
 def test_a_schedule_without_a_budget_or_eof_match_on_narrowing_is_refused(options, needle):
     with pytest.raises(ConfigError, match=needle):
         make_strategy("salf", **options)
+
+
+def test_tied_eofs_of_one_class_are_placed_at_random_not_in_the_training_order():
+    # A prompt/response task has one "class", and on GSM8K every SmolLM2 answer profiles at the same eof
+    # (docs/sft.md): the eof rank ties everywhere. Its depths must then be random within the budget. Had
+    # they risen with the position in the epoch, the run would be narrowing paid for with a profile (the
+    # tie-break's shuffle once repeated the epoch-0 order at seed 0).
+    n = 64
+    for seed in (0, 1, 2):
+        s = make_strategy("salf", budget="uniform", infill="df", schedule="per-row", seed=seed)
+        s.begin(M, n, [M - 1] * n, seed, labels=[0] * n)
+        depths = [d for mb in micro_batches(s, batch_size=8) for d in mb.row_depths]
+        assert Counter(depths) == Counter(s.depths) and len(set(depths)) > 1
+        assert depths != sorted(depths), seed
+
+
+def test_a_profile_whose_eofs_all_tie_says_the_eof_cannot_order_the_rows(monkeypatch):
+    from salf_engine.config import TrainConfig
+    from salf_engine.schedule.driver import StrategyDriver
+
+    s = make_strategy("salf", budget="uniform", infill="df", schedule="per-row")
+    cfg = TrainConfig(profile_fraction=1.0)
+    driver = StrategyDriver(s, None, [0] * 6, cfg, pad_id=0)
+    said: list[str] = []
+    for eofs, warned in (([5] * 6, True), ([5, 5, 5, 5, 5, 4], False)):
+        monkeypatch.setattr(driver, "_eofs_of", lambda idx, eofs=eofs, **kw: [eofs[i] for i in idx])
+        said.clear()
+        driver.profile(say=said.append)
+        assert driver.eofs == eofs
+        tied = [line for line in said if line.startswith("warning: all 6 profiled examples have eof-layer 5")]
+        assert bool(tied) is warned, said

@@ -271,9 +271,10 @@ def assign_depths_by_class_rank(
     seed: int = 0,
 ) -> list[int]:
     """Freeze depth per sample under a budget plan: inside each class the samples are ranked by ``keys``
-    (ascending; ties and ``None`` at random positions) and every class is spread over the depths by that
-    rank, the lowest key at the lowest depth. :func:`assign_depths_by_class` ranks by eof; SALF's
-    ``loss-rank`` assignment by minus the sample's last training loss (the hardest trains the most layers).
+    (ascending; ties and ``None`` at random positions, drawn independently of the training order) and
+    every class is spread over the depths by that rank, the lowest key at the lowest depth.
+    :func:`assign_depths_by_class` ranks by eof; SALF's ``loss-rank`` assignment by minus the sample's
+    last training loss (the hardest trains the most layers).
     """
     m = positive_int(num_layers, "num_layers")
     key_list = list(keys)
@@ -282,7 +283,9 @@ def assign_depths_by_class_rank(
     if len(label_list) != n:
         raise ConfigError(f"got {len(label_list)} labels for {n} samples")
     quotas = budget_quotas(_check_plan(plan, allow_none=False), order, m, n)
-    rng = random.Random(seed)
+    # a stream of its own: seeded with the bare seed, the shuffle of a single class (every SFT row)
+    # would repeat the epoch-0 training order, and tied keys would give narrowing, not random depths
+    rng = random.Random(f"depth-rank-{seed}")
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(label_list):
         by_class.setdefault(y, []).append(i)

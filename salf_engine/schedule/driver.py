@@ -144,6 +144,11 @@ class StrategyDriver:
         self.eofs = eofs
         self.profile_seconds = time.perf_counter() - t0
         self.profiled = len(chosen)
+        seen = {e for e in eofs if e is not None}
+        if say is not None and self.profiled > 1 and len(seen) == 1:
+            say(f"warning: all {self.profiled} profiled examples have eof-layer {seen.pop()}, so the eof "
+                "does not tell them apart: a budget places them at random depths, and --depth-schedule "
+                "narrowing spends it without the profile (docs/sft.md)")
 
     def begin(self, layers: Any, epochs: int | None = None) -> None:
         """``strategy.begin`` with the profile, the probe hook, then ``on_train_start(layers)``; ``epochs``:
