@@ -15,6 +15,12 @@ import torch.multiprocessing as mp
 from salf_engine.schedule.sampling import rank_slice
 
 STEPS, MICRO, ACCUM, LR = 3, 4, 2, 1e-2
+#: Weights of runs that differ only in where float32 sums are taken (two ranks or one) agree to this
+#: fraction of the learning rate (test_hf's LR, 1e-2, in both tests that use it). AdamW divides each
+#: gradient by its running RMS, so an entry whose gradient is near 0 turns that reassociation noise into a
+#: step of a good part of lr: one entry of 8,192 moved 1.4e-4 (the engine test) and one 1.3e-5 (the loop
+#: test), every other entry under 3.2e-5. A rank's rows lost or counted twice moves whole tensors by ~lr.
+ADAM_NOISE = 0.05
 
 
 def _distribute(wrapped, world: int, fsdp: bool):
@@ -113,6 +119,8 @@ def test_rank_slice_weights_and_cuts():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_process_ddp_equals_one_process(tmp_path, fsdp):
+    from test_hf import LR as HF_LR
+
     ctx = mp.get_context("spawn")
     args = (str(tmp_path / "init"), str(tmp_path), fsdp)
     procs = [ctx.Process(target=_worker, args=(r, 2, *args)) for r in range(2)]
@@ -132,7 +140,8 @@ def test_two_process_ddp_equals_one_process(tmp_path, fsdp):
     assert ranks[0]["eofs"] == ranks[1]["eofs"] == single["eofs"]  # the gathered profile
     for name, ref in single["weights"].items():
         for r in range(2):
-            torch.testing.assert_close(ranks[r]["weights"][name], ref, rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(ranks[r]["weights"][name], ref, rtol=1e-4, atol=ADAM_NOISE * HF_LR,
+                                       msg=name)
 
 
 def _engine_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -164,6 +173,8 @@ def _engine_config(micro: int):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_engine_train_under_two_ranks_equals_one_process(tmp_path):
+    from test_hf import LR as HF_LR
+
     """train() under torchrun's environment (2 ranks, gloo): same weights and step losses as one process
     whose micro-batches are twice as large; both ranks log the same cuts."""
     import socket
@@ -191,7 +202,8 @@ def test_engine_train_under_two_ranks_equals_one_process(tmp_path):
         assert got["depth_histogram"] == single["depth_histogram"]
         assert got["loss_history"] == pytest.approx(single["loss_history"], rel=1e-4)
         for name, q in p.model.named_parameters():
-            torch.testing.assert_close(ranks[r]["weights"][name], q.detach(), rtol=1e-3, atol=1e-4, msg=name)
+            torch.testing.assert_close(ranks[r]["weights"][name], q.detach(), rtol=1e-3,
+                                       atol=ADAM_NOISE * HF_LR, msg=name)
 
 
 # ------------------------------------------------------------------------ the prefix cache under two ranks
