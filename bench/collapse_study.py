@@ -228,5 +228,6 @@ def main() -> int:
                       after=after, start_within=args.start_within)
     return 1 if failed else 0
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -164,5 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     print(report(out, cells))
     return 1 if failed else 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

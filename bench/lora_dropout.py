@@ -116,5 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     print(report(out, every))
     return 1 if failed else 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -173,12 +173,11 @@ def _engine_config(micro: int):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_engine_train_under_two_ranks_equals_one_process(tmp_path):
-    from test_hf import LR as HF_LR
-
     """train() under torchrun's environment (2 ranks, gloo): same weights and step losses as one process
     whose micro-batches are twice as large; both ranks log the same cuts."""
     import socket
 
+    from test_hf import LR as HF_LR
     from test_train import _prepared
 
     from salf_engine.training.recipe import train
