@@ -113,7 +113,8 @@ class TrainConfig:
               "a forward at its own cut), mixed (cuts-per-step micro-batches of one cut each per optimizer "
               "step), paper (Algorithm 4 as written), narrowing / widening (per-row, the budget's depths "
               "ascending / descending over each epoch; no profile), rising (narrowing across the whole run: "
-              "the frozen floor rises, and the prefix cache keeps the rows below it)")
+              "the frozen floor rises, and the prefix cache keeps the rows below it), stepped (rising's "
+              "depths of each epoch in a random order: per-row cuts above a floor that rises per epoch)")
     depth_assignment: DepthAssignment | None = _opt(
         None, "budgeted SALF, per-row or mixed (default: class-rank): class-rank (eof rank inside each "
               "class), eof-match (Algorithm 4's matching) or loss-rank (last training loss inside each "

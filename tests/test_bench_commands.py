@@ -18,6 +18,7 @@ import compare_epochs  # noqa: E402
 import compare_repro  # noqa: E402
 import compare_sft  # noqa: E402
 import lora_dropout  # noqa: E402
+import pick_floor_rule  # noqa: E402
 
 
 def _salf_argv(cmd: list[str]) -> list[str]:
@@ -37,10 +38,13 @@ def _grid_commands(out: Path) -> dict[str, list[list[str]]]:
         + [compare_sft.quiet_command(out / "quiet", label, data, 384) for label in compare_sft.QUIET],
         "compare_repro": [compare_repro._command("smollm2-135m", out, *c, data)
                           for c in compare_repro.cells()],
+        "pick_floor_rule": [pick_floor_rule.cell_command(out, c, data)
+                            for c in pick_floor_rule.grid_cells([0, 1], ["trec", "sst5"])],
     }
 
 
-@pytest.mark.parametrize("grid", ["lora_dropout", "compare_epochs", "compare_sft", "compare_repro"])
+@pytest.mark.parametrize("grid", ["lora_dropout", "compare_epochs", "compare_sft", "compare_repro",
+                                  "pick_floor_rule"])
 def test_every_cell_command_parses(grid, tmp_path, capsys):
     commands = _grid_commands(tmp_path)[grid]
     assert commands
@@ -57,6 +61,17 @@ def test_lora_dropout_cells_set_the_dropout_they_are_named_for(tmp_path):
         args = parse_args(_salf_argv(lora_dropout.cell_command(tmp_path, cell, "data")))
         got = (args.dataset, args.seed, args.lora_dropout, args.prefix_cache)
         assert got == ("sst5", 1, float(cell[2]), "off")
+
+
+def test_rule_pick_cells_train_their_rule_and_evaluate_on_the_training_split(tmp_path):
+    """Same settings as the accuracy grid's SALF[half], the cell's rule as the schedule, 500 held out of the
+    training split: never the test split."""
+    grid = parse_args(_salf_argv(compare_epochs.cell_command(tmp_path, (0, "trec", "rising"), "data")))
+    for cell in pick_floor_rule.grid_cells([1], ["sst5"]):
+        args = parse_args(_salf_argv(pick_floor_rule.cell_command(tmp_path, cell, "data")))
+        assert (args.depth_schedule, args.eval_split, args.holdout_size, args.seed) == (cell[2], "holdout",
+                                                                                         500, 1)
+        assert (args.budget, args.infill, args.limit, args.epochs) == (grid.budget, grid.infill, 960, 3)
 
 
 def test_keep_cell_copies_the_summary_and_can_discard_the_model(tmp_path):

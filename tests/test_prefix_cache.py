@@ -529,9 +529,9 @@ def test_resume_may_change_where_the_cache_lives():
 RISING = {"strategy": "salf", "budget": "uniform", "depth_schedule": "rising"}
 
 
-def _rising(m=4, n=48, epochs=3, step=4, micro=4, **kw):
-    """A begun ``rising`` strategy and its plans over ``epochs`` epochs."""
-    s = make_strategy("salf", budget=kw.pop("budget", "uniform"), schedule="rising", **kw)
+def _rising(m=4, n=48, epochs=3, step=4, micro=4, schedule="rising", **kw):
+    """A begun ``rising`` (or ``stepped``) strategy and its plans over ``epochs`` epochs."""
+    s = make_strategy("salf", budget=kw.pop("budget", "uniform"), schedule=schedule, **kw)
     s.begin(m, n, epochs=epochs)
     return s, [plan for e in range(epochs) for plan in s.epoch_plans(e, step, micro)]
 
@@ -605,13 +605,66 @@ def test_rising_depths_never_fall(budget, m, n, epochs, step, micro, kw):
     assert floors[-1] <= s.max_floor() == max(s.depths)
 
 
+def test_stepped_depths_hand_values():
+    """m = 4, N = 6, E = 2, uniform budget (depths 0 0 1 1 2 2, each twice over the run): epoch 1 takes
+    rising's first six (0 0 0 0 1 1), epoch 2 its last six (1 1 2 2 2 2), each in a random order over the
+    static strategies' rows; the floor is the epoch's lowest depth (0, then 1), then the top depth."""
+    s, plans = _rising(m=4, n=6, epochs=2, step=4, micro=2, schedule="stepped")
+    assert s.label == "salf-uniform-bf-stepped" and not s.needs_profile
+    epochs = [[d for plan in plans[e * 2:(e + 1) * 2] for mb in plan.micro_batches for d in mb.depths]
+              for e in range(2)]
+    assert sorted(epochs[0]) == [0, 0, 0, 0, 1, 1] and sorted(epochs[1]) == [1, 1, 2, 2, 2, 2]
+    assert [plan.floor for plan in plans] == [0, 0, 1, 1] == [s.floor(k) for k in range(4)]
+    assert s.max_floor() == 2 and s.floor(4) == 2
+    static = make_strategy("full")
+    static.begin(4, 6)
+    for e in range(3):
+        assert [plan.indices for plan in s.epoch_plans(e, 4, 2)] == [
+            plan.indices for plan in static.epoch_plans(e, 4, 2)]
+
+
+def test_stepped_orders_its_depths_apart_from_the_training_order():
+    """Each epoch's depths are a permutation of rising's band, not rising's ascending order (which follows
+    the training order): over 96 rows of 8 layers the stepped epoch is not sorted, the same seed gives the
+    same depths, another seed others; every epoch trains every row once; the floor is the epoch's lowest
+    depth, never above a depth trained at or after its step, and never falls."""
+    from collections import Counter
+
+    def rows(seed):
+        s, plans = _rising(m=8, n=96, epochs=3, step=8, micro=8, schedule="stepped", seed=seed)
+        return s, plans, [[d for plan in plans[e * 12:(e + 1) * 12] for mb in plan.micro_batches
+                           for d in mb.depths] for e in range(3)]
+
+    s, plans, got = rows(0)
+    ranked = _rising(m=8, n=96, epochs=3, step=8, micro=8)[1]
+    ascending = [[d for plan in ranked[e * 12:(e + 1) * 12] for mb in plan.micro_batches for d in mb.depths]
+                 for e in range(3)]
+    for e in range(3):
+        assert Counter(got[e]) == Counter(ascending[e]) and got[e] != ascending[e]
+        assert sorted(i for plan in plans[e * 12:(e + 1) * 12] for i in plan.indices) == list(range(96))
+    assert rows(0)[2] == got and rows(1)[2] != got
+    by_sample = dict(zip([i for plan in plans[:12] for i in plan.indices], got[0], strict=True))
+    assert [by_sample[i] for i in range(96)] != sorted(got[0])  # nor placed along the sample index
+    floors = [plan.floor for plan in plans]
+    assert floors == sorted(floors) == [min(ascending[k // 12]) for k in range(36)] == [
+        s.floor(k) for k in range(36)]
+    assert len(set(floors)) == 3
+    lowest = [min(mb.depth for plan in plans[k:] for mb in plan.micro_batches) for k in range(36)]
+    assert all(f <= low for f, low in zip(floors, lowest, strict=True))
+    assert [floors[k] for k in (0, 12, 24)] == [lowest[k] for k in (0, 12, 24)]
+
+
 def test_rising_needs_a_budget_and_the_run_epochs():
     from salf_engine.experiments.compare import parse_strategy
 
     cell = parse_strategy("salf:uniform:df:rising")
     assert (cell.label, cell.schedule, cell.infill) == ("salf:uniform:df:rising", "rising", "df")
-    with pytest.raises(ConfigError, match="'rising' schedule .* needs a salf budget plan"):
-        make_strategy("salf", budget="none", schedule="rising")
+    for schedule in ("rising", "stepped"):
+        with pytest.raises(ConfigError, match=f"'{schedule}' schedule .* needs a salf budget plan"):
+            make_strategy("salf", budget="none", schedule=schedule)
+    assert parse_strategy("salf:uniform:stepped").schedule == "stepped"
+    with pytest.raises(ConfigError, match=r"over the whole run: begin\(\) needs the run's epochs"):
+        make_strategy("salf", budget="uniform", schedule="stepped").begin(4, 12)
     s = make_strategy("salf", budget="uniform", schedule="rising")
     with pytest.raises(ConfigError, match=r"over the whole run: begin\(\) needs the run's epochs"):
         s.begin(4, 12)
@@ -765,6 +818,21 @@ def test_rising_floor_cached_equals_off(tmp_path):
         assert ("the hidden states at the rising floor (layer 0 at the start, at most 3 of 4) of 48 training "
                 "examples") in said[0]
         assert not (run / "prefix_cache.bin").exists()
+
+
+def test_stepped_floor_cached_equals_off():
+    """The stepped schedule through train() (48 rows, steps of 4, three epochs: floor 0, 1, 2 by epoch) with
+    --prefix-cache memory gives off's weights to 1e-5; hits and misses are the hand count from its plans
+    (epoch 2 keeps every row at floor 1, all misses; epoch 3 serves all 48)."""
+    stepped = {**RISING, "depth_schedule": "stepped"}
+    _, ref, _ = _train(prefix_cache="off", **stepped)
+    _, plans = _rising(schedule="stepped")
+    assert [plan.floor for plan in plans] == [k // 12 for k in range(36)]
+    assert _rising_count(plans)[:2] == (48, 48)
+    got, got_w, _ = _train(prefix_cache="memory", **stepped)
+    assert (got["prefix_cache"]["hits"], got["prefix_cache"]["misses"]) == (48, 48)
+    for name, q in got_w.items():
+        torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_rising_resume_gives_the_uninterrupted_weights(tmp_path, interrupt_after):

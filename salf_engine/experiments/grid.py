@@ -23,7 +23,7 @@ from typing import Any
 
 from salf_engine.config import TrainConfig, is_generative_preset
 from salf_engine.errors import ConfigError
-from salf_engine.schedule.names import INFILLS, STRATEGIES
+from salf_engine.schedule.names import INFILLS, STRATEGIES, TIMED_SCHEDULES
 
 __all__ = [
     "StrategyCell",
@@ -42,7 +42,8 @@ CELL_SYNTAX = (
     "strategy cells: NAME[:OPTION]... with NAME one of {names}; OPTIONs: a budget plan "
     "(uniform = half, arith, geom, none; salf only), an infilling order (bf, df; with a budget), a freeze "
     "fraction in (0, 1) (bot/top/int/adt), 'lora' (LoRA adapters), 'paper' (Algorithm 4's schedule), "
-    "'narrowing' / 'widening' (time-varying per-row depths), 'rising' (narrowing across the run), "
+    "'narrowing' / 'widening' (time-varying per-row depths), 'rising' (narrowing across the run), 'stepped' "
+    "(rising's depths of each epoch in a random order), "
     "'eof-match', 'class-rank' or 'loss-rank' "
     "(budgeted SALF's depth assignment), cutsN (N cuts per optimizer step), epN (N epochs for this cell). "
     "A budget plan without a schedule runs per-row. Examples: salf (the default: uniform plan, narrowing), "
@@ -65,7 +66,7 @@ class StrategyCell:
     infill: str | None = None
     freeze_fraction: float | None = None
     lora: bool = False
-    schedule: str | None = None       # "paper", "narrowing", "widening", "rising"; None = the config's
+    schedule: str | None = None       # one of TIMED_SCHEDULES; None = the config's
     assignment: str | None = None     # "eof-match" / "class-rank" / "loss-rank"; None = the config's
     cuts_per_step: int | None = None  # None = the config's; given, the cell runs the mixed schedule
     epochs: int | None = None         # None = the shared settings' epochs
@@ -163,7 +164,7 @@ def parse_strategy(text: str) -> StrategyCell:
         elif key == "lora":
             once("'lora'", lora)
             lora = True
-        elif key in ("paper", "narrowing", "widening", "rising"):
+        elif key in TIMED_SCHEDULES:
             once("schedule", schedule)
             schedule = key
         elif key in ("eof-match", "class-rank", "loss-rank"):
@@ -182,7 +183,7 @@ def parse_strategy(text: str) -> StrategyCell:
                 raise ConfigError(
                     f"unknown option {opt!r} in strategy cell {text!r}; options: budget plans "
                     f"{', '.join(_BUDGET_ALIASES)}, infilling orders {', '.join(INFILLS)}, "
-                    "a freeze fraction in (0, 1), lora, paper, narrowing, widening, rising, eof-match, "
+                    f"a freeze fraction in (0, 1), lora, {', '.join(TIMED_SCHEDULES)}, eof-match, "
                     "class-rank, loss-rank, cutsN, epN"
                 ) from None
             once("freeze fraction", fraction)

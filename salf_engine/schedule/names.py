@@ -26,8 +26,9 @@ Infill = Literal["bf", "df"]
 #: ``mixed`` (micro-batches of one cut each, several per optimizer step), ``paper`` (Algorithm 4 as written:
 #: depth 0 first, ascending, each sample's eof recomputed when its depth is visited), ``narrowing`` /
 #: ``widening`` (per-row, the budget's depths ascending / descending over each epoch; no profile), ``rising``
-#: (per-row, narrowing across the whole run: the depths never fall, so the frozen floor rises; no profile).
-DepthSchedule = Literal["per-row", "mixed", "paper", "narrowing", "widening", "rising"]
+#: (per-row, narrowing across the whole run: the depths never fall, so the frozen floor rises; no profile),
+#: ``stepped`` (per-row, each epoch a band of rising's depths in a random order: the floor rises per epoch).
+DepthSchedule = Literal["per-row", "mixed", "paper", "narrowing", "widening", "rising", "stepped"]
 #: How budgeted SALF fills the quotas: ``class-rank`` (each class spread over the depths by its samples'
 #: eof rank inside the class), ``eof-match`` (Algorithm 4's global eof-matching) or ``loss-rank`` (by the
 #: samples' last training loss inside each class, the hardest deepest; random until a loss is seen).
@@ -42,7 +43,7 @@ INFILLS: tuple[str, ...] = get_args(Infill)
 SCHEDULES: tuple[str, ...] = get_args(DepthSchedule)
 ASSIGNMENTS: tuple[str, ...] = get_args(DepthAssignment)
 #: Schedules that visit a budget plan's depths in an order of time (they need a budget plan).
-TIMED_SCHEDULES = ("paper", "narrowing", "widening", "rising")
+TIMED_SCHEDULES = ("paper", "narrowing", "widening", "rising", "stepped")
 #: adt-low / adt-high: optimizer steps of full training before the frozen layers are chosen (the paper's 5).
 ADT_STEPS = 5
 #: Micro-batches of different depths per optimizer step (SALF's mixed schedule, LIFT).

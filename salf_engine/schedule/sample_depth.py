@@ -32,7 +32,9 @@ __all__ = ["DEFAULT_CUTS_PER_STEP", "ROW_ORDERS", "SampleDepthStrategy", "algori
            "quota_depths", "salf_depths"]
 
 #: Schedules whose forwards take ``micro_size`` rows of the shuffled order, each row at its own cut.
-ROW_ORDERS = ("per-row", "narrowing", "widening", "rising")
+ROW_ORDERS = ("per-row", "narrowing", "widening", "rising", "stepped")
+#: Row orders that spread their depths over the whole run (the floor rises; ``begin`` needs the epochs).
+RUN_ORDERS = ("rising", "stepped")
 
 
 class SampleDepthStrategy(Strategy):
@@ -54,7 +56,10 @@ class SampleDepthStrategy(Strategy):
     position t of the run (0 .. E*N-1 over ``begin``'s E epochs, each epoch in the same shuffled order)
     takes the depth at quantile t / (E*N) of the budget's ascending depths, so the depths never fall, each
     budget depth gets E times its quota, and the frozen floor (:meth:`floor`) rises; steps after the E-th
-    epoch stay at the top depth.
+    epoch stay at the top depth. ``"stepped"`` gives epoch e the same depths as ``"rising"`` (the budget's
+    quantiles e/E .. (e+1)/E), but in a random order over the epoch's rows (a stream of its own per
+    epoch): every row at its own cut above a floor that rises once per epoch, to the lowest depth of the
+    epoch.
     ``mask``: ``"above"`` trains ``layers[depth..]``, ``"single"`` only ``layers[depth]``. Depths above m-1
     (eof m under the "frozen" boundary) are clamped to m-1 so that every sample trains at least one layer.
 
@@ -94,7 +99,7 @@ class SampleDepthStrategy(Strategy):
         self._stale = False
 
     def _setup(self, eofs: list[int | None] | None) -> None:
-        if self.order == "rising" and self.epochs is None:
+        if self.order in RUN_ORDERS and self.epochs is None:
             raise ConfigError(f"strategy {self.label!r} spreads its depths over the whole run: begin() needs "
                               "the run's epochs")
         self.eofs = eofs
@@ -102,16 +107,17 @@ class SampleDepthStrategy(Strategy):
         self._assign()
 
     def _run_depths(self, start: int, count: int) -> list[int]:
-        """``rising``: the depths of the rows at positions ``start .. start+count-1`` of the run (position t
-        at quantile t / (E*N) of the budget's ascending depths)."""
+        """``rising`` / ``stepped``: the depths of the rows at positions ``start .. start+count-1`` of the run
+        (position t at quantile t / (E*N) of the budget's ascending depths)."""
         assert self.epochs is not None
         ranked, n = sorted(self.depths), self.num_samples
         return [ranked[min(t // self.epochs, n - 1)] for t in range(start, start + count)]
 
     def floor(self, step: int) -> int:
         """``rising``: the depth of step ``step``'s first row (the depths never fall over the run, and a
-        forward's rounding to ``cut_levels`` keeps its lowest depth); 0 under every other schedule."""
-        if self.order != "rising":
+        forward's rounding to ``cut_levels`` keeps its lowest depth); ``stepped``: the lowest depth of the
+        step's epoch; 0 under every other schedule."""
+        if self.order not in RUN_ORDERS:
             return super().floor(step)
         if not self._begun:
             raise RuntimeError(f"strategy {self.label!r}: call begin() before floor()")
@@ -120,11 +126,12 @@ class SampleDepthStrategy(Strategy):
                                "epoch_plans() before floor()")
         size = self.step_size or self.num_samples
         epoch, j = divmod(step, -(-self.num_samples // size))
-        return self._run_depths(epoch * self.num_samples + j * size, 1)[0]
+        first = 0 if self.order == "stepped" else j * size
+        return self._run_depths(epoch * self.num_samples + first, 1)[0]
 
     def max_floor(self) -> int:
-        """``rising``: the run's top depth; 0 under every other schedule."""
-        return max(self.depths) if self.order == "rising" else super().max_floor()
+        """``rising`` / ``stepped``: the run's top depth; 0 under every other schedule."""
+        return max(self.depths) if self.order in RUN_ORDERS else super().max_floor()
 
     def _assign(self) -> None:
         top = self.num_layers - 1
@@ -139,8 +146,10 @@ class SampleDepthStrategy(Strategy):
             order = self._shuffled(epoch)
             if self.order == "per-row":
                 row_depths = [self.depths[i] for i in order]
-            elif self.order == "rising":  # the depth follows the position in the run
+            elif self.order in RUN_ORDERS:  # the epoch's band of the run's depths
                 row_depths = self._run_depths(epoch * self.num_samples, self.num_samples)
+                if self.order == "stepped":  # in an order of its own, not the training order's
+                    random.Random(f"stepped-{self.seed}-{epoch}").shuffle(row_depths)
             else:  # the depth follows the position in the epoch, not the sample
                 row_depths = sorted(self.depths, reverse=self.order == "widening")
             for start in range(0, len(order), micro_size):

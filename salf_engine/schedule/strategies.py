@@ -32,6 +32,7 @@ from salf_engine.schedule.plans import (
 )
 from salf_engine.schedule.sample_depth import (
     ROW_ORDERS,
+    RUN_ORDERS,
     SampleDepthStrategy,
     algorithm3_depths,
     lift_depths,
@@ -110,7 +111,9 @@ def make_strategy(
       the per-row forwards but give each row the budget's depth of its position in the epoch (ascending /
       descending over the epoch); no eof is used, so nothing is profiled. ``"rising"`` (budget needed) is
       narrowing across the whole run (``begin`` needs the run's epochs): the depths never fall, so the frozen
-      floor rises and the prefix cache keeps the rows' states below it.
+      floor rises and the prefix cache keeps the rows' states below it. ``"stepped"`` gives each epoch the
+      same depths as ``"rising"`` in a random order over its rows: per-row cuts above a floor that rises
+      once per epoch.
     - ``botNN``: freeze the bottom ``floor(NN% m)`` layers (depth = that count).
     - ``topNN``: freeze the top ``floor(NN% m)`` layers (depth 0).
     - ``intNN``: freeze ``floor(NN% m)`` interleaved layers, see :func:`interleaved_frozen`
@@ -226,7 +229,7 @@ def _salf(budget, infill, schedule, assignment, cuts_per_step, cut_levels, obser
     if budget == "none":  # Algorithm 3: each sample at its eof
         s: Strategy = SampleDepthStrategy("salf", algorithm3_depths, cuts_per_step=cuts_per_step,
                                           refresh=observe, boundary=boundary, **rows)
-    elif schedule in ("narrowing", "widening", "rising"):  # no eof decides anything: no profile
+    elif schedule in ("narrowing", "widening", *RUN_ORDERS):  # no eof decides anything: no profile
         s = SampleDepthStrategy("salf", quota_depths(budget, infill), **rows)
         s.label = f"salf-{budget}-{infill}-{schedule}"
         return s

@@ -1,0 +1,114 @@
+"""Pick the rising-floor rule (issue 37, item 6) on a validation split carved from the training data, never
+the test split.
+
+Two rules give SALF[half] a frozen floor that rises over the run, with the same depths over the run and so
+the same FLOPs: ``rising`` (narrowing across the whole run: each epoch a band of the budget's depths in
+ascending order) and ``stepped`` (the same bands, each epoch's depths in a random order over its rows: per-row
+cuts above a floor that rises once per epoch). Every cell is ``bench/compare_epochs.py``'s run (960
+examples, three epochs, steps of 8, the prefix cache on) evaluated after each epoch on 500 examples held out
+of the training split (``--eval-split holdout``, the same 500 for every seed; the 960 are drawn from the
+rest), into ``OUTPUT/seed<S>/<dataset>/<rule>``. Finished cells are kept under
+``bench/results/epochs/rule_pick/cells`` (committed) and put back first, so a fresh checkout resumes.
+
+    python bench/pick_floor_rule.py [--output runs/rule-pick] [--seeds 0,1] [--datasets trec,sst5]
+                                    [--workers 2] [--start-within HOURS] [--report-only]
+
+It writes ``bench/results/epochs/rule_pick.md``: validation macro-F1 after each epoch per rule, and the rule
+with the higher mean after the last epoch over every dataset and seed that both rules finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench_utils import add_grid_options, mean_spread, restore_kept, run_grid
+from compare_epochs import EPOCHS, SETTINGS, curve
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "epochs" / "rule_pick"
+RULES = ("rising", "stepped")
+VALIDATION = ["--eval-split", "holdout", "--holdout-size", "500"]
+Cell = tuple[int, str, str]  # (seed, dataset, rule)
+
+
+def grid_cells(seeds: list[int], datasets: list[str]) -> list[Cell]:
+    """Dataset by dataset, seed by seed, both rules."""
+    return [(seed, ds, rule) for ds in datasets for seed in seeds for rule in RULES]
+
+
+def _cell(out: Path, cell: Cell) -> Path:
+    seed, ds, rule = cell
+    return out / f"seed{seed}" / ds / rule
+
+
+def cell_command(out: Path, cell: Cell, data_dir: str) -> list[str]:
+    """The ``salf train`` command line of one cell."""
+    seed, ds, rule = cell
+    return [sys.executable, "-m", "salf_engine", "train", *SETTINGS, *VALIDATION, "--strategy", "salf",
+            "--budget", "uniform", "--infill", "df", "--depth-schedule", rule, "--dataset", ds,
+            "--data-dir", data_dir, "--seed", str(seed), "--output", str(_cell(out, cell))]
+
+
+def report(out: Path, cells: list[Cell]) -> str:
+    """``rule_pick.md`` from the finished cells."""
+    found = {c: curve(json.loads((_cell(out, c) / "summary.json").read_text())) for c in cells
+             if (_cell(out, c) / "summary.json").is_file()}
+    lines = ["# The rising-floor rule, picked on a validation split (issue 37, item 6)", "",
+             f"{len(found)} of {len(cells)} cells finished. SALF[half] on SmolLM2-135M, 960 training "
+             "examples, three epochs; macro-F1 (free decoding) on 500 examples held out of the training "
+             "split after each epoch, mean ± half the range over seeds. Both rules train the same depths, so "
+             "the same FLOPs. `python bench/pick_floor_rule.py` wrote this.", "",
+             "| dataset | rule | seeds | " + " | ".join(f"epoch {k + 1}" for k in range(EPOCHS)) + " |",
+             "|---|---|---:|" + "---:|" * EPOCHS]
+    last: dict[str, list[float]] = {rule: [] for rule in RULES}
+    for ds in dict.fromkeys(ds for _, ds, _ in cells):
+        for rule in RULES:
+            runs = [found[c] for c in cells if c[1:] == (ds, rule) and c in found]
+            if runs:
+                lines.append(f"| {ds} | {rule} | {len(runs)} | " + " | ".join(
+                    mean_spread([r[k][1] for r in runs]) for k in range(EPOCHS)) + " |")
+        for seed in sorted({s for s, d, _ in cells if d == ds}):
+            pair = [found.get((seed, ds, rule)) for rule in RULES]
+            if all(pair):
+                for rule, points in zip(RULES, pair, strict=True):
+                    last[rule].append(points[-1][1])
+    lines.append("")
+    pairs = len(last[RULES[0]])
+    if pairs:
+        means = {rule: sum(v) / pairs for rule, v in last.items()}
+        pick = max(RULES, key=means.__getitem__)
+        lines.append(f"After epoch {EPOCHS}, over the {pairs} (dataset, seed) pair(s) both rules finished: "
+                     + ", ".join(f"{rule} {means[rule]:.3f}" for rule in RULES) + f". Picked: **{pick}**.")
+    else:
+        lines.append("No (dataset, seed) pair has both rules finished yet: no rule is picked.")
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS.parent / "rule_pick.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) the validation cells, then print the report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--output", default=str(ROOT / "runs" / "rule-pick"))
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--datasets", default="trec,sst5")
+    add_grid_options(ap, workers=2)
+    args = ap.parse_args(argv)
+    out = Path(args.output)
+    cells = grid_cells([int(s) for s in args.seeds.split(",")], args.datasets.split(","))
+    restore_kept(out, RESULTS)
+    failed = [] if args.report_only else run_grid(
+        cells, lambda cell: _cell(out, cell), lambda cell: cell_command(out, cell, args.data_dir), out,
+        RESULTS, workers=args.workers, after=lambda cell: report(out, cells), discard_models=True,
+        start_within=args.start_within)
+    print(report(out, cells))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
