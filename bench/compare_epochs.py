@@ -55,7 +55,8 @@ def grid_cells(seeds: list[int], datasets: list[str]) -> list[Cell]:
     return [(seed, ds, label) for ds in datasets for seed in seeds for label in STRATEGIES]
 
 
-def _cell(out: Path, cell: Cell) -> Path:
+def cell_dir(out: Path, cell: Cell) -> Path:
+    """Where a cell's run writes: ``OUTPUT/seed<S>/<dataset>/<label>``."""
     seed, ds, label = cell
     return out / f"seed{seed}" / ds / label
 
@@ -71,17 +72,19 @@ def best_within(points: list[tuple[float, float]], seconds: float) -> tuple[int,
     return done[-1] if done else None
 
 
-def cell_command(out: Path, cell: Cell, data_dir: str) -> list[str]:
-    """The ``salf train`` command line of one cell."""
+def cell_command(out: Path, cell: Cell, data_dir: str, options: list[str] | None = None) -> list[str]:
+    """The ``salf train`` command line of one cell: the grid's settings, then ``options`` (default: the
+    cell's strategy)."""
     seed, ds, label = cell
-    return [sys.executable, "-m", "salf_engine", "train", *SETTINGS, *STRATEGIES[label], "--dataset", ds,
-            "--data-dir", data_dir, "--seed", str(seed), "--output", str(_cell(out, cell))]
+    return [sys.executable, "-m", "salf_engine", "train", *SETTINGS,
+            *(STRATEGIES[label] if options is None else options), "--dataset", ds, "--data-dir", data_dir,
+            "--seed", str(seed), "--output", str(cell_dir(out, cell))]
 
 
 def report(out: Path, cells: list[Cell]) -> str:
     """``report.md`` and ``f1_vs_time.png`` from the finished cells."""
-    found = {c: json.loads((_cell(out, c) / "summary.json").read_text()) for c in cells
-             if (_cell(out, c) / "summary.json").is_file()}
+    found = {c: json.loads((cell_dir(out, c) / "summary.json").read_text()) for c in cells
+             if (cell_dir(out, c) / "summary.json").is_file()}
     lines = ["# Accuracy at equal wall time (issue 37): SmolLM2-135M, 960 examples, three epochs", "",
              f"{len(found)} of {len(cells)} cells finished. Macro-F1 (free decoding, full test split) after "
              "each epoch; time = training seconds so far relative to full fine-tuning's first epoch (same "
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = grid_cells([int(s) for s in args.seeds.split(",")], args.datasets.split(","))
     restore_kept(out, RESULTS)  # the committed cells
     failed = [] if args.report_only else run_grid(
-        cells, lambda cell: _cell(out, cell), lambda cell: cell_command(out, cell, args.data_dir), out,
+        cells, lambda cell: cell_dir(out, cell), lambda cell: cell_command(out, cell, args.data_dir), out,
         RESULTS, workers=args.workers, after=lambda cell: report(out, cells), discard_models=True,
         start_within=args.start_within)
     print(report(out, cells))

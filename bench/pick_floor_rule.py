@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 from bench_utils import add_grid_options, mean_spread, restore_kept, run_grid
-from compare_epochs import EPOCHS, SETTINGS, curve
+from compare_epochs import EPOCHS, cell_dir, curve
+from compare_epochs import cell_command as grid_command
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "epochs" / "rule_pick"
@@ -39,23 +40,16 @@ def grid_cells(seeds: list[int], datasets: list[str]) -> list[Cell]:
     return [(seed, ds, rule) for ds in datasets for seed in seeds for rule in RULES]
 
 
-def _cell(out: Path, cell: Cell) -> Path:
-    seed, ds, rule = cell
-    return out / f"seed{seed}" / ds / rule
-
-
 def cell_command(out: Path, cell: Cell, data_dir: str) -> list[str]:
-    """The ``salf train`` command line of one cell."""
-    seed, ds, rule = cell
-    return [sys.executable, "-m", "salf_engine", "train", *SETTINGS, *VALIDATION, "--strategy", "salf",
-            "--budget", "uniform", "--infill", "df", "--depth-schedule", rule, "--dataset", ds,
-            "--data-dir", data_dir, "--seed", str(seed), "--output", str(_cell(out, cell))]
+    """The ``salf train`` command line of one cell: the accuracy grid's, evaluated on the validation part."""
+    return grid_command(out, cell, data_dir, [*VALIDATION, "--strategy", "salf", "--budget", "uniform",
+                                              "--infill", "df", "--depth-schedule", cell[2]])
 
 
 def report(out: Path, cells: list[Cell]) -> str:
     """``rule_pick.md`` from the finished cells."""
-    found = {c: curve(json.loads((_cell(out, c) / "summary.json").read_text())) for c in cells
-             if (_cell(out, c) / "summary.json").is_file()}
+    found = {c: curve(json.loads((cell_dir(out, c) / "summary.json").read_text())) for c in cells
+             if (cell_dir(out, c) / "summary.json").is_file()}
     lines = ["# The rising-floor rule, picked on a validation split (issue 37, item 6)", "",
              f"{len(found)} of {len(cells)} cells finished. SALF[half] on SmolLM2-135M, 960 training "
              "examples, three epochs; macro-F1 (free decoding) on 500 examples held out of the training "
@@ -103,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = grid_cells([int(s) for s in args.seeds.split(",")], args.datasets.split(","))
     restore_kept(out, RESULTS)
     failed = [] if args.report_only else run_grid(
-        cells, lambda cell: _cell(out, cell), lambda cell: cell_command(out, cell, args.data_dir), out,
+        cells, lambda cell: cell_dir(out, cell), lambda cell: cell_command(out, cell, args.data_dir), out,
         RESULTS, workers=args.workers, after=lambda cell: report(out, cells), discard_models=True,
         start_within=args.start_within)
     print(report(out, cells))
