@@ -16,11 +16,13 @@ import compare_epochs  # noqa: E402
 CURVES = {
     "full": [(100, 0.50), (200, 0.60), (300, 0.70)],
     "full-1ep": [(110, 0.58)],  # one epoch of full: the time unit (110 s), full's entry at budget 1
-    "full-2ep": [(215, 0.65)],  # full's entry at budget 2, where its three-epoch run would give 0.60
+    "full-2ep": [(108, 0.55), (215, 0.65)],  # full's entry at budget 2, where its three-epoch run would give 0.60
     "bot50": [(45, 0.45), (70, 0.55), (95, 0.62)],  # 3 epochs within 100 s: 0.62
     "lora-half": [(50, 0.40), (80, 0.50), (110, 0.58)],  # within 100 s: epoch 2, 0.50; within 110 s: 0.58
     "narrowing": [(65, 0.48), (130, 0.58), (195, 0.66)],  # within 200 s: all three, 0.66
     "rising": [(60, 0.50), (100, 0.59), (130, 0.63)],  # within 100 s: epoch 2 (100 <= 100), 0.59
+    "bot50-1ep": [(40, 0.63)],  # fits both budgets: bot50's entry at both, above its three epochs' 0.62
+    "lora-half-2ep": [(60, 0.45), (120, 0.61)],  # 120 s > 110: not within one epoch of full; within two, above 0.58
 }
 
 
@@ -36,8 +38,9 @@ def _budget_rows(text):
 
 
 def test_report_names_the_most_accurate_at_each_budget(tmp_path, monkeypatch):
-    """With full-1ep and full-2ep: the unit is full-1ep's 110 s; full's entry at budget b is full-{b}ep's
-    score. Without them: the unit is full's first epoch (100 s), full's entry its three-epoch run's."""
+    """With the short runs: the unit is full-1ep's 110 s; full's entry at budget b is full-{b}ep's score;
+    bot50-1ep (40 s) and lora-half-2ep (120 s) enter where they fit and score higher. Without them: the unit
+    is full's first epoch (100 s), every entry from the three-epoch runs."""
     monkeypatch.setattr(compare_epochs, "RESULTS", tmp_path / "results")
     out = tmp_path / "runs"
     cells = compare_epochs.grid_cells([0], ["trec"])
@@ -49,12 +52,13 @@ def test_report_names_the_most_accurate_at_each_budget(tmp_path, monkeypatch):
         (d / "summary.json").write_text(json.dumps({"epochs": epochs}))
     text = compare_epochs.report(out, cells)
     # † marks an entry after an earlier epoch of a three-epoch run (its schedule not complete)
-    assert _budget_rows(text) == (["0.580", "0.620", "0.580", "0.480†", "0.590†", "bot50 |"],
-                                  ["0.650", "0.620", "0.580", "0.660", "0.630", "narrowing |"])
+    assert _budget_rows(text) == (["0.580", "0.630", "0.580", "0.480†", "0.590†", "bot50 |"],
+                                  ["0.650", "0.630", "0.610", "0.660", "0.630", "narrowing |"])
     assert "| bot50 | 1 | 0.450 (0.41) | 0.550 (0.64) | 0.620 (0.86) |" in text
     assert "| full-1ep | 1 | 0.580 (1.00) | — | — |" in text
+    assert "| bot50-1ep | 1 | 0.630 (0.36) | — | — |" in text
     assert (tmp_path / "results" / "f1_vs_time.png").is_file()
-    five = [c for c in cells if c[2] not in compare_epochs.FULL_FOR]
+    five = [c for c in cells if c[2] not in compare_epochs.SHORT_RUNS]
     text = compare_epochs.report(out, five)
     assert _budget_rows(text) == (["0.500†", "0.620", "0.500†", "0.480†", "0.590†", "bot50 |"],
                                   ["0.600†", "0.620", "0.580", "0.660", "0.630", "narrowing |"])
