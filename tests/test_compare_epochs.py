@@ -16,13 +16,13 @@ import compare_epochs  # noqa: E402
 CURVES = {
     "full": [(100, 0.50), (200, 0.60), (300, 0.70)],
     "full-1ep": [(110, 0.58)],  # one epoch of full: the time unit (110 s), full's entry at budget 1
-    "full-2ep": [(108, 0.55), (215, 0.65)],  # full's entry at budget 2, where its three-epoch run would give 0.60
+    "full-2ep": [(108, 0.55), (215, 0.65)],  # full's entry at budget 2 (its three-epoch run: 0.60)
     "bot50": [(45, 0.45), (70, 0.55), (95, 0.62)],  # 3 epochs within 100 s: 0.62
     "lora-half": [(50, 0.40), (80, 0.50), (110, 0.58)],  # within 100 s: epoch 2, 0.50; within 110 s: 0.58
     "narrowing": [(65, 0.48), (130, 0.58), (195, 0.66)],  # within 200 s: all three, 0.66
     "rising": [(60, 0.50), (100, 0.59), (130, 0.63)],  # within 100 s: epoch 2 (100 <= 100), 0.59
     "bot50-1ep": [(40, 0.63)],  # fits both budgets: bot50's entry at both, above its three epochs' 0.62
-    "lora-half-2ep": [(60, 0.45), (120, 0.61)],  # 120 s > 110: not within one epoch of full; within two, above 0.58
+    "lora-half-2ep": [(60, 0.45), (120, 0.61)],  # 120 s > 110: fits two epochs of full only; above 0.58
 }
 
 
