@@ -452,6 +452,19 @@ def run_grid(cells: Iterable, cell_dir: Callable[[object], Path], command: Calla
                      skip=finished, cwd=ROOT, start_until=until)
 
 
+def resume_grid(args, cells: list, cell_dir: Callable[[object], Path], command: Callable[[object], list[str]],
+                out: Path, results: Path, report: Callable[[], str]) -> int:
+    """A grid driver's main after its options (:func:`add_grid_options`): put the committed cells back
+    (``restore_kept``), run the rest unless ``--report-only`` (``run_grid``, the models discarded, the
+    report rewritten after each cell), print the report. Returns 1 when a cell failed, else 0."""
+    restore_kept(out, results)
+    failed = [] if args.report_only else run_grid(
+        cells, cell_dir, command, out, results, workers=args.workers, after=lambda cell: report(),
+        discard_models=True, start_within=args.start_within)
+    print(report())
+    return 1 if failed else 0
+
+
 def add_grid_options(ap, *, workers: int) -> None:
     """The options every grid driver takes: ``--workers``, ``--report-only`` and ``--start-within``."""
     ap.add_argument("--workers", type=int, default=workers, help="cells at a time, one thread each")

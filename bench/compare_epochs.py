@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench_utils import add_grid_options, mean_spread, restore_kept, run_grid, scatter_by_dataset
+from bench_utils import add_grid_options, mean_spread, resume_grid, scatter_by_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "epochs"
@@ -90,10 +90,15 @@ def cell_command(out: Path, cell: Cell, data_dir: str, options: list[str] | None
             "--seed", str(seed), "--output", str(cell_dir(out, cell))]
 
 
+def finished_curves(out: Path, cells: list[Cell]) -> dict[Cell, list[tuple[float, float]]]:
+    """The :func:`curve` of every finished cell (one with a ``summary.json``)."""
+    return {c: curve(json.loads((cell_dir(out, c) / "summary.json").read_text())) for c in cells
+            if (cell_dir(out, c) / "summary.json").is_file()}
+
+
 def report(out: Path, cells: list[Cell]) -> str:
     """``report.md`` and ``f1_vs_time.png`` from the finished cells."""
-    found = {c: curve(json.loads((cell_dir(out, c) / "summary.json").read_text())) for c in cells
-             if (cell_dir(out, c) / "summary.json").is_file()}
+    found = finished_curves(out, cells)
     lines = ["# Accuracy at equal wall time (issue 37): SmolLM2-135M, 960 examples, three epochs", "",
              f"{len(found)} of {len(cells)} cells finished. Macro-F1 (free decoding, full test split) after "
              "each epoch; time = training seconds so far relative to one epoch of full fine-tuning "
@@ -201,13 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.output)
     cells = grid_cells([int(s) for s in args.seeds.split(",")], args.datasets.split(","))
-    restore_kept(out, RESULTS)  # the committed cells
-    failed = [] if args.report_only else run_grid(
-        cells, lambda cell: cell_dir(out, cell), lambda cell: cell_command(out, cell, args.data_dir), out,
-        RESULTS, workers=args.workers, after=lambda cell: report(out, cells), discard_models=True,
-        start_within=args.start_within)
-    print(report(out, cells))
-    return 1 if failed else 0
+    return resume_grid(args, cells, lambda cell: cell_dir(out, cell),
+                       lambda cell: cell_command(out, cell, args.data_dir), out, RESULTS,
+                       lambda: report(out, cells))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench_utils import add_grid_options, markdown_table, mean_spread, restore_kept, run_grid
+from bench_utils import add_grid_options, markdown_table, mean_spread, resume_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "lora_dropout"
@@ -108,13 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     cells = grid_cells(args.datasets.split(","), seeds)
     every = grid_cells(list(DATASETS), seeds)  # the report's: cells of datasets not run now included
     out = Path(args.output)
-    restore_kept(out, RESULTS)  # the committed cells
-    failed = [] if args.report_only else run_grid(
-        cells, lambda cell: _cell(out, cell), lambda cell: cell_command(out, cell, args.data_dir), out,
-        RESULTS, workers=args.workers, after=lambda cell: report(out, every), discard_models=True,
-        start_within=args.start_within)
-    print(report(out, every))
-    return 1 if failed else 0
+    return resume_grid(args, cells, lambda cell: _cell(out, cell),
+                       lambda cell: cell_command(out, cell, args.data_dir), out, RESULTS,
+                       lambda: report(out, every))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,11 @@ with the higher mean after the last epoch over every dataset and seed that both 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from bench_utils import add_grid_options, mean_spread, restore_kept, run_grid
-from compare_epochs import EPOCHS, cell_dir, curve
+from bench_utils import add_grid_options, mean_spread, resume_grid
+from compare_epochs import EPOCHS, cell_dir, finished_curves
 from compare_epochs import cell_command as grid_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +47,7 @@ def cell_command(out: Path, cell: Cell, data_dir: str) -> list[str]:
 
 def report(out: Path, cells: list[Cell]) -> str:
     """``rule_pick.md`` from the finished cells."""
-    found = {c: curve(json.loads((cell_dir(out, c) / "summary.json").read_text())) for c in cells
-             if (cell_dir(out, c) / "summary.json").is_file()}
+    found = finished_curves(out, cells)
     lines = ["# The rising-floor rule, picked on a validation split (issue 37, item 6)", "",
              f"{len(found)} of {len(cells)} cells finished. SALF[half] on SmolLM2-135M, 960 training "
              "examples, three epochs; macro-F1 (free decoding) on 500 examples held out of the training "
@@ -95,13 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.output)
     cells = grid_cells([int(s) for s in args.seeds.split(",")], args.datasets.split(","))
-    restore_kept(out, RESULTS)
-    failed = [] if args.report_only else run_grid(
-        cells, lambda cell: cell_dir(out, cell), lambda cell: cell_command(out, cell, args.data_dir), out,
-        RESULTS, workers=args.workers, after=lambda cell: report(out, cells), discard_models=True,
-        start_within=args.start_within)
-    print(report(out, cells))
-    return 1 if failed else 0
+    return resume_grid(args, cells, lambda cell: cell_dir(out, cell),
+                       lambda cell: cell_command(out, cell, args.data_dir), out, RESULTS,
+                       lambda: report(out, cells))
 
 
 if __name__ == "__main__":

@@ -146,3 +146,36 @@ def test_run_grid_keeps_a_resumable_cells_partial_work_and_starts_nothing_past_i
                     results, workers=2, start_within=0) == []
     assert not (out / "b").exists() and not (out / "c").exists()
 
+
+
+def test_resume_grid_restores_runs_reports_and_fails_on_a_failed_cell(tmp_path, capsys):
+    """A committed cell comes back and is not rerun; ``--report-only`` runs nothing; a failed cell gives 1;
+    the report is printed (and rewritten after each finished cell)."""
+    import argparse
+
+    from bench_utils import resume_grid
+
+    out, results = tmp_path / "runs", tmp_path / "results"
+    (results / "cells" / "a").mkdir(parents=True)
+    for name in ("summary.json", "config.json"):
+        (results / "cells" / "a" / name).write_text('{"kept": 1}')
+    reports: list[int] = []
+
+    def report() -> str:
+        reports.append(1)
+        return f"report: {sorted(p.name for p in out.iterdir() if (p / 'summary.json').is_file())}"
+
+    def run(report_only, bad=()):
+        args = argparse.Namespace(report_only=report_only, workers=1, start_within=None)
+        return resume_grid(args, ["a", "b", "c"], lambda cell: out / cell,
+                           lambda cell: [*_fake_cell(1 if cell in bad else 0), str(out / cell)], out,
+                           results, report)
+
+    assert run(report_only=True) == 0 and reports == [1]
+    assert capsys.readouterr().out.strip() == "report: ['a']"
+    assert (out / "a" / "summary.json").read_text() == '{"kept": 1}'
+    assert run(report_only=False, bad=["c"]) == 1
+    # the runner's progress lines, then the report (c wrote its summary, then failed)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "report: ['a', 'b', 'c']"
+    assert len(reports) == 3 and (out / "a" / "summary.json").read_text() == '{"kept": 1}'
+    assert sorted(p.name for p in (results / "cells").iterdir()) == ["a", "b"]
