@@ -102,7 +102,7 @@ def test_demo_code_path_on_tiny_model(tiny_dir, tmp_path, capsys):
     assert cli.main(["demo", "--model", str(tiny_dir("llama")), "--limit", "16", "--eval-limit", "12",
                      "--output", str(out), "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    names = {"zero-shot", "salf:uniform:df", "salf:uniform:df:narrowing", "bot50", "bot50:ep3", "full"}
+    names = {"zero-shot", "salf:uniform:df", "salf:uniform:df:narrowing", "bot50", "lora-half:ep2", "full"}
     rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] and line.split()[0] in names}
     assert set(rows) == names
     assert float(rows["bot50"][5]) == pytest.approx(0.5)  # the static freeze the demo sets SALF against
@@ -117,17 +117,18 @@ def test_demo_code_path_on_tiny_model(tiny_dir, tmp_path, capsys):
     cells = out / "cells" / "trec"
     narrowing = json.loads((cells / "salf_uniform_df_narrowing" / "summary.json").read_text())
     assert narrowing["profiled_examples"] == 0 < salf["profiled_examples"]
-    # BOT50 for three epochs, its frozen half cached: 48 examples, epochs 2 and 3 served from the cache
-    ep3 = json.loads((cells / "bot50_ep3" / "summary.json").read_text())
-    assert ep3["examples_trained"] == 48 and ep3["epochs_run"] == 3
-    m = ep3["num_layers"]
-    assert ep3["prefix_cache"]["hits"] == 32 and ep3["prefix_cache"]["misses"] == 16
+    # LoRA[half] for two epochs, its frozen half cached: 32 examples, epoch 2 served from the cache
+    ep2 = json.loads((cells / "lora-half_ep2" / "summary.json").read_text())
+    assert ep2["examples_trained"] == 32 and ep2["epochs_run"] == 2
+    m = ep2["num_layers"]
+    assert ep2["prefix_cache"]["hits"] == 16 and ep2["prefix_cache"]["misses"] == 16
     one = json.loads((cells / "bot50" / "summary.json").read_text())["prefix_cache"]  # one epoch: none kept
     assert one["where"] == "off" and one["reason"].startswith("the run trains one epoch")
-    # FLOPs against full's one epoch, by hand: 48 rows at m + 2 (m - m // 2) layer units, less the m // 2
-    # layers below the floor for each of the 32 hits, over full's 16 rows at 3m
-    hand = (48 * (m + 2 * (m - m // 2)) - 32 * (m // 2)) / (16 * 3 * m)
-    assert float(rows["bot50:ep3"][6]) == pytest.approx(hand, abs=0.005)
+    # FLOPs against full's one epoch, by hand: 32 rows at m forward + (m - m // 2) layers passing the
+    # gradient down (LoRA: no weight gradients), less the m // 2 layers below the floor for each of the
+    # 16 hits, over full's 16 rows at 3m
+    hand = (32 * (m + (m - m // 2)) - 16 * (m // 2)) / (16 * 3 * m)
+    assert float(rows["lora-half:ep2"][6]) == pytest.approx(hand, abs=0.005)
 
 
 @pytest.mark.parametrize(
