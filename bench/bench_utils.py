@@ -398,13 +398,18 @@ def run_cells(todo: list, command: Callable[[object], list[str]], log_dir: Path,
     return failed
 
 
+def half_range(values: Sequence[float]) -> float:
+    """The spread every report here gives over seeds (or paired differences): half of max - min."""
+    return (max(values) - min(values)) / 2
+
+
 def mean_spread(values: Sequence[float]) -> str:
     """``mean ± half the range`` over seeds, to three decimals ("—" for none, the value alone for one)."""
     if not values:
         return "—"
     if len(values) == 1:
         return f"{values[0]:.3f}"
-    return f"{sum(values) / len(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+    return f"{sum(values) / len(values):.3f} ± {half_range(values):.3f}"
 
 
 #: What of a finished grid cell is committed beside the report, so a fresh checkout resumes the grid.

@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench_utils import add_grid_options, mean_spread, resume_grid
+from bench_utils import add_grid_options, half_range, mean_spread, resume_grid
 from compare_epochs import EPOCHS, cell_dir, finished_curves
 from compare_epochs import cell_command as grid_command
 
@@ -85,7 +85,7 @@ def _pick(last: dict[str, list[float]]) -> str:
         return "No (dataset, seed) pair has both rules finished yet: no rule is picked."
     gains = [b - a for a, b in zip(rising, stepped, strict=True)]
     mean = sum(gains) / len(gains)
-    spread = (max(gains) - min(gains)) / 2
+    spread = half_range(gains)
     means = f"rising {sum(rising) / len(rising):.3f}, stepped {sum(stepped) / len(stepped):.3f}"
     per_pair = ", ".join(f"{g:+.3f}" for g in gains)
     text = (f"After epoch {EPOCHS}, over the {len(gains)} (dataset, seed) pair(s) both rules finished: "

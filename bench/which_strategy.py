@@ -31,7 +31,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench_utils import scatter_by_dataset
+from bench_utils import half_range, scatter_by_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -84,7 +84,7 @@ def _summary(seeds: dict[int, dict]) -> tuple[int, float, float, float, float]:
     f1 = [float(r["free_macro_f1"]) for r in seeds.values()]
     time = [float(r["time_ratio"]) for r in seeds.values() if r["time_ratio"]]
     flops = float(next(iter(seeds.values()))["flops_ratio"])
-    return (len(f1), statistics.fmean(f1), (max(f1) - min(f1)) / 2,
+    return (len(f1), statistics.fmean(f1), half_range(f1),
             statistics.fmean(time) if time else float("nan"), flops)
 
 
@@ -158,7 +158,7 @@ def paired(cells: Cells, against: str = "BOT50") -> str:
                     continue
                 diff = [float(seeds[s]["free_macro_f1"]) - float(base[s]["free_macro_f1"]) for s in common]
                 lines.append(f"| {label} | {ds} | {name} | {len(diff)} | {statistics.fmean(diff):+.3f} ± "
-                             f"{(max(diff) - min(diff)) / 2:.3f} |")
+                             f"{half_range(diff):.3f} |")
     return "\n".join(lines) + "\n"
 
 

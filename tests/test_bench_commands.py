@@ -147,7 +147,6 @@ def test_run_grid_keeps_a_resumable_cells_partial_work_and_starts_nothing_past_i
     assert not (out / "b").exists() and not (out / "c").exists()
 
 
-
 def test_resume_grid_restores_runs_reports_and_fails_on_a_failed_cell(tmp_path, capsys):
     """A committed cell comes back and is not rerun; ``--report-only`` runs nothing; a failed cell gives 1;
     the report is printed (and rewritten after each finished cell)."""
