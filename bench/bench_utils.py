@@ -470,6 +470,22 @@ def resume_grid(args, cells: list, cell_dir: Callable[[object], Path], command: 
     return 1 if failed else 0
 
 
+def grid_parser(doc: str, output: str, *, workers: int, datasets: str | None = None,
+                datasets_help: str | None = None):
+    """A grid driver's parser: ``--output`` (default ``runs/<output>``), ``--data-dir`` (``../shared/data``),
+    ``--seeds`` (0,1), ``--datasets`` when ``datasets`` gives its default, and :func:`add_grid_options`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--output", default=str(ROOT / "runs" / output))
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--seeds", default="0,1")
+    if datasets is not None:
+        ap.add_argument("--datasets", default=datasets, help=datasets_help)
+    add_grid_options(ap, workers=workers)
+    return ap
+
+
 def add_grid_options(ap, *, workers: int) -> None:
     """The options every grid driver takes: ``--workers``, ``--report-only`` and ``--start-within``."""
     ap.add_argument("--workers", type=int, default=workers, help="cells at a time, one thread each")

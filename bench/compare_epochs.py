@@ -26,12 +26,11 @@ accurate strategy at the wall time of one and of two epochs of full fine-tuning)
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from bench_utils import add_grid_options, mean_spread, resume_grid, scatter_by_dataset
+from bench_utils import grid_parser, mean_spread, resume_grid, scatter_by_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "epochs"
@@ -197,13 +196,7 @@ def _mean(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the grid, then print the report."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output", default=str(ROOT / "runs" / "epochs"))
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--datasets", default=",".join(DATASETS))
-    add_grid_options(ap, workers=2)
-    args = ap.parse_args(argv)
+    args = grid_parser(__doc__, "epochs", workers=2, datasets=",".join(DATASETS)).parse_args(argv)
     out = Path(args.output)
     cells = grid_cells([int(s) for s in args.seeds.split(",")], args.datasets.split(","))
     return resume_grid(args, cells, lambda cell: cell_dir(out, cell),

@@ -27,12 +27,11 @@ On the 2-core CPU a cell takes 1.2-2.3 hours at one thread (training, then 20-25
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from bench_utils import add_grid_options, mean_spread, restore_kept, run_grid, scatter_by_dataset
+from bench_utils import grid_parser, mean_spread, restore_kept, run_grid, scatter_by_dataset
 
 from salf_engine.experiments.report import cost_seconds
 
@@ -171,13 +170,9 @@ def report(out: Path, cells: list[tuple[int, str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the grid, then print the report."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output", default=str(ROOT / "runs" / "sft"))
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap = grid_parser(__doc__, "sft", workers=1)
     ap.add_argument("--limit", type=int, default=960)
     ap.add_argument("--max-length", type=int, default=384)
-    ap.add_argument("--seeds", default="0,1")
-    add_grid_options(ap, workers=1)
     ap.add_argument("--quiet-timing", action="store_true", help="time each strategy alone (nothing else)")
     args = ap.parse_args(argv)
     cells = grid_cells([int(seed) for seed in args.seeds.split(",")])

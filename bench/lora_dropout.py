@@ -17,12 +17,11 @@ It writes ``bench/results/lora_dropout.md``: macro-F1 of both settings per seed,
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from bench_utils import add_grid_options, markdown_table, mean_spread, resume_grid
+from bench_utils import grid_parser, markdown_table, mean_spread, resume_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "lora_dropout"
@@ -97,13 +96,8 @@ def report(out: Path, cells: list[Cell]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the cells, then print the report."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output", default=str(ROOT / "runs" / "lora_dropout"))
-    ap.add_argument("--datasets", default=",".join(DATASETS), help="the datasets to run (the report has all)")
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--seeds", default="0,1")
-    add_grid_options(ap, workers=2)
-    args = ap.parse_args(argv)
+    args = grid_parser(__doc__, "lora_dropout", workers=2, datasets=",".join(DATASETS),
+                       datasets_help="the datasets to run (the report has all)").parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     cells = grid_cells(args.datasets.split(","), seeds)
     every = grid_cells(list(DATASETS), seeds)  # the report's: cells of datasets not run now included

@@ -20,11 +20,10 @@ exceeds the gains' spread; otherwise ``rising`` stays, the rule the accuracy gri
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from bench_utils import add_grid_options, half_range, mean_spread, resume_grid
+from bench_utils import grid_parser, half_range, mean_spread, resume_grid
 from compare_epochs import EPOCHS, cell_dir, finished_curves
 from compare_epochs import cell_command as grid_command
 
@@ -98,13 +97,7 @@ def _pick(last: dict[str, list[float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the validation cells, then print the report."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output", default=str(ROOT / "runs" / "rule-pick"))
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--datasets", default="trec,sst5")
-    add_grid_options(ap, workers=2)
-    args = ap.parse_args(argv)
+    args = grid_parser(__doc__, "rule-pick", workers=2, datasets="trec,sst5").parse_args(argv)
     out = Path(args.output)
     cells = grid_cells([int(s) for s in args.seeds.split(",")], args.datasets.split(","))
     return resume_grid(args, cells, lambda cell: cell_dir(out, cell),
