@@ -30,7 +30,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench_utils import grid_parser, mean_spread, resume_grid, scatter_by_dataset
+from bench_utils import grid_parser, half_range, mean_spread, resume_grid, scatter_by_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "epochs"
@@ -109,7 +109,7 @@ def report(out: Path, cells: list[Cell]) -> str:
     datasets = list(dict.fromkeys(ds for _, ds, _ in cells))
     seeds = sorted({s for s, _, _ in cells})
     compared = [label for label in STRATEGIES if label not in SHORT_RUNS]
-    budgets: dict[int, dict[str, list[tuple[bool, float]]]] = {1: {}, 2: {}}
+    budgets: dict[int, dict[str, dict[int, tuple[bool, float]]]] = {1: {}, 2: {}}
     plot: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for ds in datasets:
         rows = []
@@ -123,8 +123,8 @@ def report(out: Path, cells: list[Cell]) -> str:
                     per_epoch[k].append((t / unit, f1))
                 for b in budgets:
                     if label not in SHORT_RUNS:
-                        budgets[b].setdefault(f"{ds}|{label}", []).append(
-                            _entry(found, seed, ds, label, b * unit, b))
+                        budgets[b].setdefault(f"{ds}|{label}", {})[seed] = _entry(
+                            found, seed, ds, label, b * unit, b)
             if not per_epoch[0]:
                 continue
             rows.append(f"| {label} | {len(per_epoch[0])} | " + " | ".join(
@@ -141,20 +141,20 @@ def report(out: Path, cells: list[Cell]) -> str:
               "Per dataset and seed, each strategy's most accurate run within the budget (—: none fits), "
               "then the mean over seeds: its three-epoch run after the last epoch finished within the "
               "budget, or a shorter run of it that fits (k epochs of full fit a budget of k epochs of full "
-              "by definition).", "",
+              "by definition). The most accurate is named alone where its paired gain over each other "
+              "strategy (per seed) exceeds the gains' spread (half their range); strategies it does not "
+              "beat beyond the spread follow it, and with one seed no spread is known.", "",
               "| budget | dataset | " + " | ".join(compared) + " | most accurate |",
               "|---|---|" + "---:|" * len(compared) + "---|"]
     for b, scores in budgets.items():
         for ds in datasets:
-            hits = {label: scores.get(f"{ds}|{label}", []) for label in compared}
-            means = {label: _mean([f for _, f in h]) for label, h in hits.items()}
-            fitted = {k: v for k, v in means.items() if v == v}
-            if not fitted:
+            hits = {label: scores.get(f"{ds}|{label}", {}) for label in compared}
+            means = {label: _mean([f for _, f in h.values()]) for label, h in hits.items()}
+            if all(v != v for v in means.values()):
                 continue
-            winner = max(fitted, key=fitted.__getitem__)
             lines.append(f"| {b} epoch{'s' if b > 1 else ''} of full | {ds} | " + " | ".join(
-                "—" if v != v else f"{v:.3f}" + ("" if all(c for c, _ in hits[label]) else "†")
-                for label, v in means.items()) + f" | {winner} |")
+                "—" if v != v else f"{v:.3f}" + ("" if all(c for c, _ in hits[label].values()) else "†")
+                for label, v in means.items()) + f" | {_most_accurate(hits, means)} |")
     lines += ["", "†: after an earlier epoch of the three-epoch run (for at least one seed), its learning "
               "rate not yet decayed: a lower bound on what a run of that many epochs would score."]
     text = "\n".join(lines) + "\n"
@@ -163,6 +163,22 @@ def report(out: Path, cells: list[Cell]) -> str:
     scatter_by_dataset(plot, RESULTS / "f1_vs_time.png", "training time (one epoch of full fine-tuning = 1)",
                        lines=True)
     return text
+
+
+def _most_accurate(hits: dict[str, dict[int, tuple[bool, float]]], means: dict[str, float]) -> str:
+    """The strategy of the highest mean, then those it does not beat beyond the spread of its paired gains
+    (per seed, half their range; one pair has no spread), or "(one seed)"."""
+    fitted = {label: v for label, v in means.items() if v == v}
+    winner = max(fitted, key=fitted.__getitem__)
+    if len(hits[winner]) < 2:
+        return f"{winner} (one seed)"
+    ties = []
+    for label in fitted:
+        seeds = hits[winner].keys() & hits[label].keys()
+        gains = [hits[winner][s][1] - hits[label][s][1] for s in seeds]
+        if label != winner and (len(gains) < 2 or sum(gains) / len(gains) <= half_range(gains)):
+            ties.append(label)
+    return winner + (f"; within the spread: {', '.join(ties)}" if ties else "")
 
 
 def _entry(found: dict[Cell, list[tuple[float, float]]], seed: int, ds: str, label: str, seconds: float,

@@ -52,17 +52,34 @@ def test_report_names_the_most_accurate_at_each_budget(tmp_path, monkeypatch):
         (d / "summary.json").write_text(json.dumps({"epochs": epochs}))
     text = compare_epochs.report(out, cells)
     # † marks an entry after an earlier epoch of a three-epoch run (its schedule not complete)
-    assert _budget_rows(text) == (["0.580", "0.630", "0.580", "0.480†", "0.590†", "bot50 |"],
-                                  ["0.650", "0.630", "0.610", "0.660", "0.630", "narrowing |"])
+    assert _budget_rows(text) == (["0.580", "0.630", "0.580", "0.480†", "0.590†", "bot50 (one seed) |"],
+                                  ["0.650", "0.630", "0.610", "0.660", "0.630", "narrowing (one seed) |"])
     assert "| bot50 | 1 | 0.450 (0.41) | 0.550 (0.64) | 0.620 (0.86) |" in text
     assert "| full-1ep | 1 | 0.580 (1.00) | — | — |" in text
     assert "| bot50-1ep | 1 | 0.630 (0.36) | — | — |" in text
     assert (tmp_path / "results" / "f1_vs_time.png").is_file()
     five = [c for c in cells if c[2] not in compare_epochs.SHORT_RUNS]
     text = compare_epochs.report(out, five)
-    assert _budget_rows(text) == (["0.500†", "0.620", "0.500†", "0.480†", "0.590†", "bot50 |"],
-                                  ["0.600†", "0.620", "0.580", "0.660", "0.630", "narrowing |"])
+    assert _budget_rows(text) == (["0.500†", "0.620", "0.500†", "0.480†", "0.590†", "bot50 (one seed) |"],
+                                  ["0.600†", "0.620", "0.580", "0.660", "0.630", "narrowing (one seed) |"])
     assert "| bot50 | 1 | 0.450 (0.45) | 0.550 (0.70) | 0.620 (0.95) |" in text
+
+
+def test_most_accurate_names_what_it_does_not_beat_beyond_the_spread():
+    """Two seeds: bot50's mean (0.640) is highest. Over full it gains +0.05 on both seeds (beyond the
+    spread, 0); over lora-half +0.02 and -0.01 (mean +0.005, within the spread 0.015); narrowing shares
+    one seed, so no spread is known; rising fits no budget."""
+    hits = {"full": {0: (True, 0.58), 1: (True, 0.60)}, "bot50": {0: (True, 0.63), 1: (True, 0.65)},
+            "lora-half": {0: (True, 0.61), 1: (True, 0.66)}, "narrowing": {0: (False, 0.50)}, "rising": {}}
+    means = {"full": 0.59, "bot50": 0.64, "lora-half": 0.635, "narrowing": 0.50, "rising": float("nan")}
+    assert compare_epochs._most_accurate(hits, means) == "bot50; within the spread: lora-half, narrowing"
+    means["lora-half"] = 0.62
+    hits["lora-half"] = {0: (True, 0.60), 1: (True, 0.64)}  # gains +0.03, +0.01: mean 0.02 > 0.01
+    hits["narrowing"] = {}
+    means["narrowing"] = float("nan")
+    assert compare_epochs._most_accurate(hits, means) == "bot50"
+    assert compare_epochs._most_accurate({"full": {1: (True, 0.5)}, "bot50": {}},
+                                         {"full": 0.5, "bot50": float("nan")}) == "full (one seed)"
 
 
 def _validation_cells(out, last):
