@@ -298,11 +298,12 @@ def _cache_engine_worker(rank: int, world: int, port: int, out_dir: str) -> None
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_engine_prefix_cache_under_two_ranks(tmp_path):
     """BOT50, three epochs, 48 rows, through train() under two ranks: the cache (one file the ranks share, so
-    a row kept by one rank in an epoch is served to the other in the next) gives off's weights to 1e-5 and
-    one process's with the doubled batch; the hand count over both ranks: every row misses in epoch 1 and
-    hits in epochs 2 and 3 (96 hits, 48 misses), which rank-local caches could not reach (rows change ranks
-    between epochs). ``memory`` is refused, ``auto`` without a run directory or across nodes is off."""
-    from test_prefix_cache import _tokens
+    a row kept by one rank in an epoch is served to the other in the next) gives off's weights (to
+    WEIGHTS_ATOL) and one process's with the doubled batch; the hand count over both ranks: every row misses
+    in epoch 1 and hits in epochs 2 and 3 (96 hits, 48 misses), which rank-local caches could not reach (rows
+    change ranks between epochs). ``memory`` is refused, ``auto`` without a run directory or across nodes is
+    off."""
+    from test_prefix_cache import WEIGHTS_ATOL, _tokens
 
     ranks = _spawn(_cache_engine_worker, tmp_path, _free_port(), str(tmp_path))
     single, single_w, _ = _bot50_run("memory", MICRO)
@@ -314,8 +315,9 @@ def test_engine_prefix_cache_under_two_ranks(tmp_path):
         assert single["prefix_cache"]["hits"] == 96 and single["prefix_cache"]["misses"] == 48
         for name, q in single_w.items():
             torch.testing.assert_close(got["disk"]["weights"][name], got["off"]["weights"][name], rtol=0,
-                                       atol=1e-5, msg=name)
-            torch.testing.assert_close(got["disk"]["weights"][name], q.detach(), rtol=0, atol=1e-5, msg=name)
+                                       atol=WEIGHTS_ATOL, msg=name)
+            torch.testing.assert_close(got["disk"]["weights"][name], q.detach(), rtol=0, atol=WEIGHTS_ATOL,
+                                       msg=name)
         assert got["memory"] == ("--prefix-cache memory keeps one process's rows, but the 2 ranks share one "
                                  "file in the run directory: use --prefix-cache disk or auto")
         assert got["auto, no run directory"]["reason"] == ("the 2 ranks share the cache through a file in "
@@ -439,7 +441,7 @@ def test_fsdp2_prefix_cache_with_a_rising_floor(tmp_path):
     floor once (a ghost row where none of its rows needs it): the layers' all-gathers stay in step and
     nothing hangs (without the ghost, this run hangs). The weights equal the uncached run's and one
     process's with the doubled batch, with the hand count (24 hits, 48 misses) over both ranks."""
-    from test_prefix_cache import _rising_count
+    from test_prefix_cache import WEIGHTS_ATOL, _rising_count
 
     fsdp, strategy = True, RISING
     ranks = _spawn(_patched_worker, tmp_path, str(tmp_path / "init"), str(tmp_path), fsdp, strategy)
@@ -452,5 +454,5 @@ def test_fsdp2_prefix_cache_with_a_rising_floor(tmp_path):
         assert (got["disk"]["cache"]["hits"], got["disk"]["cache"]["misses"]) == hand
         for name, q in single["weights"].items():
             torch.testing.assert_close(got["disk"]["weights"][name], got["off"]["weights"][name], rtol=0,
-                                       atol=1e-5, msg=name)
-            torch.testing.assert_close(got["disk"]["weights"][name], q, rtol=0, atol=1e-5, msg=name)
+                                       atol=WEIGHTS_ATOL, msg=name)
+            torch.testing.assert_close(got["disk"]["weights"][name], q, rtol=0, atol=WEIGHTS_ATOL, msg=name)

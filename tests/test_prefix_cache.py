@@ -30,6 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # gemma3_text: sliding-window and full layers, its own rotary per layer type. sdpa attention: in float64
 # transformers' eager softmax (run in float32) turns a left-padded row's fully masked padding into NaN.
 FAMILIES = ("llama", "qwen2", "gemma3_text")
+#: weights after three AdamW epochs, cached against recomputed (float32, lr 1e-3): the runs differ only by
+#: reassociation, but AdamW divides by the root of the squared gradients, so an element whose gradients sit
+#: near zero can move by far more than its gradient's rounding. On an AVX-512 host one element of one tensor
+#: differed by 1.5e-5 (every other below 1e-6); a stale or wrong cached state moves weights by ~lr a step.
+WEIGHTS_ATOL = 5e-5
 
 
 # ---------------------------------------------------------------------------------------------- the floor
@@ -276,11 +281,11 @@ def _train(family="llama", resume=False, device="cpu", **overrides):
 
 def test_done_means_bot50_three_epochs_memory_equals_off(tmp_path):
     """The issue's check: BOT50, three epochs on a tiny model, --prefix-cache memory against off: the same
-    weights to 1e-5 (float32), hits above 0 in summary.json."""
+    weights to WEIGHTS_ATOL (float32), hits above 0 in summary.json."""
     off, ref, off_log = _train(prefix_cache="off")
     got_summary, got, log = _train(prefix_cache="memory", output=str(tmp_path / "run"))
     for name, q in got.items():
-        torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(q, ref[name], rtol=0, atol=WEIGHTS_ATOL, msg=name)
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())["prefix_cache"]
     tokens = _tokens()
     # each hit skips the 2 layers below the floor: 96 x 2 layer forwards
@@ -308,7 +313,7 @@ def test_disk_cache_equals_off_and_leaves_no_file(tmp_path):
     (run / "prefix_cache.bin").write_bytes(b"stale" * 1000)
     got, got_w, log = _train(prefix_cache="disk", output=str(run))
     for name, q in got_w.items():
-        torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(q, ref[name], rtol=0, atol=WEIGHTS_ATOL, msg=name)
     assert got["prefix_cache"] == {"where": "disk", "bytes": _tokens() * 256, "floor": 2, "hits": 96,
                                    "misses": 48, "skipped_layer_forwards": 192}
     assert [line for line in log if line.startswith("prefix cache: on disk in ")]
@@ -481,7 +486,7 @@ def test_resume_rebuilds_the_cache_lazily(tmp_path, interrupt_after):
     assert any("resuming from" in line and "step-00000016" in line for line in log)
     assert (got["prefix_cache"]["hits"], got["prefix_cache"]["misses"]) == (32, 32 + 16)
     for name, q in got_w.items():
-        torch.testing.assert_close(q, ref_w[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(q, ref_w[name], rtol=0, atol=WEIGHTS_ATOL, msg=name)
 
 
 @pytest.mark.parametrize(("fields", "floor", "hits"), [
@@ -509,7 +514,7 @@ def test_salf_trainer_cached_equals_off(tmp_path, fields, floor, hits):
         weights[where] = dict(p.model.named_parameters())
         caches[where] = trainer.salf_prefix_summary
     for name, q in weights["memory"].items():
-        torch.testing.assert_close(q, weights["off"][name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(q, weights["off"][name], rtol=0, atol=WEIGHTS_ATOL, msg=name)
     assert caches["off"]["where"] == "off"
     assert {k: caches["memory"][k] for k in ("where", "floor", "hits", "misses")} == {
         "where": "memory", "floor": floor, "hits": hits, "misses": 48}
@@ -807,7 +812,7 @@ def test_rising_floor_cached_equals_off(tmp_path):
         run = tmp_path / where
         got, got_w, log = _train(prefix_cache=where, output=str(run), **RISING)
         for name, q in got_w.items():
-            torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
+            torch.testing.assert_close(q, ref[name], rtol=0, atol=WEIGHTS_ATOL, msg=name)
         saved = json.loads((run / "summary.json").read_text())["prefix_cache"]
         # skipped, by hand: epoch 2 serves the 12 rows kept at layer 1 (12); epoch 3 serves the 24 rows
         # epoch 2 kept at floor 1 and the 24 it kept at floor 2 (24 + 48)
@@ -832,7 +837,7 @@ def test_stepped_floor_cached_equals_off():
     got, got_w, _ = _train(prefix_cache="memory", **stepped)
     assert (got["prefix_cache"]["hits"], got["prefix_cache"]["misses"]) == (48, 48)
     for name, q in got_w.items():
-        torch.testing.assert_close(q, ref[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(q, ref[name], rtol=0, atol=WEIGHTS_ATOL, msg=name)
 
 
 def test_rising_resume_gives_the_uninterrupted_weights(tmp_path, interrupt_after):
@@ -852,7 +857,7 @@ def test_rising_resume_gives_the_uninterrupted_weights(tmp_path, interrupt_after
     assert _rising_count(_rising()[1], start=16)[:2] == (32, 48)
     assert (got["prefix_cache"]["hits"], got["prefix_cache"]["misses"]) == (32, 48)
     for name, q in got_w.items():
-        torch.testing.assert_close(q, ref_w[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(q, ref_w[name], rtol=0, atol=WEIGHTS_ATOL, msg=name)
 
 
 def test_auto_checks_below_the_highest_floor_a_rising_run_reaches():
@@ -957,7 +962,7 @@ def _check_pinned_run(monkeypatch, tmp_path, device: str, atol: float) -> list:
 
 def test_pinned_cache_training_equals_off(monkeypatch, tmp_path):
     """The GPU path's store and copy ahead, run on the CPU (copies in place)."""
-    _check_pinned_run(monkeypatch, tmp_path, "cpu", 1e-5)
+    _check_pinned_run(monkeypatch, tmp_path, "cpu", WEIGHTS_ATOL)
 
 
 @pytest.mark.cuda
