@@ -82,6 +82,23 @@ def test_most_accurate_names_what_it_does_not_beat_beyond_the_spread():
                                          {"full": 0.5, "bot50": float("nan")}) == "full (one seed)"
 
 
+def test_driver_report_keeps_the_datasets_it_does_not_run(tmp_path, monkeypatch):
+    """A driver run on SST-5 alone (--report-only) still reports TREC's committed cells: the hand-made TREC
+    curves of CURVES give bot50's row as in the test above."""
+    results = tmp_path / "results"
+    monkeypatch.setattr(compare_epochs, "RESULTS", results)
+    for label, curve in CURVES.items():
+        d = results / "cells" / "seed0" / "trec" / label
+        d.mkdir(parents=True)
+        epochs = [{"epoch": k + 1, "train_seconds": t, "free_macro_f1": f} for k, (t, f) in enumerate(curve)]
+        (d / "summary.json").write_text(json.dumps({"epochs": epochs}))
+        (d / "config.json").write_text("{}")
+    assert compare_epochs.main(["--output", str(tmp_path / "runs"), "--datasets", "sst5", "--seeds", "0",
+                                "--report-only"]) == 0
+    text = (results / "report.md").read_text()
+    assert "## trec" in text and "| bot50 | 1 | 0.450 (0.41) | 0.550 (0.64) | 0.620 (0.86) |" in text
+
+
 def _validation_cells(out, last):
     """One cell per (seed, dataset, rule) whose macro-F1 climbs by 0.1 an epoch to ``last``."""
     for (seed, ds, rule), f1 in last.items():
