@@ -154,7 +154,7 @@ def report(out: Path, cells: list[Cell]) -> str:
                 continue
             lines.append(f"| {b} epoch{'s' if b > 1 else ''} of full | {ds} | " + " | ".join(
                 "—" if v != v else f"{v:.3f}" + ("" if all(c for c, _ in hits[label].values()) else "†")
-                for label, v in means.items()) + f" | {_most_accurate(hits, means)} |")
+                for label, v in means.items()) + f" | {_most_accurate(hits)} |")
     lines += ["", "†: after an earlier epoch of the three-epoch run (for at least one seed), its learning "
               "rate not yet decayed: a lower bound on what a run of that many epochs would score."]
     text = "\n".join(lines) + "\n"
@@ -165,9 +165,11 @@ def report(out: Path, cells: list[Cell]) -> str:
     return text
 
 
-def _most_accurate(hits: dict[str, dict[int, tuple[bool, float]]], means: dict[str, float]) -> str:
-    """The strategy of the highest mean, then those it does not beat beyond the spread of its paired gains
-    (per seed, half their range; one pair has no spread), or "(one seed)"."""
+def _most_accurate(hits: dict[str, dict[int, tuple[bool, float]]]) -> str:
+    """The strategy of the highest mean over its seeds' scores (``hits``: label -> seed -> (complete,
+    macro-F1)), then those it does not beat beyond the spread of its paired gains (per seed, half their
+    range; one pair has no spread), or "(one seed)"."""
+    means = {label: _mean([f for _, f in h.values()]) for label, h in hits.items()}
     fitted = {label: v for label, v in means.items() if v == v}
     winner = max(fitted, key=fitted.__getitem__)
     if len(hits[winner]) < 2:

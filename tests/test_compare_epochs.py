@@ -71,15 +71,11 @@ def test_most_accurate_names_what_it_does_not_beat_beyond_the_spread():
     one seed, so no spread is known; rising fits no budget."""
     hits = {"full": {0: (True, 0.58), 1: (True, 0.60)}, "bot50": {0: (True, 0.63), 1: (True, 0.65)},
             "lora-half": {0: (True, 0.61), 1: (True, 0.66)}, "narrowing": {0: (False, 0.50)}, "rising": {}}
-    means = {"full": 0.59, "bot50": 0.64, "lora-half": 0.635, "narrowing": 0.50, "rising": float("nan")}
-    assert compare_epochs._most_accurate(hits, means) == "bot50; within the spread: lora-half, narrowing"
-    means["lora-half"] = 0.62
+    assert compare_epochs._most_accurate(hits) == "bot50; within the spread: lora-half, narrowing"
     hits["lora-half"] = {0: (True, 0.60), 1: (True, 0.64)}  # gains +0.03, +0.01: mean 0.02 > 0.01
-    hits["narrowing"] = {}
-    means["narrowing"] = float("nan")
-    assert compare_epochs._most_accurate(hits, means) == "bot50"
-    assert compare_epochs._most_accurate({"full": {1: (True, 0.5)}, "bot50": {}},
-                                         {"full": 0.5, "bot50": float("nan")}) == "full (one seed)"
+    hits["narrowing"] = {0: (True, float("nan"))}  # fits no budget on its seed
+    assert compare_epochs._most_accurate(hits) == "bot50"
+    assert compare_epochs._most_accurate({"full": {1: (True, 0.5)}, "bot50": {}}) == "full (one seed)"
 
 
 def test_driver_report_keeps_the_datasets_it_does_not_run(tmp_path, monkeypatch):
